@@ -1,0 +1,272 @@
+"""torch.fx trace -> a flat graph of the ops intq supports, with BatchNorm folded into its conv.
+
+The captured graph is plain data: a list of `Node(name, op, inputs)` in execution order, ops being
+small dataclasses that hold float weights. `run_float` executes it; `capture` checks that it
+reproduces the original module on an example input, so a mis-captured model fails loudly.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CaptureError(Exception):
+    """The model cannot be captured; the message names every offending node."""
+
+
+@dataclass(eq=False)
+class Conv2d:
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+
+@dataclass(eq=False)
+class Linear:
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class ReLU:
+    pass
+
+
+@dataclass(frozen=True)
+class MaxPool2d:
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True)
+class Flatten:
+    """(N, ...) -> (N, prod(...)): flatten, view and reshape that keep the batch dimension."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Dropout in eval mode and nn.Identity."""
+
+
+Op = Conv2d | Linear | ReLU | MaxPool2d | Flatten | Identity
+WEIGHTED = (Conv2d, Linear)
+
+
+@dataclass(eq=False)
+class Node:
+    name: str
+    op: Op
+    inputs: tuple[str, ...]
+
+
+@dataclass(eq=False)
+class Graph:
+    input_name: str
+    nodes: list[Node]
+    output_name: str
+    users: dict[str, list[str]] = field(default_factory=dict)
+
+    def node(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
+    def weighted(self) -> list[Node]:
+        return [n for n in self.nodes if isinstance(n.op, WEIGHTED)]
+
+
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _from_module(module: nn.Module) -> Op | None:
+    """The captured op of a leaf module, or None when unsupported."""
+    if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        bias = None if module.bias is None else module.bias.detach().clone()
+        return Conv2d(module.weight.detach().clone(), bias, _pair(module.stride), _pair(module.padding),
+                      _pair(module.dilation), module.groups)
+    if isinstance(module, nn.Linear):
+        bias = None if module.bias is None else module.bias.detach().clone()
+        return Linear(module.weight.detach().clone(), bias)
+    if isinstance(module, nn.ReLU):
+        return ReLU()
+    if isinstance(module, nn.MaxPool2d) and not module.ceil_mode and module.dilation in (1, (1, 1)):
+        stride = module.stride if module.stride is not None else module.kernel_size
+        return MaxPool2d(_pair(module.kernel_size), _pair(stride), _pair(module.padding))
+    if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
+        return Flatten()
+    if isinstance(module, (nn.Dropout, nn.Identity)):
+        return Identity()
+    return None
+
+
+def _from_call(node: torch.fx.Node) -> Op | None:
+    """The captured op of a call_function / call_method node, or None when unsupported."""
+    target = node.target
+    if target in (F.relu, torch.relu, "relu") and not node.kwargs.get("inplace", False):
+        return ReLU()
+    if target in (torch.flatten, "flatten"):
+        start_dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end_dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        return Flatten() if (start_dim, end_dim) == (1, -1) else None
+    if target in ("view", "reshape"):
+        return Flatten()  # checked against the real shape when the capture is verified
+    if target is F.max_pool2d:
+        kernel = _pair(node.args[1] if len(node.args) > 1 else node.kwargs["kernel_size"])
+        stride = node.args[2] if len(node.args) > 2 else node.kwargs.get("stride")
+        return MaxPool2d(kernel, _pair(stride) if stride else kernel)
+    if target is F.dropout:
+        return Identity()
+    return None
+
+
+def _describe(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return f"{node.name} ({type(modules[node.target]).__name__})"
+    target = getattr(node.target, "__name__", str(node.target))
+    return f"{node.name} ({node.op} {target})"
+
+
+def trace(model: nn.Module) -> Graph:
+    """Symbolically trace `model` into a Graph; BatchNorm2d after a Conv2d is folded into it."""
+    try:
+        traced = torch.fx.symbolic_trace(model)
+    except Exception as err:  # fx raises many types; the user needs the reason and the model
+        raise CaptureError(f"{type(model).__name__} is not traceable by torch.fx: {err}") from None
+    modules = dict(traced.named_modules())
+    nodes, unsupported, input_name, output_name = [], [], None, None
+    aliases: dict[str, str] = {}  # a folded BatchNorm's output is its conv's output
+    for fx_node in traced.graph.nodes:
+        if fx_node.op == "placeholder":
+            input_name = fx_node.name
+            continue
+        if fx_node.op == "output":
+            output_name = aliases.get(fx_node.args[0].name, fx_node.args[0].name)
+            continue
+        if fx_node.op == "call_method" and fx_node.target == "size" or fx_node.target is operator.getitem:
+            continue  # shape arithmetic for view(x.size(0), -1)
+        if fx_node.op == "call_module" and isinstance(modules[fx_node.target], nn.BatchNorm2d):
+            if _fold_batchnorm(nodes, fx_node, modules[fx_node.target]):
+                aliases[fx_node.name] = fx_node.args[0].name
+                continue
+            unsupported.append(f"{_describe(fx_node, modules)}: BatchNorm2d must directly follow a Conv2d")
+            continue
+        op = _from_module(modules[fx_node.target]) if fx_node.op == "call_module" else (
+            _from_call(fx_node) if fx_node.op in ("call_function", "call_method") else None)
+        if op is None:
+            unsupported.append(_describe(fx_node, modules))
+            continue
+        inputs = tuple(aliases.get(a.name, a.name) for a in fx_node.args if isinstance(a, torch.fx.Node))[:1]
+        nodes.append(Node(fx_node.name, op, inputs))
+    if unsupported:
+        raise CaptureError(f"{type(model).__name__}: unsupported operations: " + "; ".join(unsupported))
+    return _with_users(Graph(input_name, nodes, output_name))
+
+
+def _fold_batchnorm(nodes: list[Node], fx_node: torch.fx.Node, bn: nn.BatchNorm2d) -> bool:
+    """Fold BN into the conv that produced its input (eq. 13); the conv keeps its name.
+
+    w' = w * gamma / sqrt(var + eps) per output channel; b' = (b - mean) * gamma / sqrt(var + eps) + beta.
+    """
+    source = fx_node.args[0]
+    conv = next((n for n in nodes if n.name == source.name), None)
+    if conv is None or not isinstance(conv.op, Conv2d) or len(source.users) != 1:
+        return False
+    gamma = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_mean)
+    beta = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_mean)
+    factor = gamma / torch.sqrt(bn.running_var + bn.eps)
+    bias = conv.op.bias if conv.op.bias is not None else torch.zeros_like(bn.running_mean)
+    conv.op.weight = conv.op.weight * factor.reshape(-1, 1, 1, 1)  # (C_out,) -> (C_out, 1, 1, 1)
+    conv.op.bias = (bias - bn.running_mean) * factor + beta
+    return True
+
+
+def _with_users(graph: Graph) -> Graph:
+    graph.users = {n.name: [] for n in graph.nodes}
+    graph.users[graph.input_name] = []
+    for node in graph.nodes:
+        for source in node.inputs:
+            graph.users[source].append(node.name)
+    return graph
+
+
+def max_pool(x: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],
+             padding: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """Max-pool of a float or integer (N, C, H, W) tensor.
+
+    Without padding: the elementwise maximum of the kh*kw strided views, one per window offset;
+    several times faster than F.max_pool2d on CPU, and it works on integer dtypes.
+    """
+    if any(padding):
+        if x.is_floating_point():
+            return F.max_pool2d(x, kernel_size, stride, padding)
+        ph, pw = padding
+        x = F.pad(x.to(torch.int32), (pw, pw, ph, ph), value=torch.iinfo(x.dtype).min).to(x.dtype)
+    (kh, kw), (sh, sw) = kernel_size, stride
+    out_h, out_w = (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
+    result = None
+    for i in range(kh):
+        for j in range(kw):
+            view = x[:, :, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw]
+            result = view if result is None else torch.maximum(result, view)
+    return result
+
+
+def apply_op(op: Op, x: torch.Tensor) -> torch.Tensor:
+    """Run one captured op in float."""
+    if isinstance(op, Conv2d):
+        return F.conv2d(x, op.weight, op.bias, op.stride, op.padding, op.dilation, op.groups)
+    if isinstance(op, Linear):
+        return F.linear(x, op.weight, op.bias)
+    if isinstance(op, ReLU):
+        return F.relu(x)
+    if isinstance(op, MaxPool2d):
+        return max_pool(x, op.kernel_size, op.stride, op.padding)
+    if isinstance(op, Flatten):
+        return x.reshape(x.shape[0], -1)  # (N, C, H, W) -> (N, C*H*W)
+    return x
+
+
+def run_float(graph: Graph, x: torch.Tensor, visit: Callable[[str, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Execute the graph in float; `visit(name, value)` sees the input and every node's output."""
+    values = {graph.input_name: x}
+    if visit:
+        visit(graph.input_name, x)
+    for node in graph.nodes:
+        values[node.name] = apply_op(node.op, values[node.inputs[0]])
+        if visit:
+            visit(node.name, values[node.name])
+    return values[graph.output_name]
+
+
+def capture(model: nn.Module, example: torch.Tensor) -> Graph:
+    """trace(model), then prove on `example` that the graph computes what the model computes."""
+    model = model.eval()
+    graph = trace(model)
+    _check_weights_finite(graph)
+    with torch.no_grad():
+        expected = model(example)
+        try:
+            got = run_float(graph, example)
+        except RuntimeError as err:
+            raise CaptureError(f"{type(model).__name__}: captured graph fails on the example input: {err}") from None
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
+        raise CaptureError(f"{type(model).__name__}: captured graph disagrees with the model "
+                           f"(a view/reshape that is not a flatten of all but the batch dimension?)")
+    return graph
+
+
+def _check_weights_finite(graph: Graph) -> None:
+    for node in graph.weighted():
+        for label, tensor in (("weight", node.op.weight), ("bias", node.op.bias)):
+            if tensor is not None and not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise CaptureError(f"layer {node.name!r}: {label} has {bad} NaN/Inf values")

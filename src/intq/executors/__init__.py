@@ -1,0 +1,1 @@
+"""Executors of an IntegerModel. `reference` is the exact-integer ground truth."""

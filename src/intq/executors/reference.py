@@ -1,0 +1,155 @@
+"""The reference executor: exact integer arithmetic, the ground truth every other path is checked against.
+
+Tensors between layers are integer dtypes (int16 input, int8/uint8 activations). Inside a
+convolution the multiply-accumulate runs as a float convolution on integer-valued tensors, which
+is exact when every partial sum is an integer below 2^24 (float32) or 2^53 (float64): the layer's
+proven accumulator bound picks the dtype (docs/math.md eq. 11, DESIGN.md). The result is then
+converted to int64 and requantized with integer multiply, add and shift only.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from intq.capture import max_pool
+from intq.fixed_point import requantize
+from intq.integer_model import IntegerModel, QFlatten, QLayer, QMaxPool, QReLU
+from intq.qparams import torch_dtype
+
+FLOAT32_EXACT = 2**24
+FLOAT64_EXACT = 2**53
+
+
+class ExecutionError(Exception):
+    """The input or the model violates an integer-arithmetic invariant (names the layer)."""
+
+
+def exact_float_dtype(bound: int) -> torch.dtype:
+    """float32 if every partial sum |s| <= bound is exact in it (<= 2^24), else float64 (<= 2^53)."""
+    if bound <= FLOAT32_EXACT:
+        return torch.float32
+    if bound <= FLOAT64_EXACT:
+        return torch.float64
+    raise ExecutionError(f"accumulator bound {bound} exceeds exact float64 integers")
+
+
+def pixels_to_input(pixels: torch.Tensor, model: IntegerModel) -> torch.Tensor:
+    """uint8 pixels (N, C, H, W) -> the first layer's integer input (eq. 14).
+
+    x = 2p - 255 is the normalised image times 255, exactly. Folded input: x itself (int16).
+    Otherwise q = clamp(z + round(M x)) with the input's fixed-point multiplier.
+    """
+    if pixels.dtype != torch.uint8:
+        raise ExecutionError(f"input must be uint8 pixels, got {pixels.dtype}")
+    x = pixels.to(torch.int64) * 2 - 255
+    spec = model.input
+    if spec.folded:
+        return x.to(torch.int16)
+    qp = spec.qparams
+    mantissa = torch.tensor(spec.mantissa, dtype=torch.int64, device=x.device)
+    shift = torch.tensor(spec.shift, dtype=torch.int64, device=x.device)
+    q = requantize(x, mantissa, shift, int(qp.zero_point), qp.dtype.qmin, qp.dtype.qmax)
+    return q.to(torch_dtype(qp.dtype))
+
+
+def exact_products(layer: QLayer, x: torch.Tensor) -> torch.Tensor:
+    """sum_k q_w (q_x - z_x) without the bias, as a float tensor holding exact integers.
+
+    Overflow budget: |acc| <= layer.accumulator_bound < 2^31, proven at conversion from the
+    weights and the input type; the bound also picks a float dtype in which every partial sum is
+    an exactly representable integer (float64 always on CUDA, where TF32 could round float32).
+    """
+    dtype = exact_float_dtype(layer.accumulator_bound) if x.device.type == "cpu" else torch.float64
+    centred = (x.to(torch.int32) - int(layer.input_qparams.zero_point)).to(dtype)
+    weight = torch.as_tensor(layer.weight, device=x.device).to(dtype)
+    if layer.kind == "conv2d":
+        g = layer.geometry
+        return F.conv2d(centred, weight, None, g["stride"], g["padding"], g["dilation"], g["groups"])
+    return F.linear(centred, weight)
+
+
+def with_bias(layer: QLayer, products: torch.Tensor) -> torch.Tensor:
+    """acc = products + q_b as int64 (eq. 10, first half)."""
+    acc = products.to(torch.int64)
+    if layer.bias is not None:
+        bias = torch.as_tensor(layer.bias, device=acc.device).to(torch.int64)
+        acc = acc + (bias.reshape(1, -1, 1, 1) if acc.dim() == 4 else bias)  # (C,) -> (1, C, 1, 1)
+    return acc
+
+
+def accumulate(layer: QLayer, x: torch.Tensor) -> torch.Tensor:
+    """acc = sum_k q_w (q_x - z_x) + q_b, exact, as int64."""
+    return with_bias(layer, exact_products(layer, x))
+
+
+def requantize_layer(layer: QLayer, acc: torch.Tensor) -> torch.Tensor:
+    """q_y = clamp(z_y + round(M[c] acc[c]), lower, qmax), lower = z_y with a fused ReLU (eq. 10)."""
+    out = layer.output_qparams
+    shape = (1, -1, 1, 1) if acc.dim() == 4 else (1, -1)
+    mantissa = torch.as_tensor(layer.mantissa, device=acc.device).to(torch.int64).reshape(shape)
+    shift = torch.as_tensor(layer.shift, device=acc.device).to(torch.int64).reshape(shape)
+    zero = int(out.zero_point)
+    lower = max(zero, out.dtype.qmin) if layer.relu else out.dtype.qmin
+    return requantize(acc, mantissa, shift, zero, lower, out.dtype.qmax).to(torch_dtype(out.dtype))
+
+
+def run_op(op, x: torch.Tensor) -> torch.Tensor:
+    """One integer op on its integer input."""
+    if isinstance(op, QLayer):
+        return requantize_layer(op, accumulate(op, x))
+    if isinstance(op, QMaxPool):
+        return max_pool(x, op.kernel_size, op.stride, op.padding)
+    if isinstance(op, QFlatten):
+        return x.reshape(x.shape[0], -1)  # (N, C, H, W) -> (N, C*H*W)
+    if isinstance(op, QReLU):
+        return x.clamp(min=op.zero_point)
+    raise ExecutionError(f"unknown integer op {type(op).__name__}")
+
+
+def run_layer_then_pool(layer: QLayer, pool: QMaxPool, x: torch.Tensor) -> torch.Tensor:
+    """pool(requantize(acc)) computed as requantize(pool(acc)): the same integers, 4x less work.
+
+    Requantization is monotone non-decreasing in acc (M >= 0, rounding and clamp monotone), so the
+    maximum of requantized values is the requantized maximum. The pool runs on the exact float
+    products (padding -inf never wins); the per-channel bias is a constant inside each window.
+    """
+    products = exact_products(layer, x)
+    pooled = max_pool(products, pool.kernel_size, pool.stride, pool.padding)
+    return requantize_layer(layer, with_bias(layer, pooled))
+
+
+def _users(model: IntegerModel) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for op in model.layers:
+        for name in op.inputs:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def run_integer(
+    model: IntegerModel, pixels: torch.Tensor, visit: Callable[[str, torch.Tensor], None] | None = None
+) -> torch.Tensor:
+    """uint8 pixels -> integer logits (the output layer's q).
+
+    With `visit(name, q)` every op's output is materialised and shown; without it, a layer whose
+    only user is a max-pool is fused with it (run_layer_then_pool), which gives the same integers.
+    """
+    values = {model.input_name: pixels_to_input(pixels, model)}
+    if visit:
+        visit(model.input_name, values[model.input_name])
+    users, ops, index = _users(model), model.layers, 0
+    with torch.no_grad():
+        while index < len(ops):
+            op, following = ops[index], ops[index + 1] if index + 1 < len(ops) else None
+            if (visit is None and isinstance(op, QLayer) and isinstance(following, QMaxPool)
+                    and following.inputs == (op.name,) and users.get(op.name) == 1 and op.name != model.output_name):
+                values[following.name] = run_layer_then_pool(op, following, values[op.inputs[0]])
+                index += 2
+                continue
+            values[op.name] = run_op(op, values[op.inputs[0]])
+            if visit:
+                visit(op.name, values[op.name])
+            index += 1
+    return values[model.output_name]

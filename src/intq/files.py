@@ -1,0 +1,52 @@
+"""Atomic file output: a reader sees either the old file or the complete new one, never half.
+
+Every file intq writes (results, reports, plots, models, caches) goes through `atomic_write`,
+which writes to a temporary name in the destination folder and then `os.replace`s it.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Iterator
+
+
+class OutputError(Exception):
+    """A destination that cannot be written (names the path)."""
+
+
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside `path`; on success rename it onto `path`, on error delete it."""
+    path = Path(path)
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise OutputError(f"cannot write to {path.parent}: {err.strerror}") from None
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically."""
+    with atomic_write(path, "w") as handle:
+        handle.write(text)
+
+
+def ensure_writable_dir(path: str | Path) -> Path:
+    """Create `path` if needed and prove it writable; raise OutputError naming it otherwise."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise OutputError(f"output folder {path} is not writable: {err.strerror}") from None
+    return path

@@ -1,0 +1,96 @@
+"""Fixed-point requantization: a real multiplier as an int32 mantissa and a shift.
+
+Offline (floats allowed):  M = s_x * s_w / s_y  ->  (M0, n) with M0 in [2^30, 2^31) and
+                           M ~= M0 * 2^-(31 + n)                                (docs/math.md eq. 8)
+Online (integers only):    y = rounding_right_shift(acc * M0, 31 + n)           (eq. 9)
+Rounding is half away from zero, the same as qparams.round_half_away_from_zero, and there is
+exactly one rounding: the int64 product acc * M0 is exact, then one rounded shift.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+MANTISSA_BITS = 31
+MAX_RIGHT_SHIFT = 62  # |acc * M0| < 2^31 * 2^31 = 2^62; adding 2^61 before the shift stays < 2^63
+
+
+def quantize_multiplier(multiplier: float) -> tuple[int, int]:
+    """Real multiplier m >= 0 -> (M0, n), m ~= M0 * 2^-(31 + n), M0 in [2^30, 2^31) (eq. 8).
+
+    m = f * 2^e with f in [0.5, 1) (frexp, exact); M0 = round(f * 2^31); n = -e.
+    Example: m = 0.0123 -> f = 0.7872, e = -6 -> M0 = 1690499128 (round(0.7872 * 2^31)), n = 6.
+    Edge cases: f * 2^31 can round up to 2^31 (f just below 1): then M0 = 2^30, e + 1.
+    m = 0 -> (0, 0). A multiplier so small that the total shift 31 + n would exceed 62 makes
+    every |acc| < 2^31 round to 0, so it is stored as (0, 0). m >= 2^30 is refused: no layer
+    has a sensible output scale that small relative to its input.
+    """
+    if not math.isfinite(multiplier) or multiplier < 0:
+        raise ValueError(f"multiplier must be finite and >= 0, got {multiplier}")
+    if multiplier == 0:
+        return 0, 0
+    fraction, exponent = math.frexp(multiplier)
+    mantissa = int(round_half_away(fraction * (1 << MANTISSA_BITS)))
+    if mantissa == 1 << MANTISSA_BITS:
+        mantissa, exponent = 1 << (MANTISSA_BITS - 1), exponent + 1
+    shift = -exponent
+    if MANTISSA_BITS + shift > MAX_RIGHT_SHIFT:
+        return 0, 0
+    if MANTISSA_BITS + shift < 1:
+        raise ValueError(f"multiplier {multiplier} is too large for fixed-point requantization")
+    return mantissa, shift
+
+
+def round_half_away(x: float) -> float:
+    """Scalar round half away from zero: 2.5 -> 3.0, -2.5 -> -3.0."""
+    return math.copysign(math.floor(abs(x) + 0.5), x) if abs(x) < 2**52 else x
+
+
+def quantize_multipliers(multipliers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_multiplier over an array: (int32 mantissas, int32 shifts), one per channel."""
+    pairs = [quantize_multiplier(float(m)) for m in np.asarray(multipliers, np.float64).ravel()]
+    mantissas = np.array([p[0] for p in pairs], dtype=np.int64).reshape(np.shape(multipliers))
+    shifts = np.array([p[1] for p in pairs], dtype=np.int64).reshape(np.shape(multipliers))
+    return mantissas.astype(np.int32), shifts.astype(np.int32)
+
+
+def rounding_right_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """x / 2^shift rounded half away from zero, int64 in and out, 1 <= shift <= 62 (eq. 9).
+
+    With h = 2^(shift-1) and >> the arithmetic (flooring) shift:
+        x >= 0: floor((x + h) / 2^shift)      = (x + h) >> shift
+        x <  0: -floor((-x + h) / 2^shift)    = ceil((x - h) / 2^shift) = (x + h - 1) >> shift
+    so one expression covers both: (x + h - [x < 0]) >> shift.
+    Example: 5 >> 1 -> 3 (2.5 rounds up), -5 >> 1 -> -3, 7 >> 2 -> 2 (1.75), -6 >> 2 -> -2 (-1.5).
+    Requires |x| < 2^62 so that x + h fits int64.
+    """
+    half = torch.bitwise_left_shift(torch.ones_like(shift), shift - 1)
+    return torch.bitwise_right_shift(x + half - (x < 0).to(x.dtype), shift)
+
+
+def multiply_by_quantized_multiplier(acc: torch.Tensor, mantissa: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """round(acc * M0 * 2^-(31 + n)) in int64 (eq. 9); acc, M0, n broadcast together.
+
+    Overflow budget: |acc| < 2^31 (int32 accumulator) and M0 < 2^31, so |acc * M0| < 2^62.
+    A zero mantissa (tiny multiplier) gives 0.
+    """
+    product = acc.to(torch.int64) * mantissa.to(torch.int64)
+    total_shift = (shift.to(torch.int64) + MANTISSA_BITS).clamp(1, MAX_RIGHT_SHIFT)
+    return rounding_right_shift(product, total_shift)
+
+
+def requantize(
+    acc: torch.Tensor,
+    mantissa: torch.Tensor,
+    shift: torch.Tensor,
+    zero_point: int,
+    lower: int,
+    upper: int,
+) -> torch.Tensor:
+    """q_y = clamp(z_y + round(M * acc), lower, upper) with integer arithmetic only (eq. 10).
+
+    A fused ReLU is lower = z_y: the real value 0 and everything below it map to z_y.
+    """
+    return (multiply_by_quantized_multiplier(acc, mantissa, shift) + zero_point).clamp(lower, upper)

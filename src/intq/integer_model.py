@@ -1,0 +1,192 @@
+"""The IntegerModel: everything integer-only inference needs, as plain arrays and JSON.
+
+Saved as one `.npz` that `numpy.load(allow_pickle=False)` reads: integer arrays under
+`<layer>.<field>` keys (weights int8/uint8, biases int32, mantissas and shifts int32, scales
+float64 for reporting) and the rest of the structure as a JSON string under `__meta__`.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from intq.files import atomic_write
+from intq.qparams import IntType, QParams
+
+FORMAT_VERSION = 1
+
+
+@dataclass(eq=False)
+class InputSpec:
+    """How uint8 pixels p become the integers the first layer reads.
+
+    The study's normalisation (p/255 - 0.5)/0.5 is exactly x = (2p - 255) / 255, so the integer
+    x = 2p - 255 with scale 1/255 is lossless (docs/math.md eq. 14). With `mantissa` None the first
+    layer reads x itself ("pixels": normalisation folded into the first layer); otherwise x is
+    requantized to `qparams` with (mantissa, shift) like any layer output ("quantized").
+    """
+
+    qparams: QParams
+    mantissa: int | None = None
+    shift: int | None = None
+
+    @property
+    def folded(self) -> bool:
+        return self.mantissa is None
+
+
+@dataclass(eq=False)
+class QLayer:
+    """Conv2d or Linear: acc = sum q_w (q_x - z_x) + q_b; q_y = clamp(z_y + round(M acc)) (eq. 10)."""
+
+    name: str
+    kind: str  # "conv2d" | "linear": the serialised tag, not a behaviour switch inside the math
+    inputs: tuple[str, ...]
+    weight: np.ndarray
+    weight_qparams: QParams
+    bias: np.ndarray | None
+    input_qparams: QParams
+    output_qparams: QParams
+    mantissa: np.ndarray
+    shift: np.ndarray
+    relu: bool
+    geometry: dict = field(default_factory=dict)  # stride, padding, dilation, groups
+    accumulator_bound: int = 0  # worst-case |acc| (eq. 11), proven < 2^31 at conversion
+
+
+@dataclass(eq=False)
+class QMaxPool:
+    name: str
+    inputs: tuple[str, ...]
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+
+
+@dataclass(eq=False)
+class QFlatten:
+    name: str
+    inputs: tuple[str, ...]
+
+
+@dataclass(eq=False)
+class QReLU:
+    """A ReLU that could not be fused: clamp(q, z, qmax) on its input's own qparams."""
+
+    name: str
+    inputs: tuple[str, ...]
+    zero_point: int
+
+
+IntegerOp = QLayer | QMaxPool | QFlatten | QReLU
+
+
+@dataclass(eq=False)
+class IntegerModel:
+    input_name: str
+    input: InputSpec
+    layers: list[IntegerOp]
+    output_name: str
+    metadata: dict = field(default_factory=dict)
+
+    def layer(self, name: str) -> IntegerOp:
+        return next(op for op in self.layers if op.name == name)
+
+    def quantized_layers(self) -> list[QLayer]:
+        return [op for op in self.layers if isinstance(op, QLayer)]
+
+    def output_qparams(self) -> QParams:
+        """QParams of the model output (the last QLayer's output)."""
+        return self.quantized_layers()[-1].output_qparams
+
+
+def _qparams_meta(qp: QParams, key: str, arrays: dict) -> dict:
+    arrays[f"{key}.scale"] = np.asarray(qp.scale, np.float64)
+    arrays[f"{key}.zero_point"] = np.asarray(qp.zero_point, np.int64)
+    return {"bits": qp.dtype.bits, "signed": qp.dtype.signed, "axis": qp.axis}
+
+
+def _qparams_from(meta: dict, key: str, arrays) -> QParams:
+    return QParams(np.asarray(arrays[f"{key}.scale"]), np.asarray(arrays[f"{key}.zero_point"]),
+                   IntType(meta["bits"], meta["signed"]), meta["axis"])
+
+
+def _layer_meta(op: IntegerOp, arrays: dict) -> dict:
+    meta = {"name": op.name, "inputs": list(op.inputs), "type": type(op).__name__}
+    if isinstance(op, QLayer):
+        for key in ("weight", "mantissa", "shift") + (("bias",) if op.bias is not None else ()):
+            arrays[f"{op.name}.{key}"] = getattr(op, key)
+        meta.update(kind=op.kind, relu=op.relu, geometry=op.geometry, has_bias=op.bias is not None,
+                    accumulator_bound=int(op.accumulator_bound),
+                    weight_qparams=_qparams_meta(op.weight_qparams, f"{op.name}.weight_qparams", arrays),
+                    input_qparams=_qparams_meta(op.input_qparams, f"{op.name}.input_qparams", arrays),
+                    output_qparams=_qparams_meta(op.output_qparams, f"{op.name}.output_qparams", arrays))
+    elif isinstance(op, QMaxPool):
+        meta.update(kernel_size=op.kernel_size, stride=op.stride, padding=op.padding)
+    elif isinstance(op, QReLU):
+        meta.update(zero_point=op.zero_point)
+    return meta
+
+
+def _layer_from(meta: dict, arrays) -> IntegerOp:
+    name, inputs = meta["name"], tuple(meta["inputs"])
+    if meta["type"] == "QMaxPool":
+        return QMaxPool(name, inputs, tuple(meta["kernel_size"]), tuple(meta["stride"]), tuple(meta["padding"]))
+    if meta["type"] == "QFlatten":
+        return QFlatten(name, inputs)
+    if meta["type"] == "QReLU":
+        return QReLU(name, inputs, meta["zero_point"])
+    return QLayer(
+        name, meta["kind"], inputs, arrays[f"{name}.weight"],
+        _qparams_from(meta["weight_qparams"], f"{name}.weight_qparams", arrays),
+        arrays[f"{name}.bias"] if meta["has_bias"] else None,
+        _qparams_from(meta["input_qparams"], f"{name}.input_qparams", arrays),
+        _qparams_from(meta["output_qparams"], f"{name}.output_qparams", arrays),
+        arrays[f"{name}.mantissa"], arrays[f"{name}.shift"], meta["relu"], meta["geometry"],
+        meta["accumulator_bound"])
+
+
+def to_arrays(model: IntegerModel) -> dict[str, np.ndarray]:
+    """The model as a flat dict of numpy arrays; `__meta__` holds the JSON structure."""
+    arrays: dict[str, np.ndarray] = {}
+    meta = {
+        "format": "intq.IntegerModel", "version": FORMAT_VERSION,
+        "input_name": model.input_name, "output_name": model.output_name, "metadata": model.metadata,
+        "input": {"qparams": _qparams_meta(model.input.qparams, "__input__.qparams", arrays),
+                  "mantissa": model.input.mantissa, "shift": model.input.shift},
+        "layers": [_layer_meta(op, arrays) for op in model.layers],
+    }
+    arrays["__meta__"] = np.array(json.dumps(meta))
+    return arrays
+
+
+def save(model: IntegerModel, path: str | Path) -> int:
+    """Write the model to `path` (.npz) atomically; returns the file size in bytes."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **to_arrays(model))
+    with atomic_write(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+    return len(buffer.getvalue())
+
+
+class ModelFileError(Exception):
+    """An .npz that is not a readable intq IntegerModel (names the file)."""
+
+
+def load(path: str | Path) -> IntegerModel:
+    """Read a model written by `save`, without pickle."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+        meta = json.loads(str(arrays["__meta__"]))
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelFileError(f"{path}: not an intq integer model ({err})") from None
+    if meta.get("format") != "intq.IntegerModel" or meta.get("version") != FORMAT_VERSION:
+        raise ModelFileError(f"{path}: unsupported model format {meta.get('format')} v{meta.get('version')}")
+    spec = meta["input"]
+    input_spec = InputSpec(_qparams_from(spec["qparams"], "__input__.qparams", arrays), spec["mantissa"], spec["shift"])
+    layers = [_layer_from(m, arrays) for m in meta["layers"]]
+    return IntegerModel(meta["input_name"], input_spec, layers, meta["output_name"], meta["metadata"])

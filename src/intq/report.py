@@ -1,0 +1,559 @@
+"""Render a results dictionary (results.json) as report.html and report.md, with PNG figures.
+
+The report reads numbers and arranges them: tables, figures and a discussion whose sentences are
+built from the measured figures. It runs no model and quantizes nothing; its only arithmetic is
+differences and ratios of numbers already in the results (the change from float accuracy, the
+share of a tensor's observed range a clip range keeps). Every key but "rows" is optional.
+
+The page is a list of blocks (Heading, Paragraph, Table, Image); `_html` and `_markdown` render
+the same list, so the two files say the same thing. Displayed negatives use the minus sign U+2212
+("−0.15"); accuracies are percent with two decimals ("53.10").
+"""
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from matplotlib.figure import Figure
+
+from intq import plots
+from intq.files import atomic_write_text, ensure_writable_dir
+
+# The only stage names the report knows: their order. Unknown stages follow, as they appear.
+STAGES = ("float", "weights", "weights+bias-float", "weights+activations", "integer+bias")
+_STAGE_NOTES = {
+    "float": "the trained float32 model (study Q1)",
+    "weights": "int8 weights, float activations (Q2)",
+    "weights+bias-float": "int8 weights with the bias left in float (Q5, first half)",
+    "weights+activations": "int8 weights and int8 activations (Q4)",
+    "integer+bias": "integer-only model with an int32 bias (Q5)",
+}
+_STEPS = (  # (from stage, to stage, what the step changes)
+    ("weights", "weights+activations", "Quantizing the activations on top of the weights"),
+    ("weights+bias-float", "integer+bias",
+     "Going from int8 weights with a float bias to the integer model with an int32 bias"),
+)
+_MINUS = "\u2212"
+_MISSING = "—"
+TITLE = "intq — integer-only post-training quantization report"
+
+
+@dataclass(frozen=True)
+class Heading:
+    text: str
+    level: int = 2
+    anchor: str = ""
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    text: str
+
+
+@dataclass(frozen=True)
+class Image:
+    file: str
+    alt: str
+    figure: Figure = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Table:
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    labels: int = 1  # leading text columns; the rest hold numbers and are right-aligned
+
+
+Block = Heading | Paragraph | Image | Table
+
+
+# ---- formatting -------------------------------------------------------------------------------
+def _minus(text: str) -> str:
+    return text.replace("-", _MINUS)
+
+
+def _pct(value: float | None) -> str:
+    return _MISSING if value is None else _minus(f"{value:.2f}")
+
+
+def _delta(value: float | None) -> str:
+    """A change in points with its sign: "−0.15", "+0.05"; "0.00" when it rounds to zero."""
+    if value is None:
+        return _MISSING
+    return "0.00" if round(value, 2) == 0 else _minus(f"{value:+.2f}")
+
+
+def _num(value: Any) -> str:
+    return _MISSING if value is None else _minus(f"{value:.4g}")
+
+
+def _int(value: Any) -> str:
+    """A count with thousands separators; a non-number (a count given as "all") as it is."""
+    if value is None:
+        return _MISSING
+    return f"{int(value):,}" if isinstance(value, (int, float)) else str(value)
+
+
+def _seconds(value: float | None) -> str:
+    return _MISSING if value is None else f"{value:.1f}"
+
+
+def _share(value: float | None) -> str:
+    return _MISSING if value is None else f"{100.0 * value:.0f}%"
+
+
+def _points(value: float) -> str:
+    return f"{abs(value):.2f} points"
+
+
+def _join(items: Sequence[str]) -> str:
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _ordered(items: Iterable[Any]) -> list[Any]:
+    return list(dict.fromkeys(items))
+
+
+# ---- accuracies -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Accuracy:
+    """Measured rows keyed (model, stage, preset or None) and published ones keyed (model, stage)."""
+    measured: Mapping[tuple[str, str, str | None], float]
+    published: Mapping[tuple[str, str], float]
+
+    @classmethod
+    def from_results(cls, results: Mapping[str, Any]) -> "_Accuracy":
+        rows = results.get("rows") or []
+        measured = {(r["model"], r["stage"], r.get("preset")): r["accuracy"] for r in rows
+                    if r.get("accuracy") is not None}
+        published = {(r["model"], r["stage"]): r["accuracy"]
+                     for r in results.get("published") or [] if r.get("accuracy") is not None}
+        return cls(measured, published)
+
+    @property
+    def models(self) -> list[str]:
+        return _ordered([key[0] for key in self.measured] + [key[0] for key in self.published])
+
+    @property
+    def presets(self) -> list[str]:
+        return _ordered(key[2] for key in self.measured if key[2] is not None)
+
+    def stages(self, model: str) -> list[str]:
+        found = _ordered([k[1] for k in self.measured if k[0] == model]
+                         + [k[1] for k in self.published if k[0] == model])
+        return sorted(found, key=lambda s: STAGES.index(s) if s in STAGES else len(STAGES))
+
+    def value(self, model: str, stage: str, preset: str) -> float | None:
+        """A preset's accuracy; a row without a preset (the float model) serves every preset."""
+        return self.measured.get((model, stage, preset), self.measured.get((model, stage, None)))
+
+    def change(self, model: str, stage: str, preset: str) -> float | None:
+        value, base = self.value(model, stage, preset), self.value(model, "float", preset)
+        return None if value is None or base is None else value - base
+
+    def published_change(self, model: str, stage: str) -> float | None:
+        value, base = self.published.get((model, stage)), self.published.get((model, "float"))
+        return None if value is None or base is None else value - base
+
+
+# ---- discussion: every sentence is made of the numbers it reports ------------------------------
+def _stage_sentence(acc: _Accuracy, model: str, stage: str) -> str:
+    changes = {p: acc.change(model, stage, p) for p in acc.presets}
+    changes = {p: c for p, c in changes.items() if c is not None}
+    published = acc.published_change(model, stage)
+    parts = []
+    if published is not None:
+        parts.append(f"the study went from {_pct(acc.published[(model, 'float')])}% to "
+                     f"{_pct(acc.published[(model, stage)])}% ({_delta(published)} points)")
+    if changes:
+        parts.append("here " + _join([f"the {p} preset reaches {_pct(acc.value(model, stage, p))}% "
+                                      f"({_delta(c)})" for p, c in changes.items()]))
+    if not parts:
+        return ""
+    sentence = f"{model}, {stage}: " + "; ".join(parts) + "."
+    if len(changes) >= 2:
+        best, worst = max(changes, key=changes.get), min(changes, key=changes.get)
+        if round(changes[best] - changes[worst], 2) == 0:
+            sentence += f" The presets lose the same ({_delta(changes[best])})."
+        else:
+            sentence += (f" The {best} preset keeps {_points(changes[best] - changes[worst])} "
+                         f"more than the {worst} preset.")
+    if changes and published is not None:
+        best = max(changes, key=changes.get)
+        verdict = "less" if changes[best] >= published else "more"
+        which = f"The {best} preset" + (", the best here," if len(changes) > 1 else "")
+        sentence += f" {which} loses {_points(changes[best] - published)} {verdict} than the study did."
+    return sentence
+
+
+def _step_sentence(acc: _Accuracy, model: str, before: str, after: str, what: str) -> str:
+    steps = {}
+    for preset in acc.presets:
+        a, b = acc.value(model, before, preset), acc.value(model, after, preset)
+        if a is not None and b is not None:
+            steps[preset] = b - a
+    study = (acc.published.get((model, before)), acc.published.get((model, after)))
+    parts = []
+    if None not in study:
+        parts.append(f"by {_delta(study[1] - study[0])} points in the study "
+                     f"({_pct(study[0])}% → {_pct(study[1])}%)")
+    if steps:
+        parts.append("here by " + _join([f"{_delta(d)} with {p}" for p, d in steps.items()]))
+    return f"{what} changes {model}'s accuracy " + "; ".join(parts) + "." if parts else ""
+
+
+def _bias_sentence(acc: _Accuracy, model: str) -> str:
+    """Explain a study bias-stage loss much larger than ours, when the numbers show one."""
+    published = acc.published_change(model, "weights+bias-float")
+    ours = [c for c in (acc.change(model, "weights+bias-float", p) for p in acc.presets) if c is not None]
+    if published is None or not ours or published > max(ours) - 1.0:
+        return ""
+    text = (f"The study's weights+bias-float stage lost {_points(published)} on {model}, "
+            f"{_points(max(ours) - published)} more than the best preset here. Its weight-only "
+            "model ran on the scaled integer weights (about w·s) but kept the bias in float units, "
+            "so next to outputs scaled by the product of every layer's weight scale the bias all "
+            "but vanished; here the weights are dequantized to real units and the bias keeps its "
+            "effect.")
+    recovered = acc.published_change(model, "integer+bias")
+    if recovered is not None:
+        text += (f" With its int32 bias (scale s_x·s_w) the study's integer model stood at "
+                 f"{_delta(recovered)} points from float.")
+    return text
+
+
+def _weights_sentence(model: str, layers: Mapping[str, Mapping[str, Any]]) -> str:
+    spans = {name: (s["max"] - s["min"]) / s["std"] for name, s in layers.items()
+             if s.get("std") and s.get("max") is not None and s.get("min") is not None}
+    if not spans:
+        return ""
+    ordered = sorted(spans, key=spans.get, reverse=True)
+    text = (f"{model}'s weights span, in standard deviations: "
+            + _join([f"{n} {spans[n]:.1f}σ ({_num(layers[n]['min'])} to {_num(layers[n]['max'])})"
+                     for n in ordered]) + ".")
+    clipped = [n for n in ordered if layers[n].get("mean") is not None and (
+        layers[n]["min"] < layers[n]["mean"] - 3 * layers[n]["std"]
+        or layers[n]["max"] > layers[n]["mean"] + 3 * layers[n]["std"])]
+    if clipped:
+        text += f" A mean ± 3σ range, the study's choice, saturates the tails of {_join(clipped)}."
+    else:
+        text += " A mean ± 3σ range, the study's choice, covers every layer's full range."
+    return text
+
+
+def _kept(stats: Mapping[str, Any], clip: Sequence[float] | None) -> float | None:
+    """Share of the observed [min, max] that the clip range [lo, hi] keeps."""
+    low, high = stats.get("min"), stats.get("max")
+    if not clip or None in clip[:2] or low is None or high is None or high <= low:
+        return None
+    return max(0.0, min(clip[1], high) - max(clip[0], low)) / (high - low)
+
+
+def _clip_presets(tensors: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    return _ordered(p for stats in tensors.values() for p in (stats.get("clip") or {}))
+
+
+def _clip_sentence(model: str, tensors: Mapping[str, Mapping[str, Any]], preset: str) -> str:
+    kept = {t: _kept(s, (s.get("clip") or {}).get(preset)) for t, s in tensors.items()}
+    kept = {t: k for t, k in kept.items() if k is not None}
+    if not kept:
+        return ""
+    least, most = min(kept, key=kept.get), max(kept, key=kept.get)
+    text = (f"For {model}, the {preset} clip ranges keep between {_share(kept[least])} ({least}) "
+            f"and {_share(kept[most])} ({most}) of each tensor's observed range")
+    wasted = {}
+    for name, stats in tensors.items():
+        clip = (stats.get("clip") or {}).get(preset)
+        if clip and stats.get("min") is not None and stats["min"] >= 0 and clip[0] < 0 < clip[1]:
+            wasted[name] = -clip[0] / (clip[1] - clip[0])
+    if wasted:
+        low, high = min(wasted.values()), max(wasted.values())
+        span = _share(low) if _share(low) == _share(high) else f"{_share(low)}–{_share(high)}"
+        text += (f"; on {_join(list(wasted))}, which are never negative, {span} of its codes "
+                 "stand for negative values that never occur")
+    return text + "."
+
+
+def _agreement_sentence(agreement: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]]) -> str:
+    entries = [(m, p, e) for m, by_preset in agreement.items() for p, layers in by_preset.items()
+               for e in layers]
+    if not entries:
+        return ""
+    differing = [(m, p, e) for m, p, e in entries if e.get("differing")]
+    total = sum(e.get("values") or 0 for _, _, e in entries)
+    text = (f"The integer reference executor and the fake-quant simulation agree exactly on "
+            f"{len(entries) - len(differing)} of {len(entries)} layer outputs ({_int(total)} values)")
+    if differing:
+        text += "; they differ on " + _join(
+            [f"{m} ({p}) {e.get('layer', '?')}, {_int(e['differing'])} of {_int(e.get('values'))} "
+             f"values by at most {_int(e.get('max_lsb'))} LSB" for m, p, e in differing])
+    return text + "."
+
+
+def _discussion(results: Mapping[str, Any], acc: _Accuracy) -> list[Block]:
+    paragraphs = [" ".join(filter(None, [_stage_sentence(acc, m, s) for s in acc.stages(m)
+                                         if s != "float"])) for m in acc.models]
+    paragraphs.append(" ".join(filter(None, [_step_sentence(acc, m, *step) for m in acc.models
+                                             for step in _STEPS]
+                                      + [_bias_sentence(acc, m) for m in acc.models])))
+    weights = results.get("weights") or {}
+    paragraphs.append(" ".join(filter(None, [_weights_sentence(m, w) for m, w in weights.items()])))
+    activations = results.get("activations") or {}
+    paragraphs.append(" ".join(filter(None, [_clip_sentence(m, t, p) for m, t in activations.items()
+                                             for p in _clip_presets(t)])))
+    paragraphs.append(_agreement_sentence(results.get("agreement") or {}))
+    texts = [text for text in paragraphs if text]
+    return [Heading("Discussion", anchor="discussion"), *map(Paragraph, texts)] if texts else []
+
+
+# ---- sections: each returns its blocks, or none when its key is absent -----------------------
+def _accuracy_section(acc: _Accuracy) -> list[Block]:
+    presets = acc.presets
+    header = ("model", "stage", "published", "Δ published",
+              *[name for p in presets for name in (p, f"Δ {p}")])
+    rows, labels = [], []
+    for model in acc.models:
+        for stage in acc.stages(model):
+            cells = [model, stage, _pct(acc.published.get((model, stage))),
+                     _delta(acc.published_change(model, stage))]
+            for preset in presets:
+                cells += [_pct(acc.value(model, stage, preset)), _delta(acc.change(model, stage, preset))]
+            rows.append(tuple(cells))
+            labels.append(f"{model} {stage}")
+    if not rows:
+        return []
+    notes = "; ".join(f"{s}: {_STAGE_NOTES[s]}" for s in STAGES
+                      if s in _STAGE_NOTES and any(s in acc.stages(m) for m in acc.models))
+    blocks: list[Block] = [
+        Heading("Accuracy", anchor="accuracy"),
+        Paragraph("Top-1 accuracy on the test set, in percent. 'published' is the study's own number "
+                  "(original CIFAR-10, GPU); Δ is the change from the same model's float accuracy, "
+                  f"in points. Stages — {notes}."),
+        Table(header, tuple(rows), labels=2)]
+    blocks.append(Image("accuracy.png", "accuracy by stage: published and each preset",
+                        _accuracy_figure(acc, labels)))
+    return blocks
+
+
+def _accuracy_figure(acc: _Accuracy, labels: list[str]) -> Figure:
+    pairs = [(m, s) for m in acc.models for s in acc.stages(m)]
+    accuracy = [("published (study)", plots.PUBLISHED_COLOR, [acc.published.get(p) for p in pairs])]
+    change = [("published (study)", plots.PUBLISHED_COLOR, [acc.published_change(*p) for p in pairs])]
+    for index, preset in enumerate(acc.presets):
+        color = plots.preset_color(index)
+        accuracy.append((preset, color, [acc.value(m, s, preset) for m, s in pairs]))
+        change.append((preset, color, [acc.change(m, s, preset) for m, s in pairs]))
+    return plots.accuracy_figure(labels, accuracy, change)
+
+
+def _weights_section(weights: Mapping[str, Any], files: Mapping[str, str]) -> list[Block]:
+    blocks: list[Block] = [Heading("Q1 — weights", anchor="weights")] if weights else []
+    for model, layers in weights.items():
+        rows = tuple((name, "×".join(map(str, s.get("shape") or [])) or _MISSING, _num(s.get("min")),
+                      _num(s.get("max")), _num(s.get("mean")), _num(s.get("std")))
+                     for name, s in layers.items())
+        blocks += [Heading(model, level=3),
+                   Image(f"weights_{files[model]}.png", f"{model} weight histograms",
+                         plots.weights_figure(model, layers)),
+                   Table(("layer", "shape", "min", "max", "mean", "std"), rows, labels=2)]
+    return blocks
+
+
+def _activation_row(name: str, stats: Mapping[str, Any], presets: Sequence[str]) -> tuple[str, ...]:
+    sigma = stats.get("sigma3") or (None, None)
+    cells = [name, *(_num(stats.get(k)) for k in ("min", "max", "mean", "std")),
+             _num(sigma[0]), _num(sigma[1])]
+    for preset in presets:
+        clip = (stats.get("clip") or {}).get(preset) or (None, None)
+        cells += [_num(clip[0]), _num(clip[1]), _share(_kept(stats, clip))]
+    return tuple(cells)
+
+
+def _activations_section(activations: Mapping[str, Any], files: Mapping[str, str]) -> list[Block]:
+    blocks: list[Block] = []
+    for model, tensors in activations.items():
+        presets = _clip_presets(tensors)
+        header = ("tensor", "min", "max", "mean", "std", "3σ lo", "3σ hi",
+                  *[c for p in presets for c in (f"{p} lo", f"{p} hi", f"{p} keeps")])
+        rows = tuple(_activation_row(name, stats, presets) for name, stats in tensors.items())
+        blocks += [Heading(model, level=3),
+                   Image(f"activations_{files[model]}.png", f"{model} activation histograms",
+                         plots.activations_figure(model, tensors, presets)),
+                   Table(header, rows)]
+    if blocks:
+        blocks[:0] = [Heading("Q3 — activations", anchor="activations"),
+                      Paragraph("Calibration statistics of the input and of each layer's output. "
+                                "'keeps' is the share of the observed range [min, max] inside the "
+                                "preset's clip range.")]
+    return blocks
+
+
+# ---- run facts --------------------------------------------------------------------------------
+def _training_section(training: Mapping[str, Any]) -> list[Block]:
+    rows = tuple((model, _seconds(info.get("seconds")), "yes" if info.get("cached") else "no",
+                  str(len(info.get("losses") or [])),
+                  _num(info["losses"][-1][2]) if info.get("losses") else _MISSING)
+                 for model, info in training.items() if isinstance(info, Mapping))
+    if not rows:
+        return []
+    blocks: list[Block] = [Heading("Training", anchor="training"),
+                           Table(("model", "seconds", "cached", "logged points", "final loss"), rows)]
+    figure = plots.loss_figure(training)
+    if figure is not None:
+        blocks.insert(1, Image("training_loss.png", "training loss per model", figure))
+    return blocks
+
+
+def _agreement_section(agreement: Mapping[str, Any]) -> list[Block]:
+    rows = tuple((model, preset, e.get("layer", "?"), _int(e.get("values")), _int(e.get("differing")),
+                  _int(e.get("max_lsb")))
+                 for model, by_preset in agreement.items() for preset, entries in by_preset.items()
+                 for e in entries)
+    if not rows:
+        return []
+    return [Heading("Integer executor vs fake-quant simulation", anchor="agreement"),
+            Paragraph("Per layer output: how many values the reference integer executor and the "
+                      "fake-quant float simulation produce, how many differ, and by how many LSB."),
+            Table(("model", "preset", "layer", "values", "differing", "max LSB"), rows, labels=3)]
+
+
+def _run_section(results: Mapping[str, Any]) -> list[Block]:
+    timings = results.get("timings_s") or {}
+    models = results.get("models") or []
+    blocks: list[Block] = []
+    if timings:
+        blocks += [Heading("Timings", level=3),
+                   Table(("step", "seconds"), tuple((k, _seconds(v)) for k, v in timings.items()))]
+    if models:
+        blocks += [Heading("Integer model files", level=3),
+                   Table(("model", "preset", "file", "bytes"), tuple(
+                       (m.get("model", "?"), m.get("preset") or _MISSING, m.get("file", "?"),
+                        _int(m.get("bytes"))) for m in models), labels=3)]
+    return [Heading("Run", anchor="run"), *blocks] if blocks else []
+
+
+def _header(results: Mapping[str, Any]) -> list[Block]:
+    config = results.get("config") or {}
+    facts = [f"{label}: {config[key]}" for key, label in (
+        ("seed", "seed"), ("device", "device"), ("data_source", "data"), ("machine", "machine"))
+        if config.get(key) is not None]
+    calib = config.get("calib_samples") or {}
+    if calib:
+        facts.append("calibration samples: " + ", ".join(f"{p} {_int(n)}" for p, n in calib.items()))
+    if config.get("activation_images") is not None:
+        facts.append(f"activation statistics from {_int(config['activation_images'])} images")
+    if results.get("intq_version"):
+        facts.append(f"intq {results['intq_version']}")
+    blocks: list[Block] = [Heading(TITLE, level=1)]
+    if facts:
+        blocks.append(Paragraph(" · ".join(facts)))
+    presets = config.get("presets") or {}
+    if presets:
+        blocks.append(Paragraph("Presets: " + "; ".join(f"{p} — {d}" for p, d in presets.items())))
+    return blocks
+
+
+# ---- rendering --------------------------------------------------------------------------------
+_CSS = """body { font-family: system-ui, sans-serif; max-width: 76rem; margin: 2rem auto;
+  padding: 0 1rem; line-height: 1.45; color: #222; }
+table { border-collapse: collapse; margin: 0.8rem 0; font-size: 0.88rem; }
+th, td { border: 1px solid #ccc; padding: 0.2rem 0.55rem; }
+th { background: #f2f2f2; }
+.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+img { max-width: 100%; height: auto; }"""
+
+
+def _text(value: Any) -> str:
+    """Element content, escaped (&, <, >); attributes use html.escape with quotes."""
+    return html.escape(str(value), quote=False)
+
+
+def _html_table(table: Table) -> str:
+    def row(cells: Sequence[str], tag: str) -> str:
+        opened = [f'<{tag} class="num">' if i >= table.labels else f"<{tag}>" for i in range(len(cells))]
+        return "<tr>" + "".join(f"{o}{_text(c)}</{tag}>" for o, c in zip(opened, cells)) + "</tr>"
+    body = "\n".join(row(cells, "td") for cells in table.rows)
+    return f"<table>\n<thead>{row(table.header, 'th')}</thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+
+
+def _html_block(block: Block) -> str:
+    if isinstance(block, Heading):
+        anchor = f' id="{html.escape(block.anchor)}"' if block.anchor else ""
+        return f"<h{block.level}{anchor}>{_text(block.text)}</h{block.level}>"
+    if isinstance(block, Paragraph):
+        return f"<p>{_text(block.text)}</p>"
+    if isinstance(block, Image):
+        return f'<p><img src="{html.escape(block.file)}" alt="{html.escape(block.alt)}"></p>'
+    return _html_table(block)
+
+
+def _html(blocks: Sequence[Block]) -> str:
+    body = "\n".join(_html_block(block) for block in blocks)
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{html.escape(TITLE)}</title>\n<style>\n{_CSS}\n</style>\n</head>\n"
+            f"<body>\n{body}\n</body>\n</html>\n")
+
+
+def _md_escape(text: str) -> str:
+    return re.sub(r"([\\`*_\[\]<>|#])", r"\\\1", str(text))
+
+
+def _markdown_block(block: Block) -> str:
+    if isinstance(block, Heading):
+        return "#" * block.level + " " + _md_escape(block.text)
+    if isinstance(block, Paragraph):
+        return _md_escape(block.text)
+    if isinstance(block, Image):
+        return f"![{_md_escape(block.alt)}]({block.file})"
+    lines = ["| " + " | ".join(_md_escape(c) for c in cells) + " |"
+             for cells in (block.header, *block.rows)]
+    rule = "| " + " | ".join("---" if i < block.labels else "---:"
+                             for i in range(len(block.header))) + " |"
+    return "\n".join([lines[0], rule, *lines[1:]])
+
+
+def _markdown(blocks: Sequence[Block]) -> str:
+    return "\n\n".join(_markdown_block(block) for block in blocks) + "\n"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._") or "model"
+
+
+def _file_names(models: Iterable[str]) -> dict[str, str]:
+    """A distinct, file-system-safe name per model ("<Net&>" -> "Net", then "Net-2")."""
+    names: dict[str, str] = {}
+    for model in models:
+        base = candidate = _slug(model)
+        count = 1
+        while candidate in names.values():
+            count += 1
+            candidate = f"{base}-{count}"
+        names[model] = candidate
+    return names
+
+
+def write_report(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
+    """Write report.html, report.md and the PNG figures into out_dir; return the paths written.
+
+    `results` has the layout of results.json; only "rows" is needed for a useful report, every
+    other key (published, weights, activations, training, agreement, timings_s, models, config)
+    adds its section when present. Every file is written atomically.
+    """
+    out_dir = ensure_writable_dir(out_dir)
+    acc = _Accuracy.from_results(results)
+    weights, activations = results.get("weights") or {}, results.get("activations") or {}
+    files = _file_names(_ordered([*acc.models, *weights, *activations]))
+    blocks = [*_header(results), *_accuracy_section(acc), *_discussion(results, acc),
+              *_weights_section(weights, files), *_activations_section(activations, files),
+              *_training_section(results.get("training") or {}),
+              *_agreement_section(results.get("agreement") or {}), *_run_section(results)]
+    written = [plots.save_png(block.figure, out_dir / block.file)
+               for block in blocks if isinstance(block, Image)]
+    for name, text in (("report.html", _html(blocks)), ("report.md", _markdown(blocks))):
+        atomic_write_text(out_dir / name, text)
+        written.append(out_dir / name)
+    return written

@@ -1,0 +1,68 @@
+"""Fake-quant float simulation: the float model with quantize-dequantize where integers would be.
+
+Two uses: the weight-only stages (int weights, float activations and biases), and the oracle for
+the reference executor (the same IntegerModel computed in float: dequantize, float op, quantize).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from intq.capture import Graph
+from intq.config import WeightConfig
+from intq.convert import weight_qparams
+from intq.executors.reference import pixels_to_input, run_op
+from intq.integer_model import IntegerModel, QLayer
+from intq.qparams import dequantize, quantize
+
+
+def fake_quant_weights(graph: Graph, config: WeightConfig) -> Graph:
+    """A copy of `graph` whose weights are dequantize(quantize(w)); biases stay float."""
+    graph = copy.deepcopy(graph)
+    for node in graph.weighted():
+        qparams = weight_qparams(node.op.weight, config)
+        node.op.weight = dequantize(quantize(node.op.weight, qparams), qparams)
+    return graph
+
+
+def _real_weight_and_bias(layer: QLayer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = dequantize(torch.as_tensor(layer.weight), layer.weight_qparams)
+    if layer.bias is None:
+        return weight, None
+    bias_scale = float(layer.input_qparams.scale) * torch.as_tensor(layer.weight_qparams.scale, dtype=torch.float64)
+    return weight, (torch.as_tensor(layer.bias, dtype=torch.float64) * bias_scale).float()
+
+
+def simulate_layer(layer: QLayer, x: torch.Tensor) -> torch.Tensor:
+    """q_y = quantize(op(dequantize(q_x), dequantize(q_w)) + b) in float32, ReLU clamped at z_y."""
+    real_x = dequantize(x, layer.input_qparams)
+    weight, bias = _real_weight_and_bias(layer)
+    if layer.kind == "conv2d":
+        g = layer.geometry
+        real_y = F.conv2d(real_x, weight, bias, g["stride"], g["padding"], g["dilation"], g["groups"])
+    else:
+        real_y = F.linear(real_x, weight, bias)
+    q = quantize(real_y, layer.output_qparams)
+    return q.clamp(min=int(layer.output_qparams.zero_point)) if layer.relu else q
+
+
+def layer_agreement(model: IntegerModel, pixels: torch.Tensor) -> list[dict]:
+    """Per QLayer: the reference and the float simulation fed the SAME integer input.
+
+    Returns rows {layer, values, differing, max_lsb}: how many output integers differ and by how
+    much. Differences come from float32 rounding in the simulation and the 31-bit multiplier.
+    """
+    rows = []
+    values = {model.input_name: pixels_to_input(pixels, model)}
+    with torch.no_grad():
+        for op in model.layers:
+            x = values[op.inputs[0]]
+            values[op.name] = run_op(op, x)
+            if isinstance(op, QLayer):
+                simulated = simulate_layer(op, x.to(torch.int64))
+                diff = (simulated - values[op.name].to(torch.int64)).abs()
+                rows.append({"layer": op.name, "values": diff.numel(), "differing": int((diff > 0).sum()),
+                             "max_lsb": int(diff.max())})
+    return rows

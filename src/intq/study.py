@@ -1,0 +1,333 @@
+"""The seed study's five stages as configurations of the one integer machinery.
+
+Each model (Net, NetWithBias) runs in its own process on one core: train (or load cached weights),
+capture, calibrate, convert under each preset, evaluate every stage, check the reference executor
+against the float simulation. The parent gathers the results; `run_study` writes nothing itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from intq import integer_model
+from intq.capture import Graph, capture, run_float
+from intq.config import PRESETS, QConfig
+from intq.convert import convert, observed_tensors
+from intq.data import load_cifar10, normalize
+from intq.files import atomic_write_text, ensure_writable_dir
+from intq.executors.reference import run_integer
+from intq.integer_model import IntegerModel, QLayer
+from intq.models import INPUT_SHAPE, MODELS
+from intq.observers import TensorObserver, TensorStats
+from intq.qparams import QParams
+from intq.simulate import fake_quant_weights, layer_agreement
+from intq.train import Recipe, accuracy, load_weights, predict, save_weights, train, weights_key
+
+PUBLISHED = [  # the study's own figures: original CIFAR-10, on a GPU
+    {"model": "Net", "stage": "float", "accuracy": 53.22},
+    {"model": "Net", "stage": "weights", "accuracy": 52.22},
+    {"model": "Net", "stage": "weights+activations", "accuracy": 49.79},
+    {"model": "NetWithBias", "stage": "float", "accuracy": 52.55},
+    {"model": "NetWithBias", "stage": "weights+bias-float", "accuracy": 48.09},
+    {"model": "NetWithBias", "stage": "integer+bias", "accuracy": 49.93},
+]
+# stage names per model: (weight-only stage, integer-only stage)
+STAGES = {"Net": ("weights", "weights+activations"), "NetWithBias": ("weights+bias-float", "integer+bias")}
+CALIBRATION_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class ModelJob:
+    model: str
+    data_dir: str | None
+    cache_dir: str
+    out_dir: str  # where the worker saves the .npz integer models (a staging folder)
+    seed: int
+    device: str
+    calib_samples: int | None  # overrides the recommended preset's calibration set size
+    recipe: Recipe = Recipe()
+
+
+def log_line(model: str, message: str) -> None:
+    print(f"[{model}] {message}", flush=True)
+
+
+def trained_model(job: ModelJob, images: torch.Tensor, labels: torch.Tensor, fingerprint: str):
+    """The model trained with the recipe, from the weights cache when the same run was done before."""
+    torch.manual_seed(job.seed)
+    model = MODELS[job.model]()
+    path = Path(job.cache_dir) / "weights" / f"{job.model}-{weights_key(job.model, job.recipe, job.seed, fingerprint)}.npz"
+    losses = load_weights(model, path)
+    if losses is not None:
+        log_line(job.model, f"trained weights loaded from cache {path}")
+        return model.to(job.device), losses, True
+    model = model.to(job.device)
+    losses = train(model, normalize(images).to(job.device), labels.to(job.device), job.recipe, job.seed,
+                   log=lambda line: log_line(job.model, line))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(model, losses, path)
+    return model, losses, False
+
+
+def calibration_indices(count: int, samples: int | None, seed: int) -> torch.Tensor:
+    """A seeded random subset of `samples` training images (all of them, in order, when None)."""
+    if samples is None or samples >= count:
+        return torch.arange(count)
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:samples]
+
+
+def calibrate(graph: Graph, images: torch.Tensor, device: str) -> dict[str, TensorStats]:
+    """One streaming pass: observers on the input and every layer's quantization point."""
+    names = set(observed_tensors(graph).values())
+    observers = {name: TensorObserver() for name in names}
+
+    def visit(name: str, value: torch.Tensor) -> None:
+        if name in observers:
+            observers[name].update(value)
+
+    with torch.no_grad():
+        for start in range(0, len(images), CALIBRATION_BATCH):
+            run_float(graph, normalize(images[start : start + CALIBRATION_BATCH]).to(device), visit)
+    return {name: observer.stats() for name, observer in observers.items()}
+
+
+def representable_range(qparams: QParams, relu: bool = False) -> list[float]:
+    """[lo, hi] of real values a tensor can carry: s*(qmin - z), s*(qmax - z); lo = 0 under a ReLU."""
+    scale, zero = float(qparams.scale), int(qparams.zero_point)
+    lo = 0.0 if relu else scale * (qparams.dtype.qmin - zero)
+    return [lo, scale * (qparams.dtype.qmax - zero)]
+
+
+def clip_ranges(model: IntegerModel) -> dict[str, list[float]]:
+    """{label: representable range} for the input and each layer output of an integer model."""
+    ranges = {"input": representable_range(model.input.qparams)}
+    for layer in model.quantized_layers():
+        ranges[layer.name] = representable_range(layer.output_qparams, layer.relu)
+    return ranges
+
+
+def histogram_summary(stats: TensorStats, max_bins: int = 80) -> dict:
+    """The observer histogram trimmed to its occupied bins and merged to at most `max_bins`."""
+    edges, counts = stats.occupied()
+    group = max(1, -(-len(counts) // max_bins))
+    padded = np.concatenate([counts, np.zeros((-len(counts)) % group, np.int64)])
+    merged = padded.reshape(-1, group).sum(axis=1)  # (B,) -> (B/group,)
+    merged_edges = edges[0] + np.arange(len(merged) + 1) * group * stats.bin_width
+    return {"edges": merged_edges.tolist(), "counts": merged.tolist()}
+
+
+def weight_summary(graph: Graph) -> dict:
+    """Q1: range, mean, std and a 60-bin histogram of every layer's float weights."""
+    summary = {}
+    for node in graph.weighted():
+        w = node.op.weight.detach().cpu().double().numpy().ravel()
+        counts, edges = np.histogram(w, bins=60)
+        summary[node.name] = {"shape": list(node.op.weight.shape), "min": float(w.min()), "max": float(w.max()),
+                              "mean": float(w.mean()), "std": float(w.std()),
+                              "hist": {"edges": edges.tolist(), "counts": counts.tolist()}}
+    return summary
+
+
+def activation_summary(graph: Graph, stats: dict[str, TensorStats], clips: dict[str, dict]) -> dict:
+    """Q3: full range, mean/std, 3-sigma range, histogram and each preset's clip range per tensor."""
+    summary = {}
+    for label, name in observed_tensors(graph).items():
+        s = stats[name]
+        summary[label] = {"min": s.min, "max": s.max, "mean": s.mean, "std": s.std, "count": s.count,
+                          "sigma3": [s.mean - 3 * s.std, s.mean + 3 * s.std], "hist": histogram_summary(s),
+                          "clip": {preset: ranges[label] for preset, ranges in clips.items()}}
+    return summary
+
+
+def data_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """A cheap identity of the training data: labels and every 50th image, hashed."""
+    import hashlib
+
+    digest = hashlib.sha256(labels.numpy().tobytes())
+    digest.update(images[::50].contiguous().numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def merged_agreement(model: IntegerModel, pixels: torch.Tensor, batch_size: int = 1000) -> list[dict]:
+    """layer_agreement over the whole set in batches, summed per layer."""
+    total: dict[str, dict] = {}
+    for start in range(0, len(pixels), batch_size):
+        for row in layer_agreement(model, pixels[start : start + batch_size]):
+            entry = total.setdefault(row["layer"], {"layer": row["layer"], "values": 0, "differing": 0, "max_lsb": 0})
+            entry["values"] += row["values"]
+            entry["differing"] += row["differing"]
+            entry["max_lsb"] = max(entry["max_lsb"], row["max_lsb"])
+    return list(total.values())
+
+
+def preset_for(job: ModelJob, preset: QConfig) -> QConfig:
+    """The preset, with the recommended one's calibration size overridden by --calib-samples."""
+    if preset.name == "recommended" and job.calib_samples is not None:
+        return replace(preset, calibration_samples=job.calib_samples)
+    return preset
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
+
+
+def run_model(job: ModelJob) -> dict:
+    """Everything for one model, in a worker process on one core."""
+    torch.set_num_threads(1)
+    clock = _Clock()
+    data = load_cifar10(job.data_dir, job.cache_dir)
+    clock.lap("data")
+    model, losses, cached = trained_model(job, data.train_images, data.train_labels,
+                                          data_fingerprint(data.train_images, data.train_labels))
+    clock.lap("train")
+    example = normalize(data.train_images[:2]).to(job.device)
+    graph = capture(model, example)
+    test_pixels, labels = data.test_images.to(job.device), data.test_labels
+    float_accuracy = accuracy(predict(model, normalize(test_pixels)), labels)
+    rows = [{"model": job.model, "stage": "float", "preset": None, "accuracy": float_accuracy}]
+    stats_by_size, clips, agreement, files = {}, {}, {}, []
+    clock.lap("evaluate")
+    for preset in map(lambda p: preset_for(job, p), PRESETS.values()):
+        size = preset.calibration_samples
+        if size not in stats_by_size:
+            subset = data.train_images[calibration_indices(len(data.train_images), size, job.seed)]
+            log_line(job.model, f"calibrating on {len(subset)} training images ({preset.name})")
+            stats_by_size[size] = calibrate(graph, subset, job.device)
+        integer = convert(graph, stats_by_size[size], preset, {"model": job.model, "seed": job.seed,
+                                                               "calibration_images": size or len(data.train_images)})
+        clips[preset.name] = clip_ranges(integer)
+        clock.lap("calibrate")
+        rows += evaluate_preset(job, graph, integer, preset, test_pixels, labels)
+        agreement[preset.name] = merged_agreement(integer, test_pixels)
+        path = Path(job.out_dir) / f"{job.model}-{preset.name}.npz"
+        files.append({"model": job.model, "preset": preset.name, "file": path.name,
+                      "bytes": integer_model.save(integer, path)})
+        clock.lap("evaluate")
+    largest = max(stats_by_size, key=lambda size: size or len(data.train_images))
+    return {"rows": rows, "weights": weight_summary(graph),
+            "activations": activation_summary(graph, stats_by_size[largest], clips),
+            "activation_images": largest or len(data.train_images),
+            "agreement": agreement, "models": files, "timings_s": clock.seconds,
+            "training": {"losses": [list(entry) for entry in losses], "cached": cached,
+                         "seconds": clock.seconds["train"]}}
+
+
+def evaluate_preset(job: ModelJob, graph: Graph, integer: IntegerModel, preset: QConfig,
+                    test_pixels: torch.Tensor, labels: torch.Tensor) -> list[dict]:
+    """The weight-only stage (fake-quant weights, float activations) and the integer-only stage."""
+    weight_stage, integer_stage = STAGES[job.model]
+    weights_only = fake_quant_weights(graph, preset.weights)
+    test_images = normalize(test_pixels)
+    weight_accuracy = accuracy(predict(lambda x: run_float(weights_only, x), test_images), labels)
+    integer_accuracy = accuracy(predict(lambda p: run_integer(integer, p), test_pixels), labels)
+    log_line(job.model, f"{preset.name}: {weight_stage} {weight_accuracy:.2f}%, {integer_stage} {integer_accuracy:.2f}%")
+    return [{"model": job.model, "stage": weight_stage, "preset": preset.name, "accuracy": weight_accuracy},
+            {"model": job.model, "stage": integer_stage, "preset": preset.name, "accuracy": integer_accuracy}]
+
+
+@dataclass(frozen=True)
+class StudyOptions:
+    data_dir: str | None
+    out_dir: Path
+    cache_dir: Path
+    seed: int = 0
+    calib_samples: int | None = None
+    device: str = "cpu"
+
+
+class StudyError(Exception):
+    """A study option that cannot work on this machine (names the option)."""
+
+
+def machine_description() -> str:
+    import platform
+
+    return (f"{os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def assemble(parts: dict[str, dict], options: StudyOptions, source: str, timings: dict) -> dict:
+    """The results dictionary (results.json) from the per-model parts."""
+    rows = [row for part in parts.values() for row in part["rows"]]
+    phases = ("train", "calibrate", "evaluate")
+    timings = {**timings, **{phase: max(p["timings_s"].get(phase, 0.0) for p in parts.values()) for phase in phases}}
+    return {
+        "intq_version": "0.1.0",
+        "config": {"seed": options.seed, "device": options.device, "data_source": source,
+                   "machine": machine_description(),
+                   "calib_samples": {p.name: p.calibration_samples or "all" for p in PRESETS.values()}
+                   | ({"recommended": options.calib_samples} if options.calib_samples else {}),
+                   "activation_images": max(p["activation_images"] for p in parts.values()),
+                   "presets": {p.name: p.description for p in PRESETS.values()}},
+        "rows": rows,
+        "published": PUBLISHED,
+        "timings_s": timings,
+        "training": {name: part["training"] for name, part in parts.items()},
+        "weights": {name: part["weights"] for name, part in parts.items()},
+        "activations": {name: part["activations"] for name, part in parts.items()},
+        "agreement": {name: part["agreement"] for name, part in parts.items()},
+        "models": [entry for part in parts.values() for entry in part["models"]],
+    }
+
+
+def run_models(options: StudyOptions, staging: Path) -> dict[str, dict]:
+    """Both models at once, one process each (the two trainings share the two cores)."""
+    jobs = [ModelJob(name, options.data_dir, str(options.cache_dir), str(staging), options.seed,
+                     options.device, options.calib_samples) for name in MODELS]
+    with ProcessPoolExecutor(max_workers=len(jobs), mp_context=get_context("spawn")) as pool:
+        return dict(zip(MODELS, pool.map(run_model, jobs)))
+
+
+def check_options(options: StudyOptions) -> None:
+    if options.device not in ("cpu", "cuda"):
+        raise StudyError(f"--device {options.device}: choose cpu or cuda")
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise StudyError("--device cuda: CUDA is not available on this machine (use --device cpu)")
+    if options.calib_samples is not None and options.calib_samples < 1:
+        raise StudyError(f"--calib-samples {options.calib_samples}: must be at least 1")
+
+
+def run_study(options: StudyOptions, log=print) -> dict:
+    """Run the study and write results.json, the report, plots and models into options.out_dir.
+
+    Everything is produced in a staging folder inside out_dir and moved into place (os.replace,
+    atomic per file) only when the whole run succeeded: a failed run leaves out_dir as it was.
+    """
+    from intq.report import write_report  # the report sits downstream of the study
+
+    start = time.perf_counter()
+    check_options(options)
+    out_dir = ensure_writable_dir(options.out_dir)
+    data = load_cifar10(options.data_dir, options.cache_dir, download=True, progress=log)
+    log(f"data: {data.source}")
+    timings = {"data": time.perf_counter() - start}
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    try:
+        results = assemble(run_models(options, staging), options, data.source, timings)
+        report_start = time.perf_counter()
+        write_report(results, staging)
+        results["timings_s"]["report"] = time.perf_counter() - report_start
+        results["timings_s"]["total"] = time.perf_counter() - start
+        atomic_write_text(staging / "results.json", json.dumps(results, indent=1) + "\n")
+        for path in sorted(staging.iterdir()):
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return results

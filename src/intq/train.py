@@ -1,0 +1,106 @@
+"""The study's training recipe and test-set evaluation, on tensors already in memory.
+
+Batches are slices of one normalised tensor (no DataLoader, no per-image transforms): the recipe
+is unchanged (cross-entropy, SGD lr 0.001 momentum 0.9, batch 4, shuffled, 2 epochs), only the
+plumbing around it is cheaper.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from intq.files import atomic_write
+
+
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int = 2
+    batch_size: int = 4
+    lr: float = 0.001
+    momentum: float = 0.9
+    log_every: int = 2000  # mini-batches between loss lines, as the study prints them
+
+
+def train(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    recipe: Recipe,
+    seed: int,
+    log: Callable[[str], None] = print,
+) -> list[tuple[int, int, float]]:
+    """Train in place with the recipe; returns the (epoch, mini-batch, mean loss) lines it logged.
+
+    `images` are normalised float32 (N, 3, 32, 32). Shuffling uses its own seeded generator, so
+    the order depends on `seed` alone.
+    """
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum)
+    generator = torch.Generator().manual_seed(seed)
+    steps = images.shape[0] // recipe.batch_size
+    losses = []
+    model.train()
+    for epoch in range(1, recipe.epochs + 1):
+        order = torch.randperm(images.shape[0], generator=generator)
+        running = torch.zeros(())
+        for step in range(steps):
+            index = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
+            optimizer.zero_grad()
+            loss = criterion(model(images[index]), labels[index])
+            loss.backward()
+            optimizer.step()
+            running += loss.detach()
+            if (step + 1) % recipe.log_every == 0:
+                mean_loss = float(running) / recipe.log_every
+                losses.append((epoch, step + 1, mean_loss))
+                log("[%d, %5d] loss: %.3f" % (epoch, step + 1, mean_loss))
+                running.zero_()
+    model.eval()
+    return losses
+
+
+def predict(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """argmax class of every image, in batches; `forward` maps a batch to scores."""
+    with torch.no_grad():
+        return torch.cat([forward(images[i : i + batch_size]).argmax(dim=1) for i in range(0, len(images), batch_size)])
+
+
+def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    """Percentage of correct predictions: 100 * mean(predicted == labels)."""
+    return 100.0 * float((predicted.cpu() == labels.cpu()).double().mean())
+
+
+def weights_key(model_name: str, recipe: Recipe, seed: int, data_fingerprint: str) -> str:
+    """Cache key of trained weights: the recipe, the seed, the data and the torch version."""
+    spec = {"model": model_name, "recipe": asdict(recipe), "seed": seed, "data": data_fingerprint,
+            "torch": torch.__version__.split("+")[0]}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def save_weights(model: nn.Module, losses: list, path: Path) -> None:
+    """state_dict as a pickle-free .npz (plus the logged losses), written atomically."""
+    arrays = {f"param.{k}": v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    arrays["losses"] = np.array(losses, dtype=np.float64).reshape(-1, 3)
+    with atomic_write(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def load_weights(model: nn.Module, path: Path) -> list[tuple[int, int, float]] | None:
+    """Load weights saved by save_weights; None when the file is missing or does not fit."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            state = {k[len("param."):]: torch.from_numpy(archive[k]) for k in archive.files if k.startswith("param.")}
+            losses = [(int(e), int(s), float(v)) for e, s, v in archive["losses"]]
+        model.load_state_dict(state)
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return None
+    return losses
