@@ -168,7 +168,7 @@ def trace(model: nn.Module) -> Graph:
         nodes.append(Node(fx_node.name, op, inputs))
     if unsupported:
         raise CaptureError(f"{type(model).__name__}: unsupported operations: " + "; ".join(unsupported))
-    return _with_users(Graph(input_name, nodes, output_name))
+    return with_users(Graph(input_name, nodes, output_name))
 
 
 def _fold_batchnorm(nodes: list[Node], fx_node: torch.fx.Node, bn: nn.BatchNorm2d) -> bool:
@@ -189,7 +189,7 @@ def _fold_batchnorm(nodes: list[Node], fx_node: torch.fx.Node, bn: nn.BatchNorm2
     return True
 
 
-def _with_users(graph: Graph) -> Graph:
+def with_users(graph: Graph) -> Graph:
     graph.users = {n.name: [] for n in graph.nodes}
     graph.users[graph.input_name] = []
     for node in graph.nodes:
@@ -257,10 +257,11 @@ def capture(model: nn.Module, example: torch.Tensor) -> Graph:
         try:
             got = run_float(graph, example)
         except RuntimeError as err:
-            raise CaptureError(f"{type(model).__name__}: captured graph fails on the example input: {err}") from None
+            raise CaptureError(f"{type(model).__name__}: captured graph fails on the example input ({err}); "
+                               f"is every view/reshape a flatten of all but the batch dimension?") from None
     if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
-        raise CaptureError(f"{type(model).__name__}: captured graph disagrees with the model "
-                           f"(a view/reshape that is not a flatten of all but the batch dimension?)")
+        raise CaptureError(f"{type(model).__name__}: captured graph disagrees with the model; "
+                           f"is every view/reshape a flatten of all but the batch dimension?")
     return graph
 
 

@@ -28,16 +28,21 @@ def fake_quant_weights(graph: Graph, config: WeightConfig) -> Graph:
 
 
 def _real_weight_and_bias(layer: QLayer) -> tuple[torch.Tensor, torch.Tensor | None]:
-    weight = dequantize(torch.as_tensor(layer.weight), layer.weight_qparams)
+    weight = dequantize(torch.as_tensor(layer.weight), layer.weight_qparams, torch.float64)
     if layer.bias is None:
         return weight, None
     bias_scale = float(layer.input_qparams.scale) * torch.as_tensor(layer.weight_qparams.scale, dtype=torch.float64)
-    return weight, (torch.as_tensor(layer.bias, dtype=torch.float64) * bias_scale).float()
+    return weight, torch.as_tensor(layer.bias, dtype=torch.float64) * bias_scale
 
 
 def simulate_layer(layer: QLayer, x: torch.Tensor) -> torch.Tensor:
-    """q_y = quantize(op(dequantize(q_x), dequantize(q_w)) + b) in float32, ReLU clamped at z_y."""
-    real_x = dequantize(x, layer.input_qparams)
+    """q_y = quantize(op(dequantize(q_x), dequantize(q_w)) + b), ReLU clamped at z_y.
+
+    In float64, so that a difference from the reference executor can only come from a real value
+    within ~1e-9 of a rounding tie, where the reference's 31-bit multiplier M0 * 2^-(31+n)
+    (relative error <= 2^-31) and the exact M = s_x s_w / s_y may round apart.
+    """
+    real_x = dequantize(x, layer.input_qparams, torch.float64)
     weight, bias = _real_weight_and_bias(layer)
     if layer.kind == "conv2d":
         g = layer.geometry
@@ -52,7 +57,7 @@ def layer_agreement(model: IntegerModel, pixels: torch.Tensor) -> list[dict]:
     """Per QLayer: the reference and the float simulation fed the SAME integer input.
 
     Returns rows {layer, values, differing, max_lsb}: how many output integers differ and by how
-    much. Differences come from float32 rounding in the simulation and the 31-bit multiplier.
+    much (see simulate_layer for the only source of differences).
     """
     rows = []
     values = {model.input_name: pixels_to_input(pixels, model)}

@@ -44,6 +44,7 @@ PUBLISHED = [  # the study's own figures: original CIFAR-10, on a GPU
 # stage names per model: (weight-only stage, integer-only stage)
 STAGES = {"Net": ("weights", "weights+activations"), "NetWithBias": ("weights+bias-float", "integer+bias")}
 CALIBRATION_BATCH = 1000
+AGREEMENT_IMAGES = 1000  # the float64 simulation costs ~1.7 s per 1,000 images and preset
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,7 @@ def run_model(job: ModelJob) -> dict:
         clips[preset.name] = clip_ranges(integer)
         clock.lap("calibrate")
         rows += evaluate_preset(job, graph, integer, preset, test_pixels, labels)
-        agreement[preset.name] = merged_agreement(integer, test_pixels)
+        agreement[preset.name] = merged_agreement(integer, test_pixels[:AGREEMENT_IMAGES])
         path = Path(job.out_dir) / f"{job.model}-{preset.name}.npz"
         files.append({"model": job.model, "preset": preset.name, "file": path.name,
                       "bytes": integer_model.save(integer, path)})
@@ -275,6 +276,7 @@ def assemble(parts: dict[str, dict], options: StudyOptions, source: str, timings
                    "calib_samples": {p.name: p.calibration_samples or "all" for p in PRESETS.values()}
                    | ({"recommended": options.calib_samples} if options.calib_samples else {}),
                    "activation_images": max(p["activation_images"] for p in parts.values()),
+                   "agreement_images": AGREEMENT_IMAGES,
                    "presets": {p.name: p.description for p in PRESETS.values()}},
         "rows": rows,
         "published": PUBLISHED,

@@ -1,0 +1,88 @@
+"""The reference executor: integer dtypes throughout, and the float simulation as its oracle."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conftest import calibrated
+from intq.config import RECOMMENDED, STUDY
+from intq.convert import convert
+from intq.executors.reference import ExecutionError, exact_float_dtype, pixels_to_input, run_integer
+from intq.qparams import IntType
+from intq.simulate import layer_agreement
+
+
+@pytest.fixture(scope="module", params=[STUDY, RECOMMENDED], ids=lambda c: c.name)
+def preset(request):
+    return request.param
+
+
+def test_every_tensor_between_input_and_logits_is_an_integer_dtype(seeded_model, pixels, preset):
+    graph, stats = calibrated(seeded_model, pixels)
+    model = convert(graph, stats, preset)
+    seen = {}
+    run_integer(model, pixels, visit=lambda name, value: seen.__setitem__(name, value.dtype))
+    assert len(seen) == len(model.layers) + 1
+    for name, dtype in seen.items():
+        assert not dtype.is_floating_point, f"{name} is {dtype}"
+    assert seen["conv1"] == (torch.int8 if preset is STUDY else torch.uint8)
+
+
+def test_fused_pooling_path_gives_the_same_integers(seeded_model, pixels, preset):
+    graph, stats = calibrated(seeded_model, pixels)
+    model = convert(graph, stats, preset)
+    fused = run_integer(model, pixels)
+    unfused = run_integer(model, pixels, visit=lambda name, value: None)
+    assert torch.equal(fused, unfused)
+
+
+def test_reference_equals_float64_simulation_layer_by_layer(seeded_model, pixels, preset):
+    graph, stats = calibrated(seeded_model, pixels)
+    rows = layer_agreement(convert(graph, stats, preset), pixels)
+    assert [row["layer"] for row in rows] == ["conv1", "conv2", "fc1", "fc2", "fc3"]
+    assert all(row["differing"] == 0 for row in rows), rows
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6])
+def test_sub_8_bit_models_run_integer_only_and_match_the_simulation(seeded_model, pixels, bits):
+    graph, stats = calibrated(seeded_model, pixels)
+    config = replace(RECOMMENDED, weights=replace(RECOMMENDED.weights, bits=bits),
+                     activations=replace(RECOMMENDED.activations, bits=bits))
+    model = convert(graph, stats, config)
+    assert model.layer("conv1").output_qparams.dtype == IntType(bits, False)
+    assert int(abs(torch.as_tensor(model.layer("fc1").weight).int()).max()) <= 2 ** (bits - 1) - 1
+    assert all(row["differing"] == 0 for row in layer_agreement(model, pixels))
+
+
+def test_integer_logits_track_the_float_model(seeded_model, pixels):
+    graph, stats = calibrated(seeded_model, pixels)
+    model = convert(graph, stats, RECOMMENDED)
+    logits = run_integer(model, pixels).to(torch.int64)
+    qp = model.output_qparams()
+    real = (logits - int(qp.zero_point)).double() * float(qp.scale)
+    with torch.no_grad():
+        expected = seeded_model((pixels.float() / 255 - 0.5) / 0.5).double()
+    assert torch.corrcoef(torch.stack([real.flatten(), expected.flatten()]))[0, 1] > 0.99
+
+
+def test_folded_input_is_the_exact_normalised_image_times_255(seeded_model, pixels):
+    graph, stats = calibrated(seeded_model, pixels)
+    model = convert(graph, stats, RECOMMENDED)
+    x = pixels_to_input(pixels, model)
+    assert x.dtype == torch.int16
+    assert torch.equal(x.to(torch.int64), 2 * pixels.to(torch.int64) - 255)
+    assert torch.allclose(x.double() / 255, (pixels.double() / 255 - 0.5) / 0.5, rtol=0, atol=1e-15)
+
+
+def test_input_must_be_uint8_pixels(seeded_model, pixels):
+    graph, stats = calibrated(seeded_model, pixels)
+    model = convert(graph, stats, STUDY)
+    with pytest.raises(ExecutionError, match="uint8"):
+        run_integer(model, pixels.float())
+
+
+def test_exact_float_dtype_follows_the_bound():
+    assert exact_float_dtype(2**24) == torch.float32
+    assert exact_float_dtype(2**24 + 1) == torch.float64
+    with pytest.raises(ExecutionError):
+        exact_float_dtype(2**53 + 1)
