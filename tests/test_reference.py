@@ -8,7 +8,7 @@ from conftest import calibrated
 from intq.config import RECOMMENDED, STUDY
 from intq.convert import convert
 from intq.executors.reference import ExecutionError, exact_float_dtype, pixels_to_input, run_integer
-from intq.qparams import IntType
+from intq.qparams import IntType, quantize
 from intq.simulate import layer_agreement
 
 
@@ -86,3 +86,11 @@ def test_exact_float_dtype_follows_the_bound():
     assert exact_float_dtype(2**24 + 1) == torch.float64
     with pytest.raises(ExecutionError):
         exact_float_dtype(2**53 + 1)
+
+
+def test_requantized_input_equals_quantizing_the_normalised_image(seeded_model, pixels):
+    graph, stats = calibrated(seeded_model, pixels)
+    model = convert(graph, stats, STUDY)
+    every_pixel = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(1, 3, 16, 16)
+    expected = quantize((every_pixel.double() * 2 - 255) / 255, model.input.qparams)
+    assert torch.equal(pixels_to_input(every_pixel, model).to(torch.int64), expected)
