@@ -407,7 +407,7 @@ def _training_section(training: Mapping[str, Any]) -> list[Block]:
     return blocks
 
 
-def _agreement_section(agreement: Mapping[str, Any]) -> list[Block]:
+def _agreement_section(agreement: Mapping[str, Any], images: Any = None) -> list[Block]:
     rows = tuple((model, preset, e.get("layer", "?"), _int(e.get("values")), _int(e.get("differing")),
                   _int(e.get("max_lsb")))
                  for model, by_preset in agreement.items() for preset, entries in by_preset.items()
@@ -415,8 +415,9 @@ def _agreement_section(agreement: Mapping[str, Any]) -> list[Block]:
     if not rows:
         return []
     return [Heading("Integer executor vs fake-quant simulation", anchor="agreement"),
-            Paragraph("Per layer output: how many values the reference integer executor and the "
-                      "fake-quant float simulation produce, how many differ, and by how many LSB."),
+            Paragraph("Per layer output" + (f", on the first {_int(images)} test images" if images else "")
+                      + ": how many values the reference integer executor and the float64 fake-quant "
+                      "simulation produce from the same integer input, how many differ, and by how many LSB."),
             Table(("model", "preset", "layer", "values", "differing", "max LSB"), rows, labels=3)]
 
 
@@ -550,7 +551,8 @@ def write_report(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     blocks = [*_header(results), *_accuracy_section(acc), *_discussion(results, acc),
               *_weights_section(weights, files), *_activations_section(activations, files),
               *_training_section(results.get("training") or {}),
-              *_agreement_section(results.get("agreement") or {}), *_run_section(results)]
+              *_agreement_section(results.get("agreement") or {}, (results.get("config") or {}).get("agreement_images")),
+              *_run_section(results)]
     written = [plots.save_png(block.figure, out_dir / block.file)
                for block in blocks if isinstance(block, Image)]
     for name, text in (("report.html", _html(blocks)), ("report.md", _markdown(blocks))):

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from intq.files import atomic_write
 
@@ -28,6 +29,35 @@ class Recipe:
     log_every: int = 2000  # mini-batches between loss lines, as the study prints them
 
 
+class MomentumSGD:
+    """SGD with momentum, as torch.optim.SGD computes it (dampening 0, no Nesterov, no decay):
+
+        v <- g (first step),  v <- momentum * v + g (later steps);   p <- p - lr * v
+
+    with the same elementwise operations in the same order, so parameters are bit-identical to
+    torch.optim.SGD's (tested), in three fused multi-tensor calls instead of a Python loop per
+    parameter: the optimizer step is ~15% of a batch-4 step on this small network.
+    """
+
+    def __init__(self, params: list[torch.Tensor], lr: float, momentum: float) -> None:
+        self.params, self.lr, self.momentum = params, lr, momentum
+        self.velocity: list[torch.Tensor] | None = None
+
+    def zero_grad(self) -> None:
+        for param in self.params:
+            param.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        grads = [param.grad for param in self.params]
+        if self.velocity is None:
+            self.velocity = [grad.clone() for grad in grads]
+        else:
+            torch._foreach_mul_(self.velocity, self.momentum)
+            torch._foreach_add_(self.velocity, grads)
+        torch._foreach_add_(self.params, self.velocity, alpha=-self.lr)
+
+
 def train(
     model: nn.Module,
     images: torch.Tensor,
@@ -39,21 +69,22 @@ def train(
     """Train in place with the recipe; returns the (epoch, mini-batch, mean loss) lines it logged.
 
     `images` are normalised float32 (N, 3, 32, 32). Shuffling uses its own seeded generator, so
-    the order depends on `seed` alone.
+    the order depends on `seed` alone. Each epoch gathers the shuffled images once, so a step
+    slices a view instead of indexing.
     """
-    criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum)
+    optimizer = MomentumSGD(list(model.parameters()), lr=recipe.lr, momentum=recipe.momentum)
     generator = torch.Generator().manual_seed(seed)
     steps = images.shape[0] // recipe.batch_size
     losses = []
     model.train()
     for epoch in range(1, recipe.epochs + 1):
         order = torch.randperm(images.shape[0], generator=generator)
-        running = torch.zeros(())
+        shuffled_images, shuffled_labels = images[order], labels[order]
+        running = torch.zeros((), device=images.device)
         for step in range(steps):
-            index = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
+            batch = slice(step * recipe.batch_size, (step + 1) * recipe.batch_size)
             optimizer.zero_grad()
-            loss = criterion(model(images[index]), labels[index])
+            loss = F.cross_entropy(model(shuffled_images[batch]), shuffled_labels[batch])
             loss.backward()
             optimizer.step()
             running += loss.detach()

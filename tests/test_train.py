@@ -1,0 +1,54 @@
+"""The training recipe: our momentum SGD is torch.optim.SGD bit for bit; training is seeded."""
+import torch
+import torch.nn.functional as F
+
+from intq.models import Net
+from intq.train import MomentumSGD, Recipe, accuracy, load_weights, save_weights, train
+
+
+def test_momentum_sgd_is_bit_identical_to_torch_sgd():
+    torch.manual_seed(0)
+    images, labels = torch.randn(40, 3, 32, 32), torch.randint(0, 10, (40,))
+    torch.manual_seed(1)
+    ours, theirs = Net(), Net()
+    theirs.load_state_dict(ours.state_dict())
+    mine = MomentumSGD(list(ours.parameters()), lr=0.01, momentum=0.9)
+    reference = torch.optim.SGD(theirs.parameters(), lr=0.01, momentum=0.9)
+    for step in range(10):
+        x, y = images[4 * step : 4 * step + 4], labels[4 * step : 4 * step + 4]
+        for model, optimizer in ((ours, mine), (theirs, reference)):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_training_is_seeded_logs_like_the_study_and_learns():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 10, (400,))
+    images = torch.randn(400, 3, 32, 32) * 0.3 + labels.float().reshape(-1, 1, 1, 1) / 5  # learnable
+    runs, lines = [], []
+    for _ in range(2):
+        torch.manual_seed(5)
+        model = Net()
+        losses = train(model, images, labels, Recipe(epochs=2, log_every=50), seed=7, log=lines.append)
+        runs.append((model, losses))
+    assert runs[0][1] == runs[1][1]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][0].parameters(), runs[1][0].parameters()))
+    assert lines[0] == "[1,    50] loss: %.3f" % runs[0][1][0][2]
+    assert runs[0][1][-1][2] < runs[0][1][0][2]
+
+
+def test_weights_round_trip_without_pickle(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    save_weights(model, [(1, 2000, 2.2)], tmp_path / "w.npz")
+    restored = Net()
+    assert load_weights(restored, tmp_path / "w.npz") == [(1, 2000, 2.2)]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), restored.state_dict().values()))
+    assert load_weights(Net(), tmp_path / "missing.npz") is None
+
+
+def test_accuracy_is_a_percentage():
+    assert accuracy(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 0, 0])) == 50.0
