@@ -6,10 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from intq.capture import capture, run_float
-from intq.convert import observed_tensors
+from intq.capture import capture
+from intq.convert import collect_statistics
 from intq.models import Net, NetWithBias
-from intq.observers import TensorObserver
 
 
 def make_pixels(count: int, seed: int = 0) -> torch.Tensor:
@@ -21,10 +20,7 @@ def calibrated(model: torch.nn.Module, pixels: torch.Tensor):
     """(graph, stats) of `model` observed on `pixels`."""
     images = (pixels.float() / 255 - 0.5) / 0.5
     graph = capture(model, images[:2])
-    observers = {name: TensorObserver() for name in observed_tensors(graph).values()}
-    with torch.no_grad():
-        run_float(graph, images, lambda name, value: observers[name].update(value) if name in observers else None)
-    return graph, {name: o.stats() for name, o in observers.items()}
+    return graph, collect_statistics(graph, [images])
 
 
 @pytest.fixture(scope="session")

@@ -5,15 +5,17 @@ fixed-point multiplier per output channel, and a proof that its accumulator fits
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import numpy as np
 import torch
 
-from intq.capture import WEIGHTED, Conv2d, Flatten, Graph, Identity, Linear, MaxPool2d, Node, ReLU
+from intq.capture import WEIGHTED, Conv2d, Flatten, Graph, Identity, MaxPool2d, Node, ReLU, run_float
 from intq.config import ActivationConfig, QConfig, WeightConfig
 from intq.fixed_point import quantize_multiplier, quantize_multipliers
 from intq.integer_model import InputSpec, IntegerModel, QFlatten, QLayer, QMaxPool, QReLU
-from intq.observers import TensorStats, observe
-from intq.qparams import INT32, IntType, QParams, Scheme, choose_qparams, quantize, round_half_away_from_zero
+from intq.observers import TensorObserver, TensorStats, observe
+from intq.qparams import IntType, QParams, Scheme, choose_qparams, quantize, round_half_away_from_zero
 
 INT32_LIMIT = 2**31 - 1
 PIXEL_INPUT = QParams(np.array(1.0 / 255.0), np.array(0, np.int64), IntType(9, True))  # x = 2p - 255
@@ -52,6 +54,21 @@ def observed_tensors(graph: Graph) -> dict[str, str]:
         relu = fused_relu(graph, node)
         names[node.name] = quant_point(graph, relu.name if relu else node.name)
     return names
+
+
+def collect_statistics(graph: Graph, batches: Iterable[torch.Tensor]) -> dict[str, TensorStats]:
+    """One streaming pass of the float graph over `batches` (normalised float images), observing
+    the input and every layer's quantization point: the statistics `convert` needs."""
+    observers = {name: TensorObserver() for name in observed_tensors(graph).values()}
+
+    def visit(name: str, value: torch.Tensor) -> None:
+        if name in observers:
+            observers[name].update(value)
+
+    with torch.no_grad():
+        for batch in batches:
+            run_float(graph, batch, visit)
+    return {name: observer.stats() for name, observer in observers.items()}
 
 
 def weight_qparams(weight: torch.Tensor, config: WeightConfig) -> QParams:
@@ -121,9 +138,11 @@ def convert_layer(node: Node, input_qp: QParams, output_qp: QParams, relu: bool,
     """One Conv2d/Linear -> QLayer: integer weights and bias, multipliers, overflow proof."""
     _check_weight(node)
     op = node.op
-    weight_qp = weight_qparams(op.weight, config.weights)
-    weight_q = _storage(quantize(op.weight, weight_qp), weight_qp.dtype)
-    bias_q = quantized_bias(op.bias, input_qp, weight_qp, node.name)
+    weight = op.weight.detach().cpu()  # conversion is offline; the IntegerModel holds numpy arrays
+    weight_qp = weight_qparams(weight, config.weights)
+    weight_q = _storage(quantize(weight, weight_qp), weight_qp.dtype)
+    bias = None if op.bias is None else op.bias.detach().cpu()
+    bias_q = quantized_bias(bias, input_qp, weight_qp, node.name)
     channels = op.weight.shape[0]
     multipliers = float(input_qp.scale) * np.broadcast_to(weight_qp.scale, (channels,)) / float(output_qp.scale)
     mantissa, shift = quantize_multipliers(multipliers)

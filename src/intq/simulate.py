@@ -43,7 +43,7 @@ def simulate_layer(layer: QLayer, x: torch.Tensor) -> torch.Tensor:
     (relative error <= 2^-31) and the exact M = s_x s_w / s_y may round apart.
     """
     real_x = dequantize(x, layer.input_qparams, torch.float64)
-    weight, bias = _real_weight_and_bias(layer)
+    weight, bias = (None if t is None else t.to(x.device) for t in _real_weight_and_bias(layer))
     if layer.kind == "conv2d":
         g = layer.geometry
         real_y = F.conv2d(real_x, weight, bias, g["stride"], g["padding"], g["dilation"], g["groups"])

@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from intq import integer_model
+from intq import __version__, integer_model
 from intq.capture import Graph, capture, run_float
 from intq.config import PRESETS, QConfig
-from intq.convert import convert, observed_tensors
+from intq.convert import collect_statistics, convert, observed_tensors
 from intq.data import load_cifar10, normalize
 from intq.files import atomic_write_text, ensure_writable_dir
 from intq.executors.reference import run_integer
 from intq.integer_model import IntegerModel, QLayer
 from intq.models import INPUT_SHAPE, MODELS
-from intq.observers import TensorObserver, TensorStats
+from intq.observers import TensorStats
 from intq.qparams import QParams
 from intq.simulate import fake_quant_weights, layer_agreement
 from intq.train import Recipe, accuracy, load_weights, predict, save_weights, train, weights_key
@@ -88,18 +88,10 @@ def calibration_indices(count: int, samples: int | None, seed: int) -> torch.Ten
 
 
 def calibrate(graph: Graph, images: torch.Tensor, device: str) -> dict[str, TensorStats]:
-    """One streaming pass: observers on the input and every layer's quantization point."""
-    names = set(observed_tensors(graph).values())
-    observers = {name: TensorObserver() for name in names}
-
-    def visit(name: str, value: torch.Tensor) -> None:
-        if name in observers:
-            observers[name].update(value)
-
-    with torch.no_grad():
-        for start in range(0, len(images), CALIBRATION_BATCH):
-            run_float(graph, normalize(images[start : start + CALIBRATION_BATCH]).to(device), visit)
-    return {name: observer.stats() for name, observer in observers.items()}
+    """One streaming pass over uint8 `images`, normalised batch by batch (collect_statistics)."""
+    batches = (normalize(images[start : start + CALIBRATION_BATCH]).to(device)
+               for start in range(0, len(images), CALIBRATION_BATCH))
+    return collect_statistics(graph, batches)
 
 
 def representable_range(qparams: QParams, relu: bool = False) -> list[float]:
@@ -270,7 +262,7 @@ def assemble(parts: dict[str, dict], options: StudyOptions, source: str, timings
     phases = ("train", "calibrate", "evaluate")
     timings = {**timings, **{phase: max(p["timings_s"].get(phase, 0.0) for p in parts.values()) for phase in phases}}
     return {
-        "intq_version": "0.1.0",
+        "intq_version": __version__,
         "config": {"seed": options.seed, "device": options.device, "data_source": source,
                    "machine": machine_description(),
                    "calib_samples": {p.name: p.calibration_samples or "all" for p in PRESETS.values()}

@@ -105,7 +105,7 @@ def predict(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tenso
 
 def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
     """Percentage of correct predictions: 100 * mean(predicted == labels)."""
-    return 100.0 * float((predicted.cpu() == labels.cpu()).double().mean())
+    return round(100.0 * float((predicted.cpu() == labels.cpu()).double().mean()), 6)
 
 
 def weights_key(model_name: str, recipe: Recipe, seed: int, data_fingerprint: str) -> str:

@@ -1,0 +1,17 @@
+"""intq: post-training quantization of PyTorch CNNs to integer-only inference.
+
+    graph = capture(model, example)                      # torch.fx -> supported ops, BN folded
+    stats = collect_statistics(graph, float_batches)     # one streaming pass
+    model_q = convert(graph, stats, RECOMMENDED)         # IntegerModel: int8/int32 + multipliers
+    logits = run_integer(model_q, uint8_pixels)          # exact integer reference executor
+    save(model_q, "model.npz"); load("model.npz")        # numpy .npz, no pickle
+"""
+from intq.capture import capture
+from intq.config import RECOMMENDED, STUDY, QConfig
+from intq.convert import collect_statistics, convert
+from intq.executors.reference import run_integer
+from intq.integer_model import IntegerModel, load, save
+
+__all__ = ["capture", "collect_statistics", "convert", "run_integer", "save", "load", "IntegerModel", "QConfig",
+           "RECOMMENDED", "STUDY"]
+__version__ = "0.1.0"
