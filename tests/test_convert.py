@@ -97,3 +97,18 @@ def test_loading_a_file_that_is_not_a_model_names_it(tmp_path):
     np.savez(path, x=np.zeros(3))
     with pytest.raises(integer_model.ModelFileError, match="other.npz"):
         integer_model.load(path)
+
+
+@pytest.mark.parametrize("bits, packed_bytes", [(4, 24_000), (2, 12_000)])
+def test_sub_byte_weights_are_packed_and_round_trip(tmp_path, pixels, bits, packed_bytes):
+    from dataclasses import replace
+
+    graph, stats = calibrated(Net(), pixels)
+    model = convert(graph, stats, replace(RECOMMENDED, weights=replace(RECOMMENDED.weights, bits=bits)))
+    path = tmp_path / "small.npz"
+    integer_model.save(model, path)
+    with np.load(path, allow_pickle=False) as archive:
+        assert archive["fc1.weight"].dtype == np.uint8 and archive["fc1.weight"].size == packed_bytes
+    loaded = integer_model.load(path)
+    assert np.array_equal(loaded.layer("fc1").weight, model.layer("fc1").weight)
+    assert torch.equal(run_integer(loaded, pixels), run_integer(model, pixels))

@@ -49,7 +49,7 @@ def test_results_rows_cover_every_stage_and_preset(first_run):
 def test_integer_models_load_without_pickle(first_run):
     with np.load(first_run[0] / "Net-recommended.npz", allow_pickle=False) as archive:
         assert archive["conv1.weight"].dtype == np.int8
-        assert json.loads(str(archive["__meta__"]))["metadata"]["preset"] == "recommended"
+        assert json.loads(archive["__meta__"].tobytes())["metadata"]["preset"] == "recommended"
 
 
 def test_same_seed_gives_identical_rows_and_the_cache_skips_training(first_run, image_folder, tmp_path):

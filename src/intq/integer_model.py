@@ -1,8 +1,10 @@
 """The IntegerModel: everything integer-only inference needs, as plain arrays and JSON.
 
-Saved as one `.npz` that `numpy.load(allow_pickle=False)` reads: integer arrays under
-`<layer>.<field>` keys (weights int8/uint8, biases int32, mantissas and shifts int32, scales
-float64 for reporting) and the rest of the structure as a JSON string under `__meta__`.
+Saved as one compressed `.npz` that `numpy.load(allow_pickle=False)` reads: integer arrays under
+`<layer>.<field>` keys (weights int8, or uint8 with 2-4-bit weights packed; biases and
+mantissas int32, shifts int8) and the rest, scales and zero points included, as a JSON string under
+`__meta__` (UTF-8 bytes; a float64 scale round-trips exactly through JSON; few archive members
+keep the file small).
 """
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from intq.files import atomic_write
+from intq.packing import field_bits, pack_signed, unpack_signed
 from intq.qparams import IntType, QParams
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(eq=False)
@@ -103,27 +106,46 @@ class IntegerModel:
         return self.quantized_layers()[-1].output_qparams
 
 
-def _qparams_meta(qp: QParams, key: str, arrays: dict) -> dict:
-    arrays[f"{key}.scale"] = np.asarray(qp.scale, np.float64)
-    arrays[f"{key}.zero_point"] = np.asarray(qp.zero_point, np.int64)
-    return {"bits": qp.dtype.bits, "signed": qp.dtype.signed, "axis": qp.axis}
+def _qparams_meta(qp: QParams) -> dict:
+    """QParams as JSON: float64 scales round-trip exactly through Python's float repr."""
+    return {"bits": qp.dtype.bits, "signed": qp.dtype.signed, "axis": qp.axis,
+            "scale": np.asarray(qp.scale, np.float64).tolist(), "zero_point": np.asarray(qp.zero_point).tolist()}
 
 
-def _qparams_from(meta: dict, key: str, arrays) -> QParams:
-    return QParams(np.asarray(arrays[f"{key}.scale"]), np.asarray(arrays[f"{key}.zero_point"]),
+def _qparams_from(meta: dict) -> QParams:
+    return QParams(np.asarray(meta["scale"], np.float64), np.asarray(meta["zero_point"], np.int64),
                    IntType(meta["bits"], meta["signed"]), meta["axis"])
+
+
+def _store_weight(layer: "QLayer", arrays: dict) -> dict:
+    """int8 weights as they are; 2- to 4-bit weights packed into uint8 (packing.py)."""
+    bits = layer.weight_qparams.dtype.bits
+    if field_bits(bits) == 8:
+        arrays[f"{layer.name}.weight"] = layer.weight.astype(np.int8)
+        return {"weight_shape": list(layer.weight.shape), "weight_packed": False}
+    arrays[f"{layer.name}.weight"] = pack_signed(layer.weight, bits)
+    return {"weight_shape": list(layer.weight.shape), "weight_packed": True}
+
+
+def _load_weight(meta: dict, arrays) -> np.ndarray:
+    stored = arrays[f"{meta['name']}.weight"]
+    if not meta["weight_packed"]:
+        return stored
+    return unpack_signed(stored, meta["weight_qparams"]["bits"], tuple(meta["weight_shape"]))
 
 
 def _layer_meta(op: IntegerOp, arrays: dict) -> dict:
     meta = {"name": op.name, "inputs": list(op.inputs), "type": type(op).__name__}
     if isinstance(op, QLayer):
-        for key in ("weight", "mantissa", "shift") + (("bias",) if op.bias is not None else ()):
-            arrays[f"{op.name}.{key}"] = getattr(op, key)
+        arrays[f"{op.name}.mantissa"] = op.mantissa.astype(np.int32)
+        arrays[f"{op.name}.shift"] = op.shift.astype(np.int8)  # n in [-30, 31] (fixed_point.py)
+        if op.bias is not None:
+            arrays[f"{op.name}.bias"] = op.bias.astype(np.int32)
         meta.update(kind=op.kind, relu=op.relu, geometry=op.geometry, has_bias=op.bias is not None,
-                    accumulator_bound=int(op.accumulator_bound),
-                    weight_qparams=_qparams_meta(op.weight_qparams, f"{op.name}.weight_qparams", arrays),
-                    input_qparams=_qparams_meta(op.input_qparams, f"{op.name}.input_qparams", arrays),
-                    output_qparams=_qparams_meta(op.output_qparams, f"{op.name}.output_qparams", arrays))
+                    accumulator_bound=int(op.accumulator_bound), **_store_weight(op, arrays),
+                    weight_qparams=_qparams_meta(op.weight_qparams),
+                    input_qparams=_qparams_meta(op.input_qparams),
+                    output_qparams=_qparams_meta(op.output_qparams))
     elif isinstance(op, QMaxPool):
         meta.update(kernel_size=op.kernel_size, stride=op.stride, padding=op.padding)
     elif isinstance(op, QReLU):
@@ -140,12 +162,10 @@ def _layer_from(meta: dict, arrays) -> IntegerOp:
     if meta["type"] == "QReLU":
         return QReLU(name, inputs, meta["zero_point"])
     return QLayer(
-        name, meta["kind"], inputs, arrays[f"{name}.weight"],
-        _qparams_from(meta["weight_qparams"], f"{name}.weight_qparams", arrays),
+        name, meta["kind"], inputs, _load_weight(meta, arrays), _qparams_from(meta["weight_qparams"]),
         arrays[f"{name}.bias"] if meta["has_bias"] else None,
-        _qparams_from(meta["input_qparams"], f"{name}.input_qparams", arrays),
-        _qparams_from(meta["output_qparams"], f"{name}.output_qparams", arrays),
-        arrays[f"{name}.mantissa"], arrays[f"{name}.shift"], meta["relu"], meta["geometry"],
+        _qparams_from(meta["input_qparams"]), _qparams_from(meta["output_qparams"]),
+        arrays[f"{name}.mantissa"], arrays[f"{name}.shift"].astype(np.int32), meta["relu"], meta["geometry"],
         meta["accumulator_bound"])
 
 
@@ -155,11 +175,11 @@ def to_arrays(model: IntegerModel) -> dict[str, np.ndarray]:
     meta = {
         "format": "intq.IntegerModel", "version": FORMAT_VERSION,
         "input_name": model.input_name, "output_name": model.output_name, "metadata": model.metadata,
-        "input": {"qparams": _qparams_meta(model.input.qparams, "__input__.qparams", arrays),
+        "input": {"qparams": _qparams_meta(model.input.qparams),
                   "mantissa": model.input.mantissa, "shift": model.input.shift},
         "layers": [_layer_meta(op, arrays) for op in model.layers],
     }
-    arrays["__meta__"] = np.array(json.dumps(meta))
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta, separators=(",", ":")).encode(), np.uint8)  # UTF-8
     return arrays
 
 
@@ -181,12 +201,12 @@ def load(path: str | Path) -> IntegerModel:
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
-        meta = json.loads(str(arrays["__meta__"]))
+        meta = json.loads(arrays["__meta__"].tobytes().decode())
     except (OSError, ValueError, KeyError) as err:
         raise ModelFileError(f"{path}: not an intq integer model ({err})") from None
     if meta.get("format") != "intq.IntegerModel" or meta.get("version") != FORMAT_VERSION:
         raise ModelFileError(f"{path}: unsupported model format {meta.get('format')} v{meta.get('version')}")
     spec = meta["input"]
-    input_spec = InputSpec(_qparams_from(spec["qparams"], "__input__.qparams", arrays), spec["mantissa"], spec["shift"])
+    input_spec = InputSpec(_qparams_from(spec["qparams"]), spec["mantissa"], spec["shift"])
     layers = [_layer_from(m, arrays) for m in meta["layers"]]
     return IntegerModel(meta["input_name"], input_spec, layers, meta["output_name"], meta["metadata"])
