@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from intq.calibration import MSE, MinMax, NSigma, Percentile, parse_range_method
+from intq.calibration import MSE, Entropy, MinMax, NSigma, Percentile, parse_range_method
 from intq.observers import observe
 from intq.qparams import INT8, UINT8, IntType, Scheme, choose_qparams, dequantize, quantize
 
@@ -98,7 +98,7 @@ def test_mse_on_post_relu_data_ignores_the_spike_at_zero():
 
 
 @pytest.mark.parametrize("text, expected", [("minmax", MinMax()), ("nsigma(2.5)", NSigma(2.5)),
-                                            ("percentile(99.9)", Percentile(99.9)), ("mse", MSE()), ("nsigma", NSigma())])
+                                            ("percentile(99.9)", Percentile(99.9)), ("mse", MSE()), ("nsigma", NSigma()), ("entropy", Entropy())])
 def test_parse_range_method(text, expected):
     assert parse_range_method(text) == expected
 
@@ -106,3 +106,27 @@ def test_parse_range_method(text, expected):
 def test_parse_range_method_names_the_bad_method():
     with pytest.raises(ValueError, match="kl"):
         parse_range_method("kl")
+
+
+def test_entropy_keeps_the_whole_range_of_uniform_data():
+    torch.manual_seed(0)
+    stats = observe(torch.rand(500_000) * 2 - 1)
+    lo, hi = Entropy().range(stats, INT8, Scheme.SYMMETRIC)
+    assert hi == pytest.approx(1.0, rel=0.02) and lo == -hi
+
+
+def test_entropy_clips_heavy_tails_but_not_below_the_bulk():
+    """KL calibration keeps Gaussian data (beyond 3.5 sigma) and clips a Laplace's long tail."""
+    torch.manual_seed(0)
+    gaussian = torch.randn(1_000_000)
+    assert 3.5 < Entropy().range(observe(gaussian), INT8, Scheme.SYMMETRIC)[1] <= float(gaussian.abs().max())
+    laplace = torch.distributions.Laplace(0.0, 1.0).sample((1_000_000,))
+    hi = Entropy().range(observe(laplace), INT8, Scheme.SYMMETRIC)[1]
+    assert 5.0 < hi < 0.9 * float(laplace.abs().max())
+
+
+def test_entropy_ignores_outliers_and_the_post_relu_spike():
+    torch.manual_seed(0)
+    x = torch.relu(torch.cat([torch.randn(500_000), torch.tensor([80.0])]))
+    lo, hi = Entropy().range(observe(x), UINT8, Scheme.ASYMMETRIC)
+    assert lo == 0.0 and 3.0 < hi < 10.0

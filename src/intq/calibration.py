@@ -80,18 +80,109 @@ class MSE:
         edges, counts = stats.occupied()
         centres = (edges[:-1] + edges[1:]) / 2  # (B,)
         counts = _without_exact_zeros(counts, edges, stats.zeros)
+        centres, counts = centres[counts > 0], counts[counts > 0]  # empty bins add no error
         factors = np.concatenate([np.arange(1, self.candidates + 1) / self.candidates,
                                   np.geomspace(1e-3, 1.0, 100)])  # (K,)
         lo, hi = _candidate_ranges(stats, factors, scheme)
         low_code, high_code, step = _representable(lo, hi, dtype, scheme)
-        clipped = np.clip(centres[None, :], low_code[:, None], high_code[:, None])  # (K, B)
-        inside = clipped == centres[None, :]
-        error = np.where(inside, step[:, None] ** 2 / 12.0, (centres[None, :] - clipped) ** 2)
-        best = int(np.argmin(error @ counts))
+        positive, negative = centres > 0, centres < 0
+        outside = (_clipping_error(centres[positive], counts[positive], high_code)
+                   + _clipping_error(-centres[negative], counts[negative], -low_code))
+        clipped = _count_beyond(centres[positive], counts[positive], high_code) + \
+            _count_beyond(-centres[negative], counts[negative], -low_code)
+        error = outside + (counts.sum() - clipped) * step**2 / 12.0
+        best = int(np.argmin(error))
         return float(lo[best]), float(hi[best])
 
     def __str__(self) -> str:
         return "mse"
+
+
+@dataclass(frozen=True)
+class Entropy:
+    """The clip threshold T minimising KL(P || Q), as TensorRT calibrates (Migacz, GTC 2017).
+
+    On the histogram of |x| (one-sided data: of x) with bins 0..B-1, for each candidate T = i bins:
+    P = counts[:i] with every count beyond T added to bin i-1 (clipped values saturate);
+    Q = P merged into L = number of codes on that side (2^(b-1) signed, 2^b unsigned) equal groups,
+    each group's mass spread evenly over its non-empty bins;  KL(P || Q) = sum P log(P / Q) over
+    P > 0 (eq. 16). Symmetric data gives [-T, T]; one-sided data [0, T]. Exact zeros are excluded.
+    """
+
+    candidates: int = 256
+
+    def range(self, stats: TensorStats, dtype: IntType, scheme: Scheme) -> tuple[float, float]:
+        one_sided = stats.min >= 0
+        counts, width = _magnitude_histogram(stats, one_sided)
+        levels = _levels_per_side(dtype, one_sided)
+        if counts.size <= levels:
+            threshold = counts.size * width
+        else:
+            steps = np.unique(np.linspace(levels, counts.size, self.candidates).astype(int))
+            divergences = [_kl_divergence(counts, int(i), levels) for i in steps]
+            threshold = int(steps[int(np.argmin(divergences))]) * width
+        threshold = min(threshold, max(abs(stats.min), abs(stats.max)))
+        return (0.0, threshold) if one_sided else (-threshold, threshold)
+
+    def __str__(self) -> str:
+        return "entropy"
+
+
+def _magnitude_histogram(stats: TensorStats, one_sided: bool) -> tuple[np.ndarray, float]:
+    """Counts of |x| per bin [k w, (k+1) w) up to the last occupied bin, exact zeros removed."""
+    half = stats.counts.size // 2
+    positive = stats.counts[half:].astype(np.float64)
+    if not one_sided:
+        positive = positive + stats.counts[:half][::-1]  # bin [-(k+1)w, -kw) mirrors [kw, (k+1)w)
+    positive[0] = max(positive[0] - stats.zeros, 0.0)
+    occupied = np.flatnonzero(positive)
+    last = occupied[-1] + 1 if occupied.size else 1
+    return positive[:last], stats.bin_width
+
+
+def _levels_per_side(dtype: IntType, one_sided: bool) -> int:
+    """Codes available on [0, T]: 2^(b-1) for signed types, 2^b (one-sided) or 2^(b-1) unsigned."""
+    if dtype.signed or not one_sided:
+        return (dtype.qmax - dtype.qmin + 1) // 2
+    return dtype.qmax - dtype.qmin + 1
+
+
+def _kl_divergence(counts: np.ndarray, bins: int, levels: int) -> float:
+    """KL(P || Q) of the first `bins` bins (tail folded into the last) against L-level Q (eq. 16)."""
+    source = counts[:bins]
+    reference = source.copy()
+    reference[-1] += counts[bins:].sum()
+    starts = np.linspace(0, bins, levels + 1).astype(int)[:-1]  # group i = bins [starts[i], starts[i+1])
+    sizes = np.diff(np.append(starts, bins))
+    occupied = source > 0
+    mass = np.add.reduceat(source, starts)
+    nonzero = np.add.reduceat(occupied.astype(np.float64), starts)
+    per_bin = np.divide(mass, nonzero, out=np.zeros_like(mass), where=nonzero > 0)
+    expanded = np.repeat(per_bin, sizes) * occupied
+    p = reference / reference.sum()
+    q = expanded / max(expanded.sum(), 1e-300)
+    mask = p > 0
+    q = np.where(mask & (q == 0), 1e-12, q)  # TensorRT smooths empty Q bins the same way
+    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+
+
+def _suffix_sums(values: np.ndarray, counts: np.ndarray, thresholds: np.ndarray):
+    """For each threshold t: sums over values > t of n, n*v and n*v^2 (values >= 0, any order)."""
+    order = np.argsort(values)
+    v, n = values[order], counts[order]
+    cumulative = [np.concatenate([[0.0], np.cumsum((n * v**k)[::-1])])[::-1] for k in range(3)]
+    start = np.searchsorted(v, thresholds, side="right")  # first value beyond t
+    return [c[start] for c in cumulative]
+
+
+def _clipping_error(values: np.ndarray, counts: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """sum over values v > t of n (v - t)^2 = S2 - 2 t S1 + t^2 S0, for every threshold t."""
+    s0, s1, s2 = _suffix_sums(values, counts, thresholds)
+    return np.maximum(s2 - 2 * thresholds * s1 + thresholds**2 * s0, 0.0)
+
+
+def _count_beyond(values: np.ndarray, counts: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    return _suffix_sums(values, counts, thresholds)[0]
 
 
 def _without_exact_zeros(counts: np.ndarray, edges: np.ndarray, zeros: int) -> np.ndarray:
@@ -127,11 +218,11 @@ def _representable(lo: np.ndarray, hi: np.ndarray, dtype: IntType, scheme: Schem
     return lo, hi, step
 
 
-RANGE_METHODS = {"minmax": MinMax, "nsigma": NSigma, "percentile": Percentile, "mse": MSE}
+RANGE_METHODS = {"minmax": MinMax, "nsigma": NSigma, "percentile": Percentile, "mse": MSE, "entropy": Entropy}
 
 
 def parse_range_method(text: str):
-    """'minmax' | 'nsigma' | 'nsigma(3)' | 'percentile(99.9)' | 'mse' -> a range method."""
+    """'minmax' | 'nsigma' | 'nsigma(3)' | 'percentile(99.9)' | 'mse' | 'entropy' -> a range method."""
     name, _, arg = text.strip().partition("(")
     if name not in RANGE_METHODS:
         raise ValueError(f"unknown range method {text!r}; choose from {', '.join(RANGE_METHODS)}")

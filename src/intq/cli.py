@@ -1,4 +1,5 @@
-"""Command line: `intq run` (the CIFAR-10 study). The only module that reads argv or the environment."""
+"""Command line: `intq run` (the CIFAR-10 study), `intq sweep`, `intq sensitivity`. The only module
+that reads argv or the environment."""
 from __future__ import annotations
 
 import argparse
@@ -12,9 +13,13 @@ from intq.data import DataError
 from intq.executors.reference import ExecutionError
 from intq.files import OutputError
 from intq.integer_model import ModelFileError
+from intq.calibration import parse_range_method
+from intq.sensitivity import SensitivityOptions, run_sensitivity
 from intq.study import StudyError, StudyOptions, run_study
+from intq.sweep import ACTIVATION_BITS, METHODS, WEIGHT_BITS, SweepError, SweepOptions, run_sweep
 
-USER_ERRORS = (DataError, CaptureError, ConversionError, ExecutionError, OutputError, ModelFileError, StudyError)
+USER_ERRORS = (DataError, CaptureError, ConversionError, ExecutionError, OutputError, ModelFileError, StudyError,
+               SweepError, argparse.ArgumentTypeError)
 
 
 def _add_run(commands) -> None:
@@ -23,18 +28,84 @@ def _add_run(commands) -> None:
         description="Train the study's Net and NetWithBias (or load them from the cache), quantize them "
         "under the 'study' and 'recommended' presets, evaluate every stage on the 10,000 test images "
         "and write results.json, report.html/report.md, PNG plots and each integer model (.npz).")
-    run.add_argument("--data", metavar="DIR", default=os.environ.get("INTQ_DATA"),
-                     help="CIFAR-10: a cifar-10-batches-py folder, its .tar.gz, or an image folder "
-                     "train|test/<class>/*.jpg|png (default: $INTQ_DATA, else ./data)")
+    _add_common(run)
     run.add_argument("--out", metavar="DIR", type=Path, default=Path("runs/study"),
                      help="output folder (default: runs/study)")
-    run.add_argument("--seed", type=int, default=0, help="seed of weights, shuffling and calibration subsets (default: 0)")
     run.add_argument("--calib-samples", type=int, metavar="N", default=None,
                      help="training images that calibrate the recommended preset (default: all 50,000; "
                      "the study preset keeps the study's 400)")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where tensors run (default: cpu)")
-    run.add_argument("--cache", metavar="DIR", type=Path, default=Path(os.environ.get("INTQ_CACHE", ".cache/intq")),
-                     help="decoded data and trained weights (default: $INTQ_CACHE, else .cache/intq)")
+
+
+def _words(values: list[str]) -> tuple[str, ...]:
+    """Space- or comma-separated values: ['mse,entropy', 'minmax'] -> ('mse', 'entropy', 'minmax')."""
+    return tuple(word for value in values for word in value.split(",") if word)
+
+
+def _bit_widths(values: list[str]) -> tuple[int, ...]:
+    try:
+        return tuple(int(word) for word in _words(values))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bit widths must be integers, got {' '.join(values)}") from None
+
+
+def _layer_bits(text: str | None) -> tuple[tuple[str, int], ...]:
+    """'conv1=8,fc3=8' -> (('conv1', 8), ('fc3', 8))."""
+    pairs = []
+    for item in _words([text or ""]):
+        name, _, bits = item.partition("=")
+        if not bits.isdigit():
+            raise argparse.ArgumentTypeError(f"--layer-bits: expected LAYER=BITS, got {item!r}")
+        pairs.append((name, int(bits)))
+    return tuple(pairs)
+
+
+def _add_common(command) -> None:
+    command.add_argument("--data", metavar="DIR", default=os.environ.get("INTQ_DATA"),
+                         help="CIFAR-10: a cifar-10-batches-py folder, its .tar.gz, or an image folder "
+                         "train|test/<class>/*.jpg|png (default: $INTQ_DATA, else ./data)")
+    command.add_argument("--seed", type=int, default=0, help="seed of weights, shuffling and calibration subsets (default: 0)")
+    command.add_argument("--cache", metavar="DIR", type=Path, default=Path(os.environ.get("INTQ_CACHE", ".cache/intq")),
+                         help="decoded data and trained weights (default: $INTQ_CACHE, else .cache/intq)")
+
+
+def _add_sweep(commands) -> None:
+    sweep = commands.add_parser(
+        "sweep", help="evaluate every range method x granularity x weight bits x activation bits",
+        description="Train (or load from the cache) one of the study's models, calibrate it once, then "
+        "convert and evaluate every combination integer-only on the test set. Writes sweep.json, "
+        "sweep.html/sweep.md and sweep.png. Lists take spaces or commas.")
+    _add_common(sweep)
+    sweep.add_argument("--model", choices=("Net", "NetWithBias"), default="Net", help="the study model (default: Net)")
+    sweep.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
+                       help="range methods: minmax nsigma nsigma(K) percentile percentile(P) mse entropy (default: all five)")
+    sweep.add_argument("--wbits", nargs="+", default=[str(b) for b in WEIGHT_BITS], metavar="B", help="weight bit widths, 2..8 (default: 8 6 4 3 2)")
+    sweep.add_argument("--abits", nargs="+", default=[str(b) for b in ACTIVATION_BITS], metavar="B", help="activation bit widths, 2..8 (default: 8 6 4)")
+    sweep.add_argument("--granularity", nargs="+", default=["per-channel"], metavar="G",
+                       help="weight granularity: per-channel per-tensor (default: per-channel)")
+    sweep.add_argument("--layer-bits", metavar="LAYER=B,...", default=None,
+                       help="mixed precision: weight bits per layer that override --wbits, e.g. conv1=8,fc3=8")
+    sweep.add_argument("--calib-samples", type=int, metavar="N", default=10_000,
+                       help="training images in the one calibration pass (default: 10000)")
+    sweep.add_argument("--out", metavar="DIR", type=Path, default=Path("runs/sweep"), help="output folder (default: runs/sweep)")
+
+
+def _add_sensitivity(commands) -> None:
+    command = commands.add_parser(
+        "sensitivity", help="per-layer sensitivity at a low weight bit width, and greedy mixed precision",
+        description="Integer-only accuracy with only one layer at --bits (others 8-bit) and with all but one "
+        "layer at --bits, ranked; then lower layers one step at a time (8, 6, 4, 3, 2 bits) while validation "
+        "accuracy stays within --max-drop points of 8-bit. Writes sensitivity.json, sensitivity.html/.md, "
+        "sensitivity.png and the chosen mixed-precision model (.npz).")
+    _add_common(command)
+    command.add_argument("--model", choices=("Net", "NetWithBias"), default="Net", help="the study model (default: Net)")
+    command.add_argument("--bits", type=int, default=2, help="the low weight bit width to probe, 2..8 (default: 2)")
+    command.add_argument("--abits", type=int, default=8, help="activation bits (default: 8)")
+    command.add_argument("--method", default="mse", help="range method (default: mse)")
+    command.add_argument("--max-drop", type=float, default=1.0,
+                         help="greedy search: largest validation accuracy loss vs 8-bit, in points (default: 1.0)")
+    command.add_argument("--out", metavar="DIR", type=Path, default=Path("runs/sensitivity"),
+                         help="output folder (default: runs/sensitivity)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -42,6 +113,8 @@ def parser() -> argparse.ArgumentParser:
         prog="intq", description="Post-training quantization of PyTorch CNNs to integer-only inference.")
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(commands)
+    _add_sweep(commands)
+    _add_sensitivity(commands)
     return root
 
 
@@ -55,10 +128,37 @@ def _run(args: argparse.Namespace) -> None:
     print(f"  total {results['timings_s']['total']:.1f} s")
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    options = SweepOptions(args.model, args.data, args.out, args.cache, args.seed, args.calib_samples,
+                           _words(args.methods), _bit_widths(args.wbits), _bit_widths(args.abits),
+                           _words(args.granularity), _layer_bits(args.layer_bits))
+    results = run_sweep(options)
+    print(f"\n{len(results['rows'])} cells written to {args.out}/ (sweep.json, sweep.html, sweep.md, sweep.png); "
+          f"float {results['float_accuracy']:.2f}%")
+
+
+def _sensitivity(args: argparse.Namespace) -> None:
+    if not 2 <= args.bits <= 8 or not 2 <= args.abits <= 8:
+        raise argparse.ArgumentTypeError(f"--bits/--abits must be 2..8, got {args.bits}/{args.abits}")
+    try:
+        parse_range_method(args.method)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--method: {err}") from None
+    options = SensitivityOptions(args.model, args.data, args.out, args.cache, args.seed, args.bits, args.abits,
+                                 args.method, args.max_drop)
+    results = run_sensitivity(options)
+    mixed = results["mixed"]
+    print(f"\nmixed precision {mixed['layer_bits']}: {mixed['weight_bytes'] / 1000:.1f} KB of weights; "
+          f"test accuracy {results['test_accuracy']}")
+
+
+COMMANDS = {"run": _run, "sweep": _sweep, "sensitivity": _sensitivity}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        _run(args)
+        COMMANDS[args.command](args)
     except USER_ERRORS as err:
         print(f"intq: error: {err}", file=sys.stderr)
         return 2

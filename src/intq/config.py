@@ -5,7 +5,7 @@ observers, range methods, conversion and executors.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from intq.calibration import MSE, MinMax, NSigma, Percentile
 from intq.qparams import Scheme
@@ -19,6 +19,11 @@ class WeightConfig:
     scheme: Scheme
     per_channel: bool
     bits: int = 8
+    layer_bits: tuple[tuple[str, int], ...] = ()  # mixed precision: (layer name, bits) overrides
+
+    def for_layer(self, name: str) -> "WeightConfig":
+        """This config with the layer's own bit width, when `layer_bits` names it."""
+        return replace(self, bits=dict(self.layer_bits).get(name, self.bits), layer_bits=())
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,8 @@ def convert_layer(node: Node, input_qp: QParams, output_qp: QParams, relu: bool,
     _check_weight(node)
     op = node.op
     weight = op.weight.detach().cpu()  # conversion is offline; the IntegerModel holds numpy arrays
-    weight_qp = weight_qparams(weight, config.weights)
+    weights_config = config.weights.for_layer(node.name)
+    weight_qp = weight_qparams(weight, weights_config)
     weight_q = _storage(quantize(weight, weight_qp), weight_qp.dtype)
     bias = None if op.bias is None else op.bias.detach().cpu()
     bias_q = quantized_bias(bias, input_qp, weight_qp, node.name)
@@ -149,7 +150,7 @@ def convert_layer(node: Node, input_qp: QParams, output_qp: QParams, relu: bool,
     bound = accumulator_bound(weight_q, bias_q, input_qp)
     if bound > INT32_LIMIT:
         raise ConversionError(f"layer {node.name!r}: worst-case accumulator {bound} exceeds int32 "
-                              f"({config.weights.bits}-bit weights, fan-in {op.weight[0].numel()})")
+                              f"({weights_config.bits}-bit weights, fan-in {op.weight[0].numel()})")
     geometry = {}
     if isinstance(op, Conv2d):
         geometry = {"stride": list(op.stride), "padding": list(op.padding), "dilation": list(op.dilation), "groups": op.groups}
@@ -158,8 +159,17 @@ def convert_layer(node: Node, input_qp: QParams, output_qp: QParams, relu: bool,
                   mantissa, shift, relu, geometry, bound)
 
 
+def check_layer_names(graph: Graph, config: QConfig) -> None:
+    """Every layer named in a per-layer bit width must be a weighted layer of the graph."""
+    known = [node.name for node in graph.weighted()]
+    unknown = [name for name, _ in config.weights.layer_bits if name not in known]
+    if unknown:
+        raise ConversionError(f"per-layer bits name unknown layers {', '.join(unknown)}; layers: {', '.join(known)}")
+
+
 def convert(graph: Graph, stats: dict[str, TensorStats], config: QConfig, metadata: dict | None = None) -> IntegerModel:
     """Build the IntegerModel; `stats` holds the observed tensors named by `observed_tensors`."""
+    check_layer_names(graph, config)
     spec = input_spec(stats[graph.input_name], config)
     qparams_of = {graph.input_name: spec.qparams}
     alias = {graph.input_name: graph.input_name}

@@ -172,3 +172,39 @@ def loss_figure(training: Mapping[str, Mapping[str, Any]]) -> Figure | None:
     ax.set_title("Training loss")
     ax.legend()
     return fig
+
+
+def sweep_figure(float_accuracy: float, panels: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]]) -> Figure:
+    """Accuracy against weight bits, one panel per activation width, one line per method."""
+    fig, axes = _panels(len(panels), "integer-only test accuracy against weight bits")
+    for ax, (title, lines) in zip(axes, panels.items()):
+        for index, (label, points) in enumerate(lines.items()):
+            xs, ys = zip(*sorted(points)) if points else ((), ())
+            ax.plot(xs, ys, marker="o", markersize=4, color=preset_color(index), label=plain(label))
+        ax.axhline(float_accuracy, color="black", linewidth=0.8, linestyle="--", label="float")
+        ax.set_title(plain(title), fontsize=10)
+        ax.set_xlabel("weight bits")
+        ax.set_ylabel("accuracy (%)")
+        ax.invert_xaxis()
+    if axes:
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncols=min(6, max(1, len(labels))), fontsize=8)
+    return fig
+
+
+def sensitivity_figure(rows: Sequence[Mapping[str, Any]], bits: int, reference: float) -> Figure:
+    """Horizontal bars per layer: accuracy with only it, and with all but it, at `bits`."""
+    fig = Figure(figsize=(7.0, 1.0 + 0.55 * len(rows)))
+    fig.subplots_adjust(left=0.15, right=0.97, top=0.88, bottom=0.12 + 0.3 / max(1, len(rows)))
+    ax = fig.subplots()
+    positions = list(range(len(rows)))
+    ax.barh([p + 0.2 for p in positions], [r["only_this_layer"] for r in rows], 0.4,
+            color=preset_color(0), label=f"only this layer at {bits} bits")
+    ax.barh([p - 0.2 for p in positions], [r["all_but_this_layer"] for r in rows], 0.4,
+            color=preset_color(1), label=f"all but this layer at {bits} bits")
+    ax.axvline(reference, color="black", linestyle="--", linewidth=0.8, label="all 8-bit")
+    ax.set_yticks(positions, [plain(r["layer"]) for r in rows])
+    ax.set_xlabel("validation accuracy (%)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("Per-layer sensitivity")
+    return fig

@@ -5,22 +5,21 @@ built from the measured figures. It runs no model and quantizes nothing; its onl
 differences and ratios of numbers already in the results (the change from float accuracy, the
 share of a tensor's observed range a clip range keeps). Every key but "rows" is optional.
 
-The page is a list of blocks (Heading, Paragraph, Table, Image); `_html` and `_markdown` render
-the same list, so the two files say the same thing. Displayed negatives use the minus sign U+2212
-("−0.15"); accuracies are percent with two decimals ("53.10").
+The report builds its page as a list of intq.document blocks, formats its numbers with that
+module's helpers and leaves writing the HTML, Markdown and PNG files to `document.write_document`.
 """
 from __future__ import annotations
 
-import html
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from matplotlib.figure import Figure
 
 from intq import plots
-from intq.files import atomic_write_text, ensure_writable_dir
+from intq.document import (MISSING, Block, Heading, Image, Paragraph, Table, delta, file_names,
+                           integer, join, num, pct, points, seconds, share, write_document)
+from intq.files import ensure_writable_dir
 
 # The only stage names the report knows: their order. Unknown stages follow, as they appear.
 STAGES = ("float", "weights", "weights+bias-float", "weights+activations", "integer+bias")
@@ -36,82 +35,7 @@ _STEPS = (  # (from stage, to stage, what the step changes)
     ("weights+bias-float", "integer+bias",
      "Going from int8 weights with a float bias to the integer model with an int32 bias"),
 )
-_MINUS = "\u2212"
-_MISSING = "—"
 TITLE = "intq — integer-only post-training quantization report"
-
-
-@dataclass(frozen=True)
-class Heading:
-    text: str
-    level: int = 2
-    anchor: str = ""
-
-
-@dataclass(frozen=True)
-class Paragraph:
-    text: str
-
-
-@dataclass(frozen=True)
-class Image:
-    file: str
-    alt: str
-    figure: Figure = field(compare=False, repr=False)
-
-
-@dataclass(frozen=True)
-class Table:
-    header: tuple[str, ...]
-    rows: tuple[tuple[str, ...], ...]
-    labels: int = 1  # leading text columns; the rest hold numbers and are right-aligned
-
-
-Block = Heading | Paragraph | Image | Table
-
-
-# ---- formatting -------------------------------------------------------------------------------
-def _minus(text: str) -> str:
-    return text.replace("-", _MINUS)
-
-
-def _pct(value: float | None) -> str:
-    return _MISSING if value is None else _minus(f"{value:.2f}")
-
-
-def _delta(value: float | None) -> str:
-    """A change in points with its sign: "−0.15", "+0.05"; "0.00" when it rounds to zero."""
-    if value is None:
-        return _MISSING
-    return "0.00" if round(value, 2) == 0 else _minus(f"{value:+.2f}")
-
-
-def _num(value: Any) -> str:
-    return _MISSING if value is None else _minus(f"{value:.4g}")
-
-
-def _int(value: Any) -> str:
-    """A count with thousands separators; a non-number (a count given as "all") as it is."""
-    if value is None:
-        return _MISSING
-    return f"{int(value):,}" if isinstance(value, (int, float)) else str(value)
-
-
-def _seconds(value: float | None) -> str:
-    return _MISSING if value is None else f"{value:.1f}"
-
-
-def _share(value: float | None) -> str:
-    return _MISSING if value is None else f"{100.0 * value:.0f}%"
-
-
-def _points(value: float) -> str:
-    return f"{abs(value):.2f} points"
-
-
-def _join(items: Sequence[str]) -> str:
-    items = list(items)
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def _ordered(items: Iterable[Any]) -> list[Any]:
@@ -167,26 +91,26 @@ def _stage_sentence(acc: _Accuracy, model: str, stage: str) -> str:
     published = acc.published_change(model, stage)
     parts = []
     if published is not None:
-        parts.append(f"the study went from {_pct(acc.published[(model, 'float')])}% to "
-                     f"{_pct(acc.published[(model, stage)])}% ({_delta(published)} points)")
+        parts.append(f"the study went from {pct(acc.published[(model, 'float')])}% to "
+                     f"{pct(acc.published[(model, stage)])}% ({delta(published)} points)")
     if changes:
-        parts.append("here " + _join([f"the {p} preset reaches {_pct(acc.value(model, stage, p))}% "
-                                      f"({_delta(c)})" for p, c in changes.items()]))
+        parts.append("here " + join([f"the {p} preset reaches {pct(acc.value(model, stage, p))}% "
+                                      f"({delta(c)})" for p, c in changes.items()]))
     if not parts:
         return ""
     sentence = f"{model}, {stage}: " + "; ".join(parts) + "."
     if len(changes) >= 2:
         best, worst = max(changes, key=changes.get), min(changes, key=changes.get)
         if round(changes[best] - changes[worst], 2) == 0:
-            sentence += f" The presets lose the same ({_delta(changes[best])})."
+            sentence += f" The presets lose the same ({delta(changes[best])})."
         else:
-            sentence += (f" The {best} preset keeps {_points(changes[best] - changes[worst])} "
+            sentence += (f" The {best} preset keeps {points(changes[best] - changes[worst])} "
                          f"more than the {worst} preset.")
     if changes and published is not None:
         best = max(changes, key=changes.get)
         verdict = "less" if changes[best] >= published else "more"
         which = f"The {best} preset" + (", the best here," if len(changes) > 1 else "")
-        sentence += f" {which} loses {_points(changes[best] - published)} {verdict} than the study did."
+        sentence += f" {which} loses {points(changes[best] - published)} {verdict} than the study did."
     return sentence
 
 
@@ -199,10 +123,10 @@ def _step_sentence(acc: _Accuracy, model: str, before: str, after: str, what: st
     study = (acc.published.get((model, before)), acc.published.get((model, after)))
     parts = []
     if None not in study:
-        parts.append(f"by {_delta(study[1] - study[0])} points in the study "
-                     f"({_pct(study[0])}% → {_pct(study[1])}%)")
+        parts.append(f"by {delta(study[1] - study[0])} points in the study "
+                     f"({pct(study[0])}% → {pct(study[1])}%)")
     if steps:
-        parts.append("here by " + _join([f"{_delta(d)} with {p}" for p, d in steps.items()]))
+        parts.append("here by " + join([f"{delta(d)} with {p}" for p, d in steps.items()]))
     return f"{what} changes {model}'s accuracy " + "; ".join(parts) + "." if parts else ""
 
 
@@ -212,8 +136,8 @@ def _bias_sentence(acc: _Accuracy, model: str) -> str:
     ours = [c for c in (acc.change(model, "weights+bias-float", p) for p in acc.presets) if c is not None]
     if published is None or not ours or published > max(ours) - 1.0:
         return ""
-    text = (f"The study's weights+bias-float stage lost {_points(published)} on {model}, "
-            f"{_points(max(ours) - published)} more than the best preset here. Its weight-only "
+    text = (f"The study's weights+bias-float stage lost {points(published)} on {model}, "
+            f"{points(max(ours) - published)} more than the best preset here. Its weight-only "
             "model ran on the scaled integer weights (about w·s) but kept the bias in float units, "
             "so next to outputs scaled by the product of every layer's weight scale the bias all "
             "but vanished; here the weights are dequantized to real units and the bias keeps its "
@@ -221,7 +145,7 @@ def _bias_sentence(acc: _Accuracy, model: str) -> str:
     recovered = acc.published_change(model, "integer+bias")
     if recovered is not None:
         text += (f" With its int32 bias (scale s_x·s_w) the study's integer model stood at "
-                 f"{_delta(recovered)} points from float.")
+                 f"{delta(recovered)} points from float.")
     return text
 
 
@@ -232,13 +156,13 @@ def _weights_sentence(model: str, layers: Mapping[str, Mapping[str, Any]]) -> st
         return ""
     ordered = sorted(spans, key=spans.get, reverse=True)
     text = (f"{model}'s weights span, in standard deviations: "
-            + _join([f"{n} {spans[n]:.1f}σ ({_num(layers[n]['min'])} to {_num(layers[n]['max'])})"
+            + join([f"{n} {spans[n]:.1f}σ ({num(layers[n]['min'])} to {num(layers[n]['max'])})"
                      for n in ordered]) + ".")
     clipped = [n for n in ordered if layers[n].get("mean") is not None and (
         layers[n]["min"] < layers[n]["mean"] - 3 * layers[n]["std"]
         or layers[n]["max"] > layers[n]["mean"] + 3 * layers[n]["std"])]
     if clipped:
-        text += f" A mean ± 3σ range, the study's choice, saturates the tails of {_join(clipped)}."
+        text += f" A mean ± 3σ range, the study's choice, saturates the tails of {join(clipped)}."
     else:
         text += " A mean ± 3σ range, the study's choice, covers every layer's full range."
     return text
@@ -262,8 +186,8 @@ def _clip_sentence(model: str, tensors: Mapping[str, Mapping[str, Any]], preset:
     if not kept:
         return ""
     least, most = min(kept, key=kept.get), max(kept, key=kept.get)
-    text = (f"For {model}, the {preset} clip ranges keep between {_share(kept[least])} ({least}) "
-            f"and {_share(kept[most])} ({most}) of each tensor's observed range")
+    text = (f"For {model}, the {preset} clip ranges keep between {share(kept[least])} ({least}) "
+            f"and {share(kept[most])} ({most}) of each tensor's observed range")
     wasted = {}
     for name, stats in tensors.items():
         clip = (stats.get("clip") or {}).get(preset)
@@ -271,8 +195,8 @@ def _clip_sentence(model: str, tensors: Mapping[str, Mapping[str, Any]], preset:
             wasted[name] = -clip[0] / (clip[1] - clip[0])
     if wasted:
         low, high = min(wasted.values()), max(wasted.values())
-        span = _share(low) if _share(low) == _share(high) else f"{_share(low)}–{_share(high)}"
-        text += (f"; on {_join(list(wasted))}, which are never negative, {span} of its codes "
+        span = share(low) if share(low) == share(high) else f"{share(low)}–{share(high)}"
+        text += (f"; on {join(list(wasted))}, which are never negative, {span} of its codes "
                  "stand for negative values that never occur")
     return text + "."
 
@@ -285,11 +209,11 @@ def _agreement_sentence(agreement: Mapping[str, Mapping[str, Sequence[Mapping[st
     differing = [(m, p, e) for m, p, e in entries if e.get("differing")]
     total = sum(e.get("values") or 0 for _, _, e in entries)
     text = (f"The integer reference executor and the fake-quant simulation agree exactly on "
-            f"{len(entries) - len(differing)} of {len(entries)} layer outputs ({_int(total)} values)")
+            f"{len(entries) - len(differing)} of {len(entries)} layer outputs ({integer(total)} values)")
     if differing:
-        text += "; they differ on " + _join(
-            [f"{m} ({p}) {e.get('layer', '?')}, {_int(e['differing'])} of {_int(e.get('values'))} "
-             f"values by at most {_int(e.get('max_lsb'))} LSB" for m, p, e in differing])
+        text += "; they differ on " + join(
+            [f"{m} ({p}) {e.get('layer', '?')}, {integer(e['differing'])} of {integer(e.get('values'))} "
+             f"values by at most {integer(e.get('max_lsb'))} LSB" for m, p, e in differing])
     return text + "."
 
 
@@ -317,10 +241,10 @@ def _accuracy_section(acc: _Accuracy) -> list[Block]:
     rows, labels = [], []
     for model in acc.models:
         for stage in acc.stages(model):
-            cells = [model, stage, _pct(acc.published.get((model, stage))),
-                     _delta(acc.published_change(model, stage))]
+            cells = [model, stage, pct(acc.published.get((model, stage))),
+                     delta(acc.published_change(model, stage))]
             for preset in presets:
-                cells += [_pct(acc.value(model, stage, preset)), _delta(acc.change(model, stage, preset))]
+                cells += [pct(acc.value(model, stage, preset)), delta(acc.change(model, stage, preset))]
             rows.append(tuple(cells))
             labels.append(f"{model} {stage}")
     if not rows:
@@ -352,8 +276,8 @@ def _accuracy_figure(acc: _Accuracy, labels: list[str]) -> Figure:
 def _weights_section(weights: Mapping[str, Any], files: Mapping[str, str]) -> list[Block]:
     blocks: list[Block] = [Heading("Q1 — weights", anchor="weights")] if weights else []
     for model, layers in weights.items():
-        rows = tuple((name, "×".join(map(str, s.get("shape") or [])) or _MISSING, _num(s.get("min")),
-                      _num(s.get("max")), _num(s.get("mean")), _num(s.get("std")))
+        rows = tuple((name, "×".join(map(str, s.get("shape") or [])) or MISSING, num(s.get("min")),
+                      num(s.get("max")), num(s.get("mean")), num(s.get("std")))
                      for name, s in layers.items())
         blocks += [Heading(model, level=3),
                    Image(f"weights_{files[model]}.png", f"{model} weight histograms",
@@ -364,11 +288,11 @@ def _weights_section(weights: Mapping[str, Any], files: Mapping[str, str]) -> li
 
 def _activation_row(name: str, stats: Mapping[str, Any], presets: Sequence[str]) -> tuple[str, ...]:
     sigma = stats.get("sigma3") or (None, None)
-    cells = [name, *(_num(stats.get(k)) for k in ("min", "max", "mean", "std")),
-             _num(sigma[0]), _num(sigma[1])]
+    cells = [name, *(num(stats.get(k)) for k in ("min", "max", "mean", "std")),
+             num(sigma[0]), num(sigma[1])]
     for preset in presets:
         clip = (stats.get("clip") or {}).get(preset) or (None, None)
-        cells += [_num(clip[0]), _num(clip[1]), _share(_kept(stats, clip))]
+        cells += [num(clip[0]), num(clip[1]), share(_kept(stats, clip))]
     return tuple(cells)
 
 
@@ -393,9 +317,9 @@ def _activations_section(activations: Mapping[str, Any], files: Mapping[str, str
 
 # ---- run facts --------------------------------------------------------------------------------
 def _training_section(training: Mapping[str, Any]) -> list[Block]:
-    rows = tuple((model, _seconds(info.get("seconds")), "yes" if info.get("cached") else "no",
+    rows = tuple((model, seconds(info.get("seconds")), "yes" if info.get("cached") else "no",
                   str(len(info.get("losses") or [])),
-                  _num(info["losses"][-1][2]) if info.get("losses") else _MISSING)
+                  num(info["losses"][-1][2]) if info.get("losses") else MISSING)
                  for model, info in training.items() if isinstance(info, Mapping))
     if not rows:
         return []
@@ -408,14 +332,14 @@ def _training_section(training: Mapping[str, Any]) -> list[Block]:
 
 
 def _agreement_section(agreement: Mapping[str, Any], images: Any = None) -> list[Block]:
-    rows = tuple((model, preset, e.get("layer", "?"), _int(e.get("values")), _int(e.get("differing")),
-                  _int(e.get("max_lsb")))
+    rows = tuple((model, preset, e.get("layer", "?"), integer(e.get("values")), integer(e.get("differing")),
+                  integer(e.get("max_lsb")))
                  for model, by_preset in agreement.items() for preset, entries in by_preset.items()
                  for e in entries)
     if not rows:
         return []
     return [Heading("Integer executor vs fake-quant simulation", anchor="agreement"),
-            Paragraph("Per layer output" + (f", on the first {_int(images)} test images" if images else "")
+            Paragraph("Per layer output" + (f", on the first {integer(images)} test images" if images else "")
                       + ": how many values the reference integer executor and the float64 fake-quant "
                       "simulation produce from the same integer input, how many differ, and by how many LSB."),
             Table(("model", "preset", "layer", "values", "differing", "max LSB"), rows, labels=3)]
@@ -427,12 +351,12 @@ def _run_section(results: Mapping[str, Any]) -> list[Block]:
     blocks: list[Block] = []
     if timings:
         blocks += [Heading("Timings", level=3),
-                   Table(("step", "seconds"), tuple((k, _seconds(v)) for k, v in timings.items()))]
+                   Table(("step", "seconds"), tuple((k, seconds(v)) for k, v in timings.items()))]
     if models:
         blocks += [Heading("Integer model files", level=3),
                    Table(("model", "preset", "file", "bytes"), tuple(
-                       (m.get("model", "?"), m.get("preset") or _MISSING, m.get("file", "?"),
-                        _int(m.get("bytes"))) for m in models), labels=3)]
+                       (m.get("model", "?"), m.get("preset") or MISSING, m.get("file", "?"),
+                        integer(m.get("bytes"))) for m in models), labels=3)]
     return [Heading("Run", anchor="run"), *blocks] if blocks else []
 
 
@@ -443,9 +367,9 @@ def _header(results: Mapping[str, Any]) -> list[Block]:
         if config.get(key) is not None]
     calib = config.get("calib_samples") or {}
     if calib:
-        facts.append("calibration samples: " + ", ".join(f"{p} {_int(n)}" for p, n in calib.items()))
+        facts.append("calibration samples: " + ", ".join(f"{p} {integer(n)}" for p, n in calib.items()))
     if config.get("activation_images") is not None:
-        facts.append(f"activation statistics from {_int(config['activation_images'])} images")
+        facts.append(f"activation statistics from {integer(config['activation_images'])} images")
     if results.get("intq_version"):
         facts.append(f"intq {results['intq_version']}")
     blocks: list[Block] = [Heading(TITLE, level=1)]
@@ -457,105 +381,22 @@ def _header(results: Mapping[str, Any]) -> list[Block]:
     return blocks
 
 
-# ---- rendering --------------------------------------------------------------------------------
-_CSS = """body { font-family: system-ui, sans-serif; max-width: 76rem; margin: 2rem auto;
-  padding: 0 1rem; line-height: 1.45; color: #222; }
-table { border-collapse: collapse; margin: 0.8rem 0; font-size: 0.88rem; }
-th, td { border: 1px solid #ccc; padding: 0.2rem 0.55rem; }
-th { background: #f2f2f2; }
-.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-img { max-width: 100%; height: auto; }"""
-
-
-def _text(value: Any) -> str:
-    """Element content, escaped (&, <, >); attributes use html.escape with quotes."""
-    return html.escape(str(value), quote=False)
-
-
-def _html_table(table: Table) -> str:
-    def row(cells: Sequence[str], tag: str) -> str:
-        opened = [f'<{tag} class="num">' if i >= table.labels else f"<{tag}>" for i in range(len(cells))]
-        return "<tr>" + "".join(f"{o}{_text(c)}</{tag}>" for o, c in zip(opened, cells)) + "</tr>"
-    body = "\n".join(row(cells, "td") for cells in table.rows)
-    return f"<table>\n<thead>{row(table.header, 'th')}</thead>\n<tbody>\n{body}\n</tbody>\n</table>"
-
-
-def _html_block(block: Block) -> str:
-    if isinstance(block, Heading):
-        anchor = f' id="{html.escape(block.anchor)}"' if block.anchor else ""
-        return f"<h{block.level}{anchor}>{_text(block.text)}</h{block.level}>"
-    if isinstance(block, Paragraph):
-        return f"<p>{_text(block.text)}</p>"
-    if isinstance(block, Image):
-        return f'<p><img src="{html.escape(block.file)}" alt="{html.escape(block.alt)}"></p>'
-    return _html_table(block)
-
-
-def _html(blocks: Sequence[Block]) -> str:
-    body = "\n".join(_html_block(block) for block in blocks)
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>{html.escape(TITLE)}</title>\n<style>\n{_CSS}\n</style>\n</head>\n"
-            f"<body>\n{body}\n</body>\n</html>\n")
-
-
-def _md_escape(text: str) -> str:
-    return re.sub(r"([\\`*_\[\]<>|#])", r"\\\1", str(text))
-
-
-def _markdown_block(block: Block) -> str:
-    if isinstance(block, Heading):
-        return "#" * block.level + " " + _md_escape(block.text)
-    if isinstance(block, Paragraph):
-        return _md_escape(block.text)
-    if isinstance(block, Image):
-        return f"![{_md_escape(block.alt)}]({block.file})"
-    lines = ["| " + " | ".join(_md_escape(c) for c in cells) + " |"
-             for cells in (block.header, *block.rows)]
-    rule = "| " + " | ".join("---" if i < block.labels else "---:"
-                             for i in range(len(block.header))) + " |"
-    return "\n".join([lines[0], rule, *lines[1:]])
-
-
-def _markdown(blocks: Sequence[Block]) -> str:
-    return "\n\n".join(_markdown_block(block) for block in blocks) + "\n"
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._") or "model"
-
-
-def _file_names(models: Iterable[str]) -> dict[str, str]:
-    """A distinct, file-system-safe name per model ("<Net&>" -> "Net", then "Net-2")."""
-    names: dict[str, str] = {}
-    for model in models:
-        base = candidate = _slug(model)
-        count = 1
-        while candidate in names.values():
-            count += 1
-            candidate = f"{base}-{count}"
-        names[model] = candidate
-    return names
-
-
 def write_report(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     """Write report.html, report.md and the PNG figures into out_dir; return the paths written.
 
     `results` has the layout of results.json; only "rows" is needed for a useful report, every
     other key (published, weights, activations, training, agreement, timings_s, models, config)
-    adds its section when present. Every file is written atomically.
+    adds its section when present. The paths come back PNGs first, then the HTML, then the
+    Markdown; every file is written atomically.
     """
-    out_dir = ensure_writable_dir(out_dir)
+    ensure_writable_dir(out_dir)  # fail before drawing any figure
     acc = _Accuracy.from_results(results)
     weights, activations = results.get("weights") or {}, results.get("activations") or {}
-    files = _file_names(_ordered([*acc.models, *weights, *activations]))
+    files = file_names(_ordered([*acc.models, *weights, *activations]))
+    config = results.get("config") or {}
     blocks = [*_header(results), *_accuracy_section(acc), *_discussion(results, acc),
               *_weights_section(weights, files), *_activations_section(activations, files),
               *_training_section(results.get("training") or {}),
-              *_agreement_section(results.get("agreement") or {}, (results.get("config") or {}).get("agreement_images")),
+              *_agreement_section(results.get("agreement") or {}, config.get("agreement_images")),
               *_run_section(results)]
-    written = [plots.save_png(block.figure, out_dir / block.file)
-               for block in blocks if isinstance(block, Image)]
-    for name, text in (("report.html", _html(blocks)), ("report.md", _markdown(blocks))):
-        atomic_write_text(out_dir / name, text)
-        written.append(out_dir / name)
-    return written
+    return write_document(blocks, out_dir, TITLE)

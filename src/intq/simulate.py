@@ -22,7 +22,7 @@ def fake_quant_weights(graph: Graph, config: WeightConfig) -> Graph:
     """A copy of `graph` whose weights are dequantize(quantize(w)); biases stay float."""
     graph = copy.deepcopy(graph)
     for node in graph.weighted():
-        qparams = weight_qparams(node.op.weight, config)
+        qparams = weight_qparams(node.op.weight, config.for_layer(node.name))
         node.op.weight = dequantize(quantize(node.op.weight, qparams), qparams)
     return graph
 

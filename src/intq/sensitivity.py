@@ -1,0 +1,150 @@
+"""`intq sensitivity`: which layer loses the accuracy at a low weight bit width, and a greedy
+mixed-precision search that meets an accuracy target with the fewest weight bits.
+
+Everything is integer-only (reference executor, per-channel weights, uint8 post-ReLU activations).
+"Only layer L at b bits" keeps the other layers at 8 bits, "all but L" keeps L at 8 bits: 8-bit is
+the integer model's stand-in for float. Choices are made on validation images (training images
+not used for calibration); the test set only reports the result.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from intq import integer_model
+from intq.capture import Graph, capture
+from intq.convert import convert
+from intq.data import load_cifar10, normalize
+from intq.executors.reference import run_integer
+from intq.files import atomic_write_text, ensure_writable_dir
+from intq.study import calibrate
+from intq.sweep import SweepCell, SweepOptions, cell_config, load_model
+from intq.train import accuracy, predict
+
+BIT_LADDER = (8, 6, 4, 3, 2)
+VALIDATION_IMAGES = 5000
+
+
+@dataclass(frozen=True)
+class SensitivityOptions:
+    model: str
+    data_dir: str | None
+    out_dir: Path
+    cache_dir: Path
+    seed: int = 0
+    bits: int = 2
+    abits: int = 8
+    method: str = "mse"
+    max_drop: float = 1.0  # the greedy search keeps validation accuracy within this of 8-bit
+    calib_samples: int = 10_000
+
+
+class Evaluator:
+    """Integer-only accuracy of one model under per-layer weight bits, on a fixed image set."""
+
+    def __init__(self, graph: Graph, stats: dict, method: str, abits: int, pixels: torch.Tensor, labels: torch.Tensor):
+        self.graph, self.stats, self.method, self.abits = graph, stats, method, abits
+        self.pixels, self.labels = pixels, labels
+        self.layers = [node.name for node in graph.weighted()]
+
+    def model(self, layer_bits: dict[str, int]):
+        cell = SweepCell(self.method, "per-channel", 8, self.abits)
+        return convert(self.graph, self.stats, cell_config(cell, tuple(layer_bits.items())))
+
+    def accuracy(self, layer_bits: dict[str, int], pixels: torch.Tensor | None = None, labels=None) -> float:
+        model = self.model(layer_bits)
+        pixels = self.pixels if pixels is None else pixels
+        return accuracy(predict(lambda p: run_integer(model, p), pixels), self.labels if labels is None else labels)
+
+
+def weight_bits_total(graph: Graph, layer_bits: dict[str, int]) -> int:
+    """sum over layers of (weights x bits): the ideal size of the weights in bits."""
+    return sum(node.op.weight.numel() * layer_bits[node.name] for node in graph.weighted())
+
+
+def sensitivity_rows(evaluator: Evaluator, bits: int) -> list[dict]:
+    """Per layer: accuracy with only it at `bits`, and with all but it at `bits` (others 8-bit)."""
+    rows = []
+    for layer in evaluator.layers:
+        only = {name: bits if name == layer else 8 for name in evaluator.layers}
+        all_but = {name: 8 if name == layer else bits for name in evaluator.layers}
+        rows.append({"layer": layer, "only_this_layer": evaluator.accuracy(only),
+                     "all_but_this_layer": evaluator.accuracy(all_but)})
+    return sorted(rows, key=lambda row: row["only_this_layer"])
+
+
+def greedy_mixed_precision(evaluator: Evaluator, floor: float, log=print) -> tuple[dict[str, int], float]:
+    """Lower one layer one rung of BIT_LADDER at a time, always the move that keeps the most
+    validation accuracy (ties: the most bits saved), while accuracy stays >= floor."""
+    layer_bits = {name: BIT_LADDER[0] for name in evaluator.layers}
+    current = evaluator.accuracy(layer_bits)
+    while True:
+        moves = []
+        for layer, bits in layer_bits.items():
+            if bits == BIT_LADDER[-1]:
+                continue
+            trial = {**layer_bits, layer: BIT_LADDER[BIT_LADDER.index(bits) + 1]}
+            saved = weight_bits_total(evaluator.graph, layer_bits) - weight_bits_total(evaluator.graph, trial)
+            moves.append((evaluator.accuracy(trial), saved, trial))
+        feasible = [move for move in moves if move[0] >= floor]
+        if not feasible:
+            return layer_bits, current
+        current, _, layer_bits = max(feasible, key=lambda move: (move[0], move[1]))
+        log(f"  {', '.join(f'{k}={v}' for k, v in layer_bits.items())}: validation {current:.2f}%")
+
+
+def split_indices(count: int, calibration: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Disjoint seeded subsets of the training images: (calibration, validation)."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    validation = min(VALIDATION_IMAGES, count // 2)
+    return order[: min(calibration, count - validation)], order[count - validation :]
+
+
+def run_sensitivity(options: SensitivityOptions, log=print) -> dict:
+    """Sensitivity table, greedy mixed precision, and the chosen model; written to options.out_dir."""
+    from intq.sensitivity_report import write_sensitivity_report  # the report sits downstream
+
+    start = time.perf_counter()
+    out_dir = ensure_writable_dir(options.out_dir)
+    data = load_cifar10(options.data_dir, options.cache_dir, download=True, progress=log)
+    sweep_like = SweepOptions(options.model, options.data_dir, out_dir, options.cache_dir, options.seed)
+    name, model = load_model(sweep_like, data)
+    graph = capture(model, normalize(data.train_images[:2]))
+    calibration, validation = split_indices(len(data.train_images), options.calib_samples, options.seed)
+    stats = calibrate(graph, data.train_images[calibration], "cpu")
+    evaluator = Evaluator(graph, stats, options.method, options.abits,
+                          data.train_images[validation], data.train_labels[validation])
+    eight_bit = {layer: 8 for layer in evaluator.layers}
+    reference = evaluator.accuracy(eight_bit)
+    log(f"{name}: W8A{options.abits} validation accuracy {reference:.2f}%; per-layer sensitivity at {options.bits} bits")
+    rows = sensitivity_rows(evaluator, options.bits)
+    log(f"greedy mixed precision: keep validation accuracy >= {reference - options.max_drop:.2f}%")
+    chosen, validation_accuracy = greedy_mixed_precision(evaluator, reference - options.max_drop, log)
+    test = {label: evaluator.accuracy(bits, data.test_images, data.test_labels)
+            for label, bits in (("8-bit", eight_bit), ("mixed", chosen),
+                                (f"all {options.bits}-bit", {layer: options.bits for layer in evaluator.layers}))}
+    float_accuracy = accuracy(predict(model, normalize(data.test_images)), data.test_labels)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    try:
+        model_bytes = integer_model.save(evaluator.model(chosen), staging / f"{name}-mixed.npz")
+        results = {"model": name, "bits": options.bits, "abits": options.abits, "method": options.method,
+                   "validation_images": len(validation), "calibration_images": len(calibration),
+                   "validation_8bit": reference, "rows": rows, "max_drop": options.max_drop,
+                   "mixed": {"layer_bits": chosen, "validation_accuracy": validation_accuracy,
+                             "weight_bytes": weight_bits_total(graph, chosen) / 8, "file_bytes": model_bytes},
+                   "test_accuracy": {"float": float_accuracy, **test},
+                   "timings_s": {"total": time.perf_counter() - start}}
+        write_sensitivity_report(results, staging)
+        atomic_write_text(staging / "sensitivity.json", json.dumps(results, indent=1) + "\n")
+        for path in sorted(staging.iterdir()):
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return results

@@ -1,0 +1,182 @@
+"""`intq sweep`: every range method x granularity x weight bits x activation bits, integer-only.
+
+One streaming calibration pass feeds every range method (each reads the same observers); each cell
+is converted and evaluated on the test set by the reference executor, cells spread over one
+process per core.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+from intq.calibration import MSE, Entropy, MinMax, parse_range_method
+from intq.capture import Graph, capture
+from intq.config import ActivationConfig, QConfig, WeightConfig
+from intq.convert import ConversionError, convert
+from intq.data import load_cifar10, normalize
+from intq.executors.reference import run_integer
+from intq.files import atomic_write_text, ensure_writable_dir
+from intq.observers import TensorStats
+from intq.qparams import Scheme
+from intq.study import ModelJob, calibrate, calibration_indices, data_fingerprint, trained_model
+from intq.train import accuracy, predict
+
+METHODS = ("minmax", "nsigma", "percentile", "mse", "entropy")
+WEIGHT_BITS = (8, 6, 4, 3, 2)
+ACTIVATION_BITS = (8, 6, 4)
+GRANULARITIES = ("per-channel", "per-tensor")
+
+
+@dataclass(frozen=True)
+class SweepCell:
+    method: str
+    granularity: str
+    wbits: int
+    abits: int
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    model: str
+    data_dir: str | None
+    out_dir: Path
+    cache_dir: Path
+    seed: int = 0
+    calib_samples: int | None = 10_000
+    methods: tuple[str, ...] = METHODS
+    wbits: tuple[int, ...] = WEIGHT_BITS
+    abits: tuple[int, ...] = ACTIVATION_BITS
+    granularities: tuple[str, ...] = ("per-channel",)
+    layer_bits: tuple[tuple[str, int], ...] = ()  # per-layer weight bits that override --wbits
+
+
+class SweepError(Exception):
+    """A sweep option that cannot work (names the option)."""
+
+
+def cell_config(cell: SweepCell, layer_bits: tuple[tuple[str, int], ...] = ()) -> QConfig:
+    """The QConfig of one cell: the method ranges weights and activations alike.
+
+    Weights are symmetric (per channel or per tensor), post-ReLU activations uint, the logits int16
+    (no layer consumes them), normalisation folded into the first layer. Entropy ranges the
+    activations only: a KL fit to a 75-value per-channel weight histogram is noise, so its
+    weights use mse.
+    """
+    method = parse_range_method(cell.method)
+    weight_method = MSE() if isinstance(method, Entropy) else method
+    # `layer_bits` (mixed precision) overrides cell.wbits for the layers it names.
+    weights = WeightConfig(weight_method, Scheme.SYMMETRIC, cell.granularity == "per-channel", cell.wbits, layer_bits)
+    activations = ActivationConfig(method, Scheme.ASYMMETRIC, cell.abits, unsigned_after_relu=True,
+                                   output_method=MinMax(), output_bits=16)
+    name = f"{cell.method} {cell.granularity} W{cell.wbits}A{cell.abits}"
+    return QConfig(name, weights, activations, fold_input=True, calibration_samples=None)
+
+
+def check_options(options: SweepOptions) -> list[SweepCell]:
+    """Validate the grid and return its cells; every problem names its option."""
+    for method in options.methods:
+        try:
+            parse_range_method(method)
+        except ValueError as err:
+            raise SweepError(f"--methods: {err}") from None
+    for flag, values in (("--wbits", options.wbits), ("--abits", options.abits)):
+        bad = [b for b in values if not 2 <= b <= 8]
+        if bad or not values:
+            raise SweepError(f"{flag}: bit widths must be 2..8, got {list(values)}")
+    bad = [f"{name}={bits}" for name, bits in options.layer_bits if not 2 <= bits <= 8]
+    if bad:
+        raise SweepError(f"--layer-bits: bit widths must be 2..8, got {', '.join(bad)}")
+    bad = [g for g in options.granularities if g not in GRANULARITIES]
+    if bad or not options.granularities:
+        raise SweepError(f"--granularity: choose from {', '.join(GRANULARITIES)}, got {list(options.granularities)}")
+    return [SweepCell(*combo) for combo in itertools.product(options.methods, options.granularities,
+                                                             options.wbits, options.abits)]
+
+
+_WORKER: dict = {}
+
+
+def _start_worker(graph: Graph, stats: dict[str, TensorStats], pixels: torch.Tensor, labels: torch.Tensor,
+                  layer_bits: tuple[tuple[str, int], ...]) -> None:
+    torch.set_num_threads(1)
+    _WORKER.update(graph=graph, stats=stats, pixels=pixels, labels=labels, layer_bits=layer_bits)
+
+
+def evaluate_cell(cell: SweepCell) -> dict:
+    """Convert with the cell's config and measure integer-only top-1 accuracy on the test set."""
+    row = asdict(cell)
+    try:
+        model = convert(_WORKER["graph"], _WORKER["stats"], cell_config(cell, _WORKER["layer_bits"]))
+    except ConversionError as err:
+        return {**row, "accuracy": None, "error": str(err)}
+    predicted = predict(lambda p: run_integer(model, p), _WORKER["pixels"])
+    layers = model.quantized_layers()
+    return {**row, "accuracy": accuracy(predicted, _WORKER["labels"]),
+            "weight_bytes": sum(layer.weight.size * layer.weight_qparams.dtype.bits for layer in layers) / 8,
+            "worst_accumulator": max(layer.accumulator_bound for layer in layers)}
+
+
+def evaluate_cells(cells: list[SweepCell], graph: Graph, stats: dict, pixels: torch.Tensor,
+                   labels: torch.Tensor, layer_bits: tuple = (), log=print) -> list[dict]:
+    """Every cell, on one worker process per core; rows come back in cell order."""
+    workers = max(1, min(os.cpu_count() or 1, len(cells)))
+    rows = []
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_worker,
+                             initargs=(graph, stats, pixels, labels, layer_bits)) as pool:
+        for index, row in enumerate(pool.map(evaluate_cell, cells), 1):
+            shown = "error" if row["accuracy"] is None else f"{row['accuracy']:.2f}%"
+            log(f"[{index}/{len(cells)}] {row['method']} {row['granularity']} W{row['wbits']}A{row['abits']}: {shown}")
+            rows.append(row)
+    return rows
+
+
+def load_model(options: SweepOptions, data) -> tuple[str, torch.nn.Module]:
+    """Net or NetWithBias, trained with the study's recipe (or loaded from its cache)."""
+    job = ModelJob(options.model, options.data_dir, str(options.cache_dir), "", options.seed, "cpu", None)
+    model, _, _ = trained_model(job, data.train_images, data.train_labels,
+                                data_fingerprint(data.train_images, data.train_labels))
+    return options.model, model
+
+
+def run_sweep(options: SweepOptions, log=print) -> dict:
+    """Run the grid and write sweep.json, sweep.html/.md and sweep.png into options.out_dir."""
+    from intq.sweep_report import write_sweep_report  # the report sits downstream
+
+    start = time.perf_counter()
+    cells = check_options(options)
+    out_dir = ensure_writable_dir(options.out_dir)
+    data = load_cifar10(options.data_dir, options.cache_dir, download=True, progress=log)
+    name, model = load_model(options, data)
+    graph = capture(model, normalize(data.train_images[:2]))
+    subset = data.train_images[calibration_indices(len(data.train_images), options.calib_samples, options.seed)]
+    log(f"calibrating {name} on {len(subset)} training images (one pass for every method)")
+    stats = calibrate(graph, subset, "cpu")
+    float_accuracy = accuracy(predict(model, normalize(data.test_images)), data.test_labels)
+    rows = evaluate_cells(cells, graph, stats, data.test_images, data.test_labels, options.layer_bits, log)
+    for row in rows:
+        row["drop"] = None if row["accuracy"] is None else round(float_accuracy - row["accuracy"], 6)
+    results = {"model": name, "float_accuracy": float_accuracy, "rows": rows,
+               "config": {"seed": options.seed, "calibration_images": len(subset), "data_source": data.source,
+                          "test_images": len(data.test_images), "logits": "int16", "weights": "symmetric",
+                          "activations": "uint after ReLU, asymmetric otherwise",
+                          "layer_bits": dict(options.layer_bits)},
+               "timings_s": {"total": time.perf_counter() - start}}
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    try:
+        write_sweep_report(results, staging)
+        atomic_write_text(staging / "sweep.json", json.dumps(results, indent=1) + "\n")
+        for path in sorted(staging.iterdir()):
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return results
