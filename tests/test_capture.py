@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from intq.capture import CaptureError, Conv2d, MaxPool2d, capture, max_pool, run_float
+from intq.capture import CaptureError, Conv2d, capture, max_pool, run_float
 from intq.models import Net
 
 

@@ -5,7 +5,9 @@ which writes to a temporary name in the destination folder and then `os.replace`
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,3 +52,24 @@ def ensure_writable_dir(path: str | Path) -> Path:
     except OSError as err:
         raise OutputError(f"output folder {path} is not writable: {err.strerror}") from None
     return path
+
+
+@contextmanager
+def staged_output(out_dir: Path) -> Iterator[Path]:
+    """A staging folder inside `out_dir`; when the block succeeds its files move into `out_dir`.
+
+    Each move is an os.replace (atomic per file); on any error nothing reaches `out_dir` and the
+    staging folder is removed, so a failed run never leaves partial output.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    try:
+        yield staging
+        for path in sorted(staging.iterdir()):
+            os.replace(path, Path(out_dir) / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """`data` as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")

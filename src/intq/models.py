@@ -36,4 +36,3 @@ class NetWithBias(Net):
 
 
 MODELS = {"Net": Net, "NetWithBias": NetWithBias}
-INPUT_SHAPE = (3, 32, 32)

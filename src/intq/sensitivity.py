@@ -8,10 +8,6 @@ not used for calibration); the test set only reports the result.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +19,7 @@ from intq.capture import Graph, capture
 from intq.convert import convert
 from intq.data import load_cifar10, normalize
 from intq.executors.reference import run_integer
-from intq.files import atomic_write_text, ensure_writable_dir
+from intq.files import ensure_writable_dir, staged_output, write_json
 from intq.study import calibrate
 from intq.sweep import SweepCell, SweepOptions, cell_config, load_model
 from intq.train import accuracy, predict
@@ -131,8 +127,7 @@ def run_sensitivity(options: SensitivityOptions, log=print) -> dict:
             for label, bits in (("8-bit", eight_bit), ("mixed", chosen),
                                 (f"all {options.bits}-bit", {layer: options.bits for layer in evaluator.layers}))}
     float_accuracy = accuracy(predict(model, normalize(data.test_images)), data.test_labels)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
-    try:
+    with staged_output(out_dir) as staging:
         model_bytes = integer_model.save(evaluator.model(chosen), staging / f"{name}-mixed.npz")
         results = {"model": name, "bits": options.bits, "abits": options.abits, "method": options.method,
                    "validation_images": len(validation), "calibration_images": len(calibration),
@@ -142,9 +137,5 @@ def run_sensitivity(options: SensitivityOptions, log=print) -> dict:
                    "test_accuracy": {"float": float_accuracy, **test},
                    "timings_s": {"total": time.perf_counter() - start}}
         write_sensitivity_report(results, staging)
-        atomic_write_text(staging / "sensitivity.json", json.dumps(results, indent=1) + "\n")
-        for path in sorted(staging.iterdir()):
-            os.replace(path, out_dir / path.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        write_json(staging / "sensitivity.json", results)
     return results

@@ -6,10 +6,7 @@ against the float simulation. The parent gathers the results; `run_study` writes
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
@@ -24,10 +21,10 @@ from intq.capture import Graph, capture, run_float
 from intq.config import PRESETS, QConfig
 from intq.convert import collect_statistics, convert, observed_tensors
 from intq.data import load_cifar10, normalize
-from intq.files import atomic_write_text, ensure_writable_dir
+from intq.files import ensure_writable_dir, staged_output, write_json
 from intq.executors.reference import run_integer
-from intq.integer_model import IntegerModel, QLayer
-from intq.models import INPUT_SHAPE, MODELS
+from intq.integer_model import IntegerModel
+from intq.models import MODELS
 from intq.observers import TensorStats
 from intq.qparams import QParams
 from intq.simulate import fake_quant_weights, layer_agreement
@@ -312,16 +309,11 @@ def run_study(options: StudyOptions, log=print) -> dict:
     data = load_cifar10(options.data_dir, options.cache_dir, download=True, progress=log)
     log(f"data: {data.source}")
     timings = {"data": time.perf_counter() - start}
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
-    try:
+    with staged_output(out_dir) as staging:
         results = assemble(run_models(options, staging), options, data.source, timings)
         report_start = time.perf_counter()
         write_report(results, staging)
         results["timings_s"]["report"] = time.perf_counter() - report_start
         results["timings_s"]["total"] = time.perf_counter() - start
-        atomic_write_text(staging / "results.json", json.dumps(results, indent=1) + "\n")
-        for path in sorted(staging.iterdir()):
-            os.replace(path, out_dir / path.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        write_json(staging / "results.json", results)
     return results

@@ -7,10 +7,7 @@ process per core.
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import shutil
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -25,7 +22,7 @@ from intq.config import ActivationConfig, QConfig, WeightConfig
 from intq.convert import ConversionError, convert
 from intq.data import load_cifar10, normalize
 from intq.executors.reference import run_integer
-from intq.files import atomic_write_text, ensure_writable_dir
+from intq.files import ensure_writable_dir, staged_output, write_json
 from intq.observers import TensorStats
 from intq.qparams import Scheme
 from intq.study import ModelJob, calibrate, calibration_indices, data_fingerprint, trained_model
@@ -171,12 +168,7 @@ def run_sweep(options: SweepOptions, log=print) -> dict:
                           "activations": "uint after ReLU, asymmetric otherwise",
                           "layer_bits": dict(options.layer_bits)},
                "timings_s": {"total": time.perf_counter() - start}}
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
-    try:
+    with staged_output(out_dir) as staging:
         write_sweep_report(results, staging)
-        atomic_write_text(staging / "sweep.json", json.dumps(results, indent=1) + "\n")
-        for path in sorted(staging.iterdir()):
-            os.replace(path, out_dir / path.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        write_json(staging / "sweep.json", results)
     return results
