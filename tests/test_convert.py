@@ -112,3 +112,23 @@ def test_sub_byte_weights_are_packed_and_round_trip(tmp_path, pixels, bits, pack
     loaded = integer_model.load(path)
     assert np.array_equal(loaded.layer("fc1").weight, model.layer("fc1").weight)
     assert torch.equal(run_integer(loaded, pixels), run_integer(model, pixels))
+
+
+def test_per_channel_weights_keep_small_channels_that_per_tensor_rounds_away():
+    """One channel 100x larger than the rest: a per-tensor scale rounds the small channels to 0."""
+    from dataclasses import replace
+
+    from intq.convert import weight_qparams
+    from intq.qparams import dequantize, quantize
+
+    torch.manual_seed(0)
+    weight = torch.randn(8, 16) * 0.01
+    weight[0] *= 100
+    per_tensor = replace(RECOMMENDED.weights, per_channel=False)
+    errors = {}
+    for label, config in (("per-tensor", per_tensor), ("per-channel", RECOMMENDED.weights)):
+        qp = weight_qparams(weight, config)
+        errors[label] = float(((dequantize(quantize(weight, qp), qp) - weight)[1:] ** 2).mean())
+        if label == "per-tensor":
+            assert (quantize(weight, qp)[1:] == 0).float().mean() > 0.5
+    assert errors["per-channel"] < errors["per-tensor"] / 100

@@ -1,5 +1,5 @@
-"""Command line: `intq run` (the CIFAR-10 study), `intq sweep`, `intq sensitivity`. The only module
-that reads argv or the environment."""
+"""Command line: `intq run` (the CIFAR-10 study), `intq sweep`, `intq sensitivity`, `intq inspect`.
+The only module that reads argv or the environment."""
 from __future__ import annotations
 
 import argparse
@@ -14,9 +14,12 @@ from intq.executors.reference import ExecutionError
 from intq.files import OutputError
 from intq.integer_model import ModelFileError
 from intq.calibration import parse_range_method
+from intq.config import PRESETS
+from intq.diagnostics import InspectOptions, run_inspect
 from intq.sensitivity import SensitivityOptions, run_sensitivity
 from intq.study import StudyError, StudyOptions, run_study
-from intq.sweep import ACTIVATION_BITS, METHODS, WEIGHT_BITS, SweepError, SweepOptions, run_sweep
+from intq.sweep import (ACTIVATION_BITS, GRANULARITIES, METHODS, WEIGHT_BITS, SweepCell, SweepError, SweepOptions,
+                        cell_config, check_options, run_sweep)
 
 USER_ERRORS = (DataError, CaptureError, ConversionError, ExecutionError, OutputError, ModelFileError, StudyError,
                SweepError, argparse.ArgumentTypeError)
@@ -108,6 +111,25 @@ def _add_sensitivity(commands) -> None:
                          help="output folder (default: runs/sensitivity)")
 
 
+def _add_inspect(commands) -> None:
+    command = commands.add_parser(
+        "inspect", help="per-layer diagnostics of one configuration",
+        description="Per layer: scales, zero points, multipliers, clipping rate, SQNR of fake-quant and of the "
+        "integer pipeline against float, accumulator observed vs proven bound vs int32, and the histograms with "
+        "the chosen ranges. Writes inspect.json, inspect.html/.md and inspect.png. The configuration is a preset, "
+        "or a sweep cell when --method is given.")
+    _add_common(command)
+    command.add_argument("--model", choices=("Net", "NetWithBias"), default="Net", help="the study model (default: Net)")
+    command.add_argument("--preset", choices=tuple(PRESETS), default="recommended", help="(default: recommended)")
+    command.add_argument("--method", default=None, help="a sweep cell instead of a preset: range method")
+    command.add_argument("--wbits", type=int, default=8, help="with --method: weight bits (default: 8)")
+    command.add_argument("--abits", type=int, default=8, help="with --method: activation bits (default: 8)")
+    command.add_argument("--granularity", choices=GRANULARITIES, default="per-channel", help="with --method")
+    command.add_argument("--images", type=int, default=1000, help="test images to diagnose (default: 1000)")
+    command.add_argument("--out", metavar="DIR", type=Path, default=Path("runs/inspect"),
+                         help="output folder (default: runs/inspect)")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="intq", description="Post-training quantization of PyTorch CNNs to integer-only inference.")
@@ -115,6 +137,7 @@ def parser() -> argparse.ArgumentParser:
     _add_run(commands)
     _add_sweep(commands)
     _add_sensitivity(commands)
+    _add_inspect(commands)
     return root
 
 
@@ -152,7 +175,23 @@ def _sensitivity(args: argparse.Namespace) -> None:
           f"test accuracy {results['test_accuracy']}")
 
 
-COMMANDS = {"run": _run, "sweep": _sweep, "sensitivity": _sensitivity}
+def _inspect(args: argparse.Namespace) -> None:
+    config = PRESETS[args.preset]
+    if args.method is not None:
+        cell = SweepCell(args.method, args.granularity, args.wbits, args.abits)
+        check_options(SweepOptions(args.model, None, args.out, args.cache, methods=(args.method,),
+                                   wbits=(args.wbits,), abits=(args.abits,), granularities=(args.granularity,)))
+        config = cell_config(cell)
+    if args.images < 1:
+        raise argparse.ArgumentTypeError(f"--images must be at least 1, got {args.images}")
+    results = run_inspect(InspectOptions(args.model, args.data, args.out, args.cache, config, args.seed, args.images))
+    for row in results["layers"]:
+        print(f"  {row['layer']:<8} clipped {100 * row['clipped_share']:.3f}%  SQNR fake-quant "
+              f"{row['sqnr_fake_quant_db']:.1f} dB, integer {row['sqnr_integer_db']:.1f} dB  "
+              f"|acc| {row['accumulator_observed']:,} <= {row['accumulator_bound']:,}")
+
+
+COMMANDS = {"run": _run, "sweep": _sweep, "sensitivity": _sensitivity, "inspect": _inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

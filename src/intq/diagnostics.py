@@ -1,0 +1,108 @@
+"""`intq inspect`: per-layer diagnostics of one configuration.
+
+Per weighted layer: scales, zero points, multipliers, the share of values the output range clips,
+SQNR of the layer's own output quantization and of the whole integer pipeline against float, and
+the observed accumulator against its proven bound and the int32 limit.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from intq.capture import Graph, capture, run_float
+from intq.config import QConfig
+from intq.convert import convert, fused_relu, observed_tensors
+from intq.data import load_cifar10, normalize
+from intq.executors.reference import accumulate, run_integer
+from intq.files import ensure_writable_dir, staged_output, write_json
+from intq.integer_model import IntegerModel, QLayer
+from intq.qparams import dequantize, quantize
+from intq.study import activation_summary, calibrate, calibration_indices, clip_ranges
+from intq.sweep import SweepOptions, load_model
+
+INT32_LIMIT = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class InspectOptions:
+    model: str
+    data_dir: str | None
+    out_dir: Path
+    cache_dir: Path
+    config: QConfig
+    seed: int = 0
+    images: int = 1000
+    calib_samples: int = 10_000
+
+
+def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """10 log10(sum r^2 / sum (r - a)^2) in dB; +inf when the two are identical."""
+    noise = float(((reference.double() - approximation.double()) ** 2).sum())
+    signal = float((reference.double() ** 2).sum())
+    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
+
+
+def _summary(values) -> dict:
+    array = np.asarray(values, np.float64).ravel()
+    return {"min": float(array.min()), "max": float(array.max()), "median": float(np.median(array))}
+
+
+def layer_rows(graph: Graph, model: IntegerModel, pixels: torch.Tensor) -> list[dict]:
+    """Diagnostics of every QLayer on `pixels`, comparing at the layer's (ReLU-fused) output."""
+    floats, integers = {}, {}
+    with torch.no_grad():
+        run_float(graph, normalize(pixels), lambda name, value: floats.__setitem__(name, value))
+        run_integer(model, pixels, visit=lambda name, value: integers.__setitem__(name, value))
+    rows = []
+    for layer in model.quantized_layers():
+        relu = fused_relu(graph, graph.node(layer.name))
+        real = floats[relu.name if relu else layer.name]
+        out = layer.output_qparams
+        fake = dequantize(quantize(real, out), out)
+        integer = dequantize(integers[layer.name], out)
+        lo, hi = out.scale * (out.dtype.qmin - out.zero_point), out.scale * (out.dtype.qmax - out.zero_point)
+        acc = accumulate(layer, integers[layer.inputs[0]])
+        rows.append({
+            "layer": layer.name, "input_scale": float(layer.input_qparams.scale),
+            "input_zero_point": int(layer.input_qparams.zero_point),
+            "weight_bits": layer.weight_qparams.dtype.bits, "weight_scale": _summary(layer.weight_qparams.scale),
+            "output_scale": float(out.scale), "output_zero_point": int(out.zero_point), "output_type": out.dtype.name,
+            "mantissa": _summary(layer.mantissa), "shift": _summary(layer.shift),
+            "clipped_share": float(((real < float(lo)) | (real > float(hi))).double().mean()),
+            "sqnr_fake_quant_db": sqnr_db(real, fake), "sqnr_integer_db": sqnr_db(real, integer),
+            "accumulator_observed": int(acc.abs().max()), "accumulator_bound": int(layer.accumulator_bound),
+            "int32_limit": INT32_LIMIT,
+            "per_channel": {"weight_scale": np.asarray(layer.weight_qparams.scale).ravel().tolist(),
+                            "mantissa": layer.mantissa.tolist(), "shift": layer.shift.tolist()},
+        })
+    return rows
+
+
+def run_inspect(options: InspectOptions, log=print) -> dict:
+    """Calibrate, convert with options.config, diagnose on test images; write inspect.* files."""
+    from intq.diagnostics_report import write_inspect_report  # the report sits downstream
+
+    start = time.perf_counter()
+    out_dir = ensure_writable_dir(options.out_dir)
+    data = load_cifar10(options.data_dir, options.cache_dir, download=True, progress=log)
+    name, model = load_model(SweepOptions(options.model, options.data_dir, out_dir, options.cache_dir, options.seed), data)
+    graph = capture(model, normalize(data.train_images[:2]))
+    size = options.config.calibration_samples or options.calib_samples
+    stats = calibrate(graph, data.train_images[calibration_indices(len(data.train_images), size, options.seed)], "cpu")
+    integer = convert(graph, stats, options.config)
+    log(f"{name} under {options.config.name}: diagnosing {options.images} test images")
+    rows = layer_rows(graph, integer, data.test_images[: options.images])
+    results = {"model": name, "config": options.config.name, "description": options.config.description,
+               "images": options.images, "calibration_images": size, "layers": rows,
+               "activations": activation_summary(graph, stats, {options.config.name: clip_ranges(integer)}),
+               "observed": observed_tensors(graph), "timings_s": {"total": time.perf_counter() - start}}
+    with staged_output(out_dir) as staging:
+        write_inspect_report(results, staging)
+        write_json(staging / "inspect.json", results)
+    return results
+
