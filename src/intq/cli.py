@@ -72,6 +72,13 @@ def _add_common(command) -> None:
                          help="decoded data and trained weights (default: $INTQ_CACHE, else .cache/intq)")
 
 
+def _add_model_and_out(command, name: str) -> None:
+    """--model (a study model) and --out (default runs/<name>) for the analysis commands."""
+    command.add_argument("--model", choices=("Net", "NetWithBias"), default="Net", help="the study model (default: Net)")
+    command.add_argument("--out", metavar="DIR", type=Path, default=Path("runs") / name,
+                         help=f"output folder (default: runs/{name})")
+
+
 def _add_sweep(commands) -> None:
     sweep = commands.add_parser(
         "sweep", help="evaluate every range method x granularity x weight bits x activation bits",
@@ -79,7 +86,7 @@ def _add_sweep(commands) -> None:
         "convert and evaluate every combination integer-only on the test set. Writes sweep.json, "
         "sweep.html/sweep.md and sweep.png. Lists take spaces or commas.")
     _add_common(sweep)
-    sweep.add_argument("--model", choices=("Net", "NetWithBias"), default="Net", help="the study model (default: Net)")
+    _add_model_and_out(sweep, "sweep")
     sweep.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
                        help="range methods: minmax nsigma nsigma(K) percentile percentile(P) mse entropy (default: all five)")
     sweep.add_argument("--wbits", nargs="+", default=[str(b) for b in WEIGHT_BITS], metavar="B", help="weight bit widths, 2..8 (default: 8 6 4 3 2)")
@@ -90,7 +97,6 @@ def _add_sweep(commands) -> None:
                        help="mixed precision: weight bits per layer that override --wbits, e.g. conv1=8,fc3=8")
     sweep.add_argument("--calib-samples", type=int, metavar="N", default=10_000,
                        help="training images in the one calibration pass (default: 10000)")
-    sweep.add_argument("--out", metavar="DIR", type=Path, default=Path("runs/sweep"), help="output folder (default: runs/sweep)")
 
 
 def _add_sensitivity(commands) -> None:
@@ -101,14 +107,12 @@ def _add_sensitivity(commands) -> None:
         "accuracy stays within --max-drop points of 8-bit. Writes sensitivity.json, sensitivity.html/.md, "
         "sensitivity.png and the chosen mixed-precision model (.npz).")
     _add_common(command)
-    command.add_argument("--model", choices=("Net", "NetWithBias"), default="Net", help="the study model (default: Net)")
+    _add_model_and_out(command, "sensitivity")
     command.add_argument("--bits", type=int, default=2, help="the low weight bit width to probe, 2..8 (default: 2)")
     command.add_argument("--abits", type=int, default=8, help="activation bits (default: 8)")
     command.add_argument("--method", default="mse", help="range method (default: mse)")
     command.add_argument("--max-drop", type=float, default=1.0,
                          help="greedy search: largest validation accuracy loss vs 8-bit, in points (default: 1.0)")
-    command.add_argument("--out", metavar="DIR", type=Path, default=Path("runs/sensitivity"),
-                         help="output folder (default: runs/sensitivity)")
 
 
 def _add_inspect(commands) -> None:
@@ -119,15 +123,13 @@ def _add_inspect(commands) -> None:
         "the chosen ranges. Writes inspect.json, inspect.html/.md and inspect.png. The configuration is a preset, "
         "or a sweep cell when --method is given.")
     _add_common(command)
-    command.add_argument("--model", choices=("Net", "NetWithBias"), default="Net", help="the study model (default: Net)")
+    _add_model_and_out(command, "inspect")
     command.add_argument("--preset", choices=tuple(PRESETS), default="recommended", help="(default: recommended)")
     command.add_argument("--method", default=None, help="a sweep cell instead of a preset: range method")
     command.add_argument("--wbits", type=int, default=8, help="with --method: weight bits (default: 8)")
     command.add_argument("--abits", type=int, default=8, help="with --method: activation bits (default: 8)")
     command.add_argument("--granularity", choices=GRANULARITIES, default="per-channel", help="with --method")
     command.add_argument("--images", type=int, default=1000, help="test images to diagnose (default: 1000)")
-    command.add_argument("--out", metavar="DIR", type=Path, default=Path("runs/inspect"),
-                         help="output folder (default: runs/inspect)")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -20,7 +20,7 @@ from intq.convert import convert, fused_relu, observed_tensors
 from intq.data import load_cifar10, normalize
 from intq.executors.reference import accumulate, run_integer
 from intq.files import ensure_writable_dir, staged_output, write_json
-from intq.integer_model import IntegerModel, QLayer
+from intq.integer_model import IntegerModel
 from intq.qparams import dequantize, quantize
 from intq.study import activation_summary, calibrate, calibration_indices, clip_ranges
 from intq.sweep import SweepOptions, load_model
