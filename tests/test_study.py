@@ -84,3 +84,15 @@ def test_unwritable_out_is_named_before_any_work(tmp_path, image_folder, capsys)
     assert main(["run", "--data", str(image_folder), "--out", str(blocker / "sub"), "--cache", str(tmp_path / "c")]) == 2
     error = capsys.readouterr().err
     assert "file.txt" in error and "Traceback" not in error
+
+
+def test_report_carries_the_tradeoff_table(first_run):
+    out, _ = first_run
+    results = json.loads((out / "results.json").read_text())
+    net = results["tradeoffs"]["Net"]
+    assert set(net) == {"float", "study", "recommended"}
+    assert net["float"]["macs"] == net["study"]["macs"] == 651_720
+    assert net["study"]["arithmetic_uj"] < net["float"]["arithmetic_uj"] / 10
+    assert net["recommended"]["throughput_b256"] > 0 and net["float"]["latency_ms_b1"] > 0
+    assert "What int8 buys" in (out / "report.md").read_text()
+    assert (out / "tradeoffs_Net.png").exists()

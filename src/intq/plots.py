@@ -208,3 +208,26 @@ def sensitivity_figure(rows: Sequence[Mapping[str, Any]], bits: int, reference: 
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title("Per-layer sensitivity")
     return fig
+
+
+_TRADEOFF_METRICS = (("ideal_weight_bytes", "weight bytes"), ("arithmetic_uj", "arithmetic energy"),
+                     ("sram_uj", "SRAM energy"), ("mac_area_um2", "MAC area"),
+                     ("latency_ms_b1", "latency (batch 1)"), ("throughput_b256", "throughput (batch 256)"))
+
+
+def tradeoff_figure(model: str, configs: Mapping[str, Mapping[str, Any]]) -> Figure:
+    """Each configuration's figures divided by float's, on a log axis (1 = same as float)."""
+    fig = Figure(figsize=(8.5, 4.2))
+    fig.subplots_adjust(left=0.09, right=0.98, top=0.9, bottom=0.27)
+    ax = fig.subplots()
+    base = configs["float"]
+    series = [(name, preset_color(index), [c[key] / base[key] for key, _ in _TRADEOFF_METRICS])
+              for index, (name, c) in enumerate((n, c) for n, c in configs.items() if n != "float")]
+    _grouped_bars(ax, len(_TRADEOFF_METRICS), series)
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(_TRADEOFF_METRICS)), [label for _, label in _TRADEOFF_METRICS], rotation=20, ha="right")
+    ax.set_ylabel("relative to float32 (log)")
+    ax.set_title(plain(f"{model}: what int8 buys (below 1 = smaller/cheaper; throughput above 1 = faster)"), fontsize=10)
+    ax.legend(fontsize=8)
+    return fig

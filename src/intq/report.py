@@ -20,6 +20,7 @@ from intq import plots
 from intq.document import (MISSING, Block, Heading, Image, Paragraph, Table, delta, file_names,
                            integer, join, num, pct, points, seconds, share, write_document)
 from intq.files import ensure_writable_dir
+from intq.tradeoffs_report import tradeoff_section
 
 # The only stage names the report knows: their order. Unknown stages follow, as they appear.
 STAGES = ("float", "weights", "weights+bias-float", "weights+activations", "integer+bias")
@@ -392,9 +393,10 @@ def write_report(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     ensure_writable_dir(out_dir)  # fail before drawing any figure
     acc = _Accuracy.from_results(results)
     weights, activations = results.get("weights") or {}, results.get("activations") or {}
-    files = file_names(_ordered([*acc.models, *weights, *activations]))
+    files = file_names(_ordered([*acc.models, *weights, *activations, *(results.get("tradeoffs") or {})]))
     config = results.get("config") or {}
     blocks = [*_header(results), *_accuracy_section(acc), *_discussion(results, acc),
+              *tradeoff_section(results, files),
               *_weights_section(weights, files), *_activations_section(activations, files),
               *_training_section(results.get("training") or {}),
               *_agreement_section(results.get("agreement") or {}, config.get("agreement_images")),

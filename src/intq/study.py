@@ -20,6 +20,7 @@ from intq import __version__, integer_model
 from intq.capture import Graph, capture, run_float
 from intq.config import PRESETS, QConfig
 from intq.convert import collect_statistics, convert, observed_tensors
+from intq.costs import layer_costs, measured_speed, model_costs
 from intq.data import load_cifar10, normalize
 from intq.files import ensure_writable_dir, staged_output, write_json
 from intq.executors.reference import run_integer
@@ -192,7 +193,7 @@ def run_model(job: ModelJob) -> dict:
     test_pixels, labels = data.test_images.to(job.device), data.test_labels
     float_accuracy = accuracy(predict(model, normalize(test_pixels)), labels)
     rows = [{"model": job.model, "stage": "float", "preset": None, "accuracy": float_accuracy}]
-    stats_by_size, clips, agreement, files = {}, {}, {}, []
+    stats_by_size, clips, agreement, files, integers = {}, {}, {}, [], {}
     clock.lap("evaluate")
     for preset in map(lambda p: preset_for(job, p), PRESETS.values()):
         size = preset.calibration_samples
@@ -203,6 +204,7 @@ def run_model(job: ModelJob) -> dict:
         integer = convert(graph, stats_by_size[size], preset, {"model": job.model, "seed": job.seed,
                                                                "calibration_images": size or len(data.train_images)})
         clips[preset.name] = clip_ranges(integer)
+        integers[preset.name] = integer
         clock.lap("calibrate")
         rows += evaluate_preset(job, graph, integer, preset, test_pixels, labels)
         agreement[preset.name] = merged_agreement(integer, test_pixels[:AGREEMENT_IMAGES])
@@ -210,13 +212,33 @@ def run_model(job: ModelJob) -> dict:
         files.append({"model": job.model, "preset": preset.name, "file": path.name,
                       "bytes": integer_model.save(integer, path)})
         clock.lap("evaluate")
+    tradeoffs = tradeoff_rows(job, model, graph, integers, data.test_images, files)
+    clock.lap("evaluate")
     largest = max(stats_by_size, key=lambda size: size or len(data.train_images))
     return {"rows": rows, "weights": weight_summary(graph),
             "activations": activation_summary(graph, stats_by_size[largest], clips),
             "activation_images": largest or len(data.train_images),
-            "agreement": agreement, "models": files, "timings_s": clock.seconds,
+            "agreement": agreement, "models": files, "timings_s": clock.seconds, "tradeoffs": tradeoffs,
+            "layer_costs": [vars(cost) for cost in layer_costs(graph)],
             "training": {"losses": [list(entry) for entry in losses], "cached": cached,
                          "seconds": clock.seconds["train"]}}
+
+
+def tradeoff_rows(job: ModelJob, model: torch.nn.Module, graph: Graph, integers: dict[str, IntegerModel],
+                  pixels: torch.Tensor, files: list[dict]) -> dict[str, dict]:
+    """Per configuration (float, then each preset): sizes, MACs, estimated energy and area, and
+    measured latency/throughput of the executor that runs it (PyTorch float, reference integer)."""
+    costs = layer_costs(graph)
+    float_bytes = sum(4 * p.numel() for p in model.parameters())  # float32 parameters, as saved
+    rows = {"float": {**model_costs(costs, None, None), "file_bytes": float_bytes, "executor": "PyTorch float32",
+                      **measured_speed(lambda p: model(normalize(p)), pixels)}}
+    for name, integer in integers.items():
+        layers = integer.quantized_layers()
+        bits = max(layer.weight_qparams.dtype.bits for layer in layers)
+        file_bytes = next(f["bytes"] for f in files if f["preset"] == name)
+        rows[name] = {**model_costs(costs, bits, bits), "file_bytes": file_bytes, "executor": "intq reference (integer)",
+                      **measured_speed(lambda p, m=integer: run_integer(m, p), pixels)}
+    return rows
 
 
 def evaluate_preset(job: ModelJob, graph: Graph, integer: IntegerModel, preset: QConfig,
@@ -275,6 +297,8 @@ def assemble(parts: dict[str, dict], options: StudyOptions, source: str, timings
         "activations": {name: part["activations"] for name, part in parts.items()},
         "agreement": {name: part["agreement"] for name, part in parts.items()},
         "models": [entry for part in parts.values() for entry in part["models"]],
+        "tradeoffs": {name: part["tradeoffs"] for name, part in parts.items()},
+        "layer_costs": {name: part["layer_costs"] for name, part in parts.items()},
     }
 
 
