@@ -1,5 +1,5 @@
-"""Command line: `intq run` (the CIFAR-10 study), `intq sweep`, `intq sensitivity`, `intq inspect`.
-The only module that reads argv or the environment."""
+"""Command line: `intq run` (the CIFAR-10 study), `intq sweep`, `intq sensitivity`, `intq inspect`,
+`intq explain`. The only module that reads argv or the environment."""
 from __future__ import annotations
 
 import argparse
@@ -15,14 +15,17 @@ from intq.files import OutputError
 from intq.integer_model import ModelFileError
 from intq.calibration import parse_range_method
 from intq.config import PRESETS
+from intq import integer_model
+from intq.data import load_cifar10
 from intq.diagnostics import InspectOptions, run_inspect
+from intq.explain import ExplainError, cached_float_graph, explain
 from intq.sensitivity import SensitivityOptions, run_sensitivity
 from intq.study import StudyError, StudyOptions, run_study
 from intq.sweep import (ACTIVATION_BITS, GRANULARITIES, METHODS, WEIGHT_BITS, SweepCell, SweepError, SweepOptions,
                         cell_config, check_options, run_sweep)
 
 USER_ERRORS = (DataError, CaptureError, ConversionError, ExecutionError, OutputError, ModelFileError, StudyError,
-               SweepError, argparse.ArgumentTypeError)
+               SweepError, ExplainError, argparse.ArgumentTypeError)
 
 
 def _add_run(commands) -> None:
@@ -132,6 +135,20 @@ def _add_inspect(commands) -> None:
     command.add_argument("--images", type=int, default=1000, help="test images to diagnose (default: 1000)")
 
 
+def _add_explain(commands) -> None:
+    command = commands.add_parser(
+        "explain", help="how one output integer of one layer comes about",
+        description="For one output value of one layer on one test image: the integer inputs and weights "
+        "that feed it, the int32 accumulation, the bias, the mantissa and shift, the rounding, the zero point "
+        "and clamp, the final integer (checked against the reference executor), the dequantized value and the "
+        "float model's value there (when its trained weights are in the cache).")
+    command.add_argument("model_file", metavar="MODEL.npz", type=Path, help="an integer model written by intq")
+    command.add_argument("--layer", required=True, help="a conv/linear layer name, e.g. conv1")
+    command.add_argument("--image", type=int, default=0, help="test image number (default: 0)")
+    command.add_argument("--index", required=True, help="output element: C,Y,X for a conv, C for a linear layer")
+    _add_common(command)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="intq", description="Post-training quantization of PyTorch CNNs to integer-only inference.")
@@ -140,6 +157,7 @@ def parser() -> argparse.ArgumentParser:
     _add_sweep(commands)
     _add_sensitivity(commands)
     _add_inspect(commands)
+    _add_explain(commands)
     return root
 
 
@@ -193,7 +211,24 @@ def _inspect(args: argparse.Namespace) -> None:
               f"|acc| {row['accumulator_observed']:,} <= {row['accumulator_bound']:,}")
 
 
-COMMANDS = {"run": _run, "sweep": _sweep, "sensitivity": _sensitivity, "inspect": _inspect}
+def _explain(args: argparse.Namespace) -> None:
+    try:
+        index = tuple(int(part) for part in args.index.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--index: expected integers like 2,10,5, got {args.index!r}") from None
+    model = integer_model.load(args.model_file)
+    data = load_cifar10(args.data, args.cache)
+    if not 0 <= args.image < len(data.test_images):
+        raise argparse.ArgumentTypeError(f"--image {args.image}: the test set has {len(data.test_images)} images")
+    graph = cached_float_graph(model, data, args.cache)
+    result = explain(model, data.test_images[args.image], args.layer, index, graph)
+    print(f"test image {args.image} (label {data.classes[int(data.test_labels[args.image])]}), {args.model_file}")
+    print("\n".join(result.lines))
+    if graph is None:
+        print("float model              = unavailable (its trained weights are not in the cache)")
+
+
+COMMANDS = {"run": _run, "sweep": _sweep, "sensitivity": _sensitivity, "inspect": _inspect, "explain": _explain}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,82 @@
+"""`intq explain`: every line of the derivation is checked against the reference executor."""
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import calibrated, make_pixels
+from intq.config import RECOMMENDED, STUDY
+from intq.convert import convert
+from intq.executors.reference import accumulate, run_integer
+from intq.explain import ExplainError, explain
+from intq.models import NetWithBias
+
+
+class Strided(nn.Module):
+    """Padding, stride, dilation and groups, so the window arithmetic is exercised."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=True)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, bias=False)
+        self.fc = nn.Linear(6 * 16 * 16, 5)
+
+    def forward(self, x):
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return self.fc(torch.flatten(x, 1))
+
+
+def every_index(shape, count=40, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [tuple(int(torch.randint(0, n, (1,), generator=generator)) for n in shape) for _ in range(count)]
+
+
+@pytest.mark.parametrize("model_class", [NetWithBias, Strided])
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_explained_integer_equals_the_reference_everywhere(model_class, bits):
+    torch.manual_seed(0)
+    pixels = make_pixels(16)
+    graph, stats = calibrated(model_class().eval(), pixels)
+    config = replace(RECOMMENDED, weights=replace(RECOMMENDED.weights, bits=bits),
+                     activations=replace(RECOMMENDED.activations, bits=max(bits, 4)))
+    model = convert(graph, stats, config)
+    values = {}
+    run_integer(model, pixels[3:4], visit=lambda name, value: values.__setitem__(name, value[0]))
+    for layer in model.quantized_layers():
+        acc = accumulate(layer, values[layer.inputs[0]][None])[0]
+        for index in every_index(values[layer.name].shape):
+            e = explain(model, pixels[3], layer.name, index, graph)
+            assert e.final == e.reference == int(values[layer.name][index])
+            assert e.acc == int(acc[index])
+            assert e.acc == e.acc_without_bias + e.bias == sum(w * x for w, x in e.terms) + e.bias
+            assert e.rounded == round_half_away(e.product, 31 + e.shift)
+            assert e.final == min(max(e.zero_point + e.rounded, e.lower), e.upper)
+            assert "agrees" in e.lines[-2] or "agrees" in e.lines[-3]
+
+
+def round_half_away(product: int, shift: int) -> int:
+    magnitude = (abs(product) + (1 << (shift - 1))) >> shift
+    return magnitude if product >= 0 else -magnitude
+
+
+def test_study_preset_and_float_value():
+    torch.manual_seed(0)
+    pixels = make_pixels(8)
+    graph, stats = calibrated(NetWithBias().eval(), pixels)
+    model = convert(graph, stats, STUDY)
+    e = explain(model, pixels[0], "fc3", (4,), graph)
+    assert e.final == e.reference
+    assert abs(e.dequantized - e.float_value) < 10 * e.scale + 1.0  # the study preset clips at 3 sigma
+
+
+def test_unknown_layer_and_index_are_named():
+    torch.manual_seed(0)
+    pixels = make_pixels(4)
+    graph, stats = calibrated(NetWithBias().eval(), pixels)
+    model = convert(graph, stats, RECOMMENDED)
+    with pytest.raises(ExplainError, match="'conv9'.*conv1, conv2"):
+        explain(model, pixels[0], "conv9", (0,))
+    with pytest.raises(ExplainError, match="outside fc1"):
+        explain(model, pixels[0], "fc1", (500,))
