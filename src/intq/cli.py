@@ -1,5 +1,5 @@
 """Command line: `intq run` (the CIFAR-10 study), `intq sweep`, `intq sensitivity`, `intq inspect`,
-`intq explain`. The only module that reads argv or the environment."""
+`intq explain`, `intq export-c`. The only module that reads argv or the environment."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +18,7 @@ from intq.config import PRESETS
 from intq import integer_model
 from intq.data import load_cifar10
 from intq.diagnostics import InspectOptions, run_inspect
+from intq.executors.c_export import export_c
 from intq.explain import ExplainError, cached_float_graph, explain
 from intq.sensitivity import SensitivityOptions, run_sensitivity
 from intq.study import StudyError, StudyOptions, run_study
@@ -149,6 +150,18 @@ def _add_explain(commands) -> None:
     _add_common(command)
 
 
+def _add_export_c(commands) -> None:
+    command = commands.add_parser(
+        "export-c", help="export an integer model as portable C99 with golden vectors",
+        description="Writes model.h (int8 weights, int32 biases, mantissas, shifts, zero points, op table), the "
+        "intq C runtime (integer arithmetic only), golden.h (pixels and every op's reference output for "
+        "--images test images) and main.c. Build and check: cc -std=c99 -O2 main.c intq_runtime.c -o check && ./check")
+    command.add_argument("model_file", metavar="MODEL.npz", type=Path, help="an integer model written by intq")
+    command.add_argument("--out", metavar="DIR", type=Path, required=True, help="output folder")
+    command.add_argument("--images", type=int, default=4, help="golden test images (default: 4)")
+    _add_common(command)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="intq", description="Post-training quantization of PyTorch CNNs to integer-only inference.")
@@ -158,6 +171,7 @@ def parser() -> argparse.ArgumentParser:
     _add_sensitivity(commands)
     _add_inspect(commands)
     _add_explain(commands)
+    _add_export_c(commands)
     return root
 
 
@@ -228,7 +242,18 @@ def _explain(args: argparse.Namespace) -> None:
         print("float model              = unavailable (its trained weights are not in the cache)")
 
 
-COMMANDS = {"run": _run, "sweep": _sweep, "sensitivity": _sensitivity, "inspect": _inspect, "explain": _explain}
+def _export_c(args: argparse.Namespace) -> None:
+    if args.images < 1:
+        raise argparse.ArgumentTypeError(f"--images must be at least 1, got {args.images}")
+    model = integer_model.load(args.model_file)
+    data = load_cifar10(args.data, args.cache)
+    written = export_c(model, data.test_images[: args.images], args.out)
+    print(f"wrote {', '.join(path.name for path in written)} to {args.out}/")
+    print(f"check: cd {args.out} && cc -std=c99 -O2 main.c intq_runtime.c -o check && ./check")
+
+
+COMMANDS = {"run": _run, "sweep": _sweep, "sensitivity": _sensitivity, "inspect": _inspect, "explain": _explain,
+            "export-c": _export_c}
 
 
 def main(argv: list[str] | None = None) -> int:

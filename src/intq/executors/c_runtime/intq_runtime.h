@@ -1,0 +1,23 @@
+/* intq C99 runtime: integer-only inference of an intq IntegerModel (generated model.h).
+ * Every value is an integer; the only wide type is int64_t for the requantization product.
+ * Arithmetic contract: docs/math.md eq. 7-11. Rounding: half away from zero. */
+#ifndef INTQ_RUNTIME_H
+#define INTQ_RUNTIME_H
+#include <stdint.h>
+
+typedef struct {
+    int kind;                 /* 0 conv2d, 1 linear, 2 maxpool, 3 flatten (no-op), 4 relu */
+    int input;                /* index of the input buffer (-1: the model input) */
+    int in_c, in_h, in_w;     /* input shape (linear: in_c = features, in_h = in_w = 1) */
+    int out_c, out_h, out_w;  /* output shape */
+    int k_h, k_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups;
+    const int8_t *weight;     /* (out_c, in_c/groups, k_h, k_w) or (out_c, in_c) */
+    const int32_t *bias;      /* out_c values, or 0 */
+    const int32_t *mantissa;  /* out_c values: M0 in [2^30, 2^31) (0: multiplier rounds to 0) */
+    const int32_t *shift;     /* out_c values: n, M = M0 * 2^-(31 + n) */
+    int32_t input_zero, output_zero, lower, upper;  /* lower = output_zero under a fused ReLU */
+} intq_op;
+
+int32_t intq_requantize(int64_t acc, int32_t mantissa, int32_t shift, int32_t zero, int32_t lower, int32_t upper);
+void intq_run(const intq_op *ops, int count, const int32_t *input, int32_t **buffers);
+#endif

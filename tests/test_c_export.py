@@ -1,0 +1,53 @@
+"""The exported C99 model reproduces the reference executor bit for bit (skipped without a C compiler)."""
+import shutil
+import subprocess
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conftest import calibrated, make_pixels
+from intq.config import RECOMMENDED, STUDY
+from intq.convert import convert
+from intq.executors.c_export import export_c
+from intq.models import NetWithBias
+from test_explain import Strided
+
+COMPILER = shutil.which("cc") or shutil.which("gcc")
+pytestmark = pytest.mark.skipif(COMPILER is None, reason="no C compiler")
+
+
+def compile_and_run(folder) -> subprocess.CompletedProcess:
+    subprocess.run([COMPILER, "-std=c99", "-O2", "-Wall", "-Werror", "-pedantic", "main.c", "intq_runtime.c",
+                    "-o", "check"], cwd=folder, check=True, capture_output=True)
+    return subprocess.run(["./check"], cwd=folder, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("model_class", [NetWithBias, Strided])
+@pytest.mark.parametrize("config", [STUDY, RECOMMENDED,
+                                    replace(RECOMMENDED, weights=replace(RECOMMENDED.weights, bits=3),
+                                            activations=replace(RECOMMENDED.activations, bits=5))],
+                         ids=["study", "recommended", "w3a5"])
+def test_c_model_is_bit_exact(tmp_path, model_class, config):
+    torch.manual_seed(0)
+    pixels = make_pixels(6)
+    graph, stats = calibrated(model_class().eval(), pixels)
+    export_c(convert(graph, stats, config), pixels[:3], tmp_path)
+    result = compile_and_run(tmp_path)
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.startswith("OK 3 images")
+
+
+def test_c_check_detects_a_wrong_value(tmp_path):
+    torch.manual_seed(0)
+    pixels = make_pixels(4)
+    graph, stats = calibrated(NetWithBias().eval(), pixels)
+    export_c(convert(graph, stats, RECOMMENDED), pixels[:1], tmp_path)
+    golden = (tmp_path / "golden.h").read_text()
+    start = golden.index("GOLDEN_OP0[")
+    brace = golden.index("{", start) + 1
+    first_comma = golden.index(",", brace)
+    value = int(golden[brace:first_comma])
+    (tmp_path / "golden.h").write_text(golden[:brace] + f"\n  {value + 1}" + golden[first_comma:])
+    result = compile_and_run(tmp_path)
+    assert result.returncode == 1 and "MISMATCH image 0 op 0 value 0" in result.stdout
