@@ -51,3 +51,16 @@ def test_c_check_detects_a_wrong_value(tmp_path):
     (tmp_path / "golden.h").write_text(golden[:brace] + f"\n  {value + 1}" + golden[first_comma:])
     result = compile_and_run(tmp_path)
     assert result.returncode == 1 and "MISMATCH image 0 op 0 value 0" in result.stdout
+
+
+@pytest.mark.parametrize("config", [STUDY, RECOMMENDED], ids=["study", "recommended"])
+def test_c_model_with_residual_add_and_average_pools_is_bit_exact(tmp_path, config):
+    from test_ops import Residual
+
+    torch.manual_seed(0)
+    model = Residual().eval()
+    pixels = make_pixels(6)
+    graph, stats = calibrated(model, pixels)
+    export_c(convert(graph, stats, config), pixels[:3], tmp_path)
+    result = compile_and_run(tmp_path)
+    assert result.returncode == 0, result.stdout

@@ -38,7 +38,22 @@ class Linear:
 
 @dataclass(frozen=True)
 class ReLU:
-    pass
+    """max(x, 0), or min(max(x, 0), upper) for ReLU6 / clamp(0, upper) / hardtanh(0, upper)."""
+
+    upper: float | None = None
+
+
+@dataclass(frozen=True)
+class Add:
+    """Elementwise sum of two tensors (a residual connection)."""
+
+
+@dataclass(frozen=True)
+class AvgPool2d:
+    """Average over k x k windows (no padding); kernel_size None: over the whole feature map."""
+
+    kernel_size: tuple[int, int] | None
+    stride: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -58,8 +73,9 @@ class Identity:
     """Dropout in eval mode and nn.Identity."""
 
 
-Op = Conv2d | Linear | ReLU | MaxPool2d | Flatten | Identity
+Op = Conv2d | Linear | ReLU | MaxPool2d | AvgPool2d | Add | Flatten | Identity
 WEIGHTED = (Conv2d, Linear)
+REQUANTIZING = (Conv2d, Linear, Add, AvgPool2d)  # ops whose output needs its own quantization
 
 
 @dataclass(eq=False)
@@ -98,6 +114,15 @@ def _from_module(module: nn.Module) -> Op | None:
         return Linear(module.weight.detach().clone(), bias)
     if isinstance(module, nn.ReLU):
         return ReLU()
+    if isinstance(module, nn.ReLU6):
+        return ReLU(6.0)
+    if isinstance(module, nn.Hardtanh) and module.min_val == 0 and module.max_val > 0:
+        return ReLU(float(module.max_val))
+    if isinstance(module, nn.AvgPool2d) and module.padding in (0, (0, 0)) and not module.ceil_mode:
+        kernel = _pair(module.kernel_size)
+        return AvgPool2d(kernel, _pair(module.stride) if module.stride is not None else kernel)
+    if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1)):
+        return AvgPool2d(None)
     if isinstance(module, nn.MaxPool2d) and not module.ceil_mode and module.dilation in (1, (1, 1)):
         stride = module.stride if module.stride is not None else module.kernel_size
         return MaxPool2d(_pair(module.kernel_size), _pair(stride), _pair(module.padding))
@@ -113,6 +138,20 @@ def _from_call(node: torch.fx.Node) -> Op | None:
     target = node.target
     if target in (F.relu, torch.relu, "relu") and not node.kwargs.get("inplace", False):
         return ReLU()
+    if target is F.relu6:
+        return ReLU(6.0)
+    if target in (torch.clamp, "clamp", F.hardtanh):
+        low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min", node.kwargs.get("min_val"))
+        high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max", node.kwargs.get("max_val"))
+        return ReLU(float(high)) if low == 0 and isinstance(high, (int, float)) and high > 0 else None
+    if target in (operator.add, operator.iadd, torch.add, "add", "add_") and len(node.args) == 2 \
+            and all(isinstance(a, torch.fx.Node) for a in node.args) and not node.kwargs:
+        return Add()
+    if target is F.adaptive_avg_pool2d and node.args[1:] in ((1,), ((1, 1),)):
+        return AvgPool2d(None)
+    if target is F.avg_pool2d and len(node.args) >= 2 and not node.kwargs:
+        kernel = _pair(node.args[1])
+        return AvgPool2d(kernel, _pair(node.args[2]) if len(node.args) > 2 else kernel)
     if target in (torch.flatten, "flatten"):
         start_dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
         end_dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
@@ -164,7 +203,8 @@ def trace(model: nn.Module) -> Graph:
         if op is None:
             unsupported.append(_describe(fx_node, modules))
             continue
-        inputs = tuple(aliases.get(a.name, a.name) for a in fx_node.args if isinstance(a, torch.fx.Node))[:1]
+        sources = tuple(aliases.get(a.name, a.name) for a in fx_node.args if isinstance(a, torch.fx.Node))
+        inputs = sources if isinstance(op, Add) else sources[:1]
         nodes.append(Node(fx_node.name, op, inputs))
     if unsupported:
         raise CaptureError(f"{type(model).__name__}: unsupported operations: " + "; ".join(unsupported))
@@ -220,14 +260,20 @@ def max_pool(x: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, i
     return result
 
 
-def apply_op(op: Op, x: torch.Tensor) -> torch.Tensor:
-    """Run one captured op in float."""
+def apply_op(op: Op, x: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+    """Run one captured op in float (`others`: the second operand of an Add)."""
+    if isinstance(op, Add):
+        return x + others[0]
+    if isinstance(op, AvgPool2d):
+        if op.kernel_size is None:
+            return x.mean(dim=(2, 3), keepdim=True)
+        return F.avg_pool2d(x, op.kernel_size, op.stride)
     if isinstance(op, Conv2d):
         return F.conv2d(x, op.weight, op.bias, op.stride, op.padding, op.dilation, op.groups)
     if isinstance(op, Linear):
         return F.linear(x, op.weight, op.bias)
     if isinstance(op, ReLU):
-        return F.relu(x)
+        return F.relu(x) if op.upper is None else x.clamp(0.0, op.upper)
     if isinstance(op, MaxPool2d):
         return max_pool(x, op.kernel_size, op.stride, op.padding)
     if isinstance(op, Flatten):
@@ -241,7 +287,7 @@ def run_float(graph: Graph, x: torch.Tensor, visit: Callable[[str, torch.Tensor]
     if visit:
         visit(graph.input_name, x)
     for node in graph.nodes:
-        values[node.name] = apply_op(node.op, values[node.inputs[0]])
+        values[node.name] = apply_op(node.op, *(values[name] for name in node.inputs))
         if visit:
             visit(node.name, values[node.name])
     return values[graph.output_name]

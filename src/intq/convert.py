@@ -10,10 +10,11 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from intq.capture import WEIGHTED, Conv2d, Flatten, Graph, Identity, MaxPool2d, Node, ReLU, run_float
+from intq.capture import (REQUANTIZING, WEIGHTED, Add, Conv2d, Flatten, Graph, Identity, MaxPool2d, Node, ReLU,
+                          run_float)
 from intq.config import ActivationConfig, QConfig, WeightConfig
 from intq.fixed_point import quantize_multiplier, quantize_multipliers
-from intq.integer_model import InputSpec, IntegerModel, QFlatten, QLayer, QMaxPool, QReLU
+from intq.integer_model import InputSpec, IntegerModel, QAdd, QAvgPool, QFlatten, QLayer, QMaxPool, QReLU
 from intq.observers import TensorObserver, TensorStats, observe
 from intq.qparams import IntType, QParams, Scheme, choose_qparams, quantize, round_half_away_from_zero
 
@@ -48,9 +49,9 @@ def quant_point(graph: Graph, name: str) -> str:
 
 
 def observed_tensors(graph: Graph) -> dict[str, str]:
-    """{label: tensor name}: "input", then each weighted layer's quantization point, in order."""
+    """{label: tensor name}: "input", then each requantizing op's quantization point, in order."""
     names = {"input": graph.input_name}
-    for node in graph.weighted():
+    for node in (n for n in graph.nodes if isinstance(n.op, REQUANTIZING)):
         relu = fused_relu(graph, node)
         names[node.name] = quant_point(graph, relu.name if relu else node.name)
     return names
@@ -159,6 +160,48 @@ def convert_layer(node: Node, input_qp: QParams, output_qp: QParams, relu: bool,
                   mantissa, shift, relu, geometry, bound)
 
 
+def requantized_output(graph: Graph, node: Node, stats: dict[str, TensorStats], config: QConfig):
+    """(output QParams, fused ReLU node or None) of a requantizing op, from its quantization point."""
+    relu = fused_relu(graph, node)
+    point = quant_point(graph, relu.name if relu else node.name)
+    output_qp = activation_qparams(stats[point], config.activations, after_relu=relu is not None,
+                                   is_output=point == graph.output_name)
+    return output_qp, relu
+
+
+def convert_requantizing(node: Node, inputs_qp: list[QParams], output_qp: QParams, relu: Node | None,
+                         config: QConfig, input_stats: TensorStats | None):
+    """Conv/Linear -> QLayer, Add -> QAdd, AvgPool2d -> QAvgPool, with a fused ReLU (or ReLU6)."""
+    relu_max = relu.op.upper if relu else None
+    if isinstance(node.op, WEIGHTED):
+        layer = convert_layer(node, inputs_qp[0], output_qp, relu is not None, config)
+        layer.relu_max = relu_max
+        return layer
+    if isinstance(node.op, Add):
+        if max(qp.dtype.bits for qp in inputs_qp) > 9:  # the int64 budget of eq. 17 assumes |q - z| <= 2^9
+            raise ConversionError(f"add {node.name!r}: operands wider than 9 bits are not supported")
+        scales = [float(qp.scale) for qp in inputs_qp]
+        common = max(scales) / 2**20  # eq. 17: each operand keeps 20 more bits than its grid
+        mantissa, shift = quantize_multipliers(np.array([*(s / common for s in scales), common / float(output_qp.scale)]))
+        return QAdd(node.name, node.inputs, tuple(inputs_qp), output_qp, mantissa, shift, relu is not None, relu_max)
+    window = int(np.prod(node.op.kernel_size if node.op.kernel_size else input_stats.shape[1:]))
+    mantissa, shift = quantize_multipliers(np.array([float(inputs_qp[0].scale) / (window * float(output_qp.scale))]))
+    stride = node.op.stride if node.op.kernel_size else None
+    return QAvgPool(node.name, node.inputs, node.op.kernel_size, stride, inputs_qp[0], output_qp, mantissa, shift,
+                    relu is not None, relu_max)
+
+
+def _transparent_op(node: Node, sources: tuple[str, ...], qparams: QParams):
+    """Max-pool, flatten and an unfused ReLU act on the integers directly, keeping their qparams."""
+    if isinstance(node.op, MaxPool2d):
+        return QMaxPool(node.name, sources, node.op.kernel_size, node.op.stride, node.op.padding)
+    if isinstance(node.op, Flatten):
+        return QFlatten(node.name, sources)
+    if node.op.upper is not None:
+        raise ConversionError(f"{node.name!r}: a clamped ReLU must directly follow a conv, linear, add or average pool")
+    return QReLU(node.name, sources, int(qparams.zero_point))
+
+
 def check_layer_names(graph: Graph, config: QConfig) -> None:
     """Every layer named in a per-layer bit width must be a weighted layer of the graph."""
     known = [node.name for node in graph.weighted()]
@@ -177,30 +220,22 @@ def convert(graph: Graph, stats: dict[str, TensorStats], config: QConfig, metada
     for node in graph.nodes:
         if node.name in fused:
             continue
-        source = alias[node.inputs[0]]
+        sources = tuple(alias[name] for name in node.inputs)
         alias[node.name] = node.name
-        if isinstance(node.op, WEIGHTED):
-            relu = fused_relu(graph, node)
-            point = quant_point(graph, relu.name if relu else node.name)
-            output_qp = activation_qparams(stats[point], config.activations, after_relu=relu is not None,
-                                           is_output=point == graph.output_name)
-            layer = convert_layer(node, qparams_of[source], output_qp, relu is not None, config)
-            layer.inputs = (source,)
-            layers.append(layer)
+        if isinstance(node.op, REQUANTIZING):
+            output_qp, relu = requantized_output(graph, node, stats, config)
+            inputs_qp = [qparams_of[source] for source in sources]
+            op = convert_requantizing(node, inputs_qp, output_qp, relu, config, stats.get(node.inputs[0]))
+            op.inputs = sources
+            layers.append(op)
             if relu:
                 fused.add(relu.name)
                 alias[relu.name] = node.name
             qparams_of[node.name] = output_qp
-        elif isinstance(node.op, MaxPool2d):
-            layers.append(QMaxPool(node.name, (source,), node.op.kernel_size, node.op.stride, node.op.padding))
-            qparams_of[node.name] = qparams_of[source]
-        elif isinstance(node.op, Flatten):
-            layers.append(QFlatten(node.name, (source,)))
-            qparams_of[node.name] = qparams_of[source]
-        elif isinstance(node.op, ReLU):
-            layers.append(QReLU(node.name, (source,), int(qparams_of[source].zero_point)))
-            qparams_of[node.name] = qparams_of[source]
+        elif isinstance(node.op, (MaxPool2d, Flatten, ReLU)):
+            layers.append(_transparent_op(node, sources, qparams_of[sources[0]]))
+            qparams_of[node.name] = qparams_of[sources[0]]
         else:
-            alias[node.name] = source
+            alias[node.name] = sources[0]
     metadata = {"preset": config.name, **(metadata or {})}
     return IntegerModel(graph.input_name, spec, layers, alias[graph.output_name], metadata)

@@ -58,6 +58,59 @@ class QLayer:
     relu: bool
     geometry: dict = field(default_factory=dict)  # stride, padding, dilation, groups
     accumulator_bound: int = 0  # worst-case |acc| (eq. 11), proven < 2^31 at conversion
+    relu_max: float | None = None  # ReLU6-style upper clamp in real units
+
+    def bounds(self) -> tuple[int, int]:
+        return output_bounds(self.output_qparams, self.relu, self.relu_max)
+
+
+def output_bounds(qparams: QParams, relu: bool, relu_max: float | None = None) -> tuple[int, int]:
+    """Integer clamp of a requantized output (eq. 10): [qmin, qmax]; a fused ReLU raises the lower
+    bound to z (real 0); a ReLU6-style clamp lowers the upper bound to z + round(max / s)."""
+    zero, lower, upper = int(qparams.zero_point), qparams.dtype.qmin, qparams.dtype.qmax
+    if relu:
+        lower = max(zero, lower)
+    if relu_max is not None:
+        upper = min(upper, zero + int(np.floor(relu_max / float(qparams.scale) + 0.5)))
+    return lower, upper
+
+
+@dataclass(eq=False)
+class QAdd:
+    """y = a + b: each operand rescaled to a common fine scale s_i = max(s_a, s_b) / 2^20 with its
+    own fixed-point multiplier, summed exactly, then requantized to (s_y, z_y) (eq. 17)."""
+
+    name: str
+    inputs: tuple[str, ...]
+    input_qparams: tuple[QParams, QParams]
+    output_qparams: QParams
+    mantissa: np.ndarray  # (3,): operand a, operand b, output
+    shift: np.ndarray
+    relu: bool = False
+    relu_max: float | None = None
+
+    def bounds(self) -> tuple[int, int]:
+        return output_bounds(self.output_qparams, self.relu, self.relu_max)
+
+
+@dataclass(eq=False)
+class QAvgPool:
+    """Average pool: acc = sum over the window of (q - z_x), q_y = z_y + round(acc s_x / (N s_y)) (eq. 18);
+    kernel_size None pools the whole feature map."""
+
+    name: str
+    inputs: tuple[str, ...]
+    kernel_size: tuple[int, int] | None
+    stride: tuple[int, int] | None
+    input_qparams: QParams
+    output_qparams: QParams
+    mantissa: np.ndarray  # (1,)
+    shift: np.ndarray
+    relu: bool = False
+    relu_max: float | None = None
+
+    def bounds(self) -> tuple[int, int]:
+        return output_bounds(self.output_qparams, self.relu, self.relu_max)
 
 
 @dataclass(eq=False)
@@ -84,7 +137,7 @@ class QReLU:
     zero_point: int
 
 
-IntegerOp = QLayer | QMaxPool | QFlatten | QReLU
+IntegerOp = QLayer | QMaxPool | QFlatten | QReLU | QAdd | QAvgPool
 
 
 @dataclass(eq=False)
@@ -141,11 +194,19 @@ def _layer_meta(op: IntegerOp, arrays: dict) -> dict:
         arrays[f"{op.name}.shift"] = op.shift.astype(np.int8)  # n in [-30, 31] (fixed_point.py)
         if op.bias is not None:
             arrays[f"{op.name}.bias"] = op.bias.astype(np.int32)
-        meta.update(kind=op.kind, relu=op.relu, geometry=op.geometry, has_bias=op.bias is not None,
+        meta.update(kind=op.kind, relu=op.relu, relu_max=op.relu_max, geometry=op.geometry, has_bias=op.bias is not None,
                     accumulator_bound=int(op.accumulator_bound), **_store_weight(op, arrays),
                     weight_qparams=_qparams_meta(op.weight_qparams),
                     input_qparams=_qparams_meta(op.input_qparams),
                     output_qparams=_qparams_meta(op.output_qparams))
+    elif isinstance(op, (QAdd, QAvgPool)):
+        arrays[f"{op.name}.mantissa"] = op.mantissa.astype(np.int32)
+        arrays[f"{op.name}.shift"] = op.shift.astype(np.int8)
+        inputs = op.input_qparams if isinstance(op, QAdd) else (op.input_qparams,)
+        meta.update(relu=op.relu, relu_max=op.relu_max, output_qparams=_qparams_meta(op.output_qparams),
+                    input_qparams=[_qparams_meta(qp) for qp in inputs])
+        if isinstance(op, QAvgPool):
+            meta.update(kernel_size=op.kernel_size, stride=op.stride)
     elif isinstance(op, QMaxPool):
         meta.update(kernel_size=op.kernel_size, stride=op.stride, padding=op.padding)
     elif isinstance(op, QReLU):
@@ -161,12 +222,21 @@ def _layer_from(meta: dict, arrays) -> IntegerOp:
         return QFlatten(name, inputs)
     if meta["type"] == "QReLU":
         return QReLU(name, inputs, meta["zero_point"])
+    if meta["type"] in ("QAdd", "QAvgPool"):
+        qparams = [_qparams_from(qp) for qp in meta["input_qparams"]]
+        common = (_qparams_from(meta["output_qparams"]), arrays[f"{name}.mantissa"],
+                  arrays[f"{name}.shift"].astype(np.int32), meta["relu"], meta["relu_max"])
+        if meta["type"] == "QAdd":
+            return QAdd(name, inputs, tuple(qparams), *common)
+        kernel, stride = meta["kernel_size"], meta["stride"]
+        return QAvgPool(name, inputs, tuple(kernel) if kernel else None, tuple(stride) if stride else None,
+                        qparams[0], *common)
     return QLayer(
         name, meta["kind"], inputs, _load_weight(meta, arrays), _qparams_from(meta["weight_qparams"]),
         arrays[f"{name}.bias"] if meta["has_bias"] else None,
         _qparams_from(meta["input_qparams"]), _qparams_from(meta["output_qparams"]),
         arrays[f"{name}.mantissa"], arrays[f"{name}.shift"].astype(np.int32), meta["relu"], meta["geometry"],
-        meta["accumulator_bound"])
+        meta["accumulator_bound"], meta.get("relu_max"))
 
 
 def to_arrays(model: IntegerModel) -> dict[str, np.ndarray]:

@@ -26,6 +26,7 @@ class TensorStats:
     counts: np.ndarray  # int64, HISTOGRAM_BINS
     bin_width: float
     zeros: int = 0  # exact 0s of a non-negative tensor (post-ReLU spike): representable, error-free
+    shape: tuple[int, ...] = ()  # one sample's shape (the batch dimension dropped)
 
     @property
     def std(self) -> float:
@@ -90,10 +91,12 @@ class TensorObserver:
         self.counts = np.zeros(HISTOGRAM_BINS, np.int64)
         self.bin_width = 0.0
         self.zeros = 0
+        self.shape: tuple[int, ...] = ()
 
     def update(self, x: torch.Tensor) -> None:
-        """Fold a batch into the statistics. Raises ValueError on NaN or Inf."""
-        x = x.detach().reshape(-1)  # (any) -> (N,)
+        """Fold a batch (batch dimension first) into the statistics. Raises ValueError on NaN or Inf."""
+        self.shape = tuple(x.shape[1:])
+        x = x.detach().reshape(-1)  # (N, ...) -> (N * ...,)
         if x.numel() == 0:
             return
         lo, hi = (float(v) for v in torch.aminmax(x))
@@ -125,7 +128,7 @@ class TensorObserver:
             raise ValueError("observer has seen no values")
         var = self.m2 / self.count
         return TensorStats(
-            self.count, self.min, self.max, self.mean, var, self.counts.copy(), self.bin_width, self.zeros
+            self.count, self.min, self.max, self.mean, var, self.counts.copy(), self.bin_width, self.zeros, self.shape
         )
 
 

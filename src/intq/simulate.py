@@ -14,7 +14,7 @@ from intq.capture import Graph
 from intq.config import WeightConfig
 from intq.convert import weight_qparams
 from intq.executors.reference import pixels_to_input, run_op
-from intq.integer_model import IntegerModel, QLayer
+from intq.integer_model import IntegerModel, QAdd, QAvgPool, QLayer
 from intq.qparams import dequantize, quantize
 
 
@@ -49,8 +49,24 @@ def simulate_layer(layer: QLayer, x: torch.Tensor) -> torch.Tensor:
         real_y = F.conv2d(real_x, weight, bias, g["stride"], g["padding"], g["dilation"], g["groups"])
     else:
         real_y = F.linear(real_x, weight, bias)
-    q = quantize(real_y, layer.output_qparams)
-    return q.clamp(min=int(layer.output_qparams.zero_point)) if layer.relu else q
+    lower, upper = layer.bounds()
+    return quantize(real_y, layer.output_qparams).clamp(lower, upper)
+
+
+def simulate_op(op, *xs: torch.Tensor) -> torch.Tensor:
+    """The float64 fake-quant twin of any requantizing op: dequantize, compute in float, quantize."""
+    if isinstance(op, QLayer):
+        return simulate_layer(op, xs[0])
+    if isinstance(op, QAdd):
+        real = sum(dequantize(x, qp, torch.float64) for x, qp in zip(xs, op.input_qparams))
+    else:
+        real_x = dequantize(xs[0], op.input_qparams, torch.float64)
+        if op.kernel_size is None:
+            real = real_x.mean(dim=(2, 3), keepdim=True)
+        else:
+            real = torch.nn.functional.avg_pool2d(real_x, op.kernel_size, op.stride)
+    lower, upper = op.bounds()
+    return quantize(real, op.output_qparams).clamp(lower, upper)
 
 
 def layer_agreement(model: IntegerModel, pixels: torch.Tensor) -> list[dict]:
@@ -63,10 +79,10 @@ def layer_agreement(model: IntegerModel, pixels: torch.Tensor) -> list[dict]:
     values = {model.input_name: pixels_to_input(pixels, model)}
     with torch.no_grad():
         for op in model.layers:
-            x = values[op.inputs[0]]
-            values[op.name] = run_op(op, x)
-            if isinstance(op, QLayer):
-                simulated = simulate_layer(op, x.to(torch.int64))
+            xs = [values[name] for name in op.inputs]
+            values[op.name] = run_op(op, *xs)
+            if isinstance(op, (QLayer, QAdd, QAvgPool)):
+                simulated = simulate_op(op, *(x.to(torch.int64) for x in xs))
                 diff = (simulated - values[op.name].to(torch.int64)).abs()
                 rows.append({"layer": op.name, "values": diff.numel(), "differing": int((diff > 0).sum()),
                              "max_lsb": int(diff.max())})

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from intq.capture import max_pool
-from intq.fixed_point import requantize
-from intq.integer_model import IntegerModel, QFlatten, QLayer, QMaxPool, QReLU
+from intq.fixed_point import multiply_by_quantized_multiplier, requantize
+from intq.integer_model import IntegerModel, QAdd, QAvgPool, QFlatten, QLayer, QMaxPool, QReLU
 from intq.qparams import torch_dtype
 
 FLOAT32_EXACT = 2**24
@@ -91,13 +91,48 @@ def requantize_layer(layer: QLayer, acc: torch.Tensor) -> torch.Tensor:
     shape = (1, -1, 1, 1) if acc.dim() == 4 else (1, -1)
     mantissa = torch.as_tensor(layer.mantissa, device=acc.device).to(torch.int64).reshape(shape)
     shift = torch.as_tensor(layer.shift, device=acc.device).to(torch.int64).reshape(shape)
-    zero = int(out.zero_point)
-    lower = max(zero, out.dtype.qmin) if layer.relu else out.dtype.qmin
-    return requantize(acc, mantissa, shift, zero, lower, out.dtype.qmax).to(torch_dtype(out.dtype))
+    lower, upper = layer.bounds()
+    return requantize(acc, mantissa, shift, int(out.zero_point), lower, upper).to(torch_dtype(out.dtype))
 
 
-def run_op(op, x: torch.Tensor) -> torch.Tensor:
-    """One integer op on its integer input."""
+def _multiplier(op, index: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(int(op.mantissa[index]), dtype=torch.int64, device=device),
+            torch.tensor(int(op.shift[index]), dtype=torch.int64, device=device))
+
+
+def add(op: QAdd, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """q_y = clamp(z_y + round(M_y (round(M_a (q_a - z_a)) + round(M_b (q_b - z_b))))) (eq. 17).
+
+    M_a = s_a / s_i, M_b = s_b / s_i with s_i = max(s_a, s_b) / 2^20, so each operand keeps 20 more
+    bits than its own grid; budget: |q - z| <= 2^16 times M <= 2^20 stays below 2^37 in int64.
+    """
+    terms = []
+    for index, (q, qp) in enumerate(zip((a, b), op.input_qparams)):
+        centred = q.to(torch.int64) - int(qp.zero_point)
+        terms.append(multiply_by_quantized_multiplier(centred, *_multiplier(op, index, q.device)))
+    lower, upper = op.bounds()
+    y = requantize(terms[0] + terms[1], *_multiplier(op, 2, a.device), int(op.output_qparams.zero_point), lower, upper)
+    return y.to(torch_dtype(op.output_qparams.dtype))
+
+
+def avg_pool(op: QAvgPool, x: torch.Tensor) -> torch.Tensor:
+    """acc = sum over the window of (q_x - z_x) (exact int64), q_y = clamp(z_y + round(M acc)),
+    M = s_x / (N s_y) with N the window size (eq. 18)."""
+    centred = x.to(torch.int64) - int(op.input_qparams.zero_point)
+    if op.kernel_size is None:
+        acc = centred.sum(dim=(2, 3), keepdim=True)
+    else:
+        (kh, kw), (sh, sw) = op.kernel_size, op.stride
+        acc = centred.unfold(2, kh, sh).unfold(3, kw, sw).sum(dim=(-2, -1))  # (N, C, H', W', kh, kw) -> (N, C, H', W')
+    lower, upper = op.bounds()
+    y = requantize(acc, *_multiplier(op, 0, x.device), int(op.output_qparams.zero_point), lower, upper)
+    return y.to(torch_dtype(op.output_qparams.dtype))
+
+
+def run_op(op, x: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+    """One integer op on its integer input(s)."""
+    if isinstance(op, QAdd):
+        return add(op, x, others[0])
     if isinstance(op, QLayer):
         return requantize_layer(op, accumulate(op, x))
     if isinstance(op, QMaxPool):
@@ -106,6 +141,8 @@ def run_op(op, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], -1)  # (N, C, H, W) -> (N, C*H*W)
     if isinstance(op, QReLU):
         return x.clamp(min=op.zero_point)
+    if isinstance(op, QAvgPool):
+        return avg_pool(op, x)
     raise ExecutionError(f"unknown integer op {type(op).__name__}")
 
 
@@ -149,7 +186,7 @@ def run_integer(
                 values[following.name] = run_layer_then_pool(op, following, values[op.inputs[0]])
                 index += 2
                 continue
-            values[op.name] = run_op(op, values[op.inputs[0]])
+            values[op.name] = run_op(op, *(values[name] for name in op.inputs))
             if visit:
                 visit(op.name, values[op.name])
             index += 1

@@ -1,0 +1,101 @@
+"""Small random models of each supported op: residual add, average pools, ReLU6, BatchNorm, groups."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import calibrated, make_pixels
+from intq import integer_model
+from intq.config import RECOMMENDED, STUDY
+from intq.convert import convert
+from intq.executors.reference import run_integer
+from intq.simulate import layer_agreement
+
+
+class Residual(nn.Module):
+    """conv-BN-ReLU, a residual block with a 1x1 projection, ReLU6, average pools, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv_a = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.conv_b = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.project = nn.Conv2d(8, 16, 1, stride=2)
+        self.pool = nn.AvgPool2d(2)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        y = F.relu6(self.conv_a(x))
+        y = self.conv_b(y)
+        x = F.relu(y + self.project(x))
+        x = self.pool(x)
+        x = F.adaptive_avg_pool2d(x, 1)
+        return self.head(torch.flatten(x, 1))
+
+
+@pytest.fixture(scope="module")
+def residual():
+    torch.manual_seed(0)
+    model = Residual()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.2, 0.2)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("preset", [STUDY, RECOMMENDED], ids=lambda p: p.name)
+def test_residual_model_runs_integer_only(residual, preset):
+    pixels = make_pixels(16)
+    graph, stats = calibrated(residual, pixels)
+    model = convert(graph, stats, preset)
+    kinds = {type(op).__name__ for op in model.layers}
+    assert {"QAdd", "QAvgPool", "QLayer"} <= kinds
+    seen = {}
+    run_integer(model, pixels, visit=lambda name, value: seen.__setitem__(name, value.dtype))
+    assert all(not dtype.is_floating_point for dtype in seen.values())
+    assert torch.equal(run_integer(model, pixels), run_integer(model, pixels, visit=lambda n, v: None))
+
+
+def test_residual_model_tracks_the_float_model(residual):
+    pixels = make_pixels(32)
+    graph, stats = calibrated(residual, pixels)
+    model = convert(graph, stats, RECOMMENDED)
+    logits = run_integer(model, pixels).to(torch.int64)
+    qp = model.output_qparams()
+    real = (logits - int(qp.zero_point)).double() * float(qp.scale)
+    with torch.no_grad():
+        expected = residual((pixels.float() / 255 - 0.5) / 0.5).double()
+    assert torch.corrcoef(torch.stack([real.flatten(), expected.flatten()]))[0, 1] > 0.98
+
+
+def test_residual_model_agrees_with_the_simulation(residual):
+    """Add rounds twice (operands to a 2^-20 grid, then the sum): at most 1 LSB, rarely."""
+    pixels = make_pixels(16)
+    graph, stats = calibrated(residual, pixels)
+    rows = layer_agreement(convert(graph, stats, RECOMMENDED), pixels)
+    assert {row["layer"] for row in rows} >= {"stem", "conv_a", "add", "pool", "adaptive_avg_pool2d", "head"}
+    for row in rows:
+        assert row["max_lsb"] <= 1 and row["differing"] <= 0.001 * row["values"], row
+
+
+def test_relu6_clamps_at_six(residual):
+    pixels = make_pixels(16)
+    graph, stats = calibrated(residual, pixels)
+    model = convert(graph, stats, RECOMMENDED)
+    conv_a = model.layer("conv_a")
+    lower, upper = conv_a.bounds()
+    assert conv_a.relu_max == 6.0
+    assert float(conv_a.output_qparams.scale) * (upper - int(conv_a.output_qparams.zero_point)) <= 6.0 + 1e-9
+
+
+def test_residual_model_round_trips_through_npz(tmp_path, residual):
+    pixels = make_pixels(8)
+    graph, stats = calibrated(residual, pixels)
+    model = convert(graph, stats, RECOMMENDED)
+    integer_model.save(model, tmp_path / "residual.npz")
+    with np.load(tmp_path / "residual.npz", allow_pickle=False) as archive:
+        assert archive["add.mantissa"].dtype == np.int32
+    assert torch.equal(run_integer(integer_model.load(tmp_path / "residual.npz"), pixels), run_integer(model, pixels))
