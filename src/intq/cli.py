@@ -1,5 +1,6 @@
 """Command line: `intq run` (the CIFAR-10 study), `intq sweep`, `intq sensitivity`, `intq inspect`,
-`intq explain`, `intq export-c`. The only module that reads argv or the environment."""
+`intq explain`, `intq export-c`, `intq train`, `intq quantize`, `intq eval`. The only module that reads
+argv or the environment."""
 from __future__ import annotations
 
 import argparse
@@ -20,13 +21,16 @@ from intq.data import load_cifar10
 from intq.diagnostics import InspectOptions, run_inspect
 from intq.executors.c_export import export_c
 from intq.explain import ExplainError, cached_float_graph, explain
+from intq.models import ARCHITECTURES
+from intq.quantize import CheckpointError, integer_accuracy, load_checkpoint, quantize_checkpoint, train_architecture
+from intq.train import ClassifierRecipe
 from intq.sensitivity import SensitivityOptions, run_sensitivity
 from intq.study import StudyError, StudyOptions, run_study
 from intq.sweep import (ACTIVATION_BITS, GRANULARITIES, METHODS, WEIGHT_BITS, SweepCell, SweepError, SweepOptions,
                         cell_config, check_options, run_sweep)
 
 USER_ERRORS = (DataError, CaptureError, ConversionError, ExecutionError, OutputError, ModelFileError, StudyError,
-               SweepError, ExplainError, argparse.ArgumentTypeError)
+               SweepError, ExplainError, CheckpointError, argparse.ArgumentTypeError)
 
 
 def _add_run(commands) -> None:
@@ -162,6 +166,30 @@ def _add_export_c(commands) -> None:
     _add_common(command)
 
 
+def _add_train_quantize_eval(commands) -> None:
+    train = commands.add_parser("train", help="train an architecture on CIFAR-10 (e.g. resnet20)",
+                                description="Train with SGD (Nesterov momentum 0.9, weight decay 5e-4, cosine lr), "
+                                "random shifts and flips; writes a pickle-free .npz checkpoint.")
+    train.add_argument("--arch", choices=tuple(ARCHITECTURES), default="resnet20", help="(default: resnet20)")
+    train.add_argument("--epochs", type=int, default=10, help="(default: 10)")
+    train.add_argument("--batch-size", type=int, default=128, help="(default: 128)")
+    train.add_argument("--lr", type=float, default=0.1, help="peak learning rate (default: 0.1)")
+    train.add_argument("--out", metavar="FILE", type=Path, default=None, help="checkpoint (default: runs/<arch>/<arch>.npz)")
+    _add_common(train)
+    quantize = commands.add_parser("quantize", help="quantize a checkpoint to an integer model",
+                                   description="Calibrate on training images, convert to an IntegerModel (.npz), and "
+                                   "report float and integer-only test accuracy.")
+    quantize.add_argument("checkpoint", metavar="CHECKPOINT", type=Path, help="a checkpoint written by intq train")
+    quantize.add_argument("--arch", choices=tuple(ARCHITECTURES), required=True)
+    quantize.add_argument("--preset", choices=tuple(PRESETS), default="recommended", help="(default: recommended)")
+    quantize.add_argument("--calib-samples", type=int, default=10_000, help="(default: 10000)")
+    quantize.add_argument("--out", metavar="MODEL.npz", type=Path, default=None, help="(default: beside the checkpoint)")
+    _add_common(quantize)
+    evaluate = commands.add_parser("eval", help="integer-only test accuracy of an integer model")
+    evaluate.add_argument("model_file", metavar="MODEL.npz", type=Path)
+    _add_common(evaluate)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="intq", description="Post-training quantization of PyTorch CNNs to integer-only inference.")
@@ -172,6 +200,7 @@ def parser() -> argparse.ArgumentParser:
     _add_inspect(commands)
     _add_explain(commands)
     _add_export_c(commands)
+    _add_train_quantize_eval(commands)
     return root
 
 
@@ -252,7 +281,31 @@ def _export_c(args: argparse.Namespace) -> None:
     print(f"check: cd {args.out} && cc -std=c99 -O2 main.c intq_runtime.c -o check && ./check")
 
 
-COMMANDS = {"run": _run, "sweep": _sweep, "sensitivity": _sensitivity, "inspect": _inspect, "explain": _explain,
+def _train(args: argparse.Namespace) -> None:
+    if args.epochs < 1 or args.batch_size < 1:
+        raise argparse.ArgumentTypeError("--epochs and --batch-size must be at least 1")
+    out = args.out or Path("runs") / args.arch / f"{args.arch}.npz"
+    recipe = ClassifierRecipe(args.epochs, args.batch_size, args.lr)
+    result = train_architecture(args.arch, load_cifar10(args.data, args.cache), recipe, args.seed, out)
+    print(f"checkpoint {out}; {result['seconds']:.0f} s; test accuracy {result['history'][-1]['test_accuracy']:.2f}%")
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    data = load_cifar10(args.data, args.cache)
+    model = load_checkpoint(args.checkpoint, args.arch)
+    out = args.out or args.checkpoint.with_name(f"{args.checkpoint.stem}-{args.preset}-int.npz")
+    result = quantize_checkpoint(model, data, PRESETS[args.preset], args.calib_samples, args.seed, out,
+                                 {"model": args.arch, "checkpoint": str(args.checkpoint)})
+    print(f"{out}: {result['bytes']:,} bytes; float {result['float_accuracy']:.2f}%, integer-only "
+          f"{result['integer_accuracy']:.2f}% (drop {result['float_accuracy'] - result['integer_accuracy']:.2f} points)")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    model = integer_model.load(args.model_file)
+    print(f"{args.model_file}: integer-only test accuracy {integer_accuracy(model, load_cifar10(args.data, args.cache)):.2f}%")
+
+
+COMMANDS = {"train": _train, "quantize": _quantize, "eval": _eval, "run": _run, "sweep": _sweep, "sensitivity": _sensitivity, "inspect": _inspect, "explain": _explain,
             "export-c": _export_c}
 
 

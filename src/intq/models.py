@@ -36,3 +36,48 @@ class NetWithBias(Net):
 
 
 MODELS = {"Net": Net, "NetWithBias": NetWithBias}
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with a residual connection; a 1x1 conv-BN projection when the shape changes."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """ResNet-20 for CIFAR-10 (He et al. 2016, sec. 4.2): 3 stages of 3 blocks, 16/32/64 channels,
+    global average pool; projection shortcuts (option B) where the shape changes."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        blocks, channels = [], 16
+        for stage, width in enumerate((16, 32, 64)):
+            for index in range(3):
+                blocks.append(BasicBlock(channels, width, 2 if stage > 0 and index == 0 else 1))
+                channels = width
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        x = self.pool(self.blocks(x))
+        return self.fc(torch.flatten(x, 1))
+
+
+ARCHITECTURES = {"Net": Net, "NetWithBias": NetWithBias, "resnet20": ResNet20}
