@@ -64,3 +64,23 @@ def test_c_model_with_residual_add_and_average_pools_is_bit_exact(tmp_path, conf
     export_c(convert(graph, stats, config), pixels[:3], tmp_path)
     result = compile_and_run(tmp_path)
     assert result.returncode == 0, result.stdout
+
+
+def test_verify_counts_no_difference_for_the_c_executor():
+    from intq.verify import verify
+
+    torch.manual_seed(0)
+    pixels = make_pixels(40)
+    graph, stats = calibrated(NetWithBias().eval(), pixels)
+    row = verify(convert(graph, stats, RECOMMENDED), pixels)["c"]
+    assert row == {"values": 400, "differing_share": 0.0, "max_lsb": 0, "top1_differing_share": 0.0}
+
+
+def test_verify_names_an_executor_that_is_not_built():
+    from intq.verify import VerifyError, verify
+
+    torch.manual_seed(0)
+    pixels = make_pixels(4)
+    graph, stats = calibrated(NetWithBias().eval(), pixels)
+    with pytest.raises(VerifyError, match="'onnx'"):
+        verify(convert(graph, stats, RECOMMENDED), pixels, ("onnx",))

@@ -1,6 +1,6 @@
 """Command line: `intq run` (the CIFAR-10 study), `intq sweep`, `intq sensitivity`, `intq inspect`,
-`intq explain`, `intq export-c`, `intq train`, `intq quantize`, `intq eval`. The only module that reads
-argv or the environment."""
+`intq explain`, `intq export-c`, `intq train`, `intq quantize`, `intq eval`, `intq verify`. The only
+module that reads argv or the environment."""
 from __future__ import annotations
 
 import argparse
@@ -24,13 +24,14 @@ from intq.explain import ExplainError, cached_float_graph, explain
 from intq.models import ARCHITECTURES
 from intq.quantize import CheckpointError, integer_accuracy, load_checkpoint, quantize_checkpoint, train_architecture
 from intq.train import ClassifierRecipe
+from intq.verify import VerifyError, verify
 from intq.sensitivity import SensitivityOptions, run_sensitivity
 from intq.study import StudyError, StudyOptions, run_study
 from intq.sweep import (ACTIVATION_BITS, GRANULARITIES, METHODS, WEIGHT_BITS, SweepCell, SweepError, SweepOptions,
                         cell_config, check_options, run_sweep)
 
 USER_ERRORS = (DataError, CaptureError, ConversionError, ExecutionError, OutputError, ModelFileError, StudyError,
-               SweepError, ExplainError, CheckpointError, argparse.ArgumentTypeError)
+               SweepError, ExplainError, CheckpointError, VerifyError, argparse.ArgumentTypeError)
 
 
 def _add_run(commands) -> None:
@@ -188,6 +189,13 @@ def _add_train_quantize_eval(commands) -> None:
     evaluate = commands.add_parser("eval", help="integer-only test accuracy of an integer model")
     evaluate.add_argument("model_file", metavar="MODEL.npz", type=Path)
     _add_common(evaluate)
+    check = commands.add_parser("verify", help="check other executors against the reference on the test set",
+                                description="Share of output values that differ from the reference executor, the "
+                                "largest difference in LSB, and the share of images whose top-1 differs.")
+    check.add_argument("model_file", metavar="MODEL.npz", type=Path)
+    check.add_argument("--executors", nargs="+", default=["c"], help="executors to check (built so far: c)")
+    check.add_argument("--images", type=int, default=None, help="test images (default: all)")
+    _add_common(check)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -305,7 +313,15 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"{args.model_file}: integer-only test accuracy {integer_accuracy(model, load_cifar10(args.data, args.cache)):.2f}%")
 
 
-COMMANDS = {"train": _train, "quantize": _quantize, "eval": _eval, "run": _run, "sweep": _sweep, "sensitivity": _sensitivity, "inspect": _inspect, "explain": _explain,
+def _verify(args: argparse.Namespace) -> None:
+    model = integer_model.load(args.model_file)
+    pixels = load_cifar10(args.data, args.cache).test_images[: args.images]
+    for name, row in verify(model, pixels, _words(args.executors)).items():
+        print(f"{name}: {row['values']:,} output values on {len(pixels):,} images; differing {100 * row['differing_share']:.4f}%, "
+              f"max {row['max_lsb']} LSB; top-1 differs on {100 * row['top1_differing_share']:.3f}% of images")
+
+
+COMMANDS = {"train": _train, "quantize": _quantize, "eval": _eval, "verify": _verify, "run": _run, "sweep": _sweep, "sensitivity": _sensitivity, "inspect": _inspect, "explain": _explain,
             "export-c": _export_c}
 
 
