@@ -11,6 +11,8 @@ every weight is read once per image and every activation written once and read o
 """
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -91,9 +93,6 @@ def model_costs(costs: list[LayerCost], weight_bits: int | None, activation_bits
 
 def median_seconds(run, repeats: int) -> float:
     """Median wall time of `run()` over `repeats` calls, after one warm-up call."""
-    import statistics
-    import time
-
     run()
     times = []
     for _ in range(repeats):

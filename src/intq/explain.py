@@ -7,14 +7,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
 
 import torch
 
-from intq.capture import Graph, run_float
+from intq.capture import Graph, capture, run_float
 from intq.convert import fused_relu
 from intq.data import normalize
 from intq.executors.reference import run_integer
 from intq.integer_model import IntegerModel, QLayer
+from intq.models import MODELS
+from intq.study import data_fingerprint
+from intq.train import Recipe, load_weights, weights_key
 
 
 class ExplainError(Exception):
@@ -144,13 +148,6 @@ def describe(e: Explanation, layer: QLayer) -> list[str]:
 
 def cached_float_graph(model: IntegerModel, data, cache_dir) -> Graph | None:
     """The float model the integer model came from, when its trained weights are in the cache."""
-    from pathlib import Path
-
-    from intq.capture import capture
-    from intq.models import MODELS
-    from intq.study import data_fingerprint
-    from intq.train import Recipe, load_weights, weights_key
-
     name, seed = model.metadata.get("model"), model.metadata.get("seed")
     if name not in MODELS or seed is None:
         return None

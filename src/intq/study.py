@@ -6,7 +6,9 @@ against the float simulation. The parent gathers the results; `run_study` writes
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
@@ -142,8 +144,6 @@ def activation_summary(graph: Graph, stats: dict[str, TensorStats], clips: dict[
 
 def data_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
     """A cheap identity of the training data: labels and every 50th image, hashed."""
-    import hashlib
-
     digest = hashlib.sha256(labels.numpy().tobytes())
     digest.update(images[::50].contiguous().numpy().tobytes())
     return digest.hexdigest()[:20]
@@ -269,8 +269,6 @@ class StudyError(Exception):
 
 
 def machine_description() -> str:
-    import platform
-
     return (f"{os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
             f"Python {platform.python_version()}, torch {torch.__version__}")
 

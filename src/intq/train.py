@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from intq.data import normalize
 from intq.files import atomic_write
 
 
@@ -167,8 +168,6 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
 
     lr(t) = lr / 2 * (1 + cos(pi t / T)) over all T steps.
     """
-    from intq.data import normalize
-
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay, nesterov=True)

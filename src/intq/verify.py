@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,6 @@ def run_c(model: IntegerModel, pixels: torch.Tensor) -> torch.Tensor:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise VerifyError("executor c: no C compiler (cc or gcc) on this machine")
-    from importlib import resources
-
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         export_c(model, pixels[:1], folder)

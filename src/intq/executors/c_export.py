@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from intq.executors.reference import run_integer
+from intq.executors.reference import pixels_to_input, run_integer
 from intq.files import atomic_write_text, ensure_writable_dir
 from intq.integer_model import IntegerModel, QAdd, QAvgPool, QFlatten, QLayer, QMaxPool, QReLU
 
@@ -79,8 +79,6 @@ def _op_entry(op, index_of: dict[str, int], in_shape, out_shape) -> str:
 
 def _input_lut(model: IntegerModel) -> np.ndarray:
     """The first layer's integer input for each pixel value 0..255 (eq. 14)."""
-    from intq.executors.reference import pixels_to_input
-
     every_pixel = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 1, 256)
     return pixels_to_input(every_pixel, model).reshape(-1).to(torch.int64).numpy()
 
