@@ -48,3 +48,15 @@ def test_bad_options_are_named(tmp_path, capsys, option, value, named):
     argv = ["sweep", "--data", str(tmp_path), "--out", str(tmp_path / "o"), option, value]
     assert main(argv) == 2
     assert named in capsys.readouterr().err
+
+
+def test_sweep_takes_a_checkpoint(tmp_path):
+    data = write_image_folder(tmp_path / "data", train_per_class=8, test_per_class=2)
+    common = ["--data", str(data), "--cache", str(tmp_path / "cache")]
+    checkpoint = tmp_path / "mine.npz"
+    assert main(["train", "--arch", "Net", "--epochs", "1", "--batch-size", "16", "--out", str(checkpoint), *common]) == 0
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", str(checkpoint), "--arch", "Net", "--methods", "mse", "--wbits", "4",
+                 "--abits", "8", "--calib-samples", "40", "--out", str(out), *common]) == 0
+    results = json.loads((out / "sweep.json").read_text())
+    assert results["model"] == "mine" and len(results["rows"]) == 1

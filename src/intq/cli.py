@@ -81,9 +81,15 @@ def _add_common(command) -> None:
                          help="decoded data and trained weights (default: $INTQ_CACHE, else .cache/intq)")
 
 
-def _add_model_and_out(command, name: str) -> None:
-    """--model (a study model) and --out (default runs/<name>) for the analysis commands."""
-    command.add_argument("--model", choices=("Net", "NetWithBias"), default="Net", help="the study model (default: Net)")
+def _add_model_and_out(command, name: str, checkpoints: bool = False) -> None:
+    """--model (a study model, or a checkpoint with --arch) and --out (default runs/<name>)."""
+    if checkpoints:
+        command.add_argument("--model", default="Net", metavar="Net|NetWithBias|CHECKPOINT",
+                             help="a study model, or a checkpoint written by intq train (default: Net)")
+        command.add_argument("--arch", choices=tuple(ARCHITECTURES), default="Net",
+                             help="the architecture of a CHECKPOINT (default: Net)")
+    else:
+        command.add_argument("--model", choices=("Net", "NetWithBias"), default="Net", help="the study model (default: Net)")
     command.add_argument("--out", metavar="DIR", type=Path, default=Path("runs") / name,
                          help=f"output folder (default: runs/{name})")
 
@@ -95,7 +101,7 @@ def _add_sweep(commands) -> None:
         "convert and evaluate every combination integer-only on the test set. Writes sweep.json, "
         "sweep.html/sweep.md and sweep.png. Lists take spaces or commas.")
     _add_common(sweep)
-    _add_model_and_out(sweep, "sweep")
+    _add_model_and_out(sweep, "sweep", checkpoints=True)
     sweep.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
                        help="range methods: minmax nsigma nsigma(K) percentile percentile(P) mse entropy (default: all five)")
     sweep.add_argument("--wbits", nargs="+", default=[str(b) for b in WEIGHT_BITS], metavar="B", help="weight bit widths, 2..8 (default: 8 6 4 3 2)")
@@ -225,7 +231,7 @@ def _run(args: argparse.Namespace) -> None:
 def _sweep(args: argparse.Namespace) -> None:
     options = SweepOptions(args.model, args.data, args.out, args.cache, args.seed, args.calib_samples,
                            _words(args.methods), _bit_widths(args.wbits), _bit_widths(args.abits),
-                           _words(args.granularity), _layer_bits(args.layer_bits))
+                           _words(args.granularity), _layer_bits(args.layer_bits), args.arch)
     results = run_sweep(options)
     print(f"\n{len(results['rows'])} cells written to {args.out}/ (sweep.json, sweep.html, sweep.md, sweep.png); "
           f"float {results['float_accuracy']:.2f}%")

@@ -25,6 +25,8 @@ from intq.executors.reference import run_integer
 from intq.files import ensure_writable_dir, staged_output, write_json
 from intq.observers import TensorStats
 from intq.qparams import Scheme
+from intq.models import MODELS
+from intq.quantize import load_checkpoint
 from intq.study import ModelJob, calibrate, calibration_indices, data_fingerprint, trained_model
 from intq.train import accuracy, predict
 
@@ -55,6 +57,7 @@ class SweepOptions:
     abits: tuple[int, ...] = ACTIVATION_BITS
     granularities: tuple[str, ...] = ("per-channel",)
     layer_bits: tuple[tuple[str, int], ...] = ()  # per-layer weight bits that override --wbits
+    arch: str = "Net"  # the architecture of `model` when it is a checkpoint file
 
 
 class SweepError(Exception):
@@ -138,7 +141,10 @@ def evaluate_cells(cells: list[SweepCell], graph: Graph, stats: dict, pixels: to
 
 
 def load_model(options: SweepOptions, data) -> tuple[str, torch.nn.Module]:
-    """Net or NetWithBias, trained with the study's recipe (or loaded from its cache)."""
+    """Net or NetWithBias trained with the study's recipe (or loaded from its cache), or a checkpoint
+    file written by `intq train` of architecture `options.arch`."""
+    if options.model not in MODELS:
+        return Path(options.model).stem, load_checkpoint(Path(options.model), options.arch)
     job = ModelJob(options.model, options.data_dir, str(options.cache_dir), "", options.seed, "cpu", None)
     model, _, _ = trained_model(job, data.train_images, data.train_labels,
                                 data_fingerprint(data.train_images, data.train_labels))
