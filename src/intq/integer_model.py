@@ -41,8 +41,15 @@ class InputSpec:
         return self.mantissa is None
 
 
+class Clamped:
+    """The integer clamp of an op with `output_qparams`, `relu` and `relu_max` (eq. 10)."""
+
+    def bounds(self) -> tuple[int, int]:
+        return output_bounds(self.output_qparams, self.relu, self.relu_max)
+
+
 @dataclass(eq=False)
-class QLayer:
+class QLayer(Clamped):
     """Conv2d or Linear: acc = sum q_w (q_x - z_x) + q_b; q_y = clamp(z_y + round(M acc)) (eq. 10)."""
 
     name: str
@@ -60,9 +67,6 @@ class QLayer:
     accumulator_bound: int = 0  # worst-case |acc| (eq. 11), proven < 2^31 at conversion
     relu_max: float | None = None  # ReLU6-style upper clamp in real units
 
-    def bounds(self) -> tuple[int, int]:
-        return output_bounds(self.output_qparams, self.relu, self.relu_max)
-
 
 def output_bounds(qparams: QParams, relu: bool, relu_max: float | None = None) -> tuple[int, int]:
     """Integer clamp of a requantized output (eq. 10): [qmin, qmax]; a fused ReLU raises the lower
@@ -76,7 +80,7 @@ def output_bounds(qparams: QParams, relu: bool, relu_max: float | None = None) -
 
 
 @dataclass(eq=False)
-class QAdd:
+class QAdd(Clamped):
     """y = a + b: each operand rescaled to a common fine scale s_i = max(s_a, s_b) / 2^20 with its
     own fixed-point multiplier, summed exactly, then requantized to (s_y, z_y) (eq. 17)."""
 
@@ -89,12 +93,9 @@ class QAdd:
     relu: bool = False
     relu_max: float | None = None
 
-    def bounds(self) -> tuple[int, int]:
-        return output_bounds(self.output_qparams, self.relu, self.relu_max)
-
 
 @dataclass(eq=False)
-class QAvgPool:
+class QAvgPool(Clamped):
     """Average pool: acc = sum over the window of (q - z_x), q_y = z_y + round(acc s_x / (N s_y)) (eq. 18);
     kernel_size None pools the whole feature map."""
 
@@ -108,9 +109,6 @@ class QAvgPool:
     shift: np.ndarray
     relu: bool = False
     relu_max: float | None = None
-
-    def bounds(self) -> tuple[int, int]:
-        return output_bounds(self.output_qparams, self.relu, self.relu_max)
 
 
 @dataclass(eq=False)
