@@ -23,6 +23,13 @@ from intq.executors.c_export import export_c
 from intq.explain import ExplainError, cached_float_graph, explain
 from intq.models import ARCHITECTURES
 from intq.quantize import CheckpointError, integer_accuracy, load_checkpoint, quantize_checkpoint, train_architecture
+from intq.capture import capture
+from intq.compare import compare
+from intq.convert import convert
+from intq.data import normalize
+from intq.integer_model import to_bytes as integer_model_bytes
+from intq.study import calibrate, calibration_indices
+from intq.sweep import load_model
 from intq.train import ClassifierRecipe
 from intq.verify import VerifyError, verify
 from intq.sensitivity import SensitivityOptions, run_sensitivity
@@ -204,6 +211,20 @@ def _add_train_quantize_eval(commands) -> None:
     _add_common(check)
 
 
+def _add_compare(commands) -> None:
+    command = commands.add_parser(
+        "compare", help="intq against PyTorch's own post-training quantization (torch.ao)",
+        description="Quantize the same float model with intq (a preset) and with torch.ao FX static PTQ "
+        "(x86 qconfig) on the same calibration images; print accuracy, size, latency (batch 1), "
+        "throughput (batch 256) and top-1 agreement with the intq reference executor.")
+    command.add_argument("--model", default="Net", metavar="Net|NetWithBias|CHECKPOINT",
+                         help="a study model, or a checkpoint written by intq train (default: Net)")
+    command.add_argument("--arch", choices=tuple(ARCHITECTURES), default="Net", help="the architecture of a CHECKPOINT")
+    command.add_argument("--preset", choices=tuple(PRESETS), default="recommended", help="(default: recommended)")
+    command.add_argument("--calib-samples", type=int, default=2000, help="calibration images for both (default: 2000)")
+    _add_common(command)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="intq", description="Post-training quantization of PyTorch CNNs to integer-only inference.")
@@ -215,6 +236,7 @@ def parser() -> argparse.ArgumentParser:
     _add_explain(commands)
     _add_export_c(commands)
     _add_train_quantize_eval(commands)
+    _add_compare(commands)
     return root
 
 
@@ -327,7 +349,21 @@ def _verify(args: argparse.Namespace) -> None:
               f"max {row['max_lsb']} LSB; top-1 differs on {100 * row['top1_differing_share']:.3f}% of images")
 
 
-COMMANDS = {"train": _train, "quantize": _quantize, "eval": _eval, "verify": _verify, "run": _run, "sweep": _sweep, "sensitivity": _sensitivity, "inspect": _inspect, "explain": _explain,
+def _compare(args: argparse.Namespace) -> None:
+    data = load_cifar10(args.data, args.cache)
+    name, model = load_model(SweepOptions(args.model, args.data, Path("."), args.cache, args.seed, arch=args.arch), data)
+    calibration = data.train_images[calibration_indices(len(data.train_images), args.calib_samples, args.seed)]
+    graph = capture(model, normalize(data.train_images[:2]))
+    integer = convert(graph, calibrate(graph, calibration, "cpu"), PRESETS[args.preset])
+    size = len(integer_model_bytes(integer))
+    print(f"{name}: {len(calibration):,} calibration images for both; {len(data.test_images):,} test images")
+    print(f"  {'executor':<28}{'accuracy':>9}{'bytes':>10}{'ms (b1)':>9}{'img/s (b256)':>14}{'top-1 = intq':>14}")
+    for row in compare(model, integer, size, data, calibration):
+        print(f"  {row['executor']:<28}{row['accuracy']:>8.2f}%{row['bytes']:>10,}{row['latency_ms_b1']:>9.2f}"
+              f"{row['throughput_b256']:>14,.0f}{row['top1_agreement_with_intq']:>13.2f}%")
+
+
+COMMANDS = {"compare": _compare, "train": _train, "quantize": _quantize, "eval": _eval, "verify": _verify, "run": _run, "sweep": _sweep, "sensitivity": _sensitivity, "inspect": _inspect, "explain": _explain,
             "export-c": _export_c}
 
 

@@ -251,13 +251,19 @@ def to_arrays(model: IntegerModel) -> dict[str, np.ndarray]:
     return arrays
 
 
-def save(model: IntegerModel, path: str | Path) -> int:
-    """Write the model to `path` (.npz) atomically; returns the file size in bytes."""
+def to_bytes(model: IntegerModel) -> bytes:
+    """The model's compressed .npz file contents."""
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **to_arrays(model))
+    return buffer.getvalue()
+
+
+def save(model: IntegerModel, path: str | Path) -> int:
+    """Write the model to `path` (.npz) atomically; returns the file size in bytes."""
+    contents = to_bytes(model)
     with atomic_write(path, "wb") as handle:
-        handle.write(buffer.getvalue())
-    return len(buffer.getvalue())
+        handle.write(contents)
+    return len(contents)
 
 
 class ModelFileError(Exception):

@@ -1,0 +1,71 @@
+"""`intq compare`: intq's integer model against PyTorch's own post-training static quantization
+(torch.ao FX mode, x86 engine) on the same float model and the same calibration images.
+
+One table: accuracy, model size, latency at batch 1 and throughput at batch 256, and top-1 agreement
+with the intq reference executor.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import torch
+import torch.fx
+
+from intq.costs import measured_speed
+from intq.data import Dataset, normalize
+from intq.executors.reference import run_integer
+from intq.integer_model import IntegerModel
+from intq.train import accuracy, predict
+
+
+def reshape_views(model: torch.nn.Module) -> torch.fx.GraphModule:
+    """The model traced with every .view turned into .reshape: torch.ao's quantized convolutions
+    return channels-last tensors, on which the study's `x.view(-1, 400)` fails."""
+    traced = torch.fx.symbolic_trace(model)
+    for node in traced.graph.nodes:
+        if node.op == "call_method" and node.target == "view":
+            node.target = "reshape"
+    traced.recompile()
+    return traced
+
+
+def torch_ao_quantize(model: torch.nn.Module, calibration: torch.Tensor) -> torch.nn.Module:
+    """torch.ao FX post-training static quantization with the x86 qconfig, calibrated on uint8 images."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao announces its own deprecation on every call
+        example = normalize(calibration[:2])
+        prepared = prepare_fx(reshape_views(model.eval()), get_default_qconfig_mapping("x86"), (example,))
+        with torch.no_grad():
+            for start in range(0, len(calibration), 500):
+                prepared(normalize(calibration[start : start + 500]))
+        return convert_fx(prepared)
+
+
+def state_bytes(module: torch.nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return len(buffer.getvalue())
+
+
+def compare(model: torch.nn.Module, integer: IntegerModel, integer_bytes: int, data: Dataset,
+            calibration: torch.Tensor) -> list[dict]:
+    """Rows for PyTorch float, torch.ao int8 and the intq reference executor."""
+    ao_model = torch_ao_quantize(model, calibration)
+    runners = {"PyTorch float32": (lambda p: model(normalize(p)), state_bytes(model)),
+               "torch.ao int8 (x86, FX)": (lambda p: ao_model(normalize(p)), state_bytes(ao_model)),
+               "intq reference (integer)": (lambda p: run_integer(integer, p), integer_bytes)}
+    reference = predict(lambda p: run_integer(integer, p), data.test_images, 500)
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, (forward, size) in runners.items():
+            predicted = predict(forward, data.test_images, 500)
+            rows.append({"executor": name, "accuracy": accuracy(predicted, data.test_labels), "bytes": size,
+                         "top1_agreement_with_intq": accuracy(predicted, reference),
+                         **measured_speed(forward, data.test_images)})
+    return rows
