@@ -90,6 +90,12 @@ def _add_common(command) -> None:
 
 def _add_model_and_out(command, name: str, checkpoints: bool = False) -> None:
     """--model (a study model, or a checkpoint with --arch) and --out (default runs/<name>)."""
+    _add_model(command, checkpoints)
+    command.add_argument("--out", metavar="DIR", type=Path, default=Path("runs") / name,
+                         help=f"output folder (default: runs/{name})")
+
+
+def _add_model(command, checkpoints: bool) -> None:
     if checkpoints:
         command.add_argument("--model", default="Net", metavar="Net|NetWithBias|CHECKPOINT",
                              help="a study model, or a checkpoint written by intq train (default: Net)")
@@ -97,8 +103,6 @@ def _add_model_and_out(command, name: str, checkpoints: bool = False) -> None:
                              help="the architecture of a CHECKPOINT (default: Net)")
     else:
         command.add_argument("--model", choices=("Net", "NetWithBias"), default="Net", help="the study model (default: Net)")
-    command.add_argument("--out", metavar="DIR", type=Path, default=Path("runs") / name,
-                         help=f"output folder (default: runs/{name})")
 
 
 def _add_sweep(commands) -> None:
@@ -217,9 +221,7 @@ def _add_compare(commands) -> None:
         description="Quantize the same float model with intq (a preset) and with torch.ao FX static PTQ "
         "(x86 qconfig) on the same calibration images; print accuracy, size, latency (batch 1), "
         "throughput (batch 256) and top-1 agreement with the intq reference executor.")
-    command.add_argument("--model", default="Net", metavar="Net|NetWithBias|CHECKPOINT",
-                         help="a study model, or a checkpoint written by intq train (default: Net)")
-    command.add_argument("--arch", choices=tuple(ARCHITECTURES), default="Net", help="the architecture of a CHECKPOINT")
+    _add_model(command, checkpoints=True)
     command.add_argument("--preset", choices=tuple(PRESETS), default="recommended", help="(default: recommended)")
     command.add_argument("--calib-samples", type=int, default=2000, help="calibration images for both (default: 2000)")
     _add_common(command)
