@@ -80,3 +80,29 @@ def test_unknown_layer_and_index_are_named():
         explain(model, pixels[0], "conv9", (0,))
     with pytest.raises(ExplainError, match="outside fc1"):
         explain(model, pixels[0], "fc1", (500,))
+
+
+def test_explain_applies_a_relu6_upper_clamp():
+    """conv_a of the residual test model ends in ReLU6. Calibrated ranges never pass 6, so give its
+    output a scale three times coarser: then 6 / s is about 85 codes and the clamp's upper bound binds."""
+    from intq.qparams import QParams
+    from test_ops import Residual
+
+    torch.manual_seed(0)
+    pixels = make_pixels(16)
+    model = Residual().eval()
+    with torch.no_grad():
+        model.conv_a.weight.mul_(40)  # outputs well beyond 6
+    graph, stats = calibrated(model, pixels)
+    model = convert(graph, stats, RECOMMENDED)
+    layer = model.layer("conv_a")
+    out = layer.output_qparams
+    layer.output_qparams = QParams(out.scale * 3, out.zero_point, out.dtype, out.axis)
+    assert layer.bounds()[1] < out.dtype.qmax
+    values = {}
+    run_integer(model, pixels[:1], visit=lambda name, value: values.__setitem__(name, value[0]))
+    assert int(values["conv_a"].max()) == layer.bounds()[1]  # some outputs saturate at the ReLU6 bound
+    for index in every_index(values["conv_a"].shape, count=200):
+        e = explain(model, pixels[0], "conv_a", index)
+        assert (e.lower, e.upper) == layer.bounds()
+        assert e.final == e.reference

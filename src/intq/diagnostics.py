@@ -22,7 +22,7 @@ from intq.executors.reference import accumulate, run_integer
 from intq.files import ensure_writable_dir, staged_output, write_json
 from intq.integer_model import IntegerModel
 from intq.qparams import dequantize, quantize
-from intq.study import activation_summary, calibrate, calibration_indices, clip_ranges
+from intq.study import activation_summary, calibrate, calibration_indices, clip_ranges, representable_range
 from intq.sweep import SweepOptions, load_model
 
 INT32_LIMIT = 2**31 - 1
@@ -65,7 +65,7 @@ def layer_rows(graph: Graph, model: IntegerModel, pixels: torch.Tensor) -> list[
         out = layer.output_qparams
         fake = dequantize(quantize(real, out), out)
         integer = dequantize(integers[layer.name], out)
-        lo, hi = out.scale * (out.dtype.qmin - out.zero_point), out.scale * (out.dtype.qmax - out.zero_point)
+        lo, hi = representable_range(out, layer.bounds())
         acc = accumulate(layer, integers[layer.inputs[0]])
         rows.append({
             "layer": layer.name, "input_scale": float(layer.input_qparams.scale),

@@ -101,10 +101,10 @@ def explain(model: IntegerModel, pixels: torch.Tensor, layer_name: str, index: t
     rounded = _round_half_away(Fraction(product, 2 ** (31 + shift)))
     out = layer.output_qparams
     zero = int(out.zero_point)
-    lower = max(zero, out.dtype.qmin) if layer.relu else out.dtype.qmin
-    final = min(max(zero + rounded, lower), out.dtype.qmax)
+    lower, upper = layer.bounds()
+    final = min(max(zero + rounded, lower), upper)
     result = Explanation(layer.name, index, terms, acc_without_bias, bias, acc, mantissa, shift, product, rounded,
-                         zero, lower, out.dtype.qmax, final, int(output[index]), float(out.scale))
+                         zero, lower, upper, final, int(output[index]), float(out.scale))
     if graph is not None:
         result.float_value = _float_value(graph, layer.name, pixels, index)
     result.lines = describe(result, layer)

@@ -26,7 +26,7 @@ from intq.costs import layer_costs, measured_speed, model_costs
 from intq.data import load_cifar10, normalize
 from intq.files import ensure_writable_dir, staged_output, write_json
 from intq.executors.reference import run_integer
-from intq.integer_model import IntegerModel
+from intq.integer_model import IntegerModel, output_bounds
 from intq.models import MODELS
 from intq.observers import TensorStats
 from intq.qparams import QParams
@@ -94,18 +94,19 @@ def calibrate(graph: Graph, images: torch.Tensor, device: str) -> dict[str, Tens
     return collect_statistics(graph, batches)
 
 
-def representable_range(qparams: QParams, relu: bool = False) -> list[float]:
-    """[lo, hi] of real values a tensor can carry: s*(qmin - z), s*(qmax - z); lo = 0 under a ReLU."""
+def representable_range(qparams: QParams, bounds: tuple[int, int] | None = None) -> list[float]:
+    """[lo, hi] = s*(lower - z), s*(upper - z): the real values a tensor can carry, with `bounds`
+    the integer clamp (default: the whole type; a fused ReLU or ReLU6 narrows it, output_bounds)."""
     scale, zero = float(qparams.scale), int(qparams.zero_point)
-    lo = 0.0 if relu else scale * (qparams.dtype.qmin - zero)
-    return [lo, scale * (qparams.dtype.qmax - zero)]
+    lower, upper = bounds or output_bounds(qparams, relu=False)
+    return [scale * (lower - zero), scale * (upper - zero)]
 
 
 def clip_ranges(model: IntegerModel) -> dict[str, list[float]]:
     """{label: representable range} for the input and each layer output of an integer model."""
     ranges = {"input": representable_range(model.input.qparams)}
     for layer in model.quantized_layers():
-        ranges[layer.name] = representable_range(layer.output_qparams, layer.relu)
+        ranges[layer.name] = representable_range(layer.output_qparams, layer.bounds())
     return ranges
 
 
