@@ -72,15 +72,15 @@ def test_verify_counts_no_difference_for_the_c_executor():
     torch.manual_seed(0)
     pixels = make_pixels(40)
     graph, stats = calibrated(NetWithBias().eval(), pixels)
-    row = verify(convert(graph, stats, RECOMMENDED), pixels)["c"]
-    assert row == {"values": 400, "differing_share": 0.0, "max_lsb": 0, "top1_differing_share": 0.0}
+    row = verify(convert(graph, stats, RECOMMENDED), pixels, ("c",))["c"]
+    assert row == {"values": 400, "differing_share": 0.0, "max_lsb": 0, "top1_differing_share": 0.0, "notes": []}
 
 
-def test_verify_names_an_executor_that_is_not_built():
+def test_verify_names_an_unknown_executor():
     from intq.verify import VerifyError, verify
 
     torch.manual_seed(0)
     pixels = make_pixels(4)
     graph, stats = calibrated(NetWithBias().eval(), pixels)
-    with pytest.raises(VerifyError, match="'onnx'"):
-        verify(convert(graph, stats, RECOMMENDED), pixels, ("onnx",))
+    with pytest.raises(VerifyError, match="'tflite'.*available: c, torch_quantized, onnx"):
+        verify(convert(graph, stats, RECOMMENDED), pixels, ("tflite",))

@@ -27,8 +27,10 @@ def test_compare_rows_cover_float_torch_ao_and_intq():
     data = Dataset(pixels, labels, pixels, labels, tuple(f"c{i}" for i in range(10)), "synthetic")
     graph, stats = calibrated(model, pixels)
     rows = compare(model, convert(graph, stats, RECOMMENDED), 1000, data, pixels)
-    assert [row["executor"] for row in rows] == ["PyTorch float32", "torch.ao int8 (x86, FX)", "intq reference (integer)"]
+    assert [row["executor"] for row in rows] == ["PyTorch float32", "torch.ao int8 (x86, FX)", "intq reference (integer)",
+                                                 "intq on PyTorch kernels", "intq on ONNX Runtime"]
     assert rows[2]["top1_agreement_with_intq"] == 100.0
+    assert rows[4]["top1_agreement_with_intq"] >= 98.0
     assert rows[1]["bytes"] < rows[0]["bytes"]
     assert all(row["throughput_b256"] > 0 and row["latency_ms_b1"] > 0 for row in rows)
 
@@ -43,4 +45,4 @@ def test_compare_command(tmp_path, capsys):
     data = write_image_folder(tmp_path / "data", train_per_class=6, test_per_class=2)
     assert main(["compare", "--data", str(data), "--cache", str(tmp_path / "c"), "--calib-samples", "30"]) == 0
     out = capsys.readouterr().out
-    assert "torch.ao int8" in out and "intq reference" in out
+    assert "torch.ao int8" in out and "intq reference" in out and "intq on ONNX Runtime" in out

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from intq.fixed_point import (multiply_by_quantized_multiplier, quantize_multiplier, quantize_multipliers,
+from intq.fixed_point import (multiply_by_quantized_multiplier, quantize_multiplier, quantize_multipliers, requantize_with_bias,
                               requantize, rounding_right_shift)
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -108,3 +108,18 @@ def test_requantize_clamps_and_relu_lower_bound(acc, zero_point):
     assert plain == min(max(expected, 0), 255)
     relu = requantize(torch.tensor([acc]), torch.tensor([mantissa]), torch.tensor([shift]), zero_point, zero_point, 255).item()
     assert relu == min(max(expected, zero_point), 255)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(-(2**31) + 2**20, 2**31 - 2**20 - 1), min_size=1, max_size=16),
+       st.integers(-(2**20), 2**20), st.floats(1e-9, 0.99), st.integers(-128, 127), st.integers(-300, 300))
+def test_requantize_with_bias_equals_requantize_of_the_sum(products, bias, multiplier, zero_point, lower_offset):
+    mantissa, shift = (torch.tensor(v, dtype=torch.int64) for v in quantize_multiplier(multiplier))
+    p = torch.tensor(products, dtype=torch.int64)
+    lower, upper = zero_point + lower_offset, zero_point + 200
+    if lower > upper:
+        lower = upper
+    expected = requantize(p + bias, mantissa, shift, zero_point, lower, upper)
+    result = requantize_with_bias(p.to(torch.int32) if bias == 0 else p, torch.tensor(bias), mantissa, shift,
+                                  zero_point, lower, upper)
+    assert torch.equal(result, expected)

@@ -99,3 +99,17 @@ def test_residual_model_round_trips_through_npz(tmp_path, residual):
     with np.load(tmp_path / "residual.npz", allow_pickle=False) as archive:
         assert archive["add.mantissa"].dtype == np.int32
     assert torch.equal(run_integer(integer_model.load(tmp_path / "residual.npz"), pixels), run_integer(model, pixels))
+
+
+def test_residual_add_table_equals_the_fixed_point_formula(residual):
+    from intq.executors.reference import add, add_exact
+
+    model = convert(*calibrated(residual, make_pixels(8)), RECOMMENDED)
+    op = next(op for op in model.layers if isinstance(op, integer_model.QAdd))
+    a_type, b_type = (qp.dtype for qp in op.input_qparams)
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(a_type.qmin, a_type.qmax + 1, (4, 16, 8, 8), generator=generator).to(torch.int8 if a_type.signed else torch.uint8)
+    b = torch.randint(b_type.qmin, b_type.qmax + 1, (4, 16, 8, 8), generator=generator).to(torch.int8 if b_type.signed else torch.uint8)
+    expected = add_exact(op, a, b)
+    assert torch.equal(add(op, a, b).to(torch.int64), expected)
+    assert len(torch.unique(expected)) > 50  # the operands really exercise the table

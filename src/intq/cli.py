@@ -8,11 +8,14 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from intq.capture import CaptureError
 from intq.convert import ConversionError
 from intq.data import DataError
 from intq.executors.reference import ExecutionError
-from intq.files import OutputError
+from intq.executors.encoding import EngineError
+from intq.files import OutputError, atomic_write, ensure_writable_dir
 from intq.integer_model import ModelFileError
 from intq.calibration import parse_range_method
 from intq.config import PRESETS
@@ -31,14 +34,14 @@ from intq.integer_model import to_bytes as integer_model_bytes
 from intq.study import calibrate, calibration_indices
 from intq.sweep import load_model
 from intq.train import ClassifierRecipe
-from intq.verify import VerifyError, verify
+from intq.verify import EXECUTORS, VerifyError, verify
 from intq.sensitivity import SensitivityOptions, run_sensitivity
 from intq.study import StudyError, StudyOptions, run_study
 from intq.sweep import (ACTIVATION_BITS, GRANULARITIES, METHODS, WEIGHT_BITS, SweepCell, SweepError, SweepOptions,
                         cell_config, check_options, run_sweep)
 
 USER_ERRORS = (DataError, CaptureError, ConversionError, ExecutionError, OutputError, ModelFileError, StudyError,
-               SweepError, ExplainError, CheckpointError, VerifyError, argparse.ArgumentTypeError)
+               SweepError, ExplainError, CheckpointError, VerifyError, EngineError, argparse.ArgumentTypeError)
 
 
 def _add_run(commands) -> None:
@@ -184,6 +187,17 @@ def _add_export_c(commands) -> None:
     _add_common(command)
 
 
+def _add_export_onnx(commands) -> None:
+    command = commands.add_parser(
+        "export-onnx", help="export an integer model to ONNX (QLinearConv, ONNX Runtime's QLinearAdd)",
+        description="Writes MODEL.onnx: input `pixels` uint8 (N, 3, H, W), output `output` (the model's output "
+        "integers; uint8 values are q + output_offset, a metadata property). Run it with ONNX Runtime.")
+    command.add_argument("model_file", metavar="MODEL.npz", type=Path, help="an integer model written by intq")
+    command.add_argument("--out", metavar="MODEL.onnx", type=Path, required=True, help="output file")
+    command.add_argument("--height", type=int, default=32, help="input height (default: 32)")
+    command.add_argument("--width", type=int, default=32, help="input width (default: 32)")
+
+
 def _add_train_quantize_eval(commands) -> None:
     train = commands.add_parser("train", help="train an architecture on CIFAR-10 (e.g. resnet20)",
                                 description="Train with SGD (Nesterov momentum 0.9, weight decay 5e-4, cosine lr), "
@@ -210,7 +224,8 @@ def _add_train_quantize_eval(commands) -> None:
                                 description="Share of output values that differ from the reference executor, the "
                                 "largest difference in LSB, and the share of images whose top-1 differs.")
     check.add_argument("model_file", metavar="MODEL.npz", type=Path)
-    check.add_argument("--executors", nargs="+", default=["c"], help="executors to check (built so far: c)")
+    check.add_argument("--executors", nargs="+", default=list(EXECUTORS),
+                       help=f"executors to check (default: {' '.join(EXECUTORS)})")
     check.add_argument("--images", type=int, default=None, help="test images (default: all)")
     _add_common(check)
 
@@ -237,6 +252,7 @@ def parser() -> argparse.ArgumentParser:
     _add_inspect(commands)
     _add_explain(commands)
     _add_export_c(commands)
+    _add_export_onnx(commands)
     _add_train_quantize_eval(commands)
     _add_compare(commands)
     return root
@@ -319,6 +335,19 @@ def _export_c(args: argparse.Namespace) -> None:
     print(f"check: cd {args.out} && cc -std=c99 -O2 main.c intq_runtime.c -o check && ./check")
 
 
+def _export_onnx(args: argparse.Namespace) -> None:
+    from intq.executors.onnx_export import export_onnx
+
+    if args.height < 1 or args.width < 1:
+        raise argparse.ArgumentTypeError("--height and --width must be at least 1")
+    model = integer_model.load(args.model_file)
+    contents = export_onnx(model, torch.zeros((1, 3, args.height, args.width), dtype=torch.uint8))
+    ensure_writable_dir(args.out.parent)
+    with atomic_write(args.out, "wb") as handle:
+        handle.write(contents)
+    print(f"wrote {args.out} ({len(contents):,} bytes)")
+
+
 def _train(args: argparse.Namespace) -> None:
     if args.epochs < 1 or args.batch_size < 1:
         raise argparse.ArgumentTypeError("--epochs and --batch-size must be at least 1")
@@ -349,6 +378,8 @@ def _verify(args: argparse.Namespace) -> None:
     for name, row in verify(model, pixels, _words(args.executors)).items():
         print(f"{name}: {row['values']:,} output values on {len(pixels):,} images; differing {100 * row['differing_share']:.4f}%, "
               f"max {row['max_lsb']} LSB; top-1 differs on {100 * row['top1_differing_share']:.3f}% of images")
+        for note in row["notes"]:
+            print(f"  note: {note}")
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -366,7 +397,7 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"compare": _compare, "train": _train, "quantize": _quantize, "eval": _eval, "verify": _verify, "run": _run, "sweep": _sweep, "sensitivity": _sensitivity, "inspect": _inspect, "explain": _explain,
-            "export-c": _export_c}
+            "export-c": _export_c, "export-onnx": _export_onnx}
 
 
 def main(argv: list[str] | None = None) -> int:

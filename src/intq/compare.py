@@ -2,7 +2,8 @@
 (torch.ao FX mode, x86 engine) on the same float model and the same calibration images.
 
 One table: accuracy, model size, latency at batch 1 and throughput at batch 256, and top-1 agreement
-with the intq reference executor.
+with the intq reference executor, for PyTorch float, torch.ao int8, and the same intq integers on
+three executors: the reference, PyTorch's quantized kernels, ONNX Runtime.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import torch.fx
 
 from intq.costs import measured_speed
 from intq.data import Dataset, normalize
+from intq.executors.onnx_export import OnnxModel
 from intq.executors.reference import run_integer
+from intq.executors.torch_quantized import TorchQuantizedModel
 from intq.integer_model import IntegerModel
 from intq.train import accuracy, predict
 
@@ -52,14 +55,22 @@ def state_bytes(module: torch.nn.Module) -> int:
     return len(buffer.getvalue())
 
 
+def run_integer_of(integer: IntegerModel):
+    return lambda pixels: run_integer(integer, pixels)
+
+
 def compare(model: torch.nn.Module, integer: IntegerModel, integer_bytes: int, data: Dataset,
             calibration: torch.Tensor) -> list[dict]:
-    """Rows for PyTorch float, torch.ao int8 and the intq reference executor."""
+    """Rows for PyTorch float, torch.ao int8 and the intq model on each of its executors."""
     ao_model = torch_ao_quantize(model, calibration)
+    on_torch = TorchQuantizedModel(integer)
+    on_onnx = OnnxModel(integer, data.test_images[:1])
     runners = {"PyTorch float32": (lambda p: model(normalize(p)), state_bytes(model)),
                "torch.ao int8 (x86, FX)": (lambda p: ao_model(normalize(p)), state_bytes(ao_model)),
-               "intq reference (integer)": (lambda p: run_integer(integer, p), integer_bytes)}
-    reference = predict(lambda p: run_integer(integer, p), data.test_images, 500)
+               "intq reference (integer)": (run_integer_of(integer), integer_bytes),
+               "intq on PyTorch kernels": (on_torch, integer_bytes),
+               "intq on ONNX Runtime": (on_onnx, len(on_onnx.contents))}
+    reference = predict(run_integer_of(integer), data.test_images, 500)
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -1,4 +1,4 @@
-"""Quantization configurations: small frozen dataclasses, and the two presets of the study.
+"""Quantization configurations: small frozen dataclasses, the two presets of the study, and x86.
 
 A preset is data, not a code path: the study's method and the recommended one run through the same
 observers, range methods, conversion and executors.
@@ -67,4 +67,14 @@ RECOMMENDED = QConfig(
     "MSE-optimal ranges, int16 logits (min/max), normalisation folded into the first layer",
 )
 
-PRESETS = {preset.name: preset for preset in (STUDY, RECOMMENDED)}
+X86 = replace(
+    RECOMMENDED,
+    name="x86",
+    activations=replace(RECOMMENDED.activations, bits=7),
+    description="the recommended preset with 7-bit activations, for PyTorch's x86 kernels (fbgemm) on "
+    "CPUs without VNNI: their u8 x s8 pair sums saturate at int16 unless activations stay below 128 "
+    "(torch.ao's x86 qconfig does the same, reduce_range)",
+)
+
+STUDY_PRESETS = {preset.name: preset for preset in (STUDY, RECOMMENDED)}  # what `intq run` compares
+PRESETS = {preset.name: preset for preset in (STUDY, RECOMMENDED, X86)}

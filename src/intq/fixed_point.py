@@ -94,3 +94,34 @@ def requantize(
     A fused ReLU is lower = z_y: the real value 0 and everything below it map to z_y.
     """
     return (multiply_by_quantized_multiplier(acc, mantissa, shift) + zero_point).clamp(lower, upper)
+
+
+def requantize_with_bias(
+    products: torch.Tensor,
+    bias: torch.Tensor | None,
+    mantissa: torch.Tensor,
+    shift: torch.Tensor,
+    zero_point: int,
+    lower: int,
+    upper: int,
+) -> torch.Tensor:
+    """requantize(products + bias, ...) in fewer passes over a large tensor: the same integers.
+
+    With s = 31 + n, h = 2^(s-1) and x = (p + b) M0 (eq. 9-10):
+        t = p M0 + (b M0 + h)                 (bias and rounding offset: one per-channel constant)
+        round(x / 2^s) = (t - [t < h]) >> s   ([t < h] is [x < 0]: half away from zero)
+    When lower >= z (a fused ReLU), a negative x rounds to <= 0 with or without the correction and
+    the clamp maps it to lower either way, so the correction pass is skipped. `products` holds
+    integer values in any dtype; every pass after the int64 copy is in place (large temporaries
+    cost more than the arithmetic). Overflow budget: |p + b| and |p| < 2^31 (the proven
+    accumulator bound), M0 < 2^31, h <= 2^61: below 2^63.
+    """
+    mantissa = mantissa.to(torch.int64)
+    total_shift = (shift.to(torch.int64) + MANTISSA_BITS).clamp(1, MAX_RIGHT_SHIFT)
+    half = torch.bitwise_left_shift(torch.ones_like(total_shift), total_shift - 1)
+    offset = half if bias is None else half + bias.to(torch.int64) * mantissa
+    t = products.to(torch.int64, copy=True)
+    t.mul_(mantissa).add_(offset)
+    if lower < zero_point:
+        t.sub_((t < half).to(torch.int64))
+    return t.bitwise_right_shift_(total_shift).add_(zero_point).clamp_(lower, upper)

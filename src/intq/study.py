@@ -20,7 +20,7 @@ import torch
 
 from intq import __version__, integer_model
 from intq.capture import Graph, capture, run_float
-from intq.config import PRESETS, QConfig
+from intq.config import STUDY_PRESETS, QConfig
 from intq.convert import collect_statistics, convert, observed_tensors
 from intq.costs import layer_costs, measured_speed, model_costs
 from intq.data import load_cifar10, normalize
@@ -196,7 +196,7 @@ def run_model(job: ModelJob) -> dict:
     rows = [{"model": job.model, "stage": "float", "preset": None, "accuracy": float_accuracy}]
     stats_by_size, clips, agreement, files, integers = {}, {}, {}, [], {}
     clock.lap("evaluate")
-    for preset in map(lambda p: preset_for(job, p), PRESETS.values()):
+    for preset in map(lambda p: preset_for(job, p), STUDY_PRESETS.values()):
         size = preset.calibration_samples
         if size not in stats_by_size:
             subset = data.train_images[calibration_indices(len(data.train_images), size, job.seed)]
@@ -283,11 +283,11 @@ def assemble(parts: dict[str, dict], options: StudyOptions, source: str, timings
         "intq_version": __version__,
         "config": {"seed": options.seed, "device": options.device, "data_source": source,
                    "machine": machine_description(),
-                   "calib_samples": {p.name: p.calibration_samples or "all" for p in PRESETS.values()}
+                   "calib_samples": {p.name: p.calibration_samples or "all" for p in STUDY_PRESETS.values()}
                    | ({"recommended": options.calib_samples} if options.calib_samples else {}),
                    "activation_images": max(p["activation_images"] for p in parts.values()),
                    "agreement_images": AGREEMENT_IMAGES,
-                   "presets": {p.name: p.description for p in PRESETS.values()}},
+                   "presets": {p.name: p.description for p in STUDY_PRESETS.values()}},
         "rows": rows,
         "published": PUBLISHED,
         "timings_s": timings,

@@ -1,7 +1,8 @@
 """`intq verify`: run an executor over a whole image set and count how far it is from the reference.
 
-Executors today: `c` (the exported C99 model, compiled with the system compiler). For each: share of
-output values that differ, the largest difference in LSB, and the share of images whose top-1 differs.
+Executors: `c` (the exported C99 model, compiled with the system compiler), `torch_quantized` (PyTorch's
+x86 quantized kernels) and `onnx` (ONNX Runtime). For each: share of output values that differ, the
+largest difference in LSB, and the share of images whose top-1 differs.
 """
 from __future__ import annotations
 
@@ -15,8 +16,12 @@ import numpy as np
 import torch
 
 from intq.executors.c_export import export_c
+from intq.executors.encoding import EngineError
 from intq.executors.reference import run_integer
 from intq.integer_model import IntegerModel
+
+
+EXECUTORS = ("c", "torch_quantized", "onnx")
 
 
 class VerifyError(Exception):
@@ -40,6 +45,57 @@ def run_c(model: IntegerModel, pixels: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(outputs.astype(np.int64)).reshape(len(pixels), -1)
 
 
+def run_batched(forward, pixels: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+    """forward over `pixels` in batches, outputs as (N, outputs) int64."""
+    outputs = [forward(pixels[i : i + batch]) for i in range(0, len(pixels), batch)]
+    return torch.cat([out.to(torch.int64).reshape(len(out), -1) for out in outputs])
+
+
+def run_executor(name: str, model: IntegerModel, pixels: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """(output integers, notes) of one executor on every image."""
+    if name == "c":
+        return run_c(model, pixels), []
+    try:
+        if name == "torch_quantized":
+            from intq.executors.torch_quantized import TorchQuantizedModel
+
+            engine = TorchQuantizedModel(model)
+            notes = [f"layers whose int16 pair sums may saturate on CPUs without VNNI: {', '.join(engine.saturating_layers)}"
+                     " (7-bit activations avoid it: --preset x86)"] if engine.saturating_layers else []
+            layers = layer_differences(model, engine, pixels)
+            differing = sum(row["differing"] for row in layers.values())
+            notes.append(f"each op fed the reference's inputs: {differing:,} of {sum(r['values'] for r in layers.values()):,} "
+                         f"values differ, max {max(r['max_lsb'] for r in layers.values())} LSB "
+                         f"(differences above compound through the network)")
+            return run_batched(engine, pixels), notes
+        if name == "onnx":
+            from intq.executors.onnx_export import OnnxModel
+
+            return run_batched(OnnxModel(model, pixels[:1]), pixels), []
+    except EngineError as err:
+        raise VerifyError(str(err)) from None
+    raise VerifyError(f"unknown executor {name!r}; available: {', '.join(EXECUTORS)}")
+
+
+def layer_differences(model: IntegerModel, engine, pixels: torch.Tensor, batch: int = 500) -> dict[str, dict]:
+    """Each engine step fed the reference's own inputs, so a difference is that op's alone (not one
+    carried from an earlier layer): {op: {"values", "differing", "max_lsb"}}."""
+    from intq.executors.torch_quantized import to_integers
+
+    totals = {op.name: {"values": 0, "differing": 0, "max_lsb": 0} for op, _ in engine.steps}
+    for start in range(0, len(pixels), batch):
+        values = {}
+        run_integer(model, pixels[start : start + batch], visit=lambda name, q: values.__setitem__(name, q))
+        for op, step in engine.steps:
+            out = to_integers(step(*(values[name] for name in op.inputs)), engine.qparams[op.name])
+            difference = (out.to(torch.int64) - values[op.name].to(torch.int64)).abs()
+            row = totals[op.name]
+            row["values"] += difference.numel()
+            row["differing"] += int((difference > 0).sum())
+            row["max_lsb"] = max(row["max_lsb"], int(difference.max()))
+    return totals
+
+
 def compare(reference: torch.Tensor, other: torch.Tensor) -> dict:
     """Share of values that differ, largest |difference| in LSB, share of images whose argmax differs."""
     difference = (reference - other).abs()
@@ -48,14 +104,15 @@ def compare(reference: torch.Tensor, other: torch.Tensor) -> dict:
             float((reference.argmax(dim=1) != other.argmax(dim=1)).double().mean())}
 
 
-def verify(model: IntegerModel, pixels: torch.Tensor, executors: tuple[str, ...] = ("c",)) -> dict[str, dict]:
-    """Every executor against the reference on `pixels`: {executor: compare(...)}."""
-    batches = [run_integer(model, pixels[i : i + 1000]) for i in range(0, len(pixels), 1000)]
-    reference = torch.cat([b.to(torch.int64).reshape(len(b), -1) for b in batches])  # (N, ...) -> (N, outputs)
+def verify(model: IntegerModel, pixels: torch.Tensor, executors: tuple[str, ...] = EXECUTORS) -> dict[str, dict]:
+    """Every executor against the reference on `pixels`: {executor: compare(...) + notes}."""
+    unknown = [name for name in executors if name not in EXECUTORS]
+    if unknown:
+        raise VerifyError(f"unknown executor {', '.join(map(repr, unknown))}; available: {', '.join(EXECUTORS)}")
+    reference = run_batched(lambda p: run_integer(model, p), pixels)
     results = {}
     for name in executors:
-        if name != "c":
-            raise VerifyError(f"executor {name!r} is not built yet; available: c")
-        results[name] = compare(reference, run_c(model, pixels))
+        output, notes = run_executor(name, model, pixels)
+        results[name] = {**compare(reference, output), "notes": notes}
     return results
 

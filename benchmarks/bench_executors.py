@@ -1,0 +1,77 @@
+"""Throughput of every executor of one intq integer model against PyTorch float and torch.ao int8,
+at batch 256 (and latency at batch 1), measured in one run. Run by hand:
+
+    .venv/bin/python benchmarks/bench_executors.py --model runs/resnet20/resnet20-e10.npz --arch resnet20 \
+        [--preset x86] [--calib-samples 2000] [--repeats 7] [--threads 2]
+
+--model is a study model name (Net, NetWithBias) or a checkpoint from `intq train` with --arch. The
+integer model is converted here from --calib-samples training images, with the same images as
+torch.ao's calibration. Prints the median seconds per batch, images per second and the ratio to
+PyTorch float, and the bars of issue 5 (reference >= 0.5x float; PyTorch kernels >= 2x float).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import warnings
+
+import torch
+
+from intq.capture import capture
+from intq.compare import run_integer_of, torch_ao_quantize
+from intq.config import PRESETS
+from intq.convert import convert
+from intq.costs import median_seconds
+from intq.data import load_cifar10, normalize
+from intq.executors.onnx_export import OnnxModel
+from intq.executors.torch_quantized import TorchQuantizedModel
+from intq.study import calibrate, calibration_indices
+from intq.sweep import SweepOptions, load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="Net")
+    parser.add_argument("--arch", default=None)
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="x86")
+    parser.add_argument("--calib-samples", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data", default=os.environ.get("INTQ_DATA"))
+    parser.add_argument("--cache", default=os.environ.get("INTQ_CACHE", ".cache/intq"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    data = load_cifar10(args.data, args.cache)
+    name, model = load_model(SweepOptions(args.model, args.data, ".", args.cache, 0, arch=args.arch), data)
+    calibration = data.train_images[calibration_indices(len(data.train_images), args.calib_samples, 0)]
+    graph = capture(model, normalize(data.train_images[:2]))
+    integer = convert(graph, calibrate(graph, calibration, "cpu"), PRESETS[args.preset])
+    ao_model = torch_ao_quantize(model, calibration)
+    runners = {"PyTorch float32": lambda p: model(normalize(p)),
+               "torch.ao int8 (x86)": lambda p: ao_model(normalize(p)),
+               "intq reference": run_integer_of(integer),
+               "intq on PyTorch kernels": TorchQuantizedModel(integer),
+               "intq on ONNX Runtime": OnnxModel(integer, data.test_images[:1], threads=args.threads)}
+    batch, single = data.test_images[:256], data.test_images[:1]
+    rows = {}
+    with torch.no_grad():
+        for label, forward in runners.items():
+            seconds = median_seconds(lambda: forward(batch), args.repeats)
+            latency = median_seconds(lambda: forward(single), 5 * args.repeats)
+            rows[label] = {"batch256_s": seconds, "images_per_s": len(batch) / seconds, "latency_ms_b1": latency * 1e3}
+    float_rate = rows["PyTorch float32"]["images_per_s"]
+    print(f"{name}, preset {args.preset}, {args.threads} threads, batch 256, median of {args.repeats}")
+    print(f"  {'executor':<26}{'s/batch':>9}{'img/s':>9}{'x float':>9}{'ms (b1)':>9}")
+    for label, row in rows.items():
+        row["ratio_to_float"] = row["images_per_s"] / float_rate
+        print(f"  {label:<26}{row['batch256_s']:>9.3f}{row['images_per_s']:>9.0f}{row['ratio_to_float']:>9.2f}"
+              f"{row['latency_ms_b1']:>9.2f}")
+    print(f"bars: reference >= 0.5x float: {rows['intq reference']['ratio_to_float']:.2f}; "
+          f"PyTorch kernels >= 2x float: {rows['intq on PyTorch kernels']['ratio_to_float']:.2f}")
+    print(json.dumps({"model": name, "preset": args.preset, "threads": args.threads, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""How intq's integer tensors travel through engines whose activations are uint8 (fbgemm, ONNX Runtime).
+
+An intq activation of at most 8 bits, (q, z), signed or not, is the uint8 tensor (q + o, z + o) with
+o = -qmin (128 for int8, 64 for int7, 0 for unsigned types): the same reals, real = s (q + o - (z + o))
+(eq. 1), so the shift is lossless, and a b-bit type stays in [0, 2^b - 1]. Narrower types (e.g. uint4)
+keep their own bounds through an explicit clamp.
+Which ops an engine runs on its own kernels and which run as exact integer ops is decided here too.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from intq.integer_model import IntegerModel, QAdd, QAvgPool, QFlatten, QLayer, QMaxPool, QReLU
+from intq.qparams import QParams
+
+
+class EngineError(Exception):
+    """A model an engine executor cannot run (names the layer and why)."""
+
+
+def uint8_offset(qparams: QParams) -> int:
+    """o = -qmin of a type of <= 8 bits: 128 for int8, 64 for int7, 0 for unsigned types."""
+    if qparams.dtype.bits > 8:
+        raise EngineError(f"{qparams.dtype.name} is wider than the engine's 8-bit activations")
+    return -qparams.dtype.qmin
+
+
+def encoded_zero_point(qparams: QParams) -> int:
+    """z + o, the zero point of the uint8 encoding."""
+    return int(qparams.zero_point) + uint8_offset(qparams)
+
+
+def value_qparams(model: IntegerModel) -> dict[str, QParams]:
+    """QParams of every value in the model: ops that requantize define new ones, max-pool, flatten
+    and ReLU pass their input's on."""
+    qparams = {model.input_name: model.input.qparams}
+    for op in model.layers:
+        if isinstance(op, (QLayer, QAdd, QAvgPool)):
+            qparams[op.name] = op.output_qparams
+        elif isinstance(op, (QMaxPool, QFlatten, QReLU)):
+            qparams[op.name] = qparams[op.inputs[0]]
+    return qparams
+
+
+def engine_runs_layer(layer: QLayer, model: IntegerModel) -> bool:
+    """True when a conv/linear maps onto an engine's int8 kernel (u8 activations, symmetric s8
+    weights, u8 output); False when it runs as the exact integer op instead:
+    - the first layer on a folded input x = 2p - 255 (odd integers up to 255: not 8-bit; and a
+      zero point of 127.5 in pixel units, which padding cannot express),
+    - an output wider than 8 bits (int16 logits),
+    - weights with non-zero zero points."""
+    if layer.input_qparams.dtype.bits > 8 or layer.output_qparams.dtype.bits > 8:
+        return False
+    if model.input.folded and layer.inputs == (model.input_name,):
+        return False
+    return not np.any(np.asarray(layer.weight_qparams.zero_point))
+
+
+def narrower_bounds(lower: int, upper: int, qparams: QParams, relu_fused: bool) -> tuple[int, int] | None:
+    """The encoded clamp [lower + o, upper + o] when it is narrower than what the engine's kernel
+    already guarantees ([0, 255], or [z + o, 255] with a fused ReLU); None when no clamp is needed."""
+    offset = uint8_offset(qparams)
+    kernel_lower = encoded_zero_point(qparams) if relu_fused else 0
+    if lower + offset <= kernel_lower and upper + offset >= 255:
+        return None
+    return lower + offset, upper + offset

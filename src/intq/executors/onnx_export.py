@@ -1,0 +1,278 @@
+"""The `onnx` executor: an IntegerModel exported to standard ONNX (QLinearConv, MaxPool, Clip, with
+ONNX Runtime's com.microsoft QLinearAdd) and run in ONNX Runtime.
+
+Input: uint8 pixels (N, 3, H, W). Output: the model's output integers (uint8-encoded 8-bit values
+are decoded in Python, see `OnnxModel`). Activations travel as uint8 (encoding.py). Weights are
+stored as uint8 w + 128 with zero point 128: ONNX Runtime's u8 x u8 kernels widen to int16 before
+multiplying, so its int32 accumulators are exact on every x86 CPU (its u8 x s8 kernels, like
+fbgemm's, saturate pair sums at int16 without VNNI). Requantization is the engine's float
+multiplier (scales are float32 in ONNX), so an output can differ from the reference by 1 LSB near
+a rounding tie. Ops an engine kernel cannot express with intq's types (encoding.py) are exported as
+exact integer subgraphs: a float Conv/MatMul on integer values (exact below 2^24), then the
+fixed-point requantizer of eq. 9 in int64:
+    y = sign(acc M0) * ((|acc M0| + 2^(s-1)) div 2^s),  s = 31 + n,
+which is round half away from zero of acc M0 / 2^s, the same integers as rounding_right_shift.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from intq.executors.encoding import EngineError, encoded_zero_point, engine_runs_layer, narrower_bounds, uint8_offset, value_qparams
+from intq.executors.reference import FLOAT32_EXACT, pixels_to_input, run_integer
+from intq.fixed_point import MANTISSA_BITS, MAX_RIGHT_SHIFT
+from intq.integer_model import IntegerModel, QAdd, QAvgPool, QFlatten, QLayer, QMaxPool, QReLU
+from intq.qparams import QParams, torch_dtype
+
+OPSET = 17
+MS_DOMAIN = "com.microsoft"
+
+
+class _Graph:
+    """Nodes and initializers under construction; names are unique per intq op."""
+
+    def __init__(self) -> None:
+        self.nodes, self.initializers = [], []
+
+    def const(self, name: str, array) -> str:
+        from onnx import numpy_helper
+
+        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], output: str, domain: str = "", **attributes) -> str:
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output, domain=domain, **attributes))
+        return output
+
+
+def _int64_cast(graph: _Graph, name: str) -> str:
+    from onnx import TensorProto
+
+    return graph.node("Cast", [name], f"{name}/int64", to=TensorProto.INT64)
+
+
+def _centred(graph: _Graph, value: str, encoded: bool, qparams: QParams, prefix: str) -> str:
+    """q - z as int64, from a uint8-encoded value (minus z + o) or a raw int64 one (minus z)."""
+    zero = encoded_zero_point(qparams) if encoded else int(qparams.zero_point)
+    source = _int64_cast(graph, value) if encoded else value
+    return graph.node("Sub", [source, graph.const(f"{prefix}/z", np.int64(zero))], f"{prefix}/centred")
+
+
+def _requantized(graph: _Graph, acc: str, mantissa, shift, qparams: QParams, bounds: tuple[int, int],
+                 shape: tuple[int, ...], prefix: str) -> tuple[str, bool]:
+    """clamp(z + round(acc M0 / 2^(31 + n)), lower, upper) in int64 (eq. 9-10), then uint8-encoded
+    for a type of <= 8 bits or left int64; returns (name, encoded)."""
+    mantissa = np.asarray(mantissa, np.int64).reshape(shape)
+    total = np.clip(np.asarray(shift, np.int64).reshape(shape) + MANTISSA_BITS, 1, MAX_RIGHT_SHIFT)
+    product = graph.node("Mul", [acc, graph.const(f"{prefix}/M0", mantissa)], f"{prefix}/product")
+    magnitude = graph.node("Add", [graph.node("Abs", [product], f"{prefix}/abs"),
+                                   graph.const(f"{prefix}/half", np.left_shift(np.int64(1), total - 1))], f"{prefix}/biased")
+    quotient = graph.node("Div", [magnitude, graph.const(f"{prefix}/divisor", np.left_shift(np.int64(1), total))],
+                          f"{prefix}/quotient")
+    rounded = graph.node("Mul", [graph.node("Sign", [product], f"{prefix}/sign"), quotient], f"{prefix}/rounded")
+    shifted = graph.node("Add", [rounded, graph.const(f"{prefix}/zy", np.int64(qparams.zero_point))], f"{prefix}/shifted")
+    clamped = graph.node("Clip", [shifted, graph.const(f"{prefix}/lower", np.int64(bounds[0])),
+                                  graph.const(f"{prefix}/upper", np.int64(bounds[1]))], f"{prefix}/clamped")
+    if qparams.dtype.bits > 8:
+        return clamped, False
+    from onnx import TensorProto
+
+    encoded = graph.node("Add", [clamped, graph.const(f"{prefix}/offset", np.int64(uint8_offset(qparams)))], f"{prefix}/encoded")
+    return graph.node("Cast", [encoded], f"{prefix}/uint8", to=TensorProto.UINT8), True
+
+
+def _exact_products(graph: _Graph, layer: QLayer, value: str, encoded: bool) -> str:
+    """sum_k q_w (q_x - z_x) as int64, exactly. From a uint8-encoded input: ConvInteger/MatMulInteger
+    with uint8 weights w + 128 (exact int32, the zero points subtracted by the kernel, padding with
+    z_x). From the raw folded input: a float Conv/MatMul of integer values, exact because every
+    partial sum is an integer below the proven bound <= 2^24."""
+    from onnx import TensorProto
+
+    prefix, g = layer.name, layer.geometry
+    window = {"strides": list(g["stride"]), "pads": list(g["padding"]) * 2, "dilations": list(g["dilation"]),
+              "group": g["groups"]} if layer.kind == "conv2d" else {}
+    if encoded:
+        weight = (np.asarray(layer.weight, np.int16) + 128).astype(np.uint8)
+        zeros = [graph.const(f"{prefix}/x_zero_point", np.uint8(encoded_zero_point(layer.input_qparams))),
+                 graph.const(f"{prefix}/w_zero_point", np.uint8(128))]
+        if layer.kind == "conv2d":
+            products = graph.node("ConvInteger", [value, graph.const(f"{prefix}/weight", weight), *zeros],
+                                  f"{prefix}/products", **window)
+        else:
+            products = graph.node("MatMulInteger", [value, graph.const(f"{prefix}/weight", weight.T.copy()), *zeros],
+                                  f"{prefix}/products")
+        return _int64_cast(graph, products)
+    if layer.accumulator_bound > FLOAT32_EXACT:
+        raise EngineError(f"accumulator bound {layer.accumulator_bound} on a raw input is above 2^24, where "
+                          "ONNX Runtime's float32 Conv is no longer exact")
+    centred = graph.node("Cast", [_centred(graph, value, encoded, layer.input_qparams, prefix)], f"{prefix}/float",
+                         to=TensorProto.FLOAT)
+    weight = np.asarray(layer.weight, np.float32)
+    if layer.kind == "conv2d":
+        products = graph.node("Conv", [centred, graph.const(f"{prefix}/weight", weight)], f"{prefix}/products", **window)
+    else:
+        products = graph.node("MatMul", [centred, graph.const(f"{prefix}/weight", weight.T.copy())], f"{prefix}/products")
+    return _int64_cast(graph, products)
+
+
+def _exact_layer(graph: _Graph, layer: QLayer, value: str, encoded: bool) -> tuple[str, bool]:
+    """acc = exact products + q_b in int64, then the exact requantizer (eq. 10)."""
+    shape = (1, -1, 1, 1) if layer.kind == "conv2d" else (1, -1)
+    acc = _exact_products(graph, layer, value, encoded)
+    if layer.bias is not None:
+        bias = graph.const(f"{layer.name}/bias", layer.bias.astype(np.int64).reshape(shape))
+        acc = graph.node("Add", [acc, bias], f"{layer.name}/acc")
+    return _requantized(graph, acc, layer.mantissa, layer.shift, layer.output_qparams, layer.bounds(), shape, layer.name)
+
+
+def _scale(graph: _Graph, name: str, qparams: QParams) -> list[str]:
+    """[scale (float32), zero point (uint8)] of a uint8-encoded value."""
+    return [graph.const(f"{name}/scale", np.float32(qparams.scale)),
+            graph.const(f"{name}/zero_point", np.uint8(encoded_zero_point(qparams)))]
+
+
+def _clip(graph: _Graph, value: str, bounds: tuple[int, int] | None, prefix: str) -> str:
+    if bounds is None:
+        return value
+    return graph.node("Clip", [value, graph.const(f"{prefix}/clip_lower", np.uint8(bounds[0])),
+                               graph.const(f"{prefix}/clip_upper", np.uint8(bounds[1]))], f"{prefix}/clipped")
+
+
+def _engine_layer(graph: _Graph, layer: QLayer, value: str) -> str:
+    """QLinearConv with uint8 weights w + 128 (zero point 128, per output channel) and the int32 bias;
+    a Linear is the same as a 1x1 convolution on (N, K, 1, 1)."""
+    prefix, weight = layer.name, np.asarray(layer.weight, np.int16)
+    channels = weight.shape[0]
+    if layer.kind == "linear":
+        value = graph.node("Reshape", [value, graph.const(f"{prefix}/as_image", np.array([0, -1, 1, 1], np.int64))],
+                           f"{prefix}/image")
+        weight = weight.reshape(*weight.shape, 1, 1)
+    g = layer.geometry if layer.kind == "conv2d" else {"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), "groups": 1}
+    weight_scale = np.broadcast_to(np.asarray(layer.weight_qparams.scale, np.float32), (channels,)).copy()
+    inputs = [value, *_scale(graph, f"{prefix}/x", layer.input_qparams),
+              graph.const(f"{prefix}/weight", (weight + 128).astype(np.uint8)), graph.const(f"{prefix}/w_scale", weight_scale),
+              graph.const(f"{prefix}/w_zero_point", np.full(channels, 128, np.uint8)),
+              *_scale(graph, f"{prefix}/y", layer.output_qparams)]
+    if layer.bias is not None:
+        inputs.append(graph.const(f"{prefix}/bias", layer.bias.astype(np.int32)))
+    y = graph.node("QLinearConv", inputs, f"{prefix}/qlinear", strides=list(g["stride"]), pads=list(g["padding"]) * 2,
+                   dilations=list(g["dilation"]), group=g["groups"])
+    if layer.kind == "linear":
+        y = graph.node("Flatten", [y], f"{prefix}/flat", axis=1)
+    return _clip(graph, y, narrower_bounds(*layer.bounds(), layer.output_qparams, relu_fused=False), prefix)
+
+
+def _avg_pool(graph: _Graph, op: QAvgPool, value: str, encoded: bool, channels: int) -> tuple[str, bool]:
+    """Exact window sums of (q - z) (ReduceSum, or a float depthwise Conv of ones: sums of at most
+    a few thousand 8-bit values are exact), then the exact requantizer (eq. 18)."""
+    from onnx import TensorProto
+
+    centred = _centred(graph, value, encoded, op.input_qparams, op.name)
+    if op.kernel_size is None:
+        acc = graph.node("ReduceSum", [centred, graph.const(f"{op.name}/axes", np.array([2, 3], np.int64))],
+                         f"{op.name}/sum", keepdims=1)
+    else:
+        as_float = graph.node("Cast", [centred], f"{op.name}/float", to=TensorProto.FLOAT)
+        ones = np.ones((channels, 1, *op.kernel_size), np.float32)
+        sums = graph.node("Conv", [as_float, graph.const(f"{op.name}/ones", ones)], f"{op.name}/sums",
+                          strides=list(op.stride), group=channels)
+        acc = _int64_cast(graph, sums)
+    return _requantized(graph, acc, op.mantissa[:1], op.shift[:1], op.output_qparams, op.bounds(), (), op.name)
+
+
+def _input(graph: _Graph, model: IntegerModel) -> tuple[str, bool]:
+    """The first layer's input (eq. 14): x = 2p - 255 raw in int64 when folded, else the 256-entry
+    table of the requantized input, uint8-encoded, gathered by pixel value."""
+    pixels = _int64_cast(graph, "pixels")
+    if model.input.folded:
+        doubled = graph.node("Mul", [pixels, graph.const("input/two", np.int64(2))], "input/doubled")
+        return graph.node("Sub", [doubled, graph.const("input/255", np.int64(255))], "input/x"), False
+    table = pixels_to_input(torch.arange(256, dtype=torch.uint8), model).to(torch.int16) + uint8_offset(model.input.qparams)
+    return graph.node("Gather", [graph.const("input/table", table.numpy().astype(np.uint8)), pixels], "input/q"), True
+
+
+def _value_shapes(model: IntegerModel, example: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """Shape of every value for one image, from one reference run on one example image."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    run_integer(model, example[:1], lambda name, q: shapes.__setitem__(name, tuple(q.shape[1:])))
+    return shapes
+
+
+def _op(graph: _Graph, op, model: IntegerModel, values: dict, qparams: dict, shapes: dict) -> tuple[str, bool]:
+    """One intq op as ONNX nodes; `values` maps names to (ONNX tensor, uint8-encoded?)."""
+    (value, encoded), *others = [values[name] for name in op.inputs]
+    if isinstance(op, QLayer):
+        if encoded and engine_runs_layer(op, model):
+            return _engine_layer(graph, op, value), True
+        return _exact_layer(graph, op, value, encoded)
+    if isinstance(op, QAvgPool):
+        return _avg_pool(graph, op, value, encoded, shapes[op.inputs[0]][0])
+    if isinstance(op, QFlatten):
+        return graph.node("Flatten", [value], op.name, axis=1), encoded
+    if not encoded:
+        raise EngineError(f"{type(op).__name__} on a {qparams[op.inputs[0]].dtype.name} value (wider than 8 bits)")
+    if isinstance(op, QMaxPool):
+        return graph.node("MaxPool", [value], op.name, kernel_shape=list(op.kernel_size), strides=list(op.stride),
+                          pads=list(op.padding) * 2), True
+    if isinstance(op, QReLU):
+        zero = encoded_zero_point(qparams[op.inputs[0]])
+        return _clip(graph, value, (zero, 255), op.name), True
+    if isinstance(op, QAdd):
+        (other, other_encoded), = others
+        if not other_encoded:
+            raise EngineError("residual add of a value wider than 8 bits")
+        inputs = [value, *_scale(graph, f"{op.name}/a", op.input_qparams[0]),
+                  other, *_scale(graph, f"{op.name}/b", op.input_qparams[1]), *_scale(graph, f"{op.name}/y", op.output_qparams)]
+        y = graph.node("QLinearAdd", inputs, f"{op.name}/qlinear", domain=MS_DOMAIN)
+        return _clip(graph, y, narrower_bounds(*op.bounds(), op.output_qparams, relu_fused=False), op.name), True
+    raise EngineError(f"unknown integer op {type(op).__name__}")
+
+
+def export_onnx(model: IntegerModel, example: torch.Tensor) -> bytes:
+    """The model as a serialised ONNX ModelProto; `example` (uint8 pixels) fixes channel counts.
+
+    Graph input `pixels` uint8 (N, C, H, W); output `output`: uint8 encoded (q + o) for an 8-bit
+    output type, int64 otherwise (metadata `output_offset` holds o)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph, qparams, shapes = _Graph(), value_qparams(model), _value_shapes(model, example)
+    values = {model.input_name: _input(graph, model)}
+    for op in model.layers:
+        try:
+            values[op.name] = _op(graph, op, model, values, qparams, shapes)
+        except EngineError as err:
+            raise EngineError(f"onnx: layer {op.name}: {err}") from None
+    output, encoded = values[model.output_name]
+    graph.node("Identity", [output], "output")
+    out_type = TensorProto.UINT8 if encoded else TensorProto.INT64
+    onnx_graph = helper.make_graph(
+        graph.nodes, "intq", [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", *example.shape[1:]])],
+        [helper.make_tensor_value_info("output", out_type, ["N", *shapes[model.output_name]])], graph.initializers)
+    proto = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+                              producer_name="intq")
+    offset = uint8_offset(qparams[model.output_name]) if encoded else 0
+    helper.set_model_props(proto, {"output_offset": str(offset), "output_dtype": qparams[model.output_name].dtype.name})
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+class OnnxModel:
+    """Callable: uint8 pixels -> the model's output integers, run in an ONNX Runtime CPU session."""
+
+    def __init__(self, model: IntegerModel, example: torch.Tensor, threads: int | None = None) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.contents = export_onnx(model, example)
+        self.session = onnxruntime.InferenceSession(self.contents, options, providers=["CPUExecutionProvider"])
+        out = value_qparams(model)[model.output_name]
+        self.offset, self.dtype = int(self.session.get_modelmeta().custom_metadata_map["output_offset"]), torch_dtype(out.dtype)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        (output,) = self.session.run(["output"], {"pixels": pixels.contiguous().numpy()})
+        return (torch.from_numpy(output).to(torch.int64) - self.offset).to(self.dtype)

@@ -1,0 +1,147 @@
+"""The `torch_quantized` executor: an IntegerModel's own integers on PyTorch's quantized kernels
+(x86 engine, fbgemm/onednn): the fast path.
+
+The int8 weights, int32 biases (as the reals q_b s_x s_w that PyTorch quantizes back to the same
+int32), scales and zero points are loaded into torch.ao quantized modules; activations travel as
+quint8 (encoding.py). The kernels accumulate exactly in int32 but requantize with a float
+multiplier and round half to even, where intq uses a 31-bit fixed-point multiplier and rounds half
+away from zero (eq. 9), so an output can differ from the reference by 1 LSB near a rounding tie;
+`intq verify` counts how often. On CPUs without VNNI (AVX2) the kernels also saturate pair sums of
+products at int16 unless activations have at most 7 bits (`may_saturate`; the x86 preset). Ops the kernels cannot express with intq's types (encoding.py:
+a folded first layer, int16 logits, average pools with their own output scale) run as the
+reference executor's exact integer ops, converted to and from quint8 without loss.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from intq.executors.encoding import EngineError, encoded_zero_point, engine_runs_layer, narrower_bounds, uint8_offset, value_qparams
+from intq.executors.reference import CHUNK, pixels_to_input, run_op
+from intq.integer_model import IntegerModel, QAdd, QFlatten, QLayer, QMaxPool, QReLU
+from intq.qparams import QParams, torch_dtype
+
+
+def to_quantized(value: torch.Tensor, qparams: QParams) -> torch.Tensor:
+    """An intq integer tensor (q, z) as the quint8 tensor (q + o, z + o); quantized tensors pass."""
+    if value.is_quantized:
+        return value
+    encoded = (value.to(torch.int16) + uint8_offset(qparams)).to(torch.uint8)
+    if encoded.dim() == 4:  # the layout the kernels compute in; a mix of layouts costs a conversion per op
+        encoded = encoded.contiguous(memory_format=torch.channels_last)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PyTorch announces the deprecation of quantized tensors
+        return torch._make_per_tensor_quantized_tensor(encoded, float(qparams.scale), encoded_zero_point(qparams))
+
+
+def to_integers(value: torch.Tensor, qparams: QParams) -> torch.Tensor:
+    """A quint8 tensor back to intq's integers q = q_u8 - o in intq's dtype; integer tensors pass."""
+    if not value.is_quantized:
+        return value
+    return (value.int_repr().to(torch.int16) - uint8_offset(qparams)).to(torch_dtype(qparams.dtype))
+
+
+def _clamped(run: Callable, bounds: tuple[int, int] | None, qparams: QParams) -> Callable:
+    """`run` followed by the encoded clamp [lo, hi] (a ReLU6 bound, or a type narrower than 8 bits)."""
+    if bounds is None:
+        return run
+    scale, zero = float(qparams.scale), encoded_zero_point(qparams)
+    low, high = (bounds[0] - zero) * scale, (bounds[1] - zero) * scale  # reals that quantize back exactly
+    return lambda *xs: torch.clamp(run(*xs), low, high)
+
+
+INT16_MAX = 32767
+
+
+def may_saturate(layer: QLayer) -> bool:
+    """True when fbgemm's AVX2 kernels can saturate on this layer: without VNNI they add pairs of
+    u8 x s8 products in int16 (vpmaddubsw) with saturation, exact only while
+    2 * max(u8 input) * max|q_w| <= 32767, e.g. 7-bit activations with 8-bit weights (the x86 preset)."""
+    largest_input = (1 << layer.input_qparams.dtype.bits) - 1  # encoded: [0, 2^b - 1] (encoding.py)
+    return 2 * largest_input * int(np.abs(np.asarray(layer.weight, np.int64)).max()) > INT16_MAX
+
+
+def quantized_layer(layer: QLayer) -> torch.nn.Module:
+    """torch.ao quantized Conv2d/Linear (ReLU-fused when the layer is) holding the layer's integers."""
+    import torch.ao.nn.intrinsic.quantized as fused
+    import torch.ao.nn.quantized as quantized
+
+    weight = torch.from_numpy(np.asarray(layer.weight, np.int8))
+    channels = weight.shape[0]
+    scales = torch.from_numpy(np.broadcast_to(np.asarray(layer.weight_qparams.scale, np.float64), (channels,)).copy())
+    qweight = torch._make_per_channel_quantized_tensor(weight, scales, torch.zeros(channels, dtype=torch.int64), 0)
+    bias = None
+    if layer.bias is not None:  # q_b in units of s_x s_w[c] (eq. 12), as reals
+        bias = torch.from_numpy(layer.bias.astype(np.float64) * float(layer.input_qparams.scale) * scales.numpy()).float()
+    if layer.kind == "conv2d":
+        g = layer.geometry
+        module_class = fused.ConvReLU2d if layer.relu else quantized.Conv2d
+        module = module_class(weight.shape[1] * g["groups"], channels, tuple(weight.shape[2:]), g["stride"], g["padding"],
+                              g["dilation"], g["groups"], bias=True)
+    else:
+        module = (fused.LinearReLU if layer.relu else quantized.Linear)(weight.shape[1], channels)
+    module.set_weight_bias(qweight, bias)
+    module.scale, module.zero_point = float(layer.output_qparams.scale), encoded_zero_point(layer.output_qparams)
+    return module
+
+
+def _integer_step(op, in_qparams: list[QParams]) -> Callable:
+    """The reference executor's exact op, on integers converted from quint8, CHUNK images at a time."""
+    def run(*xs: torch.Tensor) -> torch.Tensor:
+        integers = [to_integers(x, qp) for x, qp in zip(xs, in_qparams)]
+        chunks = zip(*(x.split(CHUNK) for x in integers))
+        return torch.cat([run_op(op, *chunk) for chunk in chunks])
+    return run
+
+
+def _engine_step(op, model: IntegerModel, in_qparams: list[QParams]) -> Callable:
+    """One op as a PyTorch kernel call (or the exact integer op where the kernels cannot express it)."""
+    if isinstance(op, QLayer):
+        if not engine_runs_layer(op, model):
+            return _integer_step(op, in_qparams)
+        module, qp = quantized_layer(op), in_qparams[0]
+        run = lambda x: module(to_quantized(x, qp))  # noqa: E731
+        return _clamped(run, narrower_bounds(*op.bounds(), op.output_qparams, op.relu), op.output_qparams)
+    if isinstance(op, QAdd):
+        out = op.output_qparams
+        kernel = torch.ops.quantized.add_relu if op.relu else torch.ops.quantized.add
+        scale, zero = float(out.scale), encoded_zero_point(out)
+        run = lambda a, b: kernel(to_quantized(a, in_qparams[0]), to_quantized(b, in_qparams[1]), scale, zero)  # noqa: E731
+        return _clamped(run, narrower_bounds(*op.bounds(), out, op.relu), out)
+    if isinstance(op, QMaxPool):
+        return lambda x: F.max_pool2d(x, op.kernel_size, op.stride, op.padding) if x.is_quantized else run_op(op, x)
+    if isinstance(op, QFlatten):
+        return lambda x: torch.flatten(x, 1)
+    if isinstance(op, QReLU):
+        return lambda x: torch.relu(x) if x.is_quantized else run_op(op, x)
+    return _integer_step(op, in_qparams)  # average pools: exact and cheap on the small pooled maps
+
+
+class TorchQuantizedModel:
+    """Callable: uint8 pixels (N, 3, H, W) -> the model's output integers, like run_integer."""
+
+    def __init__(self, model: IntegerModel) -> None:
+        torch.backends.quantized.engine = "x86"
+        self.model, self.qparams = model, value_qparams(model)
+        self.saturating_layers = [op.name for op in model.quantized_layers() if engine_runs_layer(op, model) and may_saturate(op)]
+        self.steps = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PyTorch announces the deprecation of quantized tensors
+            for op in model.layers:
+                try:
+                    self.steps.append((op, _engine_step(op, model, [self.qparams[name] for name in op.inputs])))
+                except (RuntimeError, EngineError) as err:
+                    raise EngineError(f"torch_quantized: layer {op.name}: {err}") from None
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        values = {self.model.input_name: pixels_to_input(pixels, self.model)}
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for op, step in self.steps:
+                values[op.name] = step(*(values[name] for name in op.inputs))
+        name = self.model.output_name
+        return to_integers(values[name], self.qparams[name])
