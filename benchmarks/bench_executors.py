@@ -6,7 +6,8 @@ at batch 256 (and latency at batch 1), measured in one run. Run by hand:
 
 --model is a study model name (Net, NetWithBias) or a checkpoint from `intq train` with --arch. The
 integer model is converted here from --calib-samples training images, with the same images as
-torch.ao's calibration. Prints the median seconds per batch, images per second and the ratio to
+torch.ao's calibration. "intq on PyTorch kernels" uses the onednn engine (the default), "x86" the
+engine torch.ao's x86 qconfig uses. Prints the median seconds per batch, images per second and the ratio to
 PyTorch float, and the bars of issue 5 (reference >= 0.5x float; PyTorch kernels >= 2x float).
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import warnings
 import torch
 
 from intq.capture import capture
-from intq.compare import run_integer_of, torch_ao_quantize
+from intq.compare import on_x86_engine, run_integer_of, torch_ao_quantize
 from intq.config import PRESETS
 from intq.convert import convert
 from intq.costs import median_seconds
@@ -50,9 +51,10 @@ def main() -> None:
     integer = convert(graph, calibrate(graph, calibration, "cpu"), PRESETS[args.preset])
     ao_model = torch_ao_quantize(model, calibration)
     runners = {"PyTorch float32": lambda p: model(normalize(p)),
-               "torch.ao int8 (x86)": lambda p: ao_model(normalize(p)),
+               "torch.ao int8 (x86)": on_x86_engine(ao_model),
                "intq reference": run_integer_of(integer),
-               "intq on PyTorch kernels": TorchQuantizedModel(integer),
+               "intq on PyTorch kernels": TorchQuantizedModel(integer, "onednn"),
+               "intq on PyTorch x86": TorchQuantizedModel(integer, "x86"),
                "intq on ONNX Runtime": OnnxModel(integer, data.test_images[:1], threads=args.threads)}
     batch, single = data.test_images[:256], data.test_images[:1]
     rows = {}

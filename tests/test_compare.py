@@ -28,7 +28,7 @@ def test_compare_rows_cover_float_torch_ao_and_intq():
     graph, stats = calibrated(model, pixels)
     rows = compare(model, convert(graph, stats, RECOMMENDED), 1000, data, pixels)
     assert [row["executor"] for row in rows] == ["PyTorch float32", "torch.ao int8 (x86, FX)", "intq reference (integer)",
-                                                 "intq on PyTorch kernels", "intq on ONNX Runtime"]
+                                                 "intq on PyTorch kernels (onednn)", "intq on ONNX Runtime"]
     assert rows[2]["top1_agreement_with_intq"] == 100.0
     assert rows[4]["top1_agreement_with_intq"] >= 98.0
     assert rows[1]["bytes"] < rows[0]["bytes"]

@@ -117,3 +117,17 @@ def test_engine_error_names_the_layer():
     model.layers[0].accumulator_bound = 2**25  # the folded first layer runs as an exact float32 Conv
     with pytest.raises(EngineError, match="onnx: layer conv1: accumulator bound 33554432"):
         export_onnx(model, make_pixels(1))
+
+
+@pytest.mark.parametrize("engine", ["x86", "fbgemm"])
+def test_torch_quantized_other_engines_agree_with_the_reference(engine):
+    model, pixels = integer_model_of("Residual", X86)
+    engine_model = TorchQuantizedModel(model, engine)
+    for name, row in layer_differences(model, engine_model, pixels, batch=24).items():
+        assert row["max_lsb"] <= 1 and row["differing"] <= 0.005 * row["values"], (name, row)
+
+
+def test_torch_quantized_refuses_an_unknown_engine():
+    model, _ = integer_model_of("Strided", X86)
+    with pytest.raises(EngineError, match="engine 'tpu' is not in this PyTorch build"):
+        TorchQuantizedModel(model, "tpu")

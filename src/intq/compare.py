@@ -49,6 +49,15 @@ def torch_ao_quantize(model: torch.nn.Module, calibration: torch.Tensor) -> torc
         return convert_fx(prepared)
 
 
+def on_x86_engine(ao_model: torch.nn.Module):
+    """torch.ao's model on uint8 pixels, run under the engine it was converted for (another
+    executor may have selected a different one)."""
+    def forward(pixels: torch.Tensor) -> torch.Tensor:
+        torch.backends.quantized.engine = "x86"
+        return ao_model(normalize(pixels))
+    return forward
+
+
 def state_bytes(module: torch.nn.Module) -> int:
     buffer = io.BytesIO()
     torch.save(module.state_dict(), buffer)
@@ -63,12 +72,12 @@ def compare(model: torch.nn.Module, integer: IntegerModel, integer_bytes: int, d
             calibration: torch.Tensor) -> list[dict]:
     """Rows for PyTorch float, torch.ao int8 and the intq model on each of its executors."""
     ao_model = torch_ao_quantize(model, calibration)
-    on_torch = TorchQuantizedModel(integer)
+    on_torch = TorchQuantizedModel(integer)  # engine onednn
     on_onnx = OnnxModel(integer, data.test_images[:1])
     runners = {"PyTorch float32": (lambda p: model(normalize(p)), state_bytes(model)),
-               "torch.ao int8 (x86, FX)": (lambda p: ao_model(normalize(p)), state_bytes(ao_model)),
+               "torch.ao int8 (x86, FX)": (on_x86_engine(ao_model), state_bytes(ao_model)),
                "intq reference (integer)": (run_integer_of(integer), integer_bytes),
-               "intq on PyTorch kernels": (on_torch, integer_bytes),
+               "intq on PyTorch kernels (onednn)": (on_torch, integer_bytes),
                "intq on ONNX Runtime": (on_onnx, len(on_onnx.contents))}
     reference = predict(run_integer_of(integer), data.test_images, 500)
     rows = []
