@@ -55,7 +55,8 @@ def main() -> None:
                "intq reference": run_integer_of(integer),
                "intq on PyTorch kernels": TorchQuantizedModel(integer, "onednn"),
                "intq on PyTorch x86": TorchQuantizedModel(integer, "x86"),
-               "intq on ONNX Runtime": OnnxModel(integer, data.test_images[:1], threads=args.threads)}
+               "intq on ONNX Runtime": OnnxModel(integer, data.test_images[:1], threads=args.threads),
+               "intq on ONNX Runtime, exact": OnnxModel(integer, data.test_images[:1], threads=args.threads, exact=True)}
     batch, single = data.test_images[:256], data.test_images[:1]
     rows = {}
     with torch.no_grad():

@@ -108,6 +108,10 @@ def test_export_onnx_command(tmp_path, capsys):
     session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "m.onnx"), providers=["CPUExecutionProvider"])
     (output,) = session.run(["output"], {"pixels": pixels[:3].numpy()})
     assert output.shape == (3, 5)
+    assert main(["export-onnx", str(tmp_path / "m.npz"), "--out", str(tmp_path / "exact.onnx"), "--exact"]) == 0
+    session = onnxruntime.InferenceSession(str(tmp_path / "exact.onnx"), providers=["CPUExecutionProvider"])
+    (exact,) = session.run(["output"], {"pixels": pixels[:3].numpy()})
+    assert np.array_equal(exact, run_integer(model, pixels[:3]).numpy())
     assert main(["export-onnx", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "x.onnx")]) == 2
     assert not (tmp_path / "x.onnx").exists()
 
@@ -131,3 +135,30 @@ def test_torch_quantized_refuses_an_unknown_engine():
     model, _ = integer_model_of("Strided", X86)
     with pytest.raises(EngineError, match="engine 'tpu' is not in this PyTorch build"):
         TorchQuantizedModel(model, "tpu")
+
+
+@pytest.mark.parametrize("config", [STUDY, RECOMMENDED, W3A5], ids=["study", "recommended", "w3a5"])
+@pytest.mark.parametrize("model_name", MODELS)
+def test_exact_onnx_model_is_bit_exact(model_name, config):
+    model, pixels = integer_model_of(model_name, config)
+    exact = OnnxModel(model, pixels[:1], exact=True)
+    assert torch.equal(exact(pixels), run_integer(model, pixels))
+    ops = {node.op_type for node in onnx.load_from_string(exact.contents).graph.node}
+    assert "QLinearConv" not in ops and "QLinearAdd" not in ops
+
+
+def test_exact_onnx_add_of_a_value_with_itself():
+    class Doubling(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.fc = torch.nn.Linear(4 * 30 * 30, 3)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            return self.fc(torch.flatten(y + y, 1))
+
+    torch.manual_seed(0)
+    pixels = make_pixels(8)
+    model = convert(*calibrated(Doubling().eval(), pixels), X86)
+    assert torch.equal(OnnxModel(model, pixels[:1], exact=True)(pixels), run_integer(model, pixels))

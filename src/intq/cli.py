@@ -196,6 +196,9 @@ def _add_export_onnx(commands) -> None:
     command.add_argument("--out", metavar="MODEL.onnx", type=Path, required=True, help="output file")
     command.add_argument("--height", type=int, default=32, help="input height (default: 32)")
     command.add_argument("--width", type=int, default=32, help="input width (default: 32)")
+    command.add_argument("--exact", action="store_true",
+                         help="every conv, linear and add as exact integer ops (ConvInteger, int64 fixed point): "
+                         "bit-exact with intq's reference, slower than QLinearConv")
 
 
 def _add_train_quantize_eval(commands) -> None:
@@ -341,7 +344,7 @@ def _export_onnx(args: argparse.Namespace) -> None:
     if args.height < 1 or args.width < 1:
         raise argparse.ArgumentTypeError("--height and --width must be at least 1")
     model = integer_model.load(args.model_file)
-    contents = export_onnx(model, torch.zeros((1, 3, args.height, args.width), dtype=torch.uint8))
+    contents = export_onnx(model, torch.zeros((1, 3, args.height, args.width), dtype=torch.uint8), args.exact)
     ensure_writable_dir(args.out.parent)
     with atomic_write(args.out, "wb") as handle:
         handle.write(contents)

@@ -1,7 +1,8 @@
 """`intq verify`: run an executor over a whole image set and count how far it is from the reference.
 
 Executors: `c` (the exported C99 model, compiled with the system compiler), `torch_quantized` (PyTorch's
-x86 quantized kernels) and `onnx` (ONNX Runtime). For each: share of output values that differ, the
+quantized kernels), `onnx` (QLinearConv in ONNX Runtime) and `onnx_exact` (integer subgraphs in ONNX
+Runtime). For each: share of output values that differ, the
 largest difference in LSB, and the share of images whose top-1 differs.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from intq.executors.reference import run_integer
 from intq.integer_model import IntegerModel
 
 
-EXECUTORS = ("c", "torch_quantized", "onnx")
+EXECUTORS = ("c", "torch_quantized", "onnx", "onnx_exact")
 
 
 class VerifyError(Exception):
@@ -68,10 +69,10 @@ def run_executor(name: str, model: IntegerModel, pixels: torch.Tensor) -> tuple[
                          f"values differ, max {max(r['max_lsb'] for r in layers.values())} LSB "
                          f"(differences above compound through the network)")
             return run_batched(engine, pixels), notes
-        if name == "onnx":
+        if name in ("onnx", "onnx_exact"):
             from intq.executors.onnx_export import OnnxModel
 
-            return run_batched(OnnxModel(model, pixels[:1]), pixels), []
+            return run_batched(OnnxModel(model, pixels[:1], exact=name == "onnx_exact"), pixels), []
     except EngineError as err:
         raise VerifyError(str(err)) from None
     raise VerifyError(f"unknown executor {name!r}; available: {', '.join(EXECUTORS)}")

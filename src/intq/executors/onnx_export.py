@@ -1,5 +1,6 @@
 """The `onnx` executor: an IntegerModel exported to standard ONNX (QLinearConv, MaxPool, Clip, with
-ONNX Runtime's com.microsoft QLinearAdd) and run in ONNX Runtime.
+ONNX Runtime's com.microsoft QLinearAdd) and run in ONNX Runtime; `onnx_exact`: the same model with
+every conv, linear and add as an exact integer subgraph, bit for bit the reference's integers.
 
 Input: uint8 pixels (N, 3, H, W). Output: the model's output integers (uint8-encoded 8-bit values
 are decoded in Python, see `OnnxModel`). Activations travel as uint8 (encoding.py). Weights are
@@ -32,7 +33,7 @@ class _Graph:
     """Nodes and initializers under construction; names are unique per intq op."""
 
     def __init__(self) -> None:
-        self.nodes, self.initializers = [], []
+        self.nodes, self.initializers, self.outputs = [], [], set()
 
     def const(self, name: str, array) -> str:
         from onnx import numpy_helper
@@ -44,13 +45,16 @@ class _Graph:
         from onnx import helper
 
         self.nodes.append(helper.make_node(op, inputs, [output], name=output, domain=domain, **attributes))
+        self.outputs.add(output)
         return output
 
 
 def _int64_cast(graph: _Graph, name: str) -> str:
+    """`name` as int64, cast once however many ops read it."""
     from onnx import TensorProto
 
-    return graph.node("Cast", [name], f"{name}/int64", to=TensorProto.INT64)
+    cast = f"{name}/int64"
+    return cast if cast in graph.outputs else graph.node("Cast", [name], cast, to=TensorProto.INT64)
 
 
 def _centred(graph: _Graph, value: str, encoded: bool, qparams: QParams, prefix: str) -> str:
@@ -60,10 +64,8 @@ def _centred(graph: _Graph, value: str, encoded: bool, qparams: QParams, prefix:
     return graph.node("Sub", [source, graph.const(f"{prefix}/z", np.int64(zero))], f"{prefix}/centred")
 
 
-def _requantized(graph: _Graph, acc: str, mantissa, shift, qparams: QParams, bounds: tuple[int, int],
-                 shape: tuple[int, ...], prefix: str) -> tuple[str, bool]:
-    """clamp(z + round(acc M0 / 2^(31 + n)), lower, upper) in int64 (eq. 9-10), then uint8-encoded
-    for a type of <= 8 bits or left int64; returns (name, encoded)."""
+def _fixed_point_product(graph: _Graph, acc: str, mantissa, shift, shape: tuple[int, ...], prefix: str) -> str:
+    """round(acc M0 / 2^(31 + n)) in int64, half away from zero (eq. 9)."""
     mantissa = np.asarray(mantissa, np.int64).reshape(shape)
     total = np.clip(np.asarray(shift, np.int64).reshape(shape) + MANTISSA_BITS, 1, MAX_RIGHT_SHIFT)
     product = graph.node("Mul", [acc, graph.const(f"{prefix}/M0", mantissa)], f"{prefix}/product")
@@ -71,7 +73,14 @@ def _requantized(graph: _Graph, acc: str, mantissa, shift, qparams: QParams, bou
                                    graph.const(f"{prefix}/half", np.left_shift(np.int64(1), total - 1))], f"{prefix}/biased")
     quotient = graph.node("Div", [magnitude, graph.const(f"{prefix}/divisor", np.left_shift(np.int64(1), total))],
                           f"{prefix}/quotient")
-    rounded = graph.node("Mul", [graph.node("Sign", [product], f"{prefix}/sign"), quotient], f"{prefix}/rounded")
+    return graph.node("Mul", [graph.node("Sign", [product], f"{prefix}/sign"), quotient], f"{prefix}/rounded")
+
+
+def _requantized(graph: _Graph, acc: str, mantissa, shift, qparams: QParams, bounds: tuple[int, int],
+                 shape: tuple[int, ...], prefix: str) -> tuple[str, bool]:
+    """clamp(z + round(acc M0 / 2^(31 + n)), lower, upper) in int64 (eq. 9-10), then uint8-encoded
+    for a type of <= 8 bits or left int64; returns (name, encoded)."""
+    rounded = _fixed_point_product(graph, acc, mantissa, shift, shape, prefix)
     shifted = graph.node("Add", [rounded, graph.const(f"{prefix}/zy", np.int64(qparams.zero_point))], f"{prefix}/shifted")
     clamped = graph.node("Clip", [shifted, graph.const(f"{prefix}/lower", np.int64(bounds[0])),
                                   graph.const(f"{prefix}/upper", np.int64(bounds[1]))], f"{prefix}/clamped")
@@ -182,6 +191,17 @@ def _avg_pool(graph: _Graph, op: QAvgPool, value: str, encoded: bool, channels: 
     return _requantized(graph, acc, op.mantissa[:1], op.shift[:1], op.output_qparams, op.bounds(), (), op.name)
 
 
+def _exact_add(graph: _Graph, op: QAdd, operands: list[tuple[str, bool]]) -> tuple[str, bool]:
+    """eq. 17 in int64: each operand round(M_i (q_i - z_i)), their sum requantized."""
+    terms = []
+    for index, ((value, encoded), qparams) in enumerate(zip(operands, op.input_qparams)):
+        prefix = f"{op.name}/{'ab'[index]}"
+        centred = _centred(graph, value, encoded, qparams, prefix)
+        terms.append(_fixed_point_product(graph, centred, op.mantissa[index : index + 1], op.shift[index : index + 1], (), prefix))
+    total = graph.node("Add", terms, f"{op.name}/sum")
+    return _requantized(graph, total, op.mantissa[2:], op.shift[2:], op.output_qparams, op.bounds(), (), op.name)
+
+
 def _input(graph: _Graph, model: IntegerModel) -> tuple[str, bool]:
     """The first layer's input (eq. 14): x = 2p - 255 raw in int64 when folded, else the 256-entry
     table of the requantized input, uint8-encoded, gathered by pixel value."""
@@ -200,11 +220,13 @@ def _value_shapes(model: IntegerModel, example: torch.Tensor) -> dict[str, tuple
     return shapes
 
 
-def _op(graph: _Graph, op, model: IntegerModel, values: dict, qparams: dict, shapes: dict) -> tuple[str, bool]:
+def _op(graph: _Graph, op, model: IntegerModel, values: dict, qparams: dict, shapes: dict, exact: bool) -> tuple[str, bool]:
     """One intq op as ONNX nodes; `values` maps names to (ONNX tensor, uint8-encoded?)."""
     (value, encoded), *others = [values[name] for name in op.inputs]
+    if exact and isinstance(op, QAdd):
+        return _exact_add(graph, op, [values[name] for name in op.inputs])
     if isinstance(op, QLayer):
-        if encoded and engine_runs_layer(op, model):
+        if encoded and engine_runs_layer(op, model) and not exact:
             return _engine_layer(graph, op, value), True
         return _exact_layer(graph, op, value, encoded)
     if isinstance(op, QAvgPool):
@@ -230,8 +252,12 @@ def _op(graph: _Graph, op, model: IntegerModel, values: dict, qparams: dict, sha
     raise EngineError(f"unknown integer op {type(op).__name__}")
 
 
-def export_onnx(model: IntegerModel, example: torch.Tensor) -> bytes:
+def export_onnx(model: IntegerModel, example: torch.Tensor, exact: bool = False) -> bytes:
     """The model as a serialised ONNX ModelProto; `example` (uint8 pixels) fixes channel counts.
+
+    exact=False: QLinearConv / QLinearAdd (the engine's float requantization, deployable as is);
+    exact=True: every conv, linear and add as the exact integer subgraph (ConvInteger/MatMulInteger
+    and int64 fixed-point arithmetic), bit-exact with the reference executor, and slower.
 
     Graph input `pixels` uint8 (N, C, H, W); output `output`: uint8 encoded (q + o) for an 8-bit
     output type, int64 otherwise (metadata `output_offset` holds o)."""
@@ -242,7 +268,7 @@ def export_onnx(model: IntegerModel, example: torch.Tensor) -> bytes:
     values = {model.input_name: _input(graph, model)}
     for op in model.layers:
         try:
-            values[op.name] = _op(graph, op, model, values, qparams, shapes)
+            values[op.name] = _op(graph, op, model, values, qparams, shapes, exact)
         except EngineError as err:
             raise EngineError(f"onnx: layer {op.name}: {err}") from None
     output, encoded = values[model.output_name]
@@ -262,13 +288,13 @@ def export_onnx(model: IntegerModel, example: torch.Tensor) -> bytes:
 class OnnxModel:
     """Callable: uint8 pixels -> the model's output integers, run in an ONNX Runtime CPU session."""
 
-    def __init__(self, model: IntegerModel, example: torch.Tensor, threads: int | None = None) -> None:
+    def __init__(self, model: IntegerModel, example: torch.Tensor, threads: int | None = None, exact: bool = False) -> None:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.contents = export_onnx(model, example)
+        self.contents = export_onnx(model, example, exact)
         self.session = onnxruntime.InferenceSession(self.contents, options, providers=["CPUExecutionProvider"])
         out = value_qparams(model)[model.output_name]
         self.offset, self.dtype = int(self.session.get_modelmeta().custom_metadata_map["output_offset"]), torch_dtype(out.dtype)
