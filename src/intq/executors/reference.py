@@ -69,6 +69,7 @@ def exact_products(layer: QLayer, x: torch.Tensor) -> torch.Tensor:
     weight = torch.as_tensor(layer.weight, device=x.device).to(dtype)
     if layer.kind == "conv2d":
         g = layer.geometry
+        centred = centred.contiguous(memory_format=torch.channels_last)  # oneDNN's layout: no reorder per call
         return F.conv2d(centred, weight, None, g["stride"], g["padding"], g["dilation"], g["groups"])
     return F.linear(centred, weight)
 
