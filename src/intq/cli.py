@@ -393,10 +393,14 @@ def _compare(args: argparse.Namespace) -> None:
     integer = convert(graph, calibrate(graph, calibration, "cpu"), PRESETS[args.preset])
     size = len(integer_model_bytes(integer))
     print(f"{name}: {len(calibration):,} calibration images for both; {len(data.test_images):,} test images")
-    print(f"  {'executor':<28}{'accuracy':>9}{'bytes':>10}{'ms (b1)':>9}{'img/s (b256)':>14}{'top-1 = intq':>14}")
-    for row in compare(model, integer, size, data, calibration):
-        print(f"  {row['executor']:<28}{row['accuracy']:>8.2f}%{row['bytes']:>10,}{row['latency_ms_b1']:>9.2f}"
+    print(f"  {'executor':<34}{'accuracy':>9}{'bytes':>10}{'ms (b1)':>9}{'img/s (b256)':>14}{'top-1 = intq':>14}")
+    rows = compare(model, integer, size, data, calibration)
+    for row in rows:
+        print(f"  {row['executor']:<34}{row['accuracy']:>8.2f}%{row['bytes']:>10,}{row['latency_ms_b1']:>9.2f}"
               f"{row['throughput_b256']:>14,.0f}{row['top1_agreement_with_intq']:>13.2f}%")
+    for row in rows:
+        if "note" in row:
+            print(f"  note ({row['executor']}): {row['note']}")
 
 
 COMMANDS = {"compare": _compare, "train": _train, "quantize": _quantize, "eval": _eval, "verify": _verify, "run": _run, "sweep": _sweep, "sensitivity": _sensitivity, "inspect": _inspect, "explain": _explain,

@@ -88,4 +88,7 @@ def compare(model: torch.nn.Module, integer: IntegerModel, integer_bytes: int, d
             rows.append({"executor": name, "accuracy": accuracy(predicted, data.test_labels), "bytes": size,
                          "top1_agreement_with_intq": accuracy(predicted, reference),
                          **measured_speed(forward, data.test_images)})
+    if on_torch.saturating_layers:
+        rows[3]["note"] = (f"layers {', '.join(on_torch.saturating_layers)} may saturate int16 pair sums on CPUs "
+                           "without VNNI: quantize with --preset x86 (7-bit activations) for this engine")
     return rows
