@@ -68,3 +68,25 @@ def test_resnet20_c_export_is_bit_exact(tmp_path, resnet):
     subprocess.run([compiler, "-std=c99", "-O2", "main.c", "intq_runtime.c", "-o", "check"], cwd=tmp_path, check=True)
     result = subprocess.run(["./check"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("OK 1 images"), result.stdout
+
+
+def test_quantize_with_a_sweep_cell_names_the_file_after_it(tmp_path, capsys):
+    from conftest import write_image_folder
+    from intq.cli import main
+    from intq.models import ARCHITECTURES
+    from intq.train import save_weights
+
+    torch.manual_seed(0)
+    data = write_image_folder(tmp_path / "data", train_per_class=3, test_per_class=2)
+    checkpoint = tmp_path / "net.npz"
+    save_weights(ARCHITECTURES["Net"]().eval(), [(1, 0, 1.0)], checkpoint)
+    common = ["--data", str(data), "--cache", str(tmp_path / "cache"), "--calib-samples", "20"]
+    assert main(["quantize", str(checkpoint), "--arch", "Net", "--method", "percentile(99.9)", "--wbits", "4",
+                 "--abits", "6", *common]) == 0
+    written = tmp_path / "net-percentile(99.9)-w4a6-per-channel-int.npz"
+    assert written.exists() and "integer-only" in capsys.readouterr().out
+    from intq import integer_model
+
+    model = integer_model.load(written)
+    assert model.quantized_layers()[1].weight_qparams.dtype.bits == 4
+    assert main(["quantize", str(checkpoint), "--arch", "Net", "--method", "mse", "--wbits", "9", *common]) == 2

@@ -18,7 +18,7 @@ from intq.executors.encoding import EngineError
 from intq.files import OutputError, atomic_write, ensure_writable_dir
 from intq.integer_model import ModelFileError
 from intq.calibration import parse_range_method
-from intq.config import PRESETS
+from intq.config import PRESETS, QConfig
 from intq import integer_model
 from intq.data import load_cifar10
 from intq.diagnostics import InspectOptions, run_inspect
@@ -144,6 +144,25 @@ def _add_sensitivity(commands) -> None:
                          help="greedy search: largest validation accuracy loss vs 8-bit, in points (default: 1.0)")
 
 
+def _add_config(command) -> None:
+    """--preset, or a sweep cell (--method with --wbits, --abits, --granularity)."""
+    command.add_argument("--preset", choices=tuple(PRESETS), default="recommended", help="(default: recommended)")
+    command.add_argument("--method", default=None, help="a sweep cell instead of a preset: range method "
+                         "(minmax, nsigma(K), percentile(P), mse, entropy)")
+    command.add_argument("--wbits", type=int, default=8, help="with --method: weight bits (default: 8)")
+    command.add_argument("--abits", type=int, default=8, help="with --method: activation bits (default: 8)")
+    command.add_argument("--granularity", choices=GRANULARITIES, default="per-channel", help="with --method")
+
+
+def _config(args: argparse.Namespace, model: str) -> QConfig:
+    """The preset, or the sweep cell's QConfig when --method is given (options checked first)."""
+    if args.method is None:
+        return PRESETS[args.preset]
+    check_options(SweepOptions(model, None, Path("."), args.cache, methods=(args.method,), wbits=(args.wbits,),
+                               abits=(args.abits,), granularities=(args.granularity,)))
+    return cell_config(SweepCell(args.method, args.granularity, args.wbits, args.abits))
+
+
 def _add_inspect(commands) -> None:
     command = commands.add_parser(
         "inspect", help="per-layer diagnostics of one configuration",
@@ -153,11 +172,7 @@ def _add_inspect(commands) -> None:
         "or a sweep cell when --method is given.")
     _add_common(command)
     _add_model_and_out(command, "inspect")
-    command.add_argument("--preset", choices=tuple(PRESETS), default="recommended", help="(default: recommended)")
-    command.add_argument("--method", default=None, help="a sweep cell instead of a preset: range method")
-    command.add_argument("--wbits", type=int, default=8, help="with --method: weight bits (default: 8)")
-    command.add_argument("--abits", type=int, default=8, help="with --method: activation bits (default: 8)")
-    command.add_argument("--granularity", choices=GRANULARITIES, default="per-channel", help="with --method")
+    _add_config(command)
     command.add_argument("--images", type=int, default=1000, help="test images to diagnose (default: 1000)")
 
 
@@ -216,7 +231,7 @@ def _add_train_quantize_eval(commands) -> None:
                                    "report float and integer-only test accuracy.")
     quantize.add_argument("checkpoint", metavar="CHECKPOINT", type=Path, help="a checkpoint written by intq train")
     quantize.add_argument("--arch", choices=tuple(ARCHITECTURES), required=True)
-    quantize.add_argument("--preset", choices=tuple(PRESETS), default="recommended", help="(default: recommended)")
+    _add_config(quantize)
     quantize.add_argument("--calib-samples", type=int, default=10_000, help="(default: 10000)")
     quantize.add_argument("--out", metavar="MODEL.npz", type=Path, default=None, help="(default: beside the checkpoint)")
     _add_common(quantize)
@@ -240,7 +255,7 @@ def _add_compare(commands) -> None:
         "(x86 qconfig) on the same calibration images; print accuracy, size, latency (batch 1), "
         "throughput (batch 256) and top-1 agreement with the intq reference executor.")
     _add_model(command, checkpoints=True)
-    command.add_argument("--preset", choices=tuple(PRESETS), default="recommended", help="(default: recommended)")
+    _add_config(command)
     command.add_argument("--calib-samples", type=int, default=2000, help="calibration images for both (default: 2000)")
     _add_common(command)
 
@@ -296,12 +311,7 @@ def _sensitivity(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    config = PRESETS[args.preset]
-    if args.method is not None:
-        cell = SweepCell(args.method, args.granularity, args.wbits, args.abits)
-        check_options(SweepOptions(args.model, None, args.out, args.cache, methods=(args.method,),
-                                   wbits=(args.wbits,), abits=(args.abits,), granularities=(args.granularity,)))
-        config = cell_config(cell)
+    config = _config(args, args.model)
     if args.images < 1:
         raise argparse.ArgumentTypeError(f"--images must be at least 1, got {args.images}")
     results = run_inspect(InspectOptions(args.model, args.data, args.out, args.cache, config, args.seed, args.images))
@@ -363,8 +373,10 @@ def _train(args: argparse.Namespace) -> None:
 def _quantize(args: argparse.Namespace) -> None:
     data = load_cifar10(args.data, args.cache)
     model = load_checkpoint(args.checkpoint, args.arch)
-    out = args.out or args.checkpoint.with_name(f"{args.checkpoint.stem}-{args.preset}-int.npz")
-    result = quantize_checkpoint(model, data, PRESETS[args.preset], args.calib_samples, args.seed, out,
+    config = _config(args, str(args.checkpoint))
+    label = args.preset if args.method is None else f"{args.method}-w{args.wbits}a{args.abits}-{args.granularity}"
+    out = args.out or args.checkpoint.with_name(f"{args.checkpoint.stem}-{label}-int.npz")
+    result = quantize_checkpoint(model, data, config, args.calib_samples, args.seed, out,
                                  {"model": args.arch, "checkpoint": str(args.checkpoint)})
     print(f"{out}: {result['bytes']:,} bytes; float {result['float_accuracy']:.2f}%, integer-only "
           f"{result['integer_accuracy']:.2f}% (drop {result['float_accuracy'] - result['integer_accuracy']:.2f} points)")
@@ -390,7 +402,7 @@ def _compare(args: argparse.Namespace) -> None:
     name, model = load_model(SweepOptions(args.model, args.data, Path("."), args.cache, args.seed, arch=args.arch), data)
     calibration = data.train_images[calibration_indices(len(data.train_images), args.calib_samples, args.seed)]
     graph = capture(model, normalize(data.train_images[:2]))
-    integer = convert(graph, calibrate(graph, calibration, "cpu"), PRESETS[args.preset])
+    integer = convert(graph, calibrate(graph, calibration, "cpu"), _config(args, args.model))
     size = len(integer_model_bytes(integer))
     print(f"{name}: {len(calibration):,} calibration images for both; {len(data.test_images):,} test images")
     print(f"  {'executor':<34}{'accuracy':>9}{'bytes':>10}{'ms (b1)':>9}{'img/s (b256)':>14}{'top-1 = intq':>14}")
