@@ -73,7 +73,8 @@ def test_verify_counts_no_difference_for_the_c_executor():
     pixels = make_pixels(40)
     graph, stats = calibrated(NetWithBias().eval(), pixels)
     row = verify(convert(graph, stats, RECOMMENDED), pixels, ("c",))["c"]
-    assert row == {"values": 400, "differing_share": 0.0, "max_lsb": 0, "top1_differing_share": 0.0, "notes": []}
+    assert row == {"values": 400, "differing_share": 0.0, "max_lsb": 0, "top1_differing_share": 0.0, "max_real": 0.0,
+                   "notes": []}
 
 
 def test_verify_names_an_unknown_executor():

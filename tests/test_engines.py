@@ -162,3 +162,18 @@ def test_exact_onnx_add_of_a_value_with_itself():
     pixels = make_pixels(8)
     model = convert(*calibrated(Doubling().eval(), pixels), X86)
     assert torch.equal(OnnxModel(model, pixels[:1], exact=True)(pixels), run_integer(model, pixels))
+
+
+def test_verify_command_prints_one_line_per_executor(tmp_path, capsys):
+    from conftest import write_image_folder
+
+    model, _ = integer_model_of("Strided", X86)
+    integer_model.save(model, tmp_path / "m.npz")
+    data = write_image_folder(tmp_path / "data", train_per_class=1, test_per_class=3)
+    common = ["--data", str(data), "--cache", str(tmp_path / "cache")]
+    assert main(["verify", str(tmp_path / "m.npz"), "--executors", "onnx_exact", "torch_quantized", *common]) == 0
+    out = capsys.readouterr().out
+    assert "onnx_exact: 150 output values on 30 images; differing 0.0000%, max 0 LSB" in out
+    assert "torch_quantized:" in out and "each op fed the reference's inputs" in out
+    assert main(["verify", str(tmp_path / "m.npz"), "--executors", "tpu", *common]) == 2
+    assert "unknown executor 'tpu'" in capsys.readouterr().err

@@ -392,7 +392,8 @@ def _verify(args: argparse.Namespace) -> None:
     pixels = load_cifar10(args.data, args.cache).test_images[: args.images]
     for name, row in verify(model, pixels, _words(args.executors)).items():
         print(f"{name}: {row['values']:,} output values on {len(pixels):,} images; differing {100 * row['differing_share']:.4f}%, "
-              f"max {row['max_lsb']} LSB; top-1 differs on {100 * row['top1_differing_share']:.3f}% of images")
+              f"max {row['max_lsb']} LSB ({row['max_real']:.4g} in real units); "
+              f"top-1 differs on {100 * row['top1_differing_share']:.3f}% of images")
         for note in row["notes"]:
             print(f"  note: {note}")
 

@@ -114,6 +114,7 @@ def verify(model: IntegerModel, pixels: torch.Tensor, executors: tuple[str, ...]
     results = {}
     for name in executors:
         output, notes = run_executor(name, model, pixels)
-        results[name] = {**compare(reference, output), "notes": notes}
+        row = compare(reference, output)
+        results[name] = {**row, "max_real": row["max_lsb"] * float(model.output_qparams().scale), "notes": notes}
     return results
 
