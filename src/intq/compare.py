@@ -89,6 +89,8 @@ def compare(model: torch.nn.Module, integer: IntegerModel, integer_bytes: int, d
                          "top1_agreement_with_intq": accuracy(predicted, reference),
                          **measured_speed(forward, data.test_images)})
     if on_torch.saturating_layers:
-        rows[3]["note"] = (f"layers {', '.join(on_torch.saturating_layers)} may saturate int16 pair sums on CPUs "
-                           "without VNNI: quantize with --preset x86 (7-bit activations) for this engine")
+        names = on_torch.saturating_layers
+        listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        rows[3]["note"] = (f"{len(names)} layers ({listed}) may saturate int16 pair sums on CPUs without VNNI: "
+                           "quantize with --preset x86 (7-bit activations) for this engine")
     return rows
