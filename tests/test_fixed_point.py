@@ -112,7 +112,7 @@ def test_requantize_clamps_and_relu_lower_bound(acc, zero_point):
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.integers(-(2**31) + 2**20, 2**31 - 2**20 - 1), min_size=1, max_size=16),
-       st.integers(-(2**20), 2**20), st.floats(1e-9, 0.99), st.integers(-128, 127), st.integers(-300, 300))
+       st.integers(-(2**20), 2**20), st.floats(1e-9, 0.99), st.integers(-(2**15), 2**15 - 1), st.integers(-300, 300))
 def test_requantize_with_bias_equals_requantize_of_the_sum(products, bias, multiplier, zero_point, lower_offset):
     mantissa, shift = (torch.tensor(v, dtype=torch.int64) for v in quantize_multiplier(multiplier))
     p = torch.tensor(products, dtype=torch.int64)

@@ -111,17 +111,25 @@ def requantize_with_bias(
         t = p M0 + (b M0 + h)                 (bias and rounding offset: one per-channel constant)
         round(x / 2^s) = (t - [t < h]) >> s   ([t < h] is [x < 0]: half away from zero)
     When lower >= z (a fused ReLU), a negative x rounds to <= 0 with or without the correction and
-    the clamp maps it to lower either way, so the correction pass is skipped. `products` holds
-    integer values in any dtype; every pass after the int64 copy is in place (large temporaries
-    cost more than the arithmetic). Overflow budget: |p + b| and |p| < 2^31 (the proven
-    accumulator bound), M0 < 2^31, h <= 2^61: below 2^63.
+    the clamp maps it to lower either way, so the correction pass is skipped. The zero point rides
+    in the offset as z 2^s when that is at most 2^60, and the threshold becomes h + z 2^s.
+    `products` holds integer values in any dtype; every pass after the int64 copy is in place (large
+    temporaries cost more than the arithmetic). Overflow budget: |p + b| and |p| < 2^31 (the proven
+    accumulator bound), M0 < 2^31, h <= 2^61, |z| 2^s <= 2^60: below 2^63.
     """
     mantissa = mantissa.to(torch.int64)
     total_shift = (shift.to(torch.int64) + MANTISSA_BITS).clamp(1, MAX_RIGHT_SHIFT)
     half = torch.bitwise_left_shift(torch.ones_like(total_shift), total_shift - 1)
     offset = half if bias is None else half + bias.to(torch.int64) * mantissa
+    needs_correction, threshold, added_zero = lower < zero_point, half, zero_point
+    if abs(zero_point) << int(total_shift.max()) <= 1 << 60:  # fold z: (t + z 2^s) >> s = (t >> s) + z
+        folded = torch.bitwise_left_shift(torch.full_like(total_shift, zero_point), total_shift)
+        offset, threshold, added_zero = offset + folded, half + folded, 0
     t = products.to(torch.int64, copy=True)
     t.mul_(mantissa).add_(offset)
-    if lower < zero_point:
-        t.sub_((t < half).to(torch.int64))
-    return t.bitwise_right_shift_(total_shift).add_(zero_point).clamp_(lower, upper)
+    if needs_correction:
+        t.add_(t.lt(threshold), alpha=-1)
+    t.bitwise_right_shift_(total_shift)
+    if added_zero:
+        t.add_(added_zero)
+    return t.clamp_(lower, upper)
