@@ -30,7 +30,8 @@ def to_quantized(value: torch.Tensor, qparams: QParams) -> torch.Tensor:
     """An intq integer tensor (q, z) as the quint8 tensor (q + o, z + o); quantized tensors pass."""
     if value.is_quantized:
         return value
-    encoded = (value.to(torch.int16) + uint8_offset(qparams)).to(torch.uint8)
+    offset = uint8_offset(qparams)
+    encoded = value if offset == 0 and value.dtype == torch.uint8 else (value.to(torch.int16) + offset).to(torch.uint8)
     if encoded.dim() == 4:  # the layout the kernels compute in; a mix of layouts costs a conversion per op
         encoded = encoded.contiguous(memory_format=torch.channels_last)
     with warnings.catch_warnings():
