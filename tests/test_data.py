@@ -232,16 +232,18 @@ def test_layout_found_one_folder_down(tmp_path):
     assert dataset.classes == SORTED_CLASSES
 
 
-def test_data_dir_none_uses_intq_data(tmp_path, monkeypatch):
-    make_image_folder(tmp_path / "elsewhere", {"train": 1, "test": 1})
+def test_command_line_data_defaults_to_intq_data(tmp_path, monkeypatch):
+    from intq.cli import parser
+
     monkeypatch.setenv("INTQ_DATA", str(tmp_path / "elsewhere"))
-    dataset = load_cifar10(None, tmp_path / "cache")
-    assert str(tmp_path / "elsewhere") in dataset.source
+    assert parser().parse_args(["eval", "model.npz"]).data == str(tmp_path / "elsewhere")
+    monkeypatch.delenv("INTQ_DATA")
+    assert parser().parse_args(["eval", "model.npz"]).data is None
 
 
-def test_data_dir_none_without_intq_data_uses_dot_data(tmp_path, monkeypatch):
+def test_data_dir_none_uses_dot_data_whatever_intq_data_says(tmp_path, monkeypatch):
     make_image_folder(tmp_path / "data", {"train": 1, "test": 1})
-    monkeypatch.delenv("INTQ_DATA", raising=False)
+    monkeypatch.setenv("INTQ_DATA", str(tmp_path / "elsewhere"))
     monkeypatch.chdir(tmp_path)
     dataset = load_cifar10(None, tmp_path / "cache")
     assert str(tmp_path / "data") in dataset.source

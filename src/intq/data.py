@@ -124,7 +124,7 @@ def batches(images: torch.Tensor, labels: torch.Tensor,
 
 def load_cifar10(data_dir: str | Path | None, cache_dir: str | Path, download: bool = False,
                  progress: Progress | None = None) -> Dataset:
-    """Load CIFAR-10 from `data_dir` (None: $INTQ_DATA, else ./data), via the cache in `cache_dir`.
+    """Load CIFAR-10 from `data_dir` (None: ./data), via the cache in `cache_dir`.
 
     The first load of a source decodes it and writes the cache; later loads of the same,
     unchanged source (same resolved path and fingerprint) read the cache only.
@@ -146,10 +146,8 @@ def _ignore(message: str) -> None:
 
 
 def _resolve_data_dir(data_dir: str | Path | None) -> Path:
-    """`data_dir` if given, else $INTQ_DATA if set, else ./data; made absolute."""
-    if data_dir is None:
-        data_dir = os.environ.get("INTQ_DATA") or "data"
-    return Path(data_dir).expanduser().resolve()
+    """`data_dir` if given, else ./data; made absolute. ($INTQ_DATA is read by the command line.)"""
+    return Path(data_dir if data_dir is not None else "data").expanduser().resolve()
 
 
 # ---- finding the layout ---------------------------------------------------------------------
