@@ -88,9 +88,6 @@ def compare(model: torch.nn.Module, integer: IntegerModel, integer_bytes: int, d
             rows.append({"executor": name, "accuracy": accuracy(predicted, data.test_labels), "bytes": size,
                          "top1_agreement_with_intq": accuracy(predicted, reference),
                          **measured_speed(forward, data.test_images)})
-    if on_torch.saturating_layers:
-        names = on_torch.saturating_layers
-        listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        rows[3]["note"] = (f"{len(names)} layers ({listed}) may saturate int16 pair sums on CPUs without VNNI: "
-                           "quantize with --preset x86 (7-bit activations) for this engine")
+    if on_torch.saturation_note():
+        rows[3]["note"] = on_torch.saturation_note()
     return rows

@@ -61,8 +61,7 @@ def run_executor(name: str, model: IntegerModel, pixels: torch.Tensor) -> tuple[
             from intq.executors.torch_quantized import TorchQuantizedModel
 
             engine = TorchQuantizedModel(model)
-            notes = [f"layers whose int16 pair sums may saturate on CPUs without VNNI: {', '.join(engine.saturating_layers)}"
-                     " (7-bit activations avoid it: --preset x86)"] if engine.saturating_layers else []
+            notes = [note for note in (engine.saturation_note(),) if note]
             layers = layer_differences(model, engine, pixels)
             differing = sum(row["differing"] for row in layers.values())
             notes.append(f"each op fed the reference's inputs: {differing:,} of {sum(r['values'] for r in layers.values()):,} "

@@ -7,9 +7,10 @@ quint8 (encoding.py). The kernels accumulate exactly in int32 but requantize wit
 multiplier and round half to even, where intq uses a 31-bit fixed-point multiplier and rounds half
 away from zero (eq. 9), so an output can differ from the reference by 1 LSB near a rounding tie;
 `intq verify` counts how often. On CPUs without VNNI (AVX2) the kernels also saturate pair sums of
-products at int16 unless activations have at most 7 bits (`may_saturate`; the x86 preset). Ops the kernels cannot express with intq's types (encoding.py:
-a folded first layer, int16 logits, average pools with their own output scale) run as the
-reference executor's exact integer ops, converted to and from quint8 without loss.
+products at int16 unless activations have at most 7 bits (`may_saturate`; the x86 preset). Ops the
+kernels cannot express with intq's types (encoding.py: a folded first layer, int16 logits, average
+pools with their own output scale) run as the reference executor's exact integer ops, converted to
+and from quint8 without loss.
 """
 from __future__ import annotations
 
@@ -162,6 +163,15 @@ class TorchQuantizedModel:
                     self.steps.append((op, _engine_step(op, model, [self.qparams[name] for name in op.inputs])))
                 except (RuntimeError, EngineError) as err:
                     raise EngineError(f"torch_quantized: layer {op.name}: {err}") from None
+
+    def saturation_note(self) -> str | None:
+        """One line naming the layers that may saturate (the first three), or None."""
+        names = self.saturating_layers
+        if not names:
+            return None
+        listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return (f"{len(names)} layers ({listed}) may saturate int16 pair sums on CPUs without VNNI: "
+                "quantize with --preset x86 (7-bit activations) for this engine")
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         torch.backends.quantized.engine = self.engine
