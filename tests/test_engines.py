@@ -15,7 +15,7 @@ from intq import integer_model
 from intq.config import RECOMMENDED, STUDY, X86
 from intq.convert import convert
 from intq.executors.encoding import EngineError, uint8_offset
-from intq.executors.onnx_export import OnnxModel, export_onnx
+from intq.executors.onnx_export import OnnxModel, export_onnx, onnx_op_steps
 from intq.executors.reference import run_integer
 from intq.executors.torch_quantized import TorchQuantizedModel, to_integers, to_quantized
 from intq.models import NetWithBias
@@ -53,7 +53,7 @@ def test_torch_quantized_layers_are_within_one_lsb(model_name, config):
     if engine.saturating_layers:  # the study preset's signed int8 activations use all 8 bits
         assert config is STUDY
         return
-    for name, row in layer_differences(model, engine, pixels, batch=20).items():
+    for name, row in layer_differences(model, engine.op_steps(), pixels, batch=20).items():
         assert row["max_lsb"] <= 1 and row["differing"] <= 0.005 * row["values"], (name, row)
     output = engine(pixels)
     assert output.dtype == run_integer(model, pixels).dtype
@@ -75,6 +75,8 @@ def test_onnx_runtime_matches_the_reference(model_name, config):
     assert output.shape == reference.shape
     assert float((output != reference).double().mean()) <= 0.01
     assert torch.equal(output.argmax(dim=1), reference.argmax(dim=1))
+    for name, row in layer_differences(model, onnx_op_steps(model, pixels[:1]), pixels, batch=20).items():
+        assert row["max_lsb"] <= 1 and row["differing"] <= 0.005 * row["values"], (name, row)
 
 
 def test_onnx_model_uses_standard_quantized_operators():
@@ -93,7 +95,8 @@ def test_verify_reports_every_executor():
     assert set(rows) == {"torch_quantized", "onnx"}
     for row in rows.values():
         assert row["values"] == 400 and row["top1_differing_share"] == 0.0
-    assert rows["onnx"]["notes"] == [] and "each op fed the reference's inputs" in rows["torch_quantized"]["notes"][0]
+    for name in rows:
+        assert "each op fed the reference's inputs" in rows[name]["notes"][-1]
     saturating = verify(convert(*calibrated(NetWithBias().eval(), pixels), RECOMMENDED), pixels, ("torch_quantized",))
     assert "conv2, fc1, fc2" in saturating["torch_quantized"]["notes"][0]
 
@@ -127,7 +130,7 @@ def test_engine_error_names_the_layer():
 def test_torch_quantized_other_engines_agree_with_the_reference(engine):
     model, pixels = integer_model_of("Residual", X86)
     engine_model = TorchQuantizedModel(model, engine)
-    for name, row in layer_differences(model, engine_model, pixels, batch=24).items():
+    for name, row in layer_differences(model, engine_model.op_steps(), pixels, batch=24).items():
         assert row["max_lsb"] <= 1 and row["differing"] <= 0.005 * row["values"], (name, row)
 
 

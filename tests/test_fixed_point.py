@@ -7,8 +7,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from intq.fixed_point import (multiply_by_quantized_multiplier, quantize_multiplier, quantize_multipliers, requantize_with_bias,
-                              requantize, rounding_right_shift)
+from intq.fixed_point import (float64_requantizer, multiply_by_quantized_multiplier, quantize_multiplier, quantize_multipliers,
+                              requantize, requantize_float64, requantize_with_bias, rounding_right_shift)
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 EDGES = [0, 1, -1, INT32_MIN + 1, INT32_MIN + 2, INT32_MAX - 1, INT32_MAX, 12345, -12345]
@@ -123,3 +123,76 @@ def test_requantize_with_bias_equals_requantize_of_the_sum(products, bias, multi
     result = requantize_with_bias(p.to(torch.int32) if bias == 0 else p, torch.tensor(bias), mantissa, shift,
                                   zero_point, lower, upper)
     assert torch.equal(result, expected)
+
+
+def _near_ties(mantissa: int, shift: int, bias: int, bound: int) -> list[int]:
+    """Products p whose x = (p + q_b) M lies at or next to a half-integer, within |p + q_b| <= bound."""
+    s = shift + 31
+    candidates = []
+    for k in (0, 1, 2, 7, 100, 126, 127, 128, 255, 32766, 32767):
+        for sign in (1, -1):
+            centre = round(Fraction(sign * (2 * k + 1) * 2 ** (s - 1), mantissa)) - bias if mantissa else 0
+            candidates += [centre - 1, centre, centre + 1]
+    return [p for p in candidates if abs(p + bias) <= bound and abs(p) <= bound]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(1e-7, 0.99), st.integers(1, 2**31 - 1), st.integers(-(2**20), 2**20), st.integers(-(2**15), 2**15 - 1),
+       st.sampled_from([(0, 127), (-128, 127), (0, 255), (-(2**15), 2**15 - 1), (0, 15)]), st.data())
+def test_requantize_float64_equals_requantize_where_proven(multiplier, bound, bias, zero_point, type_range, data):
+    """Exact against the integer requantizer on random products, the bound's edges and the products
+    nearest every rounding tie; where float64_requantizer refuses, nothing is claimed."""
+    mantissa, shift = quantize_multiplier(multiplier)
+    relu = data.draw(st.booleans())
+    lower = max(type_range[0], min(zero_point, type_range[1])) if relu else type_range[0]
+    upper = type_range[1]
+    constants = float64_requantizer(np.array([mantissa]), np.array([shift]), np.array([bias]), zero_point, lower, upper, bound)
+    if constants is None:
+        return
+    low, high = max(-bound, -bound - bias), min(bound, bound - bias)
+    if low > high:
+        return
+    products = data.draw(st.lists(st.integers(low, high), min_size=1, max_size=32))
+    products += [low, high, min(max(0, low), high)] + _near_ties(mantissa, shift, bias, bound)
+    p = torch.tensor(products, dtype=torch.int64)
+    expected = requantize(p + bias, torch.tensor(mantissa), torch.tensor(shift), zero_point, lower, upper)
+    multiplier_t, offset_t = (torch.from_numpy(a) for a in constants)
+    got = requantize_float64(p.to(torch.float64), multiplier_t, offset_t, lower, upper)
+    assert torch.equal(got.to(torch.int64), expected)
+
+
+def test_float64_requantizer_refuses_a_multiplier_with_ties():
+    """M = 1/4 (M0 = 2^30, s = 32): x = -2/4 is a tie, where floor(x + 1/2) = 0 but rounding half away
+    from zero gives -1; the proof's tie condition refuses it."""
+    mantissa, shift = quantize_multiplier(0.25)
+    assert (mantissa, shift) == (2**30, 1)
+    assert requantize(torch.tensor([-2]), torch.tensor(mantissa), torch.tensor(shift), 0, -128, 127).item() == -1
+    assert float64_requantizer(np.array([mantissa]), np.array([shift]), None, 0, -128, 127, 1000) is None
+    assert math.floor(-2 * 0.25 + 0.5) == 0
+
+
+def test_float64_requantizer_refuses_a_range_float64_cannot_hold():
+    """M = 0.0009: s = 41 leaves R = 2^12 exact values of step 2^-41, enough for int8 outputs and not
+    for int16 ones."""
+    mantissa, shift = quantize_multiplier(0.0009)
+    assert shift + 31 == 41
+    assert float64_requantizer(np.array([mantissa]), np.array([shift]), None, 0, -128, 127, 10**6) is not None
+    assert float64_requantizer(np.array([mantissa]), np.array([shift]), None, 0, -(2**15), 2**15 - 1, 10**6) is None
+
+
+def test_float64_requantizer_docstring_example():
+    mantissa, shift = quantize_multiplier(0.0123)
+    assert (mantissa, shift) == (1690499128, 6)
+    multiplier, offset = float64_requantizer(np.array([mantissa]), np.array([shift]), None, 0, -128, 127, 10**6)
+    assert multiplier[0] == mantissa * 2.0**-37 and offset[0] == 0.5
+
+
+def test_float64_requantizer_needs_a_margin_only_where_products_can_round():
+    """M = 0.0009 (s = 41, R = 2^12) with q_b M = -2000: c is exact, but products with p M0 >= 2^53
+    round, and with |c| that close to R a rounded T could land inside the clamp, so only a bound that
+    keeps |p M0| < 2^53 is accepted."""
+    mantissa, shift = quantize_multiplier(0.0009)
+    bias = round(-2000 * 2**41 / mantissa)
+    args = (np.array([mantissa]), np.array([shift]), np.array([bias]), 0, -128, 127)
+    assert float64_requantizer(*args, bound=abs(bias) + 2**20) is not None
+    assert float64_requantizer(*args, bound=2**31 - 1) is None

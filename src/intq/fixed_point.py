@@ -5,6 +5,9 @@ Offline (floats allowed):  M = s_x * s_w / s_y  ->  (M0, n) with M0 in [2^30, 2^
 Online (integers only):    y = rounding_right_shift(acc * M0, 31 + n)           (eq. 9)
 Rounding is half away from zero, the same as qparams.round_half_away_from_zero, and there is
 exactly one rounding: the int64 product acc * M0 is exact, then one rounded shift.
+A layer whose constants pass `float64_requantizer` may evaluate eq. 9-10 as clamp(floor(c + p M)) in
+float64 instead (eq. 24): proven to give the same integers, and about 3x faster on CPUs without
+64-bit integer vector multiply and arithmetic shift (AVX2).
 """
 from __future__ import annotations
 
@@ -133,3 +136,50 @@ def requantize_with_bias(
     if added_zero:
         t.add_(added_zero)
     return t.clamp_(lower, upper)
+
+
+FLOAT64_MANTISSA_BITS = 53
+
+
+def float64_requantizer(
+    mantissa: np.ndarray, shift: np.ndarray, bias: np.ndarray | None, zero_point: int, lower: int, upper: int, bound: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-channel float64 (M, c) with requantize_float64(p, M, c) == requantize(p + q_b, ...) for every
+    integer |p| <= bound and |p + q_b| <= bound; None when that is not proven for some channel (eq. 24).
+
+    With s = 31 + n, M = M0 2^-s (exact in float64: M0 < 2^31) and c = q_b M + z + 1/2, the real
+    T = c + p M is a multiple of 2^-s, and floor(T) = z + round(x) for x = (p + q_b) M when x is never
+    a tie. Proven per channel, with R = 2^(53-s) and m = max(|lower|, |upper|):
+    1. No ties: x is a tie iff (p + q_b) M0 is an odd multiple of 2^(s-1), i.e. p + q_b an odd
+       multiple of 2^(s-1-t), t the trailing zero bits of M0: impossible when 2^(s-1-t) > bound.
+    2. |c| < R, so c (a multiple of 2^-s) is exact in float64; and R > m.
+    3. Where |p M0| < 2^53, p M is exact and c + p M is rounded once: a T with |T| < R is exact, so
+       floor(fl(T)) = floor(T); a larger |T| stays beyond +-R after rounding (monotone, R is a float64
+       number), beyond the clamp on the same side as T. Where |p M0| >= 2^53 (only if bound M0 >= 2^53),
+       |p M| >= R, and R >= 2 (m + |c| + 2) keeps T and its rounded value beyond the clamp together.
+    Example: M = 0.0123 (M0 = 1690499128 = 2^3 * 211312391, n = 6, s = 37), bound 10^6, int8 output,
+    q_b = 0, z = 0: 2^(37-1-3) = 2^33 > 10^6; c = 1/2 < R = 2^16 > 128; 10^6 M0 < 2^53: exact.
+    """
+    mantissas, shifts = (np.atleast_1d(np.asarray(a, np.int64)) for a in (mantissa, shift))
+    biases = np.zeros_like(mantissas) if bias is None else np.broadcast_to(np.asarray(bias, np.int64), mantissas.shape)
+    largest = max(abs(lower), abs(upper))
+    multipliers, offsets = [], []
+    for m0, n, q_b in zip(mantissas.tolist(), shifts.tolist(), biases.tolist()):
+        s = min(max(n + MANTISSA_BITS, 1), MAX_RIGHT_SHIFT)
+        trailing = (m0 & -m0).bit_length() - 1 if m0 else 0
+        numerator = q_b * m0 + (zero_point << s) + (1 << (s - 1))  # c = numerator / 2^s
+        exact_range = 1 << FLOAT64_MANTISSA_BITS  # R 2^s
+        if ((m0 and (s - 1 - trailing < 0 or 1 << (s - 1 - trailing) <= bound))
+                or abs(numerator) >= exact_range or exact_range <= largest << s
+                or (bound * m0 >= exact_range and exact_range < 2 * ((largest + 2) << s) + 2 * abs(numerator))):
+            return None
+        multipliers.append(math.ldexp(m0, -s))
+        offsets.append(math.ldexp(numerator, -s))
+    return np.array(multipliers), np.array(offsets)
+
+
+def requantize_float64(products: torch.Tensor, multiplier: torch.Tensor, offset: torch.Tensor, lower: int, upper: int) -> torch.Tensor:
+    """clamp(floor(c + p M), lower, upper) in float64 (eq. 24): the integers of requantize(p + q_b, ...)
+    for (M, c) from float64_requantizer. `products` holds integers in float32 or float64; one pass
+    computes c + p M in float64 (p M is exact, or rounded only where the clamp hides it)."""
+    return torch.addcmul(offset, products, multiplier).floor_().clamp_(lower, upper)

@@ -53,7 +53,8 @@ def run_batched(forward, pixels: torch.Tensor, batch: int = 1000) -> torch.Tenso
 
 
 def run_executor(name: str, model: IntegerModel, pixels: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-    """(output integers, notes) of one executor on every image."""
+    """(output integers, notes) of one executor on every image. The engines that requantize in float
+    (torch_quantized, onnx) also run each op on the reference's own inputs (layer_differences)."""
     if name == "c":
         return run_c(model, pixels), []
     try:
@@ -62,38 +63,43 @@ def run_executor(name: str, model: IntegerModel, pixels: torch.Tensor) -> tuple[
 
             engine = TorchQuantizedModel(model)
             notes = [note for note in (engine.saturation_note(),) if note]
-            layers = layer_differences(model, engine, pixels)
-            differing = sum(row["differing"] for row in layers.values())
-            notes.append(f"each op fed the reference's inputs: {differing:,} of {sum(r['values'] for r in layers.values()):,} "
-                         f"values differ, max {max(r['max_lsb'] for r in layers.values())} LSB "
-                         f"(differences above compound through the network)")
-            return run_batched(engine, pixels), notes
-        if name in ("onnx", "onnx_exact"):
+            return run_batched(engine, pixels), notes + [per_op_note(layer_differences(model, engine.op_steps(), pixels))]
+        if name == "onnx":
+            from intq.executors.onnx_export import OnnxModel, onnx_op_steps
+
+            per_op = layer_differences(model, onnx_op_steps(model, pixels[:1]), pixels)
+            return run_batched(OnnxModel(model, pixels[:1]), pixels), [per_op_note(per_op)]
+        if name == "onnx_exact":
             from intq.executors.onnx_export import OnnxModel
 
-            return run_batched(OnnxModel(model, pixels[:1], exact=name == "onnx_exact"), pixels), []
+            return run_batched(OnnxModel(model, pixels[:1], exact=True), pixels), []
     except EngineError as err:
         raise VerifyError(str(err)) from None
     raise VerifyError(f"unknown executor {name!r}; available: {', '.join(EXECUTORS)}")
 
 
-def layer_differences(model: IntegerModel, engine, pixels: torch.Tensor, batch: int = 500) -> dict[str, dict]:
-    """Each engine step fed the reference's own inputs, so a difference is that op's alone (not one
-    carried from an earlier layer): {op: {"values", "differing", "max_lsb"}}."""
-    from intq.executors.torch_quantized import to_integers
-
-    totals = {op.name: {"values": 0, "differing": 0, "max_lsb": 0} for op, _ in engine.steps}
+def layer_differences(model: IntegerModel, steps: list[tuple], pixels: torch.Tensor, batch: int = 500) -> dict[str, dict]:
+    """Each engine step, step(*operand integers) -> integers, fed the reference's own inputs, so a
+    difference is that op's alone (not one carried from an earlier layer):
+    {op: {"values", "differing", "max_lsb"}}."""
+    totals = {op.name: {"values": 0, "differing": 0, "max_lsb": 0} for op, _ in steps}
     for start in range(0, len(pixels), batch):
         values = {}
         run_integer(model, pixels[start : start + batch], visit=lambda name, q: values.__setitem__(name, q))
-        for op, step in engine.steps:
-            out = to_integers(step(*(values[name] for name in op.inputs)), engine.qparams[op.name])
-            difference = (out.to(torch.int64) - values[op.name].to(torch.int64)).abs()
+        for op, step in steps:
+            difference = (step(*(values[name] for name in op.inputs)).to(torch.int64) - values[op.name].to(torch.int64)).abs()
             row = totals[op.name]
             row["values"] += difference.numel()
             row["differing"] += int((difference > 0).sum())
             row["max_lsb"] = max(row["max_lsb"], int(difference.max()))
     return totals
+
+
+def per_op_note(layers: dict[str, dict]) -> str:
+    """One line summing layer_differences over every op."""
+    differing, values = sum(row["differing"] for row in layers.values()), sum(row["values"] for row in layers.values())
+    return (f"each op fed the reference's inputs: {differing:,} of {values:,} values differ ({100 * differing / values:.4f}%), "
+            f"max {max(row['max_lsb'] for row in layers.values())} LSB (differences above compound through the network)")
 
 
 def compare(reference: torch.Tensor, other: torch.Tensor) -> dict:

@@ -16,6 +16,8 @@ which is round half away from zero of acc M0 / 2^s, the same integers as roundin
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -252,6 +254,24 @@ def _op(graph: _Graph, op, model: IntegerModel, values: dict, qparams: dict, sha
     raise EngineError(f"unknown integer op {type(op).__name__}")
 
 
+def _serialised(graph: _Graph, inputs: list, output: str, encoded: bool, output_shape: tuple[int, ...],
+                out_qparams: QParams) -> bytes:
+    """The graph as a checked, serialised ModelProto with output `output` (metadata: its uint8 offset)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph.node("Identity", [output], "output")
+    out_type = TensorProto.UINT8 if encoded else TensorProto.INT64
+    onnx_graph = helper.make_graph(graph.nodes, "intq", inputs, [helper.make_tensor_value_info("output", out_type, ["N", *output_shape])],
+                                   graph.initializers)
+    proto = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+                              producer_name="intq")
+    offset = uint8_offset(out_qparams) if encoded else 0
+    helper.set_model_props(proto, {"output_offset": str(offset), "output_dtype": out_qparams.dtype.name})
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
 def export_onnx(model: IntegerModel, example: torch.Tensor, exact: bool = False) -> bytes:
     """The model as a serialised ONNX ModelProto; `example` (uint8 pixels) fixes channel counts.
 
@@ -261,28 +281,64 @@ def export_onnx(model: IntegerModel, example: torch.Tensor, exact: bool = False)
 
     Graph input `pixels` uint8 (N, C, H, W); output `output`: uint8 encoded (q + o) for an 8-bit
     output type, int64 otherwise (metadata `output_offset` holds o)."""
-    import onnx
     from onnx import TensorProto, helper
 
     graph, qparams, shapes = _Graph(), value_qparams(model), _value_shapes(model, example)
     values = {model.input_name: _input(graph, model)}
     for op in model.layers:
-        try:
-            values[op.name] = _op(graph, op, model, values, qparams, shapes, exact)
-        except EngineError as err:
-            raise EngineError(f"onnx: layer {op.name}: {err}") from None
+        values[op.name] = _named_op(graph, op, model, values, qparams, shapes, exact)
     output, encoded = values[model.output_name]
-    graph.node("Identity", [output], "output")
-    out_type = TensorProto.UINT8 if encoded else TensorProto.INT64
-    onnx_graph = helper.make_graph(
-        graph.nodes, "intq", [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", *example.shape[1:]])],
-        [helper.make_tensor_value_info("output", out_type, ["N", *shapes[model.output_name]])], graph.initializers)
-    proto = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
-                              producer_name="intq")
-    offset = uint8_offset(qparams[model.output_name]) if encoded else 0
-    helper.set_model_props(proto, {"output_offset": str(offset), "output_dtype": qparams[model.output_name].dtype.name})
-    onnx.checker.check_model(proto)
-    return proto.SerializeToString()
+    pixels = helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", *example.shape[1:]])
+    return _serialised(graph, [pixels], output, encoded, shapes[model.output_name], qparams[model.output_name])
+
+
+def _named_op(graph: _Graph, op, model: IntegerModel, values: dict, qparams: dict, shapes: dict, exact: bool) -> tuple[str, bool]:
+    try:
+        return _op(graph, op, model, values, qparams, shapes, exact)
+    except EngineError as err:
+        raise EngineError(f"onnx: layer {op.name}: {err}") from None
+
+
+def export_op_onnx(op, model: IntegerModel, shapes: dict[str, tuple[int, ...]]) -> bytes:
+    """One op of the `onnx` executor alone, as a serialised ModelProto whose inputs are its operands
+    (`in/<name>`: uint8-encoded for types of <= 8 bits, int64 otherwise), for checking each op on
+    the reference's own inputs; `shapes` maps values to their per-image shapes."""
+    from onnx import TensorProto, helper
+
+    graph, qparams, values, inputs = _Graph(), value_qparams(model), {}, []
+    for name in dict.fromkeys(op.inputs):  # an add may read one value twice
+        encoded = qparams[name].dtype.bits <= 8
+        values[name] = (f"in/{name}", encoded)
+        inputs.append(helper.make_tensor_value_info(f"in/{name}", TensorProto.UINT8 if encoded else TensorProto.INT64,
+                                                    ["N", *shapes[name]]))
+    output, encoded = _named_op(graph, op, model, values, qparams, shapes, exact=False)
+    return _serialised(graph, inputs, output, encoded, shapes[op.name], qparams[op.name])
+
+
+def onnx_op_steps(model: IntegerModel, example: torch.Tensor, threads: int | None = None) -> list[tuple]:
+    """[(op, step)] with step(*operand integers) -> the op's output integers, each op run alone in
+    ONNX Runtime as in the `onnx` executor (export_op_onnx)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    shapes, qparams, steps = _value_shapes(model, example), value_qparams(model), []
+    for op in model.layers:
+        session = onnxruntime.InferenceSession(export_op_onnx(op, model, shapes), options, providers=["CPUExecutionProvider"])
+        steps.append((op, functools.partial(_run_op_session, session, op, qparams)))
+    return steps
+
+
+def _run_op_session(session, op, qparams: dict, *operands: torch.Tensor) -> torch.Tensor:
+    feeds = {}
+    for name, value in zip(op.inputs, operands):
+        encoded = qparams[name].dtype.bits <= 8
+        shifted = value.to(torch.int64) + (uint8_offset(qparams[name]) if encoded else 0)
+        feeds[f"in/{name}"] = shifted.to(torch.uint8 if encoded else torch.int64).contiguous().numpy()
+    (output,) = session.run(["output"], feeds)
+    offset = int(session.get_modelmeta().custom_metadata_map["output_offset"])
+    return (torch.from_numpy(output).to(torch.int64) - offset).to(torch_dtype(qparams[op.name].dtype))
 
 
 class OnnxModel:

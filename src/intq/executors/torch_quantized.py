@@ -14,6 +14,7 @@ and from quint8 without loss.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Callable
 
@@ -172,6 +173,15 @@ class TorchQuantizedModel:
         listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         return (f"{len(names)} layers ({listed}) may saturate int16 pair sums on CPUs without VNNI: "
                 "quantize with --preset x86 (7-bit activations) for this engine")
+
+    def op_steps(self) -> list[tuple]:
+        """[(op, step)] with step(*operand integers) -> the op's output integers, on this engine."""
+        def integers_of(op, step, *operands: torch.Tensor) -> torch.Tensor:
+            torch.backends.quantized.engine = self.engine
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return to_integers(step(*operands), self.qparams[op.name])
+        return [(op, functools.partial(integers_of, op, step)) for op, step in self.steps]
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         torch.backends.quantized.engine = self.engine
