@@ -180,3 +180,19 @@ def test_verify_command_prints_one_line_per_executor(tmp_path, capsys):
     assert "torch_quantized:" in out and "each op fed the reference's inputs" in out
     assert main(["verify", str(tmp_path / "m.npz"), "--executors", "tpu", *common]) == 2
     assert "unknown executor 'tpu'" in capsys.readouterr().err
+
+
+def test_exact_onnx_keeps_the_integer_requantizer_where_ties_are_possible():
+    """M0 = 2^30 makes rounding ties common; eq. 24 refuses such layers, and the exact ONNX graph
+    then uses the int64 requantizer (eq. 21): still the reference's integers bit for bit."""
+    model, pixels = integer_model_of("Residual", X86)
+    assert "Floor" in _op_types(export_onnx(model, pixels[:1], exact=True))  # every layer passes eq. 24 here
+    for layer in model.quantized_layers():
+        layer.mantissa = np.full_like(layer.mantissa, 2**30)
+    ops = _op_types(export_onnx(model, pixels[:1], exact=True))
+    assert "Floor" not in ops and "Div" in ops
+    assert torch.equal(OnnxModel(model, pixels[:1], exact=True)(pixels), run_integer(model, pixels))
+
+
+def _op_types(contents: bytes) -> set[str]:
+    return {node.op_type for node in onnx.load_from_string(contents).graph.node}

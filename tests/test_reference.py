@@ -1,13 +1,15 @@
 """The reference executor: integer dtypes throughout, and the float simulation as its oracle."""
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import calibrated
 from intq.config import RECOMMENDED, STUDY
 from intq.convert import convert
-from intq.executors.reference import ExecutionError, exact_float_dtype, pixels_to_input, run_integer
+from intq.fixed_point import float64_requantizer, requantize
+from intq.executors.reference import ExecutionError, accumulate, exact_float_dtype, pixels_to_input, run_integer
 from intq.qparams import IntType, quantize
 from intq.simulate import layer_agreement
 
@@ -94,3 +96,24 @@ def test_requantized_input_equals_quantizing_the_normalised_image(seeded_model, 
     every_pixel = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(1, 3, 16, 16)
     expected = quantize((every_pixel.double() * 2 - 255) / 255, model.input.qparams)
     assert torch.equal(pixels_to_input(every_pixel, model).to(torch.int64), expected)
+
+
+def test_tie_prone_multipliers_take_the_integer_requantizer(seeded_model, pixels):
+    """With M0 = 2^30 (M a power of two) many accumulators land on rounding ties, where the float64
+    path (eq. 24) would round half up: those layers must keep the integer requantizer (eq. 20) and
+    still equal the simulation."""
+    graph, stats = calibrated(seeded_model, pixels)
+    model = convert(graph, stats, RECOMMENDED)
+    for layer in model.quantized_layers():
+        layer.mantissa = np.full_like(layer.mantissa, 2**30)
+        lower, upper = layer.bounds()
+        assert float64_requantizer(layer.mantissa, layer.shift, layer.bias, int(layer.output_qparams.zero_point), lower, upper,
+                                   layer.accumulator_bound) is None
+    values = {}
+    run_integer(model, pixels, visit=lambda name, q: values.__setitem__(name, q))
+    for layer in model.quantized_layers():
+        acc = accumulate(layer, values[layer.inputs[0]])
+        per_channel = (1, -1) + (1,) * (acc.dim() - 2)  # (C,) -> broadcast over axis 1 of (N, C[, H, W])
+        mantissa, shift = (torch.as_tensor(a).to(torch.int64).reshape(per_channel) for a in (layer.mantissa, layer.shift))
+        expected = requantize(acc, mantissa, shift, int(layer.output_qparams.zero_point), *layer.bounds())
+        assert torch.equal(values[layer.name].to(torch.int64), expected), layer.name

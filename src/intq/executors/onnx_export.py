@@ -23,7 +23,7 @@ import torch
 
 from intq.executors.encoding import EngineError, encoded_zero_point, engine_runs_layer, narrower_bounds, uint8_offset, value_qparams
 from intq.executors.reference import FLOAT32_EXACT, pixels_to_input, run_integer
-from intq.fixed_point import MANTISSA_BITS, MAX_RIGHT_SHIFT
+from intq.fixed_point import MANTISSA_BITS, MAX_RIGHT_SHIFT, float64_requantizer
 from intq.integer_model import IntegerModel, QAdd, QAvgPool, QFlatten, QLayer, QMaxPool, QReLU
 from intq.qparams import QParams, torch_dtype
 
@@ -86,16 +86,24 @@ def _requantized(graph: _Graph, acc: str, mantissa, shift, qparams: QParams, bou
     shifted = graph.node("Add", [rounded, graph.const(f"{prefix}/zy", np.int64(qparams.zero_point))], f"{prefix}/shifted")
     clamped = graph.node("Clip", [shifted, graph.const(f"{prefix}/lower", np.int64(bounds[0])),
                                   graph.const(f"{prefix}/upper", np.int64(bounds[1]))], f"{prefix}/clamped")
-    if qparams.dtype.bits > 8:
-        return clamped, False
+    return _encoded(graph, clamped, qparams, prefix)
+
+
+def _encoded(graph: _Graph, clamped: str, qparams: QParams, prefix: str, dtype=np.int64) -> tuple[str, bool]:
+    """Clamped integers held in `dtype` (int64 or float64) as uint8 q + o for a type of <= 8 bits,
+    else as int64; returns (name, encoded)."""
     from onnx import TensorProto
 
-    encoded = graph.node("Add", [clamped, graph.const(f"{prefix}/offset", np.int64(uint8_offset(qparams)))], f"{prefix}/encoded")
-    return graph.node("Cast", [encoded], f"{prefix}/uint8", to=TensorProto.UINT8), True
+    if qparams.dtype.bits > 8:
+        if dtype == np.int64:
+            return clamped, False
+        return graph.node("Cast", [clamped], f"{prefix}/int64", to=TensorProto.INT64), False
+    offset = graph.const(f"{prefix}/offset", np.array(uint8_offset(qparams), dtype))
+    return graph.node("Cast", [graph.node("Add", [clamped, offset], f"{prefix}/encoded")], f"{prefix}/uint8", to=TensorProto.UINT8), True
 
 
 def _exact_products(graph: _Graph, layer: QLayer, value: str, encoded: bool) -> str:
-    """sum_k q_w (q_x - z_x) as int64, exactly. From a uint8-encoded input: ConvInteger/MatMulInteger
+    """sum_k q_w (q_x - z_x), exactly, as int32 or as float32 integers. From a uint8-encoded input: ConvInteger/MatMulInteger
     with uint8 weights w + 128 (exact int32, the zero points subtracted by the kernel, padding with
     z_x). From the raw folded input: a float Conv/MatMul of integer values, exact because every
     partial sum is an integer below the proven bound <= 2^24."""
@@ -114,7 +122,7 @@ def _exact_products(graph: _Graph, layer: QLayer, value: str, encoded: bool) -> 
         else:
             products = graph.node("MatMulInteger", [value, graph.const(f"{prefix}/weight", weight.T.copy()), *zeros],
                                   f"{prefix}/products")
-        return _int64_cast(graph, products)
+        return products
     if layer.accumulator_bound > FLOAT32_EXACT:
         raise EngineError(f"accumulator bound {layer.accumulator_bound} on a raw input is above 2^24, where "
                           "ONNX Runtime's float32 Conv is no longer exact")
@@ -125,17 +133,31 @@ def _exact_products(graph: _Graph, layer: QLayer, value: str, encoded: bool) -> 
         products = graph.node("Conv", [centred, graph.const(f"{prefix}/weight", weight)], f"{prefix}/products", **window)
     else:
         products = graph.node("MatMul", [centred, graph.const(f"{prefix}/weight", weight.T.copy())], f"{prefix}/products")
-    return _int64_cast(graph, products)
+    return products
 
 
 def _exact_layer(graph: _Graph, layer: QLayer, value: str, encoded: bool) -> tuple[str, bool]:
-    """acc = exact products + q_b in int64, then the exact requantizer (eq. 10)."""
-    shape = (1, -1, 1, 1) if layer.kind == "conv2d" else (1, -1)
-    acc = _exact_products(graph, layer, value, encoded)
+    """The exact products, then clamp(floor(c + p M)) in float64 where eq. 24 proves it exact, else
+    acc = products + q_b in int64 and the integer requantizer (eq. 10, 21)."""
+    from onnx import TensorProto
+
+    shape, prefix = (1, -1, 1, 1) if layer.kind == "conv2d" else (1, -1), layer.name
+    products = _exact_products(graph, layer, value, encoded)
+    lower, upper = layer.bounds()
+    out = layer.output_qparams
+    constants = float64_requantizer(layer.mantissa, layer.shift, layer.bias, int(out.zero_point), lower, upper,
+                                    int(layer.accumulator_bound))
+    if constants is not None:
+        multiplier, offset = (graph.const(f"{prefix}/{name}", array.reshape(shape)) for name, array in zip(("M", "c"), constants))
+        as_double = graph.node("Cast", [products], f"{prefix}/double", to=TensorProto.DOUBLE)
+        shifted = graph.node("Add", [graph.node("Mul", [as_double, multiplier], f"{prefix}/scaled"), offset], f"{prefix}/shifted")
+        clamped = graph.node("Clip", [graph.node("Floor", [shifted], f"{prefix}/floor"), graph.const(f"{prefix}/lower", np.float64(lower)),
+                                      graph.const(f"{prefix}/upper", np.float64(upper))], f"{prefix}/clamped")
+        return _encoded(graph, clamped, out, prefix, np.float64)
+    acc = _int64_cast(graph, products)
     if layer.bias is not None:
-        bias = graph.const(f"{layer.name}/bias", layer.bias.astype(np.int64).reshape(shape))
-        acc = graph.node("Add", [acc, bias], f"{layer.name}/acc")
-    return _requantized(graph, acc, layer.mantissa, layer.shift, layer.output_qparams, layer.bounds(), shape, layer.name)
+        acc = graph.node("Add", [acc, graph.const(f"{prefix}/bias", layer.bias.astype(np.int64).reshape(shape))], f"{prefix}/acc")
+    return _requantized(graph, acc, layer.mantissa, layer.shift, out, layer.bounds(), shape, prefix)
 
 
 def _scale(graph: _Graph, name: str, qparams: QParams) -> list[str]:

@@ -91,8 +91,17 @@ def accumulate(layer: QLayer, x: torch.Tensor) -> torch.Tensor:
     return with_bias(layer, exact_products(layer, x))
 
 
+def _state(op) -> tuple:
+    """What an op's cached derivations depend on, as a hashable value: a cache keyed on the op and
+    this never serves constants of an op that was modified after they were computed."""
+    qparams = [op.output_qparams, *(op.input_qparams if isinstance(op, QAdd) else ())]
+    return (op.mantissa.tobytes(), op.shift.tobytes(), None if getattr(op, "bias", None) is None else op.bias.tobytes(),
+            op.bounds(), getattr(op, "accumulator_bound", None),
+            tuple((float(qp.scale), int(qp.zero_point), qp.dtype) for qp in qparams))
+
+
 @functools.lru_cache(maxsize=256)
-def _float64_constants(layer: QLayer, device: torch.device, channels_axis_of_4d: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _float64_constants(layer: QLayer, state: tuple, device: torch.device, channels_axis_of_4d: bool):
     """The layer's float64 (M, c) shaped for its products (fixed_point.float64_requantizer), or None."""
     lower, upper = layer.bounds()
     constants = float64_requantizer(layer.mantissa, layer.shift, layer.bias, int(layer.output_qparams.zero_point),
@@ -109,7 +118,8 @@ def requantize_layer(layer: QLayer, products: torch.Tensor) -> torch.Tensor:
     the same integers (fixed_point.requantize_float64), else fixed_point.requantize_with_bias."""
     out = layer.output_qparams
     lower, upper = layer.bounds()
-    constants = _float64_constants(layer, products.device, products.dim() == 4) if products.is_floating_point() else None
+    constants = (_float64_constants(layer, _state(layer), products.device, products.dim() == 4)
+                 if products.is_floating_point() else None)
     if constants is not None:
         return requantize_float64(products, *constants, lower, upper).to(torch_dtype(out.dtype))
     bias = None if layer.bias is None else _per_channel(layer.bias, products)
@@ -140,7 +150,7 @@ def add_exact(op: QAdd, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def _add_table(op: QAdd, device: torch.device) -> torch.Tensor:
+def _add_table(op: QAdd, state: tuple, device: torch.device) -> torch.Tensor:
     """add_exact over every pair of codes (q_a, q_b), flattened row-major: at most 2^16 entries."""
     a, b = (_codes(qp, device) for qp in op.input_qparams)
     return add_exact(op, a[:, None], b[None, :]).to(torch_dtype(op.output_qparams.dtype)).reshape(-1)
@@ -155,7 +165,7 @@ def add(op: QAdd, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return add_exact(op, a, b).to(torch_dtype(op.output_qparams.dtype))
     index = a.to(torch.int64).sub_(types[0].qmin).mul_(types[1].qmax - types[1].qmin + 1)
     index.add_(b.to(torch.int64)).sub_(types[1].qmin)
-    return torch.take(_add_table(op, a.device), index)
+    return torch.take(_add_table(op, _state(op), a.device), index)
 
 
 def avg_pool(op: QAvgPool, x: torch.Tensor) -> torch.Tensor:
