@@ -98,7 +98,7 @@ def layer_differences(model: IntegerModel, steps: list[tuple], pixels: torch.Ten
 def per_op_note(layers: dict[str, dict]) -> str:
     """One line summing layer_differences over every op."""
     differing, values = sum(row["differing"] for row in layers.values()), sum(row["values"] for row in layers.values())
-    return (f"each op fed the reference's inputs: {differing:,} of {values:,} values differ ({100 * differing / values:.4f}%), "
+    return (f"each op fed the reference's inputs: {differing:,} of {values:,} values differ ({100 * differing / values:.2g}%), "
             f"max {max(row['max_lsb'] for row in layers.values())} LSB (differences above compound through the network)")
 
 
