@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from intq.executors.encoding import EngineError, encoded_zero_point, engine_runs_layer, narrower_bounds, uint8_offset, value_qparams
-from intq.executors.reference import FLOAT32_EXACT, pixels_to_input, run_integer
+from intq.executors.reference import FLOAT32_EXACT, add_table, pixels_to_input, run_integer
 from intq.fixed_point import MANTISSA_BITS, MAX_RIGHT_SHIFT, float64_requantizer
 from intq.integer_model import IntegerModel, QAdd, QAvgPool, QFlatten, QLayer, QMaxPool, QReLU
 from intq.qparams import QParams, torch_dtype
@@ -216,7 +216,22 @@ def _avg_pool(graph: _Graph, op: QAvgPool, value: str, encoded: bool, channels: 
 
 
 def _exact_add(graph: _Graph, op: QAdd, operands: list[tuple[str, bool]]) -> tuple[str, bool]:
-    """eq. 17 in int64: each operand round(M_i (q_i - z_i)), their sum requantized."""
+    """eq. 17 exactly: two uint8-encoded operands index the table of every pair of codes
+    (reference.add_table; the encoded code q + o is q - qmin), else in int64 each operand
+    round(M_i (q_i - z_i)) and their sum requantized."""
+    from onnx import TensorProto
+
+    if all(encoded for _, encoded in operands):
+        (a, _), (b, _) = operands
+        codes_b = op.input_qparams[1].dtype.qmax - op.input_qparams[1].dtype.qmin + 1
+        a32, b32 = (graph.node("Cast", [v], f"{op.name}/{name}/int32", to=TensorProto.INT32) for name, v in (("a", a), ("b", b)))
+        row = graph.node("Mul", [a32, graph.const(f"{op.name}/codes_b", np.int32(codes_b))], f"{op.name}/row")
+        index = graph.node("Add", [row, b32], f"{op.name}/index")
+        out = op.output_qparams
+        table = add_table(op).to(torch.int64)
+        encoded = out.dtype.bits <= 8
+        values = (table + uint8_offset(out)).to(torch.uint8) if encoded else table
+        return graph.node("Gather", [graph.const(f"{op.name}/table", values.numpy()), index], op.name), encoded
     terms = []
     for index, ((value, encoded), qparams) in enumerate(zip(operands, op.input_qparams)):
         prefix = f"{op.name}/{'ab'[index]}"

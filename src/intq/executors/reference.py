@@ -156,6 +156,12 @@ def _add_table(op: QAdd, state: tuple, device: torch.device) -> torch.Tensor:
     return add_exact(op, a[:, None], b[None, :]).to(torch_dtype(op.output_qparams.dtype)).reshape(-1)
 
 
+def add_table(op: QAdd) -> torch.Tensor:
+    """The residual add of every pair of <= 8-bit codes, add_exact(q_a, q_b) at index
+    (q_a - qmin_a) * codes_b + (q_b - qmin_b): (codes_a * codes_b,) in the output's dtype, on the CPU."""
+    return _add_table(op, _state(op), torch.device("cpu"))
+
+
 def add(op: QAdd, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Residual add (eq. 17, add_exact). With two operands of <= 8 bits the result of every code
     pair is evaluated once by add_exact and looked up, index (q_a - qmin_a) * codes_b + (q_b - qmin_b):
