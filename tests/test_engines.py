@@ -98,7 +98,7 @@ def test_verify_reports_every_executor():
     for name in rows:
         assert "each op fed the reference's inputs" in rows[name]["notes"][-1]
     saturating = verify(convert(*calibrated(NetWithBias().eval(), pixels), RECOMMENDED), pixels, ("torch_quantized",))
-    assert "conv2, fc1, fc2" in saturating["torch_quantized"]["notes"][0]
+    assert "conv2, fc1, fc2" in saturating["torch_quantized"]["notes"][1]
 
 
 def test_export_onnx_command(tmp_path, capsys):
@@ -177,7 +177,10 @@ def test_verify_command_prints_one_line_per_executor(tmp_path, capsys):
     assert main(["verify", str(tmp_path / "m.npz"), "--executors", "onnx_exact", "torch_quantized", *common]) == 0
     out = capsys.readouterr().out
     assert "onnx_exact: 150 output values on 30 images; differing 0.0000%, max 0 LSB" in out
-    assert "torch_quantized:" in out and "each op fed the reference's inputs" in out
+    assert "torch_quantized:" in out and "each op fed the reference's inputs" in out and "engine onednn" in out
+    assert main(["verify", str(tmp_path / "m.npz"), "--executors", "torch_quantized", "--engine", "x86", *common]) == 0
+    out = capsys.readouterr().out
+    assert "note: engine x86" in out and "differing 0.0000%" in out
     assert main(["verify", str(tmp_path / "m.npz"), "--executors", "tpu", *common]) == 2
     assert "unknown executor 'tpu'" in capsys.readouterr().err
 

@@ -15,6 +15,7 @@ from intq.convert import ConversionError
 from intq.data import DataError
 from intq.executors.reference import ExecutionError
 from intq.executors.encoding import EngineError
+from intq.executors.torch_quantized import ENGINES
 from intq.files import OutputError, atomic_write, ensure_writable_dir
 from intq.integer_model import ModelFileError
 from intq.calibration import parse_range_method
@@ -245,6 +246,8 @@ def _add_train_quantize_eval(commands) -> None:
     check.add_argument("--executors", nargs="+", default=list(EXECUTORS),
                        help=f"executors to check (default: {' '.join(EXECUTORS)})")
     check.add_argument("--images", type=int, default=None, help="test images (default: all)")
+    check.add_argument("--engine", choices=ENGINES, default="onednn",
+                       help="torch_quantized's PyTorch quantized backend (default: onednn)")
     _add_common(check)
 
 
@@ -390,7 +393,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _verify(args: argparse.Namespace) -> None:
     model = integer_model.load(args.model_file)
     pixels = load_cifar10(args.data, args.cache).test_images[: args.images]
-    for name, row in verify(model, pixels, _words(args.executors)).items():
+    for name, row in verify(model, pixels, _words(args.executors), args.engine).items():
         print(f"{name}: {row['values']:,} output values on {len(pixels):,} images; differing {100 * row['differing_share']:.4f}%, "
               f"max {row['max_lsb']} LSB ({row['max_real']:.4g} in real units); "
               f"top-1 differs on {100 * row['top1_differing_share']:.3f}% of images")

@@ -52,18 +52,19 @@ def run_batched(forward, pixels: torch.Tensor, batch: int = 1000) -> torch.Tenso
     return torch.cat([out.to(torch.int64).reshape(len(out), -1) for out in outputs])
 
 
-def run_executor(name: str, model: IntegerModel, pixels: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-    """(output integers, notes) of one executor on every image. The engines that requantize in float
-    (torch_quantized, onnx) also run each op on the reference's own inputs (layer_differences)."""
+def run_executor(name: str, model: IntegerModel, pixels: torch.Tensor, engine: str = "onednn") -> tuple[torch.Tensor, list[str]]:
+    """(output integers, notes) of one executor on every image; `engine` is torch_quantized's PyTorch
+    backend. The engines that requantize in float (torch_quantized, onnx) also run each op on the
+    reference's own inputs (layer_differences)."""
     if name == "c":
         return run_c(model, pixels), []
     try:
         if name == "torch_quantized":
             from intq.executors.torch_quantized import TorchQuantizedModel
 
-            engine = TorchQuantizedModel(model)
-            notes = [note for note in (engine.saturation_note(),) if note]
-            return run_batched(engine, pixels), notes + [per_op_note(layer_differences(model, engine.op_steps(), pixels))]
+            kernels = TorchQuantizedModel(model, engine)
+            notes = [f"engine {engine}"] + [note for note in (kernels.saturation_note(),) if note]
+            return run_batched(kernels, pixels), notes + [per_op_note(layer_differences(model, kernels.op_steps(), pixels))]
         if name == "onnx":
             from intq.executors.onnx_export import OnnxModel, onnx_op_steps
 
@@ -110,15 +111,17 @@ def compare(reference: torch.Tensor, other: torch.Tensor) -> dict:
             float((reference.argmax(dim=1) != other.argmax(dim=1)).double().mean())}
 
 
-def verify(model: IntegerModel, pixels: torch.Tensor, executors: tuple[str, ...] = EXECUTORS) -> dict[str, dict]:
-    """Every executor against the reference on `pixels`: {executor: compare(...) + notes}."""
+def verify(model: IntegerModel, pixels: torch.Tensor, executors: tuple[str, ...] = EXECUTORS,
+           engine: str = "onednn") -> dict[str, dict]:
+    """Every executor against the reference on `pixels`: {executor: compare(...) + notes}; `engine`
+    is torch_quantized's PyTorch backend (TorchQuantizedModel)."""
     unknown = [name for name in executors if name not in EXECUTORS]
     if unknown:
         raise VerifyError(f"unknown executor {', '.join(map(repr, unknown))}; available: {', '.join(EXECUTORS)}")
     reference = run_batched(lambda p: run_integer(model, p), pixels)
     results = {}
     for name in executors:
-        output, notes = run_executor(name, model, pixels)
+        output, notes = run_executor(name, model, pixels, engine)
         row = compare(reference, output)
         results[name] = {**row, "max_real": row["max_lsb"] * float(model.output_qparams().scale), "notes": notes}
     return results
