@@ -1,8 +1,10 @@
 """Throughput of every executor of one intq integer model against PyTorch float and torch.ao int8,
-at batch 256 (and latency at batch 1), measured in one run. Run by hand:
+at batch 256, the executors timed in turn round after round so that the machine's drifting speed
+reaches every row alike, and latency at batch 1 (each executor's calls in a row: at that size the
+switch between frameworks would dominate), measured in one run. Run by hand:
 
     .venv/bin/python benchmarks/bench_executors.py --model runs/resnet20/resnet20-e10.npz --arch resnet20 \
-        [--preset x86] [--calib-samples 2000] [--repeats 7] [--threads 2]
+        [--preset x86] [--calib-samples 2000] [--repeats 9] [--threads 2]
 
 --model is a study model name (Net, NetWithBias) or a checkpoint from `intq train` with --arch. The
 integer model is converted here from --calib-samples training images, with the same images as
@@ -15,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import time
 import warnings
 
 import torch
@@ -31,13 +35,28 @@ from intq.study import calibrate, calibration_indices
 from intq.sweep import SweepOptions, load_model
 
 
+def interleaved_medians(runs: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each run() over `repeats` rounds, every round timing each run once in turn,
+    so a drift in the machine's speed reaches every row alike. An untimed call before each timed one
+    absorbs the switch between frameworks (ONNX Runtime's and PyTorch's idle threads spin for a while
+    after a run, taking the cores from whichever runs next)."""
+    times = {label: [] for label in runs}
+    for _ in range(repeats):
+        for label, run in runs.items():
+            run()
+            start = time.perf_counter()
+            run()
+            times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="Net")
     parser.add_argument("--arch", default=None)
     parser.add_argument("--preset", choices=tuple(PRESETS), default="x86")
     parser.add_argument("--calib-samples", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", default=os.environ.get("INTQ_DATA"))
     parser.add_argument("--cache", default=os.environ.get("INTQ_CACHE", ".cache/intq"))
@@ -58,12 +77,11 @@ def main() -> None:
                "intq on ONNX Runtime": OnnxModel(integer, data.test_images[:1], threads=args.threads),
                "intq on ONNX Runtime, exact": OnnxModel(integer, data.test_images[:1], threads=args.threads, exact=True)}
     batch, single = data.test_images[:256], data.test_images[:1]
-    rows = {}
     with torch.no_grad():
-        for label, forward in runners.items():
-            seconds = median_seconds(lambda: forward(batch), args.repeats)
-            latency = median_seconds(lambda: forward(single), 5 * args.repeats)
-            rows[label] = {"batch256_s": seconds, "images_per_s": len(batch) / seconds, "latency_ms_b1": latency * 1e3}
+        seconds = interleaved_medians({label: lambda f=forward: f(batch) for label, forward in runners.items()}, args.repeats)
+        latency = {label: median_seconds(lambda f=forward: f(single), 5 * args.repeats) for label, forward in runners.items()}
+    rows = {label: {"batch256_s": seconds[label], "images_per_s": len(batch) / seconds[label],
+                    "latency_ms_b1": latency[label] * 1e3} for label in runners}
     float_rate = rows["PyTorch float32"]["images_per_s"]
     print(f"{name}, preset {args.preset}, {args.threads} threads, batch 256, median of {args.repeats}")
     print(f"  {'executor':<26}{'s/batch':>9}{'img/s':>9}{'x float':>9}{'ms (b1)':>9}")

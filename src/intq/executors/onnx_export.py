@@ -352,14 +352,22 @@ def export_op_onnx(op, model: IntegerModel, shapes: dict[str, tuple[int, ...]]) 
     return _serialised(graph, inputs, output, encoded, shapes[op.name], qparams[op.name])
 
 
-def onnx_op_steps(model: IntegerModel, example: torch.Tensor, threads: int | None = None) -> list[tuple]:
-    """[(op, step)] with step(*operand integers) -> the op's output integers, each op run alone in
-    ONNX Runtime as in the `onnx` executor (export_op_onnx)."""
+def session_options(threads: int | None):
+    """ONNX Runtime CPU session options with `threads` intra-op threads (None: its default)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    return options
+
+
+def onnx_op_steps(model: IntegerModel, example: torch.Tensor, threads: int | None = None) -> list[tuple]:
+    """[(op, step)] with step(*operand integers) -> the op's output integers, each op run alone in
+    ONNX Runtime as in the `onnx` executor (export_op_onnx)."""
+    import onnxruntime
+
+    options = session_options(threads)
     shapes, qparams, steps = _value_shapes(model, example), value_qparams(model), []
     for op in model.layers:
         session = onnxruntime.InferenceSession(export_op_onnx(op, model, shapes), options, providers=["CPUExecutionProvider"])
@@ -384,9 +392,7 @@ class OnnxModel:
     def __init__(self, model: IntegerModel, example: torch.Tensor, threads: int | None = None, exact: bool = False) -> None:
         import onnxruntime
 
-        options = onnxruntime.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        options = session_options(threads)
         self.contents = export_onnx(model, example, exact)
         self.session = onnxruntime.InferenceSession(self.contents, options, providers=["CPUExecutionProvider"])
         out = value_qparams(model)[model.output_name]
