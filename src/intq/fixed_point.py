@@ -6,8 +6,8 @@ Online (integers only):    y = rounding_right_shift(acc * M0, 31 + n)           
 Rounding is half away from zero, the same as qparams.round_half_away_from_zero, and there is
 exactly one rounding: the int64 product acc * M0 is exact, then one rounded shift.
 A layer whose constants pass `float64_requantizer` may evaluate eq. 9-10 as clamp(floor(c + p M)) in
-float64 instead (eq. 24): proven to give the same integers, and about 3x faster on CPUs without
-64-bit integer vector multiply and arithmetic shift (AVX2).
+float64 instead (eq. 24): proven to give the same integers, and 2.7x faster (measured on 0.5M values)
+on CPUs without a 64-bit integer vector multiply and arithmetic shift (AVX2).
 """
 from __future__ import annotations
 
