@@ -9,6 +9,7 @@ Which ops an engine runs on its own kernels and which run as exact integer ops i
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from intq.integer_model import IntegerModel, QAdd, QAvgPool, QFlatten, QLayer, QMaxPool, QReLU
 from intq.qparams import QParams
@@ -28,6 +29,17 @@ def uint8_offset(qparams: QParams) -> int:
 def encoded_zero_point(qparams: QParams) -> int:
     """z + o, the zero point of the uint8 encoding."""
     return int(qparams.zero_point) + uint8_offset(qparams)
+
+
+def to_uint8(q: torch.Tensor, qparams: QParams) -> torch.Tensor:
+    """intq integers (q, z) of <= 8 bits as the uint8 codes q + o (eq. 19); uint8 q with o = 0 passes."""
+    offset = uint8_offset(qparams)
+    return q if offset == 0 and q.dtype == torch.uint8 else (q.to(torch.int16) + offset).to(torch.uint8)
+
+
+def from_codes(codes: torch.Tensor, offset: int, dtype: torch.dtype) -> torch.Tensor:
+    """Codes q + o (uint8, or raw integers with o = 0) back to intq's integers q in `dtype`."""
+    return (codes.to(torch.int64) - offset).to(dtype)
 
 
 def value_qparams(model: IntegerModel) -> dict[str, QParams]:

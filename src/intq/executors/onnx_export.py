@@ -21,7 +21,8 @@ import functools
 import numpy as np
 import torch
 
-from intq.executors.encoding import EngineError, encoded_zero_point, engine_runs_layer, narrower_bounds, uint8_offset, value_qparams
+from intq.executors.encoding import (EngineError, encoded_zero_point, engine_runs_layer, from_codes, narrower_bounds, to_uint8,
+                                    uint8_offset, value_qparams)
 from intq.executors.reference import FLOAT32_EXACT, add_table, pixels_to_input, run_integer
 from intq.fixed_point import MANTISSA_BITS, MAX_RIGHT_SHIFT, float64_requantizer
 from intq.integer_model import IntegerModel, QAdd, QAvgPool, QFlatten, QLayer, QMaxPool, QReLU
@@ -378,12 +379,14 @@ def onnx_op_steps(model: IntegerModel, example: torch.Tensor, threads: int | Non
 def _run_op_session(session, op, qparams: dict, *operands: torch.Tensor) -> torch.Tensor:
     feeds = {}
     for name, value in zip(op.inputs, operands):
-        encoded = qparams[name].dtype.bits <= 8
-        shifted = value.to(torch.int64) + (uint8_offset(qparams[name]) if encoded else 0)
-        feeds[f"in/{name}"] = shifted.to(torch.uint8 if encoded else torch.int64).contiguous().numpy()
+        encoded = to_uint8(value, qparams[name]) if qparams[name].dtype.bits <= 8 else value.to(torch.int64)
+        feeds[f"in/{name}"] = encoded.contiguous().numpy()
     (output,) = session.run(["output"], feeds)
-    offset = int(session.get_modelmeta().custom_metadata_map["output_offset"])
-    return (torch.from_numpy(output).to(torch.int64) - offset).to(torch_dtype(qparams[op.name].dtype))
+    return from_codes(torch.from_numpy(output), _output_offset(session), torch_dtype(qparams[op.name].dtype))
+
+
+def _output_offset(session) -> int:
+    return int(session.get_modelmeta().custom_metadata_map["output_offset"])
 
 
 class OnnxModel:
@@ -396,8 +399,8 @@ class OnnxModel:
         self.contents = export_onnx(model, example, exact)
         self.session = onnxruntime.InferenceSession(self.contents, options, providers=["CPUExecutionProvider"])
         out = value_qparams(model)[model.output_name]
-        self.offset, self.dtype = int(self.session.get_modelmeta().custom_metadata_map["output_offset"]), torch_dtype(out.dtype)
+        self.offset, self.dtype = _output_offset(self.session), torch_dtype(out.dtype)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         (output,) = self.session.run(["output"], {"pixels": pixels.contiguous().numpy()})
-        return (torch.from_numpy(output).to(torch.int64) - self.offset).to(self.dtype)
+        return from_codes(torch.from_numpy(output), self.offset, self.dtype)

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from intq.executors.encoding import EngineError, encoded_zero_point, engine_runs_layer, narrower_bounds, uint8_offset, value_qparams
+from intq.executors.encoding import (EngineError, encoded_zero_point, engine_runs_layer, from_codes, narrower_bounds, to_uint8,
+                                    uint8_offset, value_qparams)
 from intq.executors.reference import CHUNK, pixels_to_input, run_op
 from intq.integer_model import IntegerModel, QAdd, QFlatten, QLayer, QMaxPool, QReLU
 from intq.qparams import QParams, torch_dtype
@@ -32,8 +33,7 @@ def to_quantized(value: torch.Tensor, qparams: QParams) -> torch.Tensor:
     """An intq integer tensor (q, z) as the quint8 tensor (q + o, z + o); quantized tensors pass."""
     if value.is_quantized:
         return value
-    offset = uint8_offset(qparams)
-    encoded = value if offset == 0 and value.dtype == torch.uint8 else (value.to(torch.int16) + offset).to(torch.uint8)
+    encoded = to_uint8(value, qparams)
     if encoded.dim() == 4:  # the layout the kernels compute in; a mix of layouts costs a conversion per op
         encoded = encoded.contiguous(memory_format=torch.channels_last)
     with warnings.catch_warnings():
@@ -45,7 +45,7 @@ def to_integers(value: torch.Tensor, qparams: QParams) -> torch.Tensor:
     """A quint8 tensor back to intq's integers q = q_u8 - o in intq's dtype; integer tensors pass."""
     if not value.is_quantized:
         return value
-    return (value.int_repr().to(torch.int16) - uint8_offset(qparams)).to(torch_dtype(qparams.dtype))
+    return from_codes(value.int_repr(), uint8_offset(qparams), torch_dtype(qparams.dtype))
 
 
 def _clamped(run: Callable, bounds: tuple[int, int] | None, qparams: QParams) -> Callable:
