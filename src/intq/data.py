@@ -250,7 +250,7 @@ def _extract(archive: Path, report: Progress) -> Path:
     if _md5(archive) != CIFAR10_MD5:
         raise _fail(f"{archive} is not the CIFAR-10 python archive (md5 mismatch); delete it")
     report(f"extracting {archive}")
-    staging = Path(tempfile.mkdtemp(dir=archive.parent, prefix=".extract-"))
+    staging = Path(tempfile.mkdtemp(dir=archive.parent, prefix=f".extract-{os.getpid()}-"))
     try:
         with tarfile.open(archive, "r:gz") as tar:
             # The md5 already pins the known archive; the "data" filter (where this Python has
