@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import calibrated
-from intq import integer_model
+from intq import model_file
 from intq.capture import Graph, Linear, Node, with_users
 from intq.config import RECOMMENDED, STUDY
 from intq.convert import ConversionError, convert, observed_tensors
@@ -81,13 +81,13 @@ def test_save_and_load_round_trip_without_pickle(tmp_path, pixels):
     graph, stats = calibrated(NetWithBias(), pixels)
     model = convert(graph, stats, RECOMMENDED, {"model": "NetWithBias"})
     path = tmp_path / "model.npz"
-    size = integer_model.save(model, path)
+    size = model_file.save(model, path)
     assert size == path.stat().st_size
     with np.load(path, allow_pickle=False) as archive:
         assert archive["fc3.weight"].dtype == np.int8
         assert archive["fc3.bias"].dtype == np.int32
         assert archive["conv1.mantissa"].dtype == np.int32
-    loaded = integer_model.load(path)
+    loaded = model_file.load(path)
     assert loaded.metadata["model"] == "NetWithBias"
     assert torch.equal(run_integer(loaded, pixels), run_integer(model, pixels))
 
@@ -95,8 +95,8 @@ def test_save_and_load_round_trip_without_pickle(tmp_path, pixels):
 def test_loading_a_file_that_is_not_a_model_names_it(tmp_path):
     path = tmp_path / "other.npz"
     np.savez(path, x=np.zeros(3))
-    with pytest.raises(integer_model.ModelFileError, match="other.npz"):
-        integer_model.load(path)
+    with pytest.raises(model_file.ModelFileError, match="other.npz"):
+        model_file.load(path)
 
 
 @pytest.mark.parametrize("bits, packed_bytes", [(4, 24_000), (2, 12_000)])
@@ -106,10 +106,10 @@ def test_sub_byte_weights_are_packed_and_round_trip(tmp_path, pixels, bits, pack
     graph, stats = calibrated(Net(), pixels)
     model = convert(graph, stats, replace(RECOMMENDED, weights=replace(RECOMMENDED.weights, bits=bits)))
     path = tmp_path / "small.npz"
-    integer_model.save(model, path)
+    model_file.save(model, path)
     with np.load(path, allow_pickle=False) as archive:
         assert archive["fc1.weight"].dtype == np.uint8 and archive["fc1.weight"].size == packed_bytes
-    loaded = integer_model.load(path)
+    loaded = model_file.load(path)
     assert np.array_equal(loaded.layer("fc1").weight, model.layer("fc1").weight)
     assert torch.equal(run_integer(loaded, pixels), run_integer(model, pixels))
 

@@ -11,7 +11,7 @@ import torch
 
 from conftest import calibrated, make_pixels
 from intq.cli import main
-from intq import integer_model
+from intq import model_file
 from intq.config import RECOMMENDED, STUDY, X86
 from intq.convert import convert
 from intq.executors.encoding import EngineError, uint8_offset
@@ -103,7 +103,7 @@ def test_verify_reports_every_executor():
 
 def test_export_onnx_command(tmp_path, capsys):
     model, pixels = integer_model_of("Strided", X86)
-    integer_model.save(model, tmp_path / "m.npz")
+    model_file.save(model, tmp_path / "m.npz")
     assert main(["export-onnx", str(tmp_path / "m.npz"), "--out", str(tmp_path / "onnx" / "m.onnx")]) == 0
     assert "m.onnx" in capsys.readouterr().out
     import onnxruntime
@@ -171,7 +171,7 @@ def test_verify_command_prints_one_line_per_executor(tmp_path, capsys):
     from conftest import write_image_folder
 
     model, _ = integer_model_of("Strided", X86)
-    integer_model.save(model, tmp_path / "m.npz")
+    model_file.save(model, tmp_path / "m.npz")
     data = write_image_folder(tmp_path / "data", train_per_class=1, test_per_class=3)
     common = ["--data", str(data), "--cache", str(tmp_path / "cache")]
     assert main(["verify", str(tmp_path / "m.npz"), "--executors", "onnx_exact", "torch_quantized", *common]) == 0

@@ -26,12 +26,12 @@ def test_study_meets_the_accuracy_bars(tmp_path):
 
 def _check_executors_on_real_images(model_file: Path, cache: Path) -> None:
     """The study's integer model on 1,000 real test images: exact executors exact, engines' top-1 equal."""
-    from intq import integer_model
     from intq.data import load_cifar10
+    from intq.model_file import load
     from intq.verify import verify
 
     pixels = load_cifar10(str(DATA), cache).test_images[:1000]
-    rows = verify(integer_model.load(model_file), pixels, ("onnx", "onnx_exact", "torch_quantized"))
+    rows = verify(load(model_file), pixels, ("onnx", "onnx_exact", "torch_quantized"))
     assert rows["onnx_exact"]["differing_share"] == 0.0
     assert rows["onnx"]["top1_differing_share"] <= 0.001
     assert rows["torch_quantized"]["top1_differing_share"] <= 0.01  # 8-bit activations: fbgemm may saturate

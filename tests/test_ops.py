@@ -6,10 +6,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import calibrated, make_pixels
-from intq import integer_model
+from intq import model_file
 from intq.config import RECOMMENDED, STUDY
 from intq.convert import convert
 from intq.executors.reference import run_integer
+from intq.integer_model import QAdd
 from intq.simulate import layer_agreement
 
 
@@ -95,17 +96,17 @@ def test_residual_model_round_trips_through_npz(tmp_path, residual):
     pixels = make_pixels(8)
     graph, stats = calibrated(residual, pixels)
     model = convert(graph, stats, RECOMMENDED)
-    integer_model.save(model, tmp_path / "residual.npz")
+    model_file.save(model, tmp_path / "residual.npz")
     with np.load(tmp_path / "residual.npz", allow_pickle=False) as archive:
         assert archive["add.mantissa"].dtype == np.int32
-    assert torch.equal(run_integer(integer_model.load(tmp_path / "residual.npz"), pixels), run_integer(model, pixels))
+    assert torch.equal(run_integer(model_file.load(tmp_path / "residual.npz"), pixels), run_integer(model, pixels))
 
 
 def test_residual_add_table_equals_the_fixed_point_formula(residual):
     from intq.executors.reference import add, add_exact
 
     model = convert(*calibrated(residual, make_pixels(8)), RECOMMENDED)
-    op = next(op for op in model.layers if isinstance(op, integer_model.QAdd))
+    op = next(op for op in model.layers if isinstance(op, QAdd))
     a_type, b_type = (qp.dtype for qp in op.input_qparams)
     generator = torch.Generator().manual_seed(0)
     a = torch.randint(a_type.qmin, a_type.qmax + 1, (4, 16, 8, 8), generator=generator).to(torch.int8 if a_type.signed else torch.uint8)

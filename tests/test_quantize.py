@@ -85,8 +85,8 @@ def test_quantize_with_a_sweep_cell_names_the_file_after_it(tmp_path, capsys):
                  "--abits", "6", *common]) == 0
     written = tmp_path / "net-percentile(99.9)-w4a6-per-channel-int.npz"
     assert written.exists() and "integer-only" in capsys.readouterr().out
-    from intq import integer_model
+    from intq import model_file
 
-    model = integer_model.load(written)
+    model = model_file.load(written)
     assert model.quantized_layers()[1].weight_qparams.dtype.bits == 4
     assert main(["quantize", str(checkpoint), "--arch", "Net", "--method", "mse", "--wbits", "9", *common]) == 2

@@ -10,7 +10,8 @@ from intq.capture import capture
 from intq.config import RECOMMENDED, STUDY, QConfig
 from intq.convert import collect_statistics, convert
 from intq.executors.reference import run_integer
-from intq.integer_model import IntegerModel, load, save
+from intq.integer_model import IntegerModel
+from intq.model_file import load, save
 
 __all__ = ["capture", "collect_statistics", "convert", "run_integer", "save", "load", "IntegerModel", "QConfig",
            "RECOMMENDED", "STUDY"]

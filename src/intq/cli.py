@@ -17,10 +17,10 @@ from intq.executors.reference import ExecutionError
 from intq.executors.encoding import EngineError
 from intq.executors.torch_quantized import ENGINES
 from intq.files import OutputError, atomic_write, ensure_writable_dir
-from intq.integer_model import ModelFileError
+from intq.model_file import ModelFileError
 from intq.calibration import parse_range_method
 from intq.config import PRESETS, QConfig
-from intq import integer_model
+from intq import model_file
 from intq.data import load_cifar10
 from intq.diagnostics import InspectOptions, run_inspect
 from intq.executors.c_export import export_c
@@ -31,7 +31,7 @@ from intq.capture import capture
 from intq.compare import compare
 from intq.convert import convert
 from intq.data import normalize
-from intq.integer_model import to_bytes as integer_model_bytes
+from intq.model_file import to_bytes as integer_model_bytes
 from intq.study import calibrate, calibration_indices
 from intq.sweep import load_model
 from intq.train import ClassifierRecipe
@@ -329,7 +329,7 @@ def _explain(args: argparse.Namespace) -> None:
         index = tuple(int(part) for part in args.index.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--index: expected integers like 2,10,5, got {args.index!r}") from None
-    model = integer_model.load(args.model_file)
+    model = model_file.load(args.model_file)
     data = load_cifar10(args.data, args.cache)
     if not 0 <= args.image < len(data.test_images):
         raise argparse.ArgumentTypeError(f"--image {args.image}: the test set has {len(data.test_images)} images")
@@ -344,7 +344,7 @@ def _explain(args: argparse.Namespace) -> None:
 def _export_c(args: argparse.Namespace) -> None:
     if args.images < 1:
         raise argparse.ArgumentTypeError(f"--images must be at least 1, got {args.images}")
-    model = integer_model.load(args.model_file)
+    model = model_file.load(args.model_file)
     data = load_cifar10(args.data, args.cache)
     written = export_c(model, data.test_images[: args.images], args.out)
     print(f"wrote {', '.join(path.name for path in written)} to {args.out}/")
@@ -356,7 +356,7 @@ def _export_onnx(args: argparse.Namespace) -> None:
 
     if args.height < 1 or args.width < 1:
         raise argparse.ArgumentTypeError("--height and --width must be at least 1")
-    model = integer_model.load(args.model_file)
+    model = model_file.load(args.model_file)
     contents = export_onnx(model, torch.zeros((1, 3, args.height, args.width), dtype=torch.uint8), args.exact)
     ensure_writable_dir(args.out.parent)
     with atomic_write(args.out, "wb") as handle:
@@ -386,12 +386,12 @@ def _quantize(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    model = integer_model.load(args.model_file)
+    model = model_file.load(args.model_file)
     print(f"{args.model_file}: integer-only test accuracy {integer_accuracy(model, load_cifar10(args.data, args.cache)):.2f}%")
 
 
 def _verify(args: argparse.Namespace) -> None:
-    model = integer_model.load(args.model_file)
+    model = model_file.load(args.model_file)
     pixels = load_cifar10(args.data, args.cache).test_images[: args.images]
     for name, row in verify(model, pixels, _words(args.executors), args.engine).items():
         print(f"{name}: {row['values']:,} output values on {len(pixels):,} images; differing {100 * row['differing_share']:.4f}%, "

@@ -14,12 +14,13 @@ from intq.capture import (REQUANTIZING, WEIGHTED, Add, Conv2d, Flatten, Graph, I
                           run_float)
 from intq.config import ActivationConfig, QConfig, WeightConfig
 from intq.fixed_point import quantize_multiplier, quantize_multipliers
-from intq.integer_model import InputSpec, IntegerModel, QAdd, QAvgPool, QFlatten, QLayer, QMaxPool, QReLU
+from intq.integer_model import (INT32_LIMIT, PIXEL_INPUT, InputSpec, IntegerModel, QAdd, QAvgPool, QFlatten, QLayer,
+                                QMaxPool, QReLU, accumulator_bound, add_multipliers, avg_pool_multiplier,
+                                input_multiplier, layer_multipliers)
+from intq.model_check import ModelCheckError, check_model
 from intq.observers import TensorObserver, TensorStats, observe
 from intq.qparams import IntType, QParams, Scheme, choose_qparams, quantize, round_half_away_from_zero
 
-INT32_LIMIT = 2**31 - 1
-PIXEL_INPUT = QParams(np.array(1.0 / 255.0), np.array(0, np.int64), IntType(9, True))  # x = 2p - 255
 
 
 class ConversionError(Exception):
@@ -96,11 +97,12 @@ def activation_qparams(stats: TensorStats, config: ActivationConfig, *, after_re
 
 def input_spec(stats: TensorStats, config: QConfig) -> InputSpec:
     """Folded: the first layer reads x = 2p - 255 (scale 1/255). Else requantize x to int (eq. 14)."""
+    shape = tuple(stats.shape)  # one image: (C, H, W)
     if config.fold_input:
-        return InputSpec(PIXEL_INPUT)
+        return InputSpec(PIXEL_INPUT, shape=shape)
     qparams = activation_qparams(stats, config.activations, after_relu=False, is_output=False)
-    mantissa, shift = quantize_multiplier(float(PIXEL_INPUT.scale) / float(qparams.scale))
-    return InputSpec(qparams, mantissa, shift)
+    mantissa, shift = quantize_multiplier(input_multiplier(qparams))
+    return InputSpec(qparams, mantissa, shift, shape)
 
 
 def _check_weight(node: Node) -> None:
@@ -121,16 +123,6 @@ def quantized_bias(bias: torch.Tensor | None, input_qp: QParams, weight_qp: QPar
     return q.numpy().astype(np.int32)
 
 
-def accumulator_bound(weight_q: np.ndarray, bias_q: np.ndarray | None, input_qp: QParams) -> int:
-    """Worst |acc| = max_c (sum_k |q_w[c,k]| * max|q_x - z_x| + |q_b[c]|) (eq. 11)."""
-    zero = int(input_qp.zero_point)
-    x_max = max(zero - input_qp.dtype.qmin, input_qp.dtype.qmax - zero)
-    per_channel = np.abs(weight_q.astype(np.int64)).reshape(weight_q.shape[0], -1).sum(axis=1) * x_max  # (C, K) -> (C,)
-    if bias_q is not None:
-        per_channel = per_channel + np.abs(bias_q.astype(np.int64))
-    return int(per_channel.max())
-
-
 def _storage(q: torch.Tensor, dtype: IntType) -> np.ndarray:
     return q.numpy().astype(np.int8 if dtype.signed and dtype.bits <= 8 else np.uint8 if dtype.bits <= 8 else np.int32)
 
@@ -146,8 +138,7 @@ def convert_layer(node: Node, input_qp: QParams, output_qp: QParams, relu: bool,
     bias = None if op.bias is None else op.bias.detach().cpu()
     bias_q = quantized_bias(bias, input_qp, weight_qp, node.name)
     channels = op.weight.shape[0]
-    multipliers = float(input_qp.scale) * np.broadcast_to(weight_qp.scale, (channels,)) / float(output_qp.scale)
-    mantissa, shift = quantize_multipliers(multipliers)
+    mantissa, shift = quantize_multipliers(layer_multipliers(input_qp, weight_qp, output_qp, channels))
     bound = accumulator_bound(weight_q, bias_q, input_qp)
     if bound > INT32_LIMIT:
         raise ConversionError(f"layer {node.name!r}: worst-case accumulator {bound} exceeds int32 "
@@ -180,12 +171,10 @@ def convert_requantizing(node: Node, inputs_qp: list[QParams], output_qp: QParam
     if isinstance(node.op, Add):
         if max(qp.dtype.bits for qp in inputs_qp) > 9:  # the int64 budget of eq. 17 assumes |q - z| <= 2^9
             raise ConversionError(f"add {node.name!r}: operands wider than 9 bits are not supported")
-        scales = [float(qp.scale) for qp in inputs_qp]
-        common = max(scales) / 2**20  # eq. 17: each operand keeps 20 more bits than its grid
-        mantissa, shift = quantize_multipliers(np.array([*(s / common for s in scales), common / float(output_qp.scale)]))
+        mantissa, shift = quantize_multipliers(add_multipliers(inputs_qp, output_qp))
         return QAdd(node.name, node.inputs, tuple(inputs_qp), output_qp, mantissa, shift, relu is not None, relu_max)
     window = int(np.prod(node.op.kernel_size if node.op.kernel_size else input_stats.shape[1:]))
-    mantissa, shift = quantize_multipliers(np.array([float(inputs_qp[0].scale) / (window * float(output_qp.scale))]))
+    mantissa, shift = quantize_multipliers(avg_pool_multiplier(inputs_qp[0], output_qp, window))
     stride = node.op.stride if node.op.kernel_size else None
     return QAvgPool(node.name, node.inputs, node.op.kernel_size, stride, inputs_qp[0], output_qp, mantissa, shift,
                     relu is not None, relu_max)
@@ -238,4 +227,9 @@ def convert(graph: Graph, stats: dict[str, TensorStats], config: QConfig, metada
         else:
             alias[node.name] = sources[0]
     metadata = {"preset": config.name, **(metadata or {})}
-    return IntegerModel(graph.input_name, spec, layers, alias[graph.output_name], metadata)
+    model = IntegerModel(graph.input_name, spec, layers, alias[graph.output_name], metadata)
+    try:
+        check_model(model)  # what a model file must pass, the converter's output passes too
+    except ModelCheckError as err:
+        raise ConversionError(f"the converted model breaks a rule of integer models: {err}") from None
+    return model

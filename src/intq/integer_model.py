@@ -1,25 +1,21 @@
-"""The IntegerModel: everything integer-only inference needs, as plain arrays and JSON.
+"""The IntegerModel: everything integer-only inference needs, as plain arrays and numbers.
 
-Saved as one compressed `.npz` that `numpy.load(allow_pickle=False)` reads: integer arrays under
-`<layer>.<field>` keys (weights int8, or uint8 with 2-4-bit weights packed; biases and
-mantissas int32, shifts int8) and the rest, scales and zero points included, as a JSON string under
-`__meta__` (UTF-8 bytes; a float64 scale round-trips exactly through JSON; few archive members
-keep the file small).
+The ops, and the quantities each op's arithmetic derives from its parameters (the fused clamp, the
+real multipliers, the worst-case accumulator): one definition each, used by the converter that
+builds a model and by the checks that admit a model read from a file (model_check.py). The file
+format is model_file.py.
 """
 from __future__ import annotations
 
-import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from intq.files import atomic_write
-from intq.packing import field_bits, pack_signed, unpack_signed
 from intq.qparams import IntType, QParams
 
-FORMAT_VERSION = 2
+INT32_LIMIT = 2**31 - 1
+PIXEL_INPUT = QParams(np.array(1.0 / 255.0), np.array(0, np.int64), IntType(9, True))  # x = 2p - 255 (eq. 14)
 
 
 @dataclass(eq=False)
@@ -29,12 +25,14 @@ class InputSpec:
     The study's normalisation (p/255 - 0.5)/0.5 is exactly x = (2p - 255) / 255, so the integer
     x = 2p - 255 with scale 1/255 is lossless (docs/math.md eq. 14). With `mantissa` None the first
     layer reads x itself ("pixels": normalisation folded into the first layer); otherwise x is
-    requantized to `qparams` with (mantissa, shift) like any layer output ("quantized").
+    requantized to `qparams` with (mantissa, shift) like any layer output ("quantized"). `shape` is
+    one image's (channels, height, width), the size the model was calibrated at.
     """
 
     qparams: QParams
     mantissa: int | None = None
     shift: int | None = None
+    shape: tuple[int, int, int] = (3, 32, 32)
 
     @property
     def folded(self) -> bool:
@@ -64,7 +62,7 @@ class QLayer(Clamped):
     shift: np.ndarray
     relu: bool
     geometry: dict = field(default_factory=dict)  # stride, padding, dilation, groups
-    accumulator_bound: int = 0  # worst-case |acc| (eq. 11), proven < 2^31 at conversion
+    accumulator_bound: int = 0  # worst-case |acc| (eq. 11): always accumulator_bound(weight, bias, input_qparams)
     relu_max: float | None = None  # ReLU6-style upper clamp in real units
 
 
@@ -157,130 +155,35 @@ class IntegerModel:
         return self.quantized_layers()[-1].output_qparams
 
 
-def _qparams_meta(qp: QParams) -> dict:
-    """QParams as JSON: float64 scales round-trip exactly through Python's float repr."""
-    return {"bits": qp.dtype.bits, "signed": qp.dtype.signed, "axis": qp.axis,
-            "scale": np.asarray(qp.scale, np.float64).tolist(), "zero_point": np.asarray(qp.zero_point).tolist()}
+def accumulator_bound(weight_q: np.ndarray, bias_q: np.ndarray | None, input_qp: QParams) -> int:
+    """Worst |acc| = max_c (sum_k |q_w[c,k]| * max|q_x - z_x| + |q_b[c]|) (eq. 11), over every input
+    integer q_x of the input's type: derived from the weights, never taken on trust."""
+    zero = int(input_qp.zero_point)
+    x_max = max(zero - input_qp.dtype.qmin, input_qp.dtype.qmax - zero)
+    per_channel = np.abs(weight_q.astype(np.int64)).reshape(weight_q.shape[0], -1).sum(axis=1) * x_max  # (C, K) -> (C,)
+    if bias_q is not None:
+        per_channel = per_channel + np.abs(bias_q.astype(np.int64))
+    return int(per_channel.max())
 
 
-def _qparams_from(meta: dict) -> QParams:
-    return QParams(np.asarray(meta["scale"], np.float64), np.asarray(meta["zero_point"], np.int64),
-                   IntType(meta["bits"], meta["signed"]), meta["axis"])
+def layer_multipliers(input_qp: QParams, weight_qp: QParams, output_qp: QParams, channels: int) -> np.ndarray:
+    """M[c] = s_x s_w[c] / s_y, one real multiplier per output channel of a conv or linear (eq. 8)."""
+    return float(input_qp.scale) * np.broadcast_to(weight_qp.scale, (channels,)) / float(output_qp.scale)
 
 
-def _store_weight(layer: "QLayer", arrays: dict) -> dict:
-    """int8 weights as they are; 2- to 4-bit weights packed into uint8 (packing.py)."""
-    bits = layer.weight_qparams.dtype.bits
-    if field_bits(bits) == 8:
-        arrays[f"{layer.name}.weight"] = layer.weight.astype(np.int8)
-        return {"weight_shape": list(layer.weight.shape), "weight_packed": False}
-    arrays[f"{layer.name}.weight"] = pack_signed(layer.weight, bits)
-    return {"weight_shape": list(layer.weight.shape), "weight_packed": True}
+def add_multipliers(inputs_qp: tuple[QParams, ...] | list[QParams], output_qp: QParams) -> np.ndarray:
+    """(M_a, M_b, M_y) of a residual add (eq. 17): each operand to the common scale
+    s_i = max(s_a, s_b) / 2^20 (20 more bits than its grid), then s_i / s_y to the output."""
+    scales = [float(qp.scale) for qp in inputs_qp]
+    common = max(scales) / 2**20
+    return np.array([*(s / common for s in scales), common / float(output_qp.scale)])
 
 
-def _load_weight(meta: dict, arrays) -> np.ndarray:
-    stored = arrays[f"{meta['name']}.weight"]
-    if not meta["weight_packed"]:
-        return stored
-    return unpack_signed(stored, meta["weight_qparams"]["bits"], tuple(meta["weight_shape"]))
+def avg_pool_multiplier(input_qp: QParams, output_qp: QParams, window: int) -> np.ndarray:
+    """(M,) of an average pool over `window` values: M = s_x / (N s_y) (eq. 18)."""
+    return np.array([float(input_qp.scale) / (window * float(output_qp.scale))])
 
 
-def _layer_meta(op: IntegerOp, arrays: dict) -> dict:
-    meta = {"name": op.name, "inputs": list(op.inputs), "type": type(op).__name__}
-    if isinstance(op, QLayer):
-        arrays[f"{op.name}.mantissa"] = op.mantissa.astype(np.int32)
-        arrays[f"{op.name}.shift"] = op.shift.astype(np.int8)  # n in [-30, 31] (fixed_point.py)
-        if op.bias is not None:
-            arrays[f"{op.name}.bias"] = op.bias.astype(np.int32)
-        meta.update(kind=op.kind, relu=op.relu, relu_max=op.relu_max, geometry=op.geometry, has_bias=op.bias is not None,
-                    accumulator_bound=int(op.accumulator_bound), **_store_weight(op, arrays),
-                    weight_qparams=_qparams_meta(op.weight_qparams),
-                    input_qparams=_qparams_meta(op.input_qparams),
-                    output_qparams=_qparams_meta(op.output_qparams))
-    elif isinstance(op, (QAdd, QAvgPool)):
-        arrays[f"{op.name}.mantissa"] = op.mantissa.astype(np.int32)
-        arrays[f"{op.name}.shift"] = op.shift.astype(np.int8)
-        inputs = op.input_qparams if isinstance(op, QAdd) else (op.input_qparams,)
-        meta.update(relu=op.relu, relu_max=op.relu_max, output_qparams=_qparams_meta(op.output_qparams),
-                    input_qparams=[_qparams_meta(qp) for qp in inputs])
-        if isinstance(op, QAvgPool):
-            meta.update(kernel_size=op.kernel_size, stride=op.stride)
-    elif isinstance(op, QMaxPool):
-        meta.update(kernel_size=op.kernel_size, stride=op.stride, padding=op.padding)
-    elif isinstance(op, QReLU):
-        meta.update(zero_point=op.zero_point)
-    return meta
-
-
-def _layer_from(meta: dict, arrays) -> IntegerOp:
-    name, inputs = meta["name"], tuple(meta["inputs"])
-    if meta["type"] == "QMaxPool":
-        return QMaxPool(name, inputs, tuple(meta["kernel_size"]), tuple(meta["stride"]), tuple(meta["padding"]))
-    if meta["type"] == "QFlatten":
-        return QFlatten(name, inputs)
-    if meta["type"] == "QReLU":
-        return QReLU(name, inputs, meta["zero_point"])
-    if meta["type"] in ("QAdd", "QAvgPool"):
-        qparams = [_qparams_from(qp) for qp in meta["input_qparams"]]
-        common = (_qparams_from(meta["output_qparams"]), arrays[f"{name}.mantissa"],
-                  arrays[f"{name}.shift"].astype(np.int32), meta["relu"], meta["relu_max"])
-        if meta["type"] == "QAdd":
-            return QAdd(name, inputs, tuple(qparams), *common)
-        kernel, stride = meta["kernel_size"], meta["stride"]
-        return QAvgPool(name, inputs, tuple(kernel) if kernel else None, tuple(stride) if stride else None,
-                        qparams[0], *common)
-    return QLayer(
-        name, meta["kind"], inputs, _load_weight(meta, arrays), _qparams_from(meta["weight_qparams"]),
-        arrays[f"{name}.bias"] if meta["has_bias"] else None,
-        _qparams_from(meta["input_qparams"]), _qparams_from(meta["output_qparams"]),
-        arrays[f"{name}.mantissa"], arrays[f"{name}.shift"].astype(np.int32), meta["relu"], meta["geometry"],
-        meta["accumulator_bound"], meta.get("relu_max"))
-
-
-def to_arrays(model: IntegerModel) -> dict[str, np.ndarray]:
-    """The model as a flat dict of numpy arrays; `__meta__` holds the JSON structure."""
-    arrays: dict[str, np.ndarray] = {}
-    meta = {
-        "format": "intq.IntegerModel", "version": FORMAT_VERSION,
-        "input_name": model.input_name, "output_name": model.output_name, "metadata": model.metadata,
-        "input": {"qparams": _qparams_meta(model.input.qparams),
-                  "mantissa": model.input.mantissa, "shift": model.input.shift},
-        "layers": [_layer_meta(op, arrays) for op in model.layers],
-    }
-    arrays["__meta__"] = np.frombuffer(json.dumps(meta, separators=(",", ":")).encode(), np.uint8)  # UTF-8
-    return arrays
-
-
-def to_bytes(model: IntegerModel) -> bytes:
-    """The model's compressed .npz file contents."""
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **to_arrays(model))
-    return buffer.getvalue()
-
-
-def save(model: IntegerModel, path: str | Path) -> int:
-    """Write the model to `path` (.npz) atomically; returns the file size in bytes."""
-    contents = to_bytes(model)
-    with atomic_write(path, "wb") as handle:
-        handle.write(contents)
-    return len(contents)
-
-
-class ModelFileError(Exception):
-    """An .npz that is not a readable intq IntegerModel (names the file)."""
-
-
-def load(path: str | Path) -> IntegerModel:
-    """Read a model written by `save`, without pickle."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-        meta = json.loads(arrays["__meta__"].tobytes().decode())
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelFileError(f"{path}: not an intq integer model ({err})") from None
-    if meta.get("format") != "intq.IntegerModel" or meta.get("version") != FORMAT_VERSION:
-        raise ModelFileError(f"{path}: unsupported model format {meta.get('format')} v{meta.get('version')}")
-    spec = meta["input"]
-    input_spec = InputSpec(_qparams_from(spec["qparams"]), spec["mantissa"], spec["shift"])
-    layers = [_layer_from(m, arrays) for m in meta["layers"]]
-    return IntegerModel(meta["input_name"], input_spec, layers, meta["output_name"], meta["metadata"])
+def input_multiplier(qparams: QParams) -> float:
+    """M of a quantized (not folded) input: x = 2p - 255 at scale 1/255 to `qparams` (eq. 14)."""
+    return float(PIXEL_INPUT.scale) / float(qparams.scale)

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 
-from intq import integer_model
+from intq import model_file
 from intq.capture import capture
 from intq.config import QConfig
 from intq.convert import convert
 from intq.data import Dataset, normalize
+from intq.integer_model import IntegerModel
 from intq.executors.reference import run_integer
 from intq.models import ARCHITECTURES
 from intq.study import calibrate, calibration_indices
@@ -41,7 +42,7 @@ def float_accuracy(model: torch.nn.Module, data: Dataset) -> float:
     return accuracy(predict(lambda p: model(normalize(p)), data.test_images, 500), data.test_labels)
 
 
-def integer_accuracy(model: integer_model.IntegerModel, data: Dataset) -> float:
+def integer_accuracy(model: IntegerModel, data: Dataset) -> float:
     return accuracy(predict(lambda p: run_integer(model, p), data.test_images, 500), data.test_labels)
 
 
@@ -63,6 +64,6 @@ def quantize_checkpoint(model: torch.nn.Module, data: Dataset, config: QConfig, 
     graph = capture(model, normalize(data.train_images[:2]))
     subset = data.train_images[calibration_indices(len(data.train_images), calib_samples, seed)]
     integer = convert(graph, calibrate(graph, subset, "cpu"), config, metadata)
-    size = integer_model.save(integer, out)
+    size = model_file.save(integer, out)
     return {"float_accuracy": float_accuracy(model, data), "integer_accuracy": integer_accuracy(integer, data),
             "bytes": size, "file": str(out)}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from intq import integer_model
+from intq import model_file
 from intq.capture import Graph, capture
 from intq.convert import convert
 from intq.data import load_cifar10, normalize
@@ -128,7 +128,7 @@ def run_sensitivity(options: SensitivityOptions, log=print) -> dict:
                                 (f"all {options.bits}-bit", {layer: options.bits for layer in evaluator.layers}))}
     float_accuracy = accuracy(predict(model, normalize(data.test_images)), data.test_labels)
     with staged_output(out_dir) as staging:
-        model_bytes = integer_model.save(evaluator.model(chosen), staging / f"{name}-mixed.npz")
+        model_bytes = model_file.save(evaluator.model(chosen), staging / f"{name}-mixed.npz")
         results = {"model": name, "bits": options.bits, "abits": options.abits, "method": options.method,
                    "validation_images": len(validation), "calibration_images": len(calibration),
                    "validation_8bit": reference, "rows": rows, "max_drop": options.max_drop,

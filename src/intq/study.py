@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from intq import __version__, integer_model
+from intq import __version__, model_file
 from intq.capture import Graph, capture, run_float
 from intq.config import STUDY_PRESETS, QConfig
 from intq.convert import collect_statistics, convert, observed_tensors
@@ -211,7 +211,7 @@ def run_model(job: ModelJob) -> dict:
         agreement[preset.name] = merged_agreement(integer, test_pixels[:AGREEMENT_IMAGES])
         path = Path(job.out_dir) / f"{job.model}-{preset.name}.npz"
         files.append({"model": job.model, "preset": preset.name, "file": path.name,
-                      "bytes": integer_model.save(integer, path)})
+                      "bytes": model_file.save(integer, path)})
         clock.lap("evaluate")
     tradeoffs = tradeoff_rows(job, model, graph, integers, data.test_images, files)
     clock.lap("evaluate")
