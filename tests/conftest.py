@@ -8,6 +8,7 @@ from PIL import Image
 
 from intq.capture import capture
 from intq.convert import collect_statistics
+from intq.data import CIFAR10_CLASSES
 from intq.models import Net, NetWithBias
 
 
@@ -39,11 +40,12 @@ def seeded_model(request) -> torch.nn.Module:
 
 
 def write_image_folder(root: Path, train_per_class: int, test_per_class: int, classes: int = 10, seed: int = 0) -> Path:
-    """A CIFAR-like image folder of PNGs whose class shows in the mean colour (learnable)."""
+    """A CIFAR-like image folder of PNGs whose class shows in the mean colour (learnable); the class
+    folders carry CIFAR-10's names, as intq requires."""
     rng = np.random.default_rng(seed)
     for split, count in (("train", train_per_class), ("test", test_per_class)):
         for label in range(classes):
-            folder = root / split / f"class{label:02d}"
+            folder = root / split / CIFAR10_CLASSES[label]
             folder.mkdir(parents=True)
             for index in range(count):
                 base = np.array([label * 25, 255 - label * 25, (label * 70) % 256], dtype=np.float64)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
 import struct
+import subprocess
 import tarfile
 import urllib.error
 from pathlib import Path
@@ -22,8 +24,8 @@ from PIL import Image
 from intq import data
 from intq.data import DataError, Dataset, batches, load_cifar10, normalize
 
-CLASSES = ("bird", "airplane", "cat")  # deliberately unsorted: labels follow sorted order
-SORTED_CLASSES = ("airplane", "bird", "cat")
+SORTED_CLASSES = data.CIFAR10_CLASSES  # label order: CIFAR-10's, which is alphabetical
+CLASSES = SORTED_CLASSES[::-1]  # folders written in reverse: labels follow the names, not the order
 SHARED_JPEG = Path("/work/shared/data/cifar10-jpeg")
 
 
@@ -67,7 +69,7 @@ def make_batches_folder(folder: Path, per_batch: int = 4, protocol: int = 2) -> 
         _pickle_batch(folder / name, {b"batch_label": b"x", b"data": rows, b"labels": labels},
                       protocol)
         written[name] = (rows, labels)
-    meta = {b"label_names": [b"airplane", b"automobile", b"bird"], b"num_vis": 3072}
+    meta = {b"label_names": [name.encode() for name in data.CIFAR10_CLASSES], b"num_vis": 3072}
     _pickle_batch(folder / "batches.meta", meta, protocol)
     return written
 
@@ -115,16 +117,17 @@ class _RunsShell:
 
 # ---- image folder ---------------------------------------------------------------------------
 
-def test_image_folder_shapes_dtypes_and_sorted_labels(tmp_path):
+def test_image_folder_shapes_dtypes_and_labels_by_cifar10_name(tmp_path):
     make_image_folder(tmp_path / "imgs", {"train": 3, "test": 2})
     dataset = load_cifar10(tmp_path / "imgs", tmp_path / "cache")
-    assert dataset.classes == SORTED_CLASSES
-    assert dataset.train_images.shape == (9, 3, 32, 32)
+    assert dataset.classes == ("airplane", "automobile", "bird", "cat", "deer",
+                               "dog", "frog", "horse", "ship", "truck")
+    assert dataset.train_images.shape == (30, 3, 32, 32)
     assert dataset.train_images.dtype == torch.uint8
-    assert dataset.test_images.shape == (6, 3, 32, 32)
+    assert dataset.test_images.shape == (20, 3, 32, 32)
     assert dataset.train_labels.dtype == torch.int64
-    assert dataset.train_labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert dataset.test_labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert dataset.train_labels.tolist() == [label for label in range(10) for _ in range(3)]
+    assert dataset.test_labels.tolist() == [label for label in range(10) for _ in range(2)]
     assert str(tmp_path / "imgs") in dataset.source
 
 
@@ -162,8 +165,8 @@ def test_progress_reports_decoding_counts(tmp_path):
     make_image_folder(tmp_path / "imgs", {"train": 2, "test": 1})
     messages = []
     load_cifar10(tmp_path / "imgs", tmp_path / "cache", progress=messages.append)
-    assert "decoding train: 6/6" in messages
-    assert "decoding test: 3/3" in messages
+    assert "decoding train: 20/20" in messages
+    assert "decoding test: 10/10" in messages
 
 
 def test_second_load_reads_the_cache_without_decoding(tmp_path, monkeypatch):
@@ -196,11 +199,11 @@ def test_cache_is_npy_and_json_readable_without_pickle(tmp_path):
 
 def test_adding_a_file_invalidates_the_cache(tmp_path):
     make_image_folder(tmp_path / "imgs", {"train": 2, "test": 1})
-    assert len(load_cifar10(tmp_path / "imgs", tmp_path / "cache").train_labels) == 6
+    assert len(load_cifar10(tmp_path / "imgs", tmp_path / "cache").train_labels) == 20
     Image.fromarray(_pixels(99)).save(tmp_path / "imgs" / "train" / "cat" / "99.png")
     dataset = load_cifar10(tmp_path / "imgs", tmp_path / "cache")
-    assert dataset.train_labels.tolist() == [0, 0, 1, 1, 2, 2, 2]
-    np.testing.assert_array_equal(dataset.train_images[6].numpy(),
+    assert dataset.train_labels[:9].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 3]  # cat is label 3
+    np.testing.assert_array_equal(dataset.train_images[8].numpy(),
                                   _pixels(99).transpose(2, 0, 1))
     assert len(list((tmp_path / "cache").iterdir())) == 1  # same source, one cache folder
 
@@ -212,7 +215,7 @@ def test_rewritten_file_invalidates_the_cache(tmp_path):
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(target)
     os.utime(target, ns=(10**18, 10**18))  # a newer mtime even on coarse-clock file systems
     dataset = load_cifar10(tmp_path / "imgs", tmp_path / "cache")
-    assert int(dataset.train_images[1].sum()) == 0
+    assert int(dataset.train_images[2].sum()) == 0  # bird: label 2, the third image
 
 
 def test_damaged_cache_is_rebuilt(tmp_path):
@@ -223,7 +226,79 @@ def test_damaged_cache_is_rebuilt(tmp_path):
     messages = []
     second = load_cifar10(tmp_path / "imgs", tmp_path / "cache", progress=messages.append)
     assert torch.equal(first.train_images, second.train_images)
-    assert any("unreadable" in message for message in messages)
+    assert any("corrupt" in message and "rebuilding" in message for message in messages)
+
+
+def _cached_once(tmp_path) -> tuple[Dataset, Path]:
+    """A tiny image folder loaded once; (dataset, its cache folder)."""
+    make_image_folder(tmp_path / "imgs", {"train": 1, "test": 1})
+    dataset = load_cifar10(tmp_path / "imgs", tmp_path / "cache")
+    (folder,) = (tmp_path / "cache").iterdir()
+    return dataset, folder
+
+
+def _reload_reports(tmp_path) -> tuple[Dataset, list[str]]:
+    messages = []
+    dataset = load_cifar10(tmp_path / "imgs", tmp_path / "cache", progress=messages.append)
+    return dataset, messages
+
+
+def test_cache_records_a_sha256_per_array(tmp_path):
+    dataset, folder = _cached_once(tmp_path)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert sorted(meta["sha256"]) == sorted(data._CACHE_ARRAYS)
+    labels = dataset.test_labels.numpy()
+    expected = hashlib.sha256(f"<i8 {labels.shape}\n".encode() + labels.tobytes()).hexdigest()
+    assert meta["sha256"]["test_labels"] == expected
+
+
+def test_altered_cached_array_is_detected_and_rebuilt(tmp_path):
+    first, folder = _cached_once(tmp_path)
+    path = folder / "test_images.npy"
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF  # one pixel changed, same size, still a valid .npy
+    path.write_bytes(bytes(raw))
+    second, messages = _reload_reports(tmp_path)
+    assert torch.equal(first.test_images, second.test_images)
+    assert any("corrupt" in m and "test_images.npy does not match the SHA-256" in m for m in messages)
+    assert np.array_equal(np.load(path), first.test_images.numpy())  # and the cache is repaired
+
+
+def test_truncated_cached_array_is_rebuilt(tmp_path):
+    first, folder = _cached_once(tmp_path)
+    path = folder / "train_labels.npy"
+    path.write_bytes(path.read_bytes()[:-8])
+    second, messages = _reload_reports(tmp_path)
+    assert torch.equal(first.train_labels, second.train_labels)
+    assert any("corrupt" in m and "rebuilding" in m for m in messages)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "[" * 100_000 + "]" * 100_000])
+def test_cache_meta_that_is_not_a_json_object_is_rebuilt(tmp_path, text):
+    first, folder = _cached_once(tmp_path)
+    (folder / "meta.json").write_text(text)
+    second, messages = _reload_reports(tmp_path)
+    assert torch.equal(first.train_images, second.train_images)
+    assert any("corrupt" in m for m in messages)
+    assert json.loads((folder / "meta.json").read_text())["sha256"]
+
+
+def _dead_pid() -> int:
+    """The id of a process that has exited (a killed intq run's, for naming its temporaries)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_a_killed_decodes_temporaries_are_removed_before_the_cache_is_written(tmp_path):
+    _, folder = _cached_once(tmp_path)
+    stale = folder / f".train_images.npy.{_dead_pid()}.k1ll3d00.tmp"
+    live = folder / f".train_images.npy.{os.getpid()}.w0rk1ng0.tmp"
+    stale.write_bytes(b"half an array")
+    live.write_bytes(b"another process, still writing")
+    (folder / "meta.json").unlink()  # the killed run had removed it: the next load rewrites
+    load_cifar10(tmp_path / "imgs", tmp_path / "cache")
+    assert not stale.exists() and live.exists()
 
 
 def test_layout_found_one_folder_down(tmp_path):
@@ -252,7 +327,7 @@ def test_data_dir_none_uses_dot_data_whatever_intq_data_says(tmp_path, monkeypat
 # ---- image folder errors --------------------------------------------------------------------
 
 def test_missing_folder_is_named(tmp_path):
-    with pytest.raises(DataError, match="does not exist") as caught:
+    with pytest.raises(DataError, match="no such folder") as caught:
         load_cifar10(tmp_path / "nowhere", tmp_path / "cache")
     assert str(tmp_path / "nowhere") in str(caught.value)
 
@@ -309,10 +384,32 @@ def test_class_folder_without_images_is_named(tmp_path):
     assert str(tmp_path / "imgs" / "test" / "bird") in str(caught.value)
 
 
-def test_different_classes_in_train_and_test_are_refused(tmp_path):
+def test_an_extra_class_folder_in_test_is_refused(tmp_path):
     make_image_folder(tmp_path / "imgs", {"train": 1, "test": 1})
-    (tmp_path / "imgs" / "test" / "dog").mkdir()
-    with pytest.raises(DataError, match="only in test: \\['dog'\\]"):
+    (tmp_path / "imgs" / "test" / "dogs").mkdir()
+    with pytest.raises(DataError, match="unexpected \\['dogs'\\]") as caught:
+        load_cifar10(tmp_path / "imgs", tmp_path / "cache")
+    assert str(tmp_path / "imgs" / "test") in str(caught.value)
+
+
+def test_renamed_class_folders_are_refused_not_relabelled(tmp_path):
+    make_image_folder(tmp_path / "imgs", {"train": 1, "test": 1})
+    for old, new in (("cat", "Cat"), ("dog", "doggo"), ("frog", "zfrog")):
+        (tmp_path / "imgs" / "train" / old).rename(tmp_path / "imgs" / "train" / new)
+    with pytest.raises(DataError) as caught:
+        load_cifar10(tmp_path / "imgs", tmp_path / "cache")
+    message = str(caught.value)
+    assert "missing ['cat', 'dog', 'frog']; unexpected ['Cat', 'doggo', 'zfrog']" in message
+    assert str(tmp_path / "imgs" / "train") in message and "\n" not in message
+
+
+def test_missing_class_folders_are_refused(tmp_path):
+    make_image_folder(tmp_path / "imgs", {"train": 1, "test": 1})
+    for name in ("ship", "truck"):
+        for image in (tmp_path / "imgs" / "test" / name).iterdir():
+            image.unlink()
+        (tmp_path / "imgs" / "test" / name).rmdir()
+    with pytest.raises(DataError, match="not CIFAR-10's ten \\(missing \\['ship', 'truck'\\]\\)"):
         load_cifar10(tmp_path / "imgs", tmp_path / "cache")
 
 
@@ -322,7 +419,7 @@ def test_different_classes_in_train_and_test_are_refused(tmp_path):
 def test_batches_folder_loads_in_chw_layout(tmp_path, protocol):
     written = make_batches_folder(tmp_path / "cifar-10-batches-py", protocol=protocol)
     dataset = load_cifar10(tmp_path, tmp_path / "cache")
-    assert dataset.classes == ("airplane", "automobile", "bird")
+    assert dataset.classes == data.CIFAR10_CLASSES
     assert dataset.train_images.shape == (20, 3, 32, 32)
     assert dataset.test_images.shape == (4, 3, 32, 32)
     rows, labels = written["test_batch"]
@@ -343,9 +440,9 @@ def test_python2_pickles_like_the_official_download_load(tmp_path):
     written = make_batches_folder(folder)
     rows = np.random.default_rng(3).integers(0, 256, size=(4, 3072), dtype=np.uint8)
     (folder / "data_batch_2").write_bytes(py2_batch_pickle(rows, [2, 0, 1, 2]))
-    (folder / "batches.meta").write_bytes(py2_meta_pickle([b"plane", b"car", b"bird"]))
+    (folder / "batches.meta").write_bytes(py2_meta_pickle([name.encode() for name in data.CIFAR10_CLASSES]))
     dataset = load_cifar10(tmp_path, tmp_path / "cache")
-    assert dataset.classes == ("plane", "car", "bird")
+    assert dataset.classes == data.CIFAR10_CLASSES
     assert dataset.train_labels[4:8].tolist() == [2, 0, 1, 2]
     np.testing.assert_array_equal(dataset.train_images[4:8].reshape(4, 3072).numpy(), rows)
     np.testing.assert_array_equal(dataset.train_images[:4].reshape(4, 3072).numpy(),
@@ -378,6 +475,13 @@ def test_malicious_meta_is_refused(tmp_path):
     with pytest.raises(DataError, match="posix.system|os.system|nt.system"):
         load_cifar10(tmp_path / "batches", tmp_path / "cache")
     assert not marker.exists()
+
+
+def test_batches_meta_with_other_class_names_is_refused(tmp_path):
+    make_batches_folder(tmp_path / "batches")
+    (tmp_path / "batches" / "batches.meta").write_bytes(py2_meta_pickle([b"plane", b"car", b"bird"]))
+    with pytest.raises(DataError, match="lists the classes \\[plane, car, bird\\], not CIFAR-10's ten"):
+        load_cifar10(tmp_path / "batches", tmp_path / "cache")
 
 
 def test_missing_batch_file_is_named(tmp_path):
@@ -426,18 +530,40 @@ def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
         raise urllib.error.URLError("network unreachable")
 
     monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match="could not download") as caught:
-        load_cifar10(tmp_path / "new", tmp_path / "cache", download=True)
-    assert str(tmp_path / "new") in str(caught.value)
-    assert list((tmp_path / "new").iterdir()) == []  # no half-written archive left behind
+        load_cifar10(None, tmp_path / "cache", download=True)
+    assert str(tmp_path / "data") in str(caught.value)
+    assert list((tmp_path / "data").iterdir()) == []  # no half-written archive left behind
 
 
 def test_download_with_wrong_md5_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(data.urllib.request, "urlopen",
                         lambda *args, **kwargs: io.BytesIO(b"not the archive"))
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match="corrupt"):
-        load_cifar10(tmp_path / "new", tmp_path / "cache", download=True)
-    assert list((tmp_path / "new").iterdir()) == []
+        load_cifar10(None, tmp_path / "cache", download=True)
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def _no_network(*args, **kwargs):
+    raise AssertionError("a named data folder must never start a download")
+
+
+def test_named_folder_that_does_not_exist_is_an_error_not_a_download(tmp_path, monkeypatch):
+    monkeypatch.setattr(data.urllib.request, "urlopen", _no_network)
+    with pytest.raises(DataError, match="no such folder") as caught:
+        load_cifar10(tmp_path / "typo", tmp_path / "cache", download=True)
+    assert str(tmp_path / "typo") in str(caught.value)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_named_empty_folder_is_an_error_not_a_download(tmp_path, monkeypatch):
+    monkeypatch.setattr(data.urllib.request, "urlopen", _no_network)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is empty"):
+        load_cifar10(tmp_path / "empty", tmp_path / "cache", download=True)
+    assert list((tmp_path / "empty").iterdir()) == []
 
 
 # ---- Dataset, normalize, batches ------------------------------------------------------------
