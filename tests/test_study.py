@@ -96,3 +96,28 @@ def test_report_carries_the_tradeoff_table(first_run):
     assert net["recommended"]["throughput_b256"] > 0 and net["float"]["latency_ms_b1"] > 0
     assert "What int8 buys" in (out / "report.md").read_text()
     assert (out / "tradeoffs_Net.png").exists()
+
+
+def test_sweep_and_run_train_identical_weights_whatever_the_thread_count(tmp_path):
+    """Issue 10: `intq sweep` (two threads, in the parent) trained Net to 53.24%, `intq run` (one
+    thread per worker) to 54.31%. Both paths now train on the recipe's one thread."""
+    import torch
+
+    from intq.data import CIFAR10_CLASSES, Dataset
+    from intq.study import ModelJob, data_fingerprint, trained_model
+    from intq.sweep import SweepOptions, load_model
+    from intq.train import intra_op_threads
+
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (200,), generator=generator)  # 2 epochs x 50 steps of 4 images
+    data = Dataset(pixels, labels, pixels[:8], labels[:8], CIFAR10_CLASSES, "synthetic")
+    with intra_op_threads(2):
+        _, swept = load_model(SweepOptions("Net", None, tmp_path / "out", tmp_path / "sweep-cache"), data)
+        assert torch.get_num_threads() == 2  # the caller's setting is restored
+    job = ModelJob("Net", None, str(tmp_path / "run-cache"), "", 0, "cpu", None)
+    with intra_op_threads(1):
+        ran, _, cached = trained_model(job, pixels, labels, data_fingerprint(pixels, labels))
+    assert not cached
+    for (name, a), b in zip(swept.state_dict().items(), ran.state_dict().values()):
+        assert torch.equal(a, b), name

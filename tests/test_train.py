@@ -1,9 +1,11 @@
 """The training recipe: our momentum SGD is torch.optim.SGD bit for bit; training is seeded."""
+import pytest
 import torch
 import torch.nn.functional as F
 
 from intq.models import Net
-from intq.train import MomentumSGD, Recipe, accuracy, load_weights, save_weights, train
+from intq.train import (ClassifierRecipe, MomentumSGD, Recipe, accuracy, intra_op_threads, load_weights, save_weights,
+                        train, train_classifier, weights_key)
 
 
 def test_momentum_sgd_is_bit_identical_to_torch_sgd():
@@ -52,3 +54,47 @@ def test_weights_round_trip_without_pickle(tmp_path):
 
 def test_accuracy_is_a_percentage():
     assert accuracy(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 0, 0])) == 50.0
+
+
+def _learnable(count: int):
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (count,), generator=generator)
+    return torch.randn(count, 3, 32, 32, generator=generator) * 0.3 + labels.float().reshape(-1, 1, 1, 1) / 5, labels
+
+
+def test_training_runs_on_the_recipes_threads_whatever_the_callers_count():
+    images, labels = _learnable(200)
+    weights = []
+    for caller_threads in (1, 2):
+        with intra_op_threads(caller_threads):
+            torch.manual_seed(5)
+            model = Net()
+            train(model, images, labels, Recipe(epochs=1, log_every=10**9), seed=7, log=lambda line: None)
+            assert torch.get_num_threads() == caller_threads
+        weights.append(list(model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+
+def test_the_thread_count_is_part_of_the_weights_cache_key():
+    assert weights_key("Net", Recipe(threads=1), 0, "data") != weights_key("Net", Recipe(threads=2), 0, "data")
+    assert weights_key("Net", Recipe(), 0, "data") == weights_key("Net", Recipe(threads=1), 0, "data")
+
+
+def test_intra_op_threads_restores_the_count_after_an_error():
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="inside"):
+        with intra_op_threads(1):
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
+
+
+def test_classifier_training_records_its_thread_count():
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(16) % 10
+    torch.manual_seed(0)
+    history = train_classifier(Net(), images, labels, ClassifierRecipe(epochs=1, batch_size=8, threads=1), seed=0,
+                               log=lambda line: None)
+    assert history[0]["threads"] == 1
+    history = train_classifier(Net(), images, labels, ClassifierRecipe(epochs=1, batch_size=8), seed=0,
+                               log=lambda line: None)
+    assert history[0]["threads"] == torch.get_num_threads()

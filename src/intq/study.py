@@ -24,7 +24,7 @@ from intq.config import STUDY_PRESETS, QConfig
 from intq.convert import collect_statistics, convert, observed_tensors
 from intq.costs import layer_costs, measured_speed, model_costs
 from intq.data import load_cifar10, normalize
-from intq.files import ensure_writable_dir, staged_output, write_json
+from intq.files import ensure_writable_dir, remove_stale_temporaries, staged_output, write_json
 from intq.executors.reference import run_integer
 from intq.integer_model import IntegerModel, output_bounds
 from intq.models import MODELS
@@ -64,7 +64,13 @@ def log_line(model: str, message: str) -> None:
 
 
 def trained_model(job: ModelJob, images: torch.Tensor, labels: torch.Tensor, fingerprint: str):
-    """The model trained with the recipe, from the weights cache when the same run was done before."""
+    """The model trained with the recipe, from the weights cache when the same run was done before.
+
+    Every command reaches trained weights through here (run in its one-thread workers; sweep,
+    sensitivity, inspect and compare in the parent), and `train` runs on the recipe's thread
+    count, which the cache key holds: the same seed and recipe give the same weights from any
+    command. A killed run's temporary weight files are removed before a new one is written.
+    """
     torch.manual_seed(job.seed)
     model = MODELS[job.model]()
     path = Path(job.cache_dir) / "weights" / f"{job.model}-{weights_key(job.model, job.recipe, job.seed, fingerprint)}.npz"
@@ -76,6 +82,7 @@ def trained_model(job: ModelJob, images: torch.Tensor, labels: torch.Tensor, fin
     losses = train(model, normalize(images).to(job.device), labels.to(job.device), job.recipe, job.seed,
                    log=lambda line: log_line(job.model, line))
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent)
     save_weights(model, losses, path)
     return model, losses, False
 
