@@ -1,4 +1,6 @@
 """Range methods on distributions whose answer is known."""
+import re
+
 import pytest
 import torch
 
@@ -130,3 +132,18 @@ def test_entropy_ignores_outliers_and_the_post_relu_spike():
     x = torch.relu(torch.cat([torch.randn(500_000), torch.tensor([80.0])]))
     lo, hi = Entropy().range(observe(x), UINT8, Scheme.ASYMMETRIC)
     assert lo == 0.0 and 3.0 < hi < 10.0
+
+
+@pytest.mark.parametrize("text, message", [
+    ("nsigma(nan)", "finite k"), ("nsigma(-3)", "0 < k"), ("nsigma(0)", "0 < k"), ("nsigma(inf)", "finite k"),
+    ("percentile(200)", "50 < p <= 100"), ("percentile(50)", "50 < p <= 100"), ("percentile(0)", "50 < p <= 100"),
+    ("nsigma(abc)", "'abc' is not a number"), ("mse(3)", "only nsigma(K) and percentile(P)"),
+    ("percentile(99.9", "in parentheses")])
+def test_range_method_arguments_outside_their_range_are_refused(text, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_range_method(text)
+
+
+def test_range_method_limits_are_accepted():
+    assert parse_range_method("percentile(100)") == Percentile(100.0)
+    assert parse_range_method("nsigma(1000)") == NSigma(1000.0)

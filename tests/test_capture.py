@@ -97,3 +97,14 @@ def test_max_pool_matches_torch_on_floats_and_integers(kernel, stride, padding):
     assert torch.equal(max_pool(x.float(), kernel, stride, padding), expected)
     integer = max_pool(x, kernel, stride, padding)
     assert integer.dtype == torch.int8 and torch.equal(integer.float(), expected)
+
+
+@pytest.mark.parametrize("shape, named", [
+    ((2, 3, 64, 64), "layer 'fc1' expects (N, 400), got (2, 2704) (from an input of shape (2, 3, 64, 64))"),
+    ((2, 1, 32, 32), "layer 'conv1' expects (N, 3, H, W), got (2, 1, 32, 32)"),
+    ((2, 3, 8, 8), "layer 'conv2' needs H >= 5, got (2, 6, 2, 2) (from an input of shape (2, 3, 8, 8))"),
+])
+def test_a_wrong_input_shape_names_the_layer_and_what_it_expects(shape, named):
+    with pytest.raises(CaptureError) as error:
+        capture(Net().eval(), torch.zeros(shape))
+    assert str(error.value).startswith(f"Net: {named}")

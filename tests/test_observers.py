@@ -89,3 +89,14 @@ def test_merge_moments_equals_moments_of_the_union(a, b):
     assert n == n_all
     assert mean == pytest.approx(mean_all, abs=1e-9)
     assert m2 == pytest.approx(m2_all, rel=1e-9, abs=1e-6)
+
+
+@pytest.mark.parametrize("factor", [2.0**-130, 2.0**-140])  # weights x ~1e-38; denormal float32 values
+def test_tiny_and_denormal_tensors_get_the_same_histogram_at_a_scaled_bin_width(factor):
+    """Bin widths below 2^-128 have an inf float32 reciprocal; the counts must not notice."""
+    torch.manual_seed(0)
+    x = torch.randn(10_000)
+    tiny = x * factor  # exact: a power of two (denormals drop low bits, so compare with what was stored)
+    reference, stats = observe(tiny / factor), observe(tiny)
+    assert stats.bin_width == reference.bin_width * factor
+    assert np.array_equal(stats.counts, reference.counts) and stats.counts.sum() == 10_000

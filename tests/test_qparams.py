@@ -128,3 +128,9 @@ def test_asymmetric_grid_covers_the_range_within_one_step(lo, hi, bits):
         assert scale * (dtype.qmin - zero) <= lo + scale
         assert scale * (dtype.qmax - zero) >= hi - scale
     assert dtype.qmin <= zero <= dtype.qmax
+
+
+def test_a_range_whose_scale_underflows_gets_a_usable_scale():
+    """hi = 1e-322: (hi - lo) / 255 underflows float64 to 0; the range is treated as zero-width."""
+    qp = choose_qparams(0.0, 1e-322, UINT8, Scheme.ASYMMETRIC)
+    assert float(qp.scale) == 1.0 and int(qp.zero_point) == 0

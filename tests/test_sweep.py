@@ -60,3 +60,24 @@ def test_sweep_takes_a_checkpoint(tmp_path):
                  "--abits", "8", "--calib-samples", "40", "--out", str(out), *common]) == 0
     results = json.loads((out / "sweep.json").read_text())
     assert results["model"] == "mine" and len(results["rows"]) == 1
+
+
+def test_checked_count_refuses_what_it_cannot_honour_and_defaults_to_what_there_is():
+    from intq.sweep import SweepError, checked_count
+
+    assert checked_count("--images", None, 20, "test images") == 20
+    assert checked_count("--calib-samples", None, 40, "training images", 10_000) == 40
+    assert checked_count("--calib-samples", 40, 40, "training images") == 40
+    with pytest.raises(SweepError, match="--calib-samples must be at least 1, got -5"):
+        checked_count("--calib-samples", -5, 40, "training images")
+    with pytest.raises(SweepError, match="--images 21: there are only 20 test images"):
+        checked_count("--images", 21, 20, "test images")
+
+
+def test_failed_cells_summarises_the_errors():
+    from intq.sweep import failed_cells
+
+    ok = {"method": "mse", "granularity": "per-channel", "wbits": 8, "abits": 8, "accuracy": 50.0}
+    bad = {**ok, "wbits": 2, "accuracy": None, "error": "overflow"}
+    assert failed_cells([ok]) is None
+    assert failed_cells([ok, bad]) == "1 of 2 cells failed; first mse per-channel W2A8: overflow"

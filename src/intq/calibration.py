@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 
 from intq.observers import TensorStats
@@ -25,11 +27,18 @@ class MinMax:
         return "minmax"
 
 
+MAX_SIGMAS = 1000.0  # beyond this mean +- k std only risks overflow: Chebyshev clips < 1e-6 of any tensor
+
+
 @dataclass(frozen=True)
 class NSigma:
     """[lo, hi] = [mean - k*std, mean + k*std] (the seed study: k = 3), population std."""
 
     k: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.k, (int, float)) and math.isfinite(self.k) and 0 < self.k <= MAX_SIGMAS):
+            raise ValueError(f"nsigma(k) needs a finite k with 0 < k <= {MAX_SIGMAS:g}, got {self.k!r}")
 
     def range(self, stats: TensorStats, dtype: IntType, scheme: Scheme) -> tuple[float, float]:
         return stats.mean - self.k * stats.std, stats.mean + self.k * stats.std
@@ -40,13 +49,18 @@ class NSigma:
 
 @dataclass(frozen=True)
 class Percentile:
-    """hi = the p-th percentile of x, lo = the (100 - p)-th (or min x for one-sided data).
+    """hi = the p-th percentile of x, lo = the (100 - p)-th (or min x for one-sided data), 50 < p <= 100
+    (p <= 50 would put lo above hi).
 
     Read off the histogram at bin resolution, rounding outwards (the edge of the bin that holds
     the percentile), so percentile(100) = the upper edge of the last occupied bin.
     """
 
     p: float = 99.99
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.p, (int, float)) and math.isfinite(self.p) and 50 < self.p <= 100):
+            raise ValueError(f"percentile(p) needs 50 < p <= 100 (the share of values kept, in %), got {self.p!r}")
 
     def range(self, stats: TensorStats, dtype: IntType, scheme: Scheme) -> tuple[float, float]:
         edges, counts = stats.occupied()
@@ -222,13 +236,23 @@ RANGE_METHODS = {"minmax": MinMax, "nsigma": NSigma, "percentile": Percentile, "
 
 
 def parse_range_method(text: str):
-    """'minmax' | 'nsigma' | 'nsigma(3)' | 'percentile(99.9)' | 'mse' | 'entropy' -> a range method."""
-    name, _, arg = text.strip().partition("(")
+    """'minmax' | 'nsigma' | 'nsigma(3)' | 'percentile(99.9)' | 'mse' | 'entropy' -> a range method.
+
+    Only nsigma and percentile take an argument, a number in their range (see each class);
+    anything else raises ValueError saying what was expected.
+    """
+    name, paren, arg = text.strip().partition("(")
     if name not in RANGE_METHODS:
         raise ValueError(f"unknown range method {text!r}; choose from {', '.join(RANGE_METHODS)}")
-    if not arg:
+    if not paren:
         return RANGE_METHODS[name]()
+    if name not in ("nsigma", "percentile") or not arg.endswith(")"):
+        raise ValueError(f"range method {text!r}: only nsigma(K) and percentile(P) take an argument, in parentheses")
     try:
-        return RANGE_METHODS[name](float(arg.rstrip(")")))
-    except (TypeError, ValueError):
-        raise ValueError(f"range method {text!r}: bad argument") from None
+        value = float(arg[:-1])
+    except ValueError:
+        raise ValueError(f"range method {text!r}: {arg[:-1]!r} is not a number") from None
+    try:
+        return RANGE_METHODS[name](value)
+    except ValueError as err:
+        raise ValueError(f"range method {text!r}: {err}") from None

@@ -299,7 +299,12 @@ def capture(model: nn.Module, example: torch.Tensor) -> Graph:
     graph = trace(model)
     _check_weights_finite(graph)
     with torch.no_grad():
-        expected = model(example)
+        try:
+            expected = model(example)
+        except RuntimeError as err:  # a wrong input shape: name the layer, what it expects and what it got
+            _check_input_shape(graph, example, type(model).__name__)
+            raise CaptureError(f"{type(model).__name__} fails on input of shape {tuple(example.shape)}: "
+                               f"{_first_line(err)}") from None
         try:
             got = run_float(graph, example)
         except RuntimeError as err:
@@ -317,3 +322,40 @@ def _check_weights_finite(graph: Graph) -> None:
             if tensor is not None and not torch.isfinite(tensor).all():
                 bad = int((~torch.isfinite(tensor)).sum())
                 raise CaptureError(f"layer {node.name!r}: {label} has {bad} NaN/Inf values")
+
+
+def expected_input(op: Op, x: torch.Tensor) -> str | None:
+    """What a conv or linear layer needs of its input `x`, when `x` does not provide it, else None:
+    a conv needs (N, C_in, H, W) with C_in = weight.shape[1] * groups and H, W at least the dilated
+    kernel after padding; a linear needs (N, in_features) with in_features = weight.shape[1]."""
+    if isinstance(op, Conv2d):
+        channels = op.weight.shape[1] * op.groups
+        if x.dim() != 4 or x.shape[1] != channels:
+            return f"expects (N, {channels}, H, W), got {tuple(x.shape)}"
+        for size, kernel, pad, dilation, axis in zip(x.shape[2:], op.weight.shape[2:], op.padding, op.dilation, "HW"):
+            if size + 2 * pad < dilation * (kernel - 1) + 1:
+                return f"needs {axis} >= {dilation * (kernel - 1) + 1 - 2 * pad}, got {tuple(x.shape)}"
+    if isinstance(op, Linear) and (x.dim() != 2 or x.shape[1] != op.weight.shape[1]):
+        return f"expects (N, {op.weight.shape[1]}), got {tuple(x.shape)}"
+    return None
+
+
+def _check_input_shape(graph: Graph, example: torch.Tensor, model_name: str) -> None:
+    """Run the graph on `example` (which the model itself failed on), naming the first layer whose
+    input has the wrong shape, and the model's input shape, instead of a raw torch error."""
+    values = {graph.input_name: example}
+    for node in graph.nodes:
+        inputs = [values[name] for name in node.inputs]
+        problem = expected_input(node.op, inputs[0])
+        if problem is not None:
+            raise CaptureError(f"{model_name}: layer {node.name!r} {problem} "
+                               f"(from an input of shape {tuple(example.shape)})")
+        try:
+            values[node.name] = apply_op(node.op, *inputs)
+        except RuntimeError as err:
+            raise CaptureError(f"{model_name}: layer {node.name!r} fails on an input of shape "
+                               f"{tuple(example.shape)}: {_first_line(err)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

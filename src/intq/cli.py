@@ -4,9 +4,13 @@ module that reads argv or the environment."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -16,7 +20,8 @@ from intq.data import DataError
 from intq.executors.reference import ExecutionError
 from intq.executors.encoding import EngineError
 from intq.executors.torch_quantized import ENGINES
-from intq.files import OutputError, atomic_write, ensure_writable_dir
+from intq.files import OutputError, atomic_write, check_writable, recording_writes
+from intq.model_check import ModelCheckError
 from intq.model_file import ModelFileError
 from intq.calibration import parse_range_method
 from intq.config import PRESETS, QConfig
@@ -25,7 +30,7 @@ from intq.data import load_cifar10
 from intq.diagnostics import InspectOptions, run_inspect
 from intq.executors.c_export import export_c
 from intq.explain import ExplainError, cached_float_graph, explain
-from intq.models import ARCHITECTURES
+from intq.models import ARCHITECTURES, MODELS
 from intq.quantize import CheckpointError, integer_accuracy, load_checkpoint, quantize_checkpoint, train_architecture
 from intq.capture import capture
 from intq.compare import compare
@@ -38,10 +43,13 @@ from intq.train import ClassifierRecipe
 from intq.verify import EXECUTORS, VerifyError, verify
 from intq.sensitivity import SensitivityOptions, run_sensitivity
 from intq.study import StudyError, StudyOptions, run_study
-from intq.sweep import (ACTIVATION_BITS, GRANULARITIES, METHODS, WEIGHT_BITS, SweepCell, SweepError, SweepOptions,
-                        cell_config, check_options, run_sweep)
+from intq.sweep import (ACTIVATION_BITS, CALIBRATION_IMAGES, GRANULARITIES, METHODS, WEIGHT_BITS, SweepCell,
+                        SweepError, SweepOptions, cell_config, check_options, checked_count, run_sweep)
 
-USER_ERRORS = (DataError, CaptureError, ConversionError, ExecutionError, OutputError, ModelFileError, StudyError,
+COMPARE_CALIBRATION_IMAGES = 2000  # compare's default calibration subset
+GOLDEN_IMAGES = 4  # export-c's default golden test images
+
+USER_ERRORS = (DataError, CaptureError, ConversionError, ExecutionError, OutputError, ModelFileError, ModelCheckError, StudyError,
                SweepError, ExplainError, CheckpointError, VerifyError, EngineError, argparse.ArgumentTypeError)
 
 
@@ -77,7 +85,7 @@ def _layer_bits(text: str | None) -> tuple[tuple[str, int], ...]:
     pairs = []
     for item in _words([text or ""]):
         name, _, bits = item.partition("=")
-        if not bits.isdigit():
+        if not name or not bits.isdigit():
             raise argparse.ArgumentTypeError(f"--layer-bits: expected LAYER=BITS, got {item!r}")
         pairs.append((name, int(bits)))
     return tuple(pairs)
@@ -125,8 +133,9 @@ def _add_sweep(commands) -> None:
                        help="weight granularity: per-channel per-tensor (default: per-channel)")
     sweep.add_argument("--layer-bits", metavar="LAYER=B,...", default=None,
                        help="mixed precision: weight bits per layer that override --wbits, e.g. conv1=8,fc3=8")
-    sweep.add_argument("--calib-samples", type=int, metavar="N", default=10_000,
-                       help="training images in the one calibration pass (default: 10000)")
+    sweep.add_argument("--calib-samples", type=int, metavar="N", default=None,
+                       help="training images in the one calibration pass, at most all of them "
+                       "(default: 10000, or all when there are fewer)")
 
 
 def _add_sensitivity(commands) -> None:
@@ -150,18 +159,37 @@ def _add_config(command) -> None:
     command.add_argument("--preset", choices=tuple(PRESETS), default="recommended", help="(default: recommended)")
     command.add_argument("--method", default=None, help="a sweep cell instead of a preset: range method "
                          "(minmax, nsigma(K), percentile(P), mse, entropy)")
-    command.add_argument("--wbits", type=int, default=8, help="with --method: weight bits (default: 8)")
-    command.add_argument("--abits", type=int, default=8, help="with --method: activation bits (default: 8)")
-    command.add_argument("--granularity", choices=GRANULARITIES, default="per-channel", help="with --method")
+    command.add_argument("--wbits", type=int, default=None, help="with --method: weight bits, 2..8 (default: 8)")
+    command.add_argument("--abits", type=int, default=None, help="with --method: activation bits, 2..8 (default: 8)")
+    command.add_argument("--granularity", choices=GRANULARITIES, default=None,
+                         help="with --method (default: per-channel)")
+
+
+def _cell(args: argparse.Namespace) -> SweepCell | None:
+    """The sweep cell that --method, --wbits, --abits and --granularity describe (None: a preset)."""
+    if args.method is None:
+        return None
+    return SweepCell(args.method, args.granularity or "per-channel", 8 if args.wbits is None else args.wbits,
+                     8 if args.abits is None else args.abits)
 
 
 def _config(args: argparse.Namespace, model: str) -> QConfig:
-    """The preset, or the sweep cell's QConfig when --method is given (options checked first)."""
+    """The preset, or the sweep cell's QConfig when --method is given (options checked first).
+    --wbits, --abits and --granularity describe a cell: with a preset they are refused, not ignored."""
     if args.method is None:
+        given = [flag for flag, value in (("--wbits", args.wbits), ("--abits", args.abits),
+                                          ("--granularity", args.granularity)) if value is not None]
+        if given:
+            raise argparse.ArgumentTypeError(f"{', '.join(given)}: only with --method (a sweep cell); "
+                                             f"the preset {args.preset} sets its own bits and granularity")
         return PRESETS[args.preset]
-    check_options(SweepOptions(model, None, Path("."), args.cache, methods=(args.method,), wbits=(args.wbits,),
-                               abits=(args.abits,), granularities=(args.granularity,)))
-    return cell_config(SweepCell(args.method, args.granularity, args.wbits, args.abits))
+    cell = _cell(args)
+    _range_method("--method", cell.method)
+    _bit_width("--wbits", cell.wbits)
+    _bit_width("--abits", cell.abits)
+    check_options(SweepOptions(model, None, Path("."), args.cache, methods=(cell.method,), wbits=(cell.wbits,),
+                               abits=(cell.abits,), granularities=(cell.granularity,)))
+    return cell_config(cell)
 
 
 def _add_inspect(commands) -> None:
@@ -174,7 +202,8 @@ def _add_inspect(commands) -> None:
     _add_common(command)
     _add_model_and_out(command, "inspect")
     _add_config(command)
-    command.add_argument("--images", type=int, default=1000, help="test images to diagnose (default: 1000)")
+    command.add_argument("--images", type=int, default=None,
+                         help="test images to diagnose (default: 1000, or all when fewer)")
 
 
 def _add_explain(commands) -> None:
@@ -199,7 +228,7 @@ def _add_export_c(commands) -> None:
         "--images test images) and main.c. Build and check: cc -std=c99 -O2 main.c intq_runtime.c -o check && ./check")
     command.add_argument("model_file", metavar="MODEL.npz", type=Path, help="an integer model written by intq")
     command.add_argument("--out", metavar="DIR", type=Path, required=True, help="output folder")
-    command.add_argument("--images", type=int, default=4, help="golden test images (default: 4)")
+    command.add_argument("--images", type=int, default=None, help="golden test images (default: 4, or all when fewer)")
     _add_common(command)
 
 
@@ -233,7 +262,8 @@ def _add_train_quantize_eval(commands) -> None:
     quantize.add_argument("checkpoint", metavar="CHECKPOINT", type=Path, help="a checkpoint written by intq train")
     quantize.add_argument("--arch", choices=tuple(ARCHITECTURES), required=True)
     _add_config(quantize)
-    quantize.add_argument("--calib-samples", type=int, default=10_000, help="(default: 10000)")
+    quantize.add_argument("--calib-samples", type=int, default=None,
+                          help="training images to calibrate on, at most all of them (default: 10000, or all when fewer)")
     quantize.add_argument("--out", metavar="MODEL.npz", type=Path, default=None, help="(default: beside the checkpoint)")
     _add_common(quantize)
     evaluate = commands.add_parser("eval", help="integer-only test accuracy of an integer model")
@@ -259,7 +289,8 @@ def _add_compare(commands) -> None:
         "throughput (batch 256) and top-1 agreement with the intq reference executor.")
     _add_model(command, checkpoints=True)
     _add_config(command)
-    command.add_argument("--calib-samples", type=int, default=2000, help="calibration images for both (default: 2000)")
+    command.add_argument("--calib-samples", type=int, default=None,
+                         help="calibration images for both, at most all of them (default: 2000, or all when fewer)")
     _add_common(command)
 
 
@@ -279,7 +310,41 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def _existing_file(path: Path) -> Path:
+    """`path` if it is a file; the one-line 'no such file' otherwise (before any loader runs)."""
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"no such file: {path}")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{path} is not a file")
+    return path
+
+
+def _at_least(option: str, value: int | float | None, low: int | float) -> None:
+    """Refuse `value` below `low` (or NaN/Inf); None means the option was not given."""
+    if value is not None and not (math.isfinite(value) and value >= low):
+        raise argparse.ArgumentTypeError(f"{option} must be at least {low:g}, got {value}")
+
+
+def _bit_width(option: str, value: int) -> None:
+    if not 2 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"{option}: bit widths must be 2..8, got {value}")
+
+
+def _range_method(option: str, text: str) -> None:
+    try:
+        parse_range_method(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{option}: {err}") from None
+
+
+def _checkpoint_model(model: str) -> None:
+    """--model is a study model's name or a checkpoint file that must exist."""
+    if model not in MODELS:
+        _existing_file(Path(model))
+
+
 def _run(args: argparse.Namespace) -> None:
+    _at_least("--calib-samples", args.calib_samples, 1)
     options = StudyOptions(args.data, args.out, args.cache, args.seed, args.calib_samples, args.device)
     results = run_study(options)
     print(f"\nresults written to {args.out}/ (results.json, report.html, report.md)")
@@ -290,6 +355,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
+    _checkpoint_model(args.model)
     options = SweepOptions(args.model, args.data, args.out, args.cache, args.seed, args.calib_samples,
                            _words(args.methods), _bit_widths(args.wbits), _bit_widths(args.abits),
                            _words(args.granularity), _layer_bits(args.layer_bits), args.arch)
@@ -299,12 +365,11 @@ def _sweep(args: argparse.Namespace) -> None:
 
 
 def _sensitivity(args: argparse.Namespace) -> None:
-    if not 2 <= args.bits <= 8 or not 2 <= args.abits <= 8:
-        raise argparse.ArgumentTypeError(f"--bits/--abits must be 2..8, got {args.bits}/{args.abits}")
-    try:
-        parse_range_method(args.method)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"--method: {err}") from None
+    _bit_width("--bits", args.bits)
+    _bit_width("--abits", args.abits)
+    _range_method("--method", args.method)
+    _at_least("--max-drop", args.max_drop, 0)
+    check_writable(args.out, folder=True)
     options = SensitivityOptions(args.model, args.data, args.out, args.cache, args.seed, args.bits, args.abits,
                                  args.method, args.max_drop)
     results = run_sensitivity(options)
@@ -315,8 +380,8 @@ def _sensitivity(args: argparse.Namespace) -> None:
 
 def _inspect(args: argparse.Namespace) -> None:
     config = _config(args, args.model)
-    if args.images < 1:
-        raise argparse.ArgumentTypeError(f"--images must be at least 1, got {args.images}")
+    _at_least("--images", args.images, 1)
+    check_writable(args.out, folder=True)
     results = run_inspect(InspectOptions(args.model, args.data, args.out, args.cache, config, args.seed, args.images))
     for row in results["layers"]:
         print(f"  {row['layer']:<8} clipped {100 * row['clipped_share']:.3f}%  SQNR fake-quant "
@@ -329,7 +394,7 @@ def _explain(args: argparse.Namespace) -> None:
         index = tuple(int(part) for part in args.index.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--index: expected integers like 2,10,5, got {args.index!r}") from None
-    model = model_file.load(args.model_file)
+    model = model_file.load(_existing_file(args.model_file))
     data = load_cifar10(args.data, args.cache)
     if not 0 <= args.image < len(data.test_images):
         raise argparse.ArgumentTypeError(f"--image {args.image}: the test set has {len(data.test_images)} images")
@@ -342,11 +407,13 @@ def _explain(args: argparse.Namespace) -> None:
 
 
 def _export_c(args: argparse.Namespace) -> None:
-    if args.images < 1:
-        raise argparse.ArgumentTypeError(f"--images must be at least 1, got {args.images}")
+    _at_least("--images", args.images, 1)
+    _existing_file(args.model_file)
+    check_writable(args.out, folder=True)
     model = model_file.load(args.model_file)
     data = load_cifar10(args.data, args.cache)
-    written = export_c(model, data.test_images[: args.images], args.out)
+    images = checked_count("--images", args.images, len(data.test_images), "test images", GOLDEN_IMAGES)
+    written = export_c(model, data.test_images[:images], args.out)
     print(f"wrote {', '.join(path.name for path in written)} to {args.out}/")
     print(f"check: cd {args.out} && cc -std=c99 -O2 main.c intq_runtime.c -o check && ./check")
 
@@ -354,45 +421,55 @@ def _export_c(args: argparse.Namespace) -> None:
 def _export_onnx(args: argparse.Namespace) -> None:
     from intq.executors.onnx_export import export_onnx
 
-    if args.height < 1 or args.width < 1:
-        raise argparse.ArgumentTypeError("--height and --width must be at least 1")
+    _at_least("--height", args.height, 1)
+    _at_least("--width", args.width, 1)
+    _existing_file(args.model_file)
+    check_writable(args.out)
     model = model_file.load(args.model_file)
     contents = export_onnx(model, torch.zeros((1, 3, args.height, args.width), dtype=torch.uint8), args.exact)
-    ensure_writable_dir(args.out.parent)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.out, "wb") as handle:
         handle.write(contents)
     print(f"wrote {args.out} ({len(contents):,} bytes)")
 
 
 def _train(args: argparse.Namespace) -> None:
-    if args.epochs < 1 or args.batch_size < 1:
-        raise argparse.ArgumentTypeError("--epochs and --batch-size must be at least 1")
-    out = args.out or Path("runs") / args.arch / f"{args.arch}.npz"
+    _at_least("--epochs", args.epochs, 1)
+    _at_least("--batch-size", args.batch_size, 1)
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise argparse.ArgumentTypeError(f"--lr must be a finite number above 0, got {args.lr}")
+    out = check_writable(args.out or Path("runs") / args.arch / f"{args.arch}.npz")  # before an hour of training
     recipe = ClassifierRecipe(args.epochs, args.batch_size, args.lr)
     result = train_architecture(args.arch, load_cifar10(args.data, args.cache), recipe, args.seed, out)
     print(f"checkpoint {out}; {result['seconds']:.0f} s; test accuracy {result['history'][-1]['test_accuracy']:.2f}%")
 
 
 def _quantize(args: argparse.Namespace) -> None:
-    data = load_cifar10(args.data, args.cache)
-    model = load_checkpoint(args.checkpoint, args.arch)
     config = _config(args, str(args.checkpoint))
-    label = args.preset if args.method is None else f"{args.method}-w{args.wbits}a{args.abits}-{args.granularity}"
-    out = args.out or args.checkpoint.with_name(f"{args.checkpoint.stem}-{label}-int.npz")
-    result = quantize_checkpoint(model, data, config, args.calib_samples, args.seed, out,
+    _at_least("--calib-samples", args.calib_samples, 1)
+    model = load_checkpoint(_existing_file(args.checkpoint), args.arch)
+    cell = _cell(args)
+    label = args.preset if cell is None else f"{cell.method}-w{cell.wbits}a{cell.abits}-{cell.granularity}"
+    out = check_writable(args.out or args.checkpoint.with_name(f"{args.checkpoint.stem}-{label}-int.npz"))
+    data = load_cifar10(args.data, args.cache)
+    samples = checked_count("--calib-samples", args.calib_samples, len(data.train_images), "training images",
+                            CALIBRATION_IMAGES)
+    result = quantize_checkpoint(model, data, config, samples, args.seed, out,
                                  {"model": args.arch, "checkpoint": str(args.checkpoint)})
     print(f"{out}: {result['bytes']:,} bytes; float {result['float_accuracy']:.2f}%, integer-only "
           f"{result['integer_accuracy']:.2f}% (drop {result['float_accuracy'] - result['integer_accuracy']:.2f} points)")
 
 
 def _eval(args: argparse.Namespace) -> None:
-    model = model_file.load(args.model_file)
+    model = model_file.load(_existing_file(args.model_file))
     print(f"{args.model_file}: integer-only test accuracy {integer_accuracy(model, load_cifar10(args.data, args.cache)):.2f}%")
 
 
 def _verify(args: argparse.Namespace) -> None:
-    model = model_file.load(args.model_file)
-    pixels = load_cifar10(args.data, args.cache).test_images[: args.images]
+    _at_least("--images", args.images, 1)
+    model = model_file.load(_existing_file(args.model_file))
+    test_images = load_cifar10(args.data, args.cache).test_images
+    pixels = test_images[: checked_count("--images", args.images, len(test_images), "test images")]
     for name, row in verify(model, pixels, _words(args.executors), args.engine).items():
         print(f"{name}: {row['values']:,} output values on {len(pixels):,} images; differing {100 * row['differing_share']:.4f}%, "
               f"max {row['max_lsb']} LSB ({row['max_real']:.4g} in real units); "
@@ -402,11 +479,16 @@ def _verify(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
+    config = _config(args, args.model)
+    _at_least("--calib-samples", args.calib_samples, 1)
+    _checkpoint_model(args.model)
     data = load_cifar10(args.data, args.cache)
+    samples = checked_count("--calib-samples", args.calib_samples, len(data.train_images), "training images",
+                            COMPARE_CALIBRATION_IMAGES)
     name, model = load_model(SweepOptions(args.model, args.data, Path("."), args.cache, args.seed, arch=args.arch), data)
-    calibration = data.train_images[calibration_indices(len(data.train_images), args.calib_samples, args.seed)]
+    calibration = data.train_images[calibration_indices(len(data.train_images), samples, args.seed)]
     graph = capture(model, normalize(data.train_images[:2]))
-    integer = convert(graph, calibrate(graph, calibration, "cpu"), _config(args, args.model))
+    integer = convert(graph, calibrate(graph, calibration, "cpu"), config)
     size = len(integer_model_bytes(integer))
     print(f"{name}: {len(calibration):,} calibration images for both; {len(data.test_images):,} test images")
     print(f"  {'executor':<34}{'accuracy':>9}{'bytes':>10}{'ms (b1)':>9}{'img/s (b256)':>14}{'top-1 = intq':>14}")
@@ -423,16 +505,64 @@ COMMANDS = {"compare": _compare, "train": _train, "quantize": _quantize, "eval":
             "export-c": _export_c, "export-onnx": _export_onnx}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an interrupt so that every cleanup written for Ctrl-C runs for it too."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM raises _Terminated (a KeyboardInterrupt); the previous
+    handler is restored after. Outside the main thread signals cannot be handled: no change."""
     try:
-        COMMANDS[args.command](args)
-    except USER_ERRORS as err:
-        print(f"intq: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("intq: interrupted; nothing was written to the output folder", file=sys.stderr)
-        return 130
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_message(written: list[Path], cache: Path | None) -> str:
+    """What an interrupted command did and did not write, outputs only (the cache keeps only
+    whole files, and is not the user's output)."""
+    def in_cache(path: Path) -> bool:
+        return cache is not None and Path(os.path.abspath(path)).is_relative_to(os.path.abspath(cache))
+
+    outputs = list(dict.fromkeys(str(path) for path in written if not in_cache(path)))
+    if not outputs:
+        return "interrupted; no output was written"
+    shown = ", ".join(outputs[:3]) + (f" and {len(outputs) - 3} more" if len(outputs) > 3 else "")
+    return f"interrupted; wrote {shown}; nothing else was written"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit status: 0 done; 2 a user error (one line naming the file, option or
+    layer); 130 interrupted by SIGINT, 143 by SIGTERM (both clean up alike and say what was
+    written); 1 an internal error (one line; INTQ_DEBUG=1 re-raises it with its traceback)."""
+    args = parser().parse_args(argv)
+    with recording_writes() as written:
+        try:
+            with _sigterm_as_interrupt():
+                COMMANDS[args.command](args)
+        except USER_ERRORS as err:
+            print(f"intq: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as interrupt:
+            print(f"intq: {interrupted_message(written, getattr(args, 'cache', None))}", file=sys.stderr)
+            return 143 if isinstance(interrupt, _Terminated) else 130
+        except Exception as err:  # the last safety net: every error a user can cause has its own message
+            if os.environ.get("INTQ_DEBUG") == "1":
+                raise
+            first = (str(err).strip().splitlines() or [""])[0]
+            print(f"intq: internal error: {type(err).__name__}: {first} (please report; INTQ_DEBUG=1 shows "
+                  "the traceback)", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -19,13 +19,14 @@ from intq.config import QConfig
 from intq.convert import convert, fused_relu, observed_tensors
 from intq.data import load_cifar10, normalize
 from intq.executors.reference import accumulate, run_integer
-from intq.files import ensure_writable_dir, staged_output, write_json
+from intq.files import check_writable, staged_output, write_json
 from intq.integer_model import IntegerModel
 from intq.qparams import dequantize, quantize
 from intq.study import activation_summary, calibrate, calibration_indices, clip_ranges, representable_range
-from intq.sweep import SweepOptions, load_model
+from intq.sweep import SweepOptions, checked_count, load_model
 
 INT32_LIMIT = 2**31 - 1
+DIAGNOSED_IMAGES = 1000
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,8 @@ class InspectOptions:
     cache_dir: Path
     config: QConfig
     seed: int = 0
-    images: int = 1000
-    calib_samples: int = 10_000
+    images: int | None = None  # None: DIAGNOSED_IMAGES, or every test image when there are fewer
+    calib_samples: int = 10_000  # unless the config fixes its own; at most every training image
 
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
@@ -88,17 +89,18 @@ def run_inspect(options: InspectOptions, log=print) -> dict:
     from intq.diagnostics_report import write_inspect_report  # the report sits downstream
 
     start = time.perf_counter()
-    out_dir = ensure_writable_dir(options.out_dir)
+    out_dir = check_writable(options.out_dir, folder=True)
     data = load_cifar10(options.data_dir, options.cache_dir, download=True, progress=log)
+    images = checked_count("--images", options.images, len(data.test_images), "test images", DIAGNOSED_IMAGES)
+    size = min(options.config.calibration_samples or options.calib_samples, len(data.train_images))
     name, model = load_model(SweepOptions(options.model, options.data_dir, out_dir, options.cache_dir, options.seed), data)
     graph = capture(model, normalize(data.train_images[:2]))
-    size = options.config.calibration_samples or options.calib_samples
     stats = calibrate(graph, data.train_images[calibration_indices(len(data.train_images), size, options.seed)], "cpu")
     integer = convert(graph, stats, options.config)
-    log(f"{name} under {options.config.name}: diagnosing {options.images} test images")
-    rows = layer_rows(graph, integer, data.test_images[: options.images])
+    log(f"{name} under {options.config.name}: diagnosing {images} test images")
+    rows = layer_rows(graph, integer, data.test_images[:images])
     results = {"model": name, "config": options.config.name, "description": options.config.description,
-               "images": options.images, "calibration_images": size, "layers": rows,
+               "images": images, "calibration_images": size, "layers": rows,
                "activations": activation_summary(graph, stats, {options.config.name: clip_ranges(integer)}),
                "observed": observed_tensors(graph), "timings_s": {"total": time.perf_counter() - start}}
     with staged_output(out_dir) as staging:

@@ -118,7 +118,7 @@ class TensorObserver:
         # w is a power of two, so x / w is exact; + 4096 makes every index >= 0, so the int32
         # cast truncates like floor. Rounding of the sum can give index 8192 for x just below
         # the top edge: that count belongs to the last bin.
-        index = (x.float() * (1.0 / self.bin_width) + _HALF).to(torch.int32)
+        index = (_scaled(x, 1.0 / self.bin_width) + _HALF).to(torch.int32)
         counts = torch.bincount(index, minlength=HISTOGRAM_BINS).cpu().numpy()
         self.counts += counts[:HISTOGRAM_BINS]
         self.counts[-1] += counts[HISTOGRAM_BINS:].sum()
@@ -130,6 +130,20 @@ class TensorObserver:
         return TensorStats(
             self.count, self.min, self.max, self.mean, var, self.counts.copy(), self.bin_width, self.zeros, self.shape
         )
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x * factor, in float32 while `factor` (a power of two) fits it, else in float64.
+
+    Tiny or denormal tensors (weights x 1e-38) get bin widths below 2^-128, whose reciprocal
+    is inf in float32; float64 holds it exactly, so the product stays exact either way.
+    """
+    if factor <= _FLOAT32_MAX:
+        return x.float() * factor
+    return x.double() * factor
 
 
 def _initial_bin_width(magnitude: float) -> float:

@@ -5,8 +5,11 @@ Checkpoints are pickle-free .npz files (train.save_weights); integer models are 
 from __future__ import annotations
 
 import time
+import zipfile
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from intq import model_file
@@ -18,7 +21,7 @@ from intq.integer_model import IntegerModel
 from intq.executors.reference import run_integer
 from intq.models import ARCHITECTURES
 from intq.study import calibrate, calibration_indices
-from intq.train import ClassifierRecipe, accuracy, load_weights, predict, save_weights, train_classifier
+from intq.train import ClassifierRecipe, accuracy, predict, save_weights, train_classifier
 
 
 class CheckpointError(Exception):
@@ -32,10 +35,70 @@ def build(arch: str) -> torch.nn.Module:
 
 
 def load_checkpoint(path: Path, arch: str) -> torch.nn.Module:
+    """The `arch` module with the weights of checkpoint `path`, every array checked first
+    (read_checkpoint); any problem is a CheckpointError naming the file and the array."""
     model = build(arch)
-    if load_weights(model, Path(path)) is None:
-        raise CheckpointError(f"{path}: not an intq checkpoint of a {arch} (missing, unreadable or other shapes)")
+    model.load_state_dict(read_checkpoint(Path(path), model.state_dict(), arch))
     return model.eval()
+
+
+def read_checkpoint(path: Path, expected: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    """The arrays `param.<name>` of a checkpoint written by train.save_weights, as tensors.
+
+    Rules, each checked from the .npy headers before any array is decompressed: the file is a
+    readable .npz; it holds `param.<name>` for every entry of `expected` (the architecture's
+    state_dict) and no other `param.` array; each has exactly the expected shape and dtype.
+    Other arrays (the loss log) are not read. Non-finite weights are left to capture, which names
+    the layer.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"no such file: {path}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            headers = {name[: -len(".npy")]: _npy_header(archive, name) for name in archive.namelist()
+                       if name.endswith(".npy") and name.startswith("param.")}
+            _check_arrays(path, headers, expected, arch)
+            return {key: torch.from_numpy(_read_array(path, archive, f"param.{key}")) for key in expected}
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise CheckpointError(f"{path}: not a readable .npz checkpoint ({err})") from None
+
+
+def _npy_header(archive: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
+    """(shape, dtype) from an .npy member's header without decompressing its data; None if unreadable."""
+    try:
+        with archive.open(name) as stream:
+            version = np.lib.format.read_magic(stream)
+            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            shape, fortran, dtype = read[version](stream)
+    except (KeyError, ValueError, OSError, EOFError, zlib.error, zipfile.BadZipFile):
+        return None
+    return tuple(shape), dtype
+
+
+def _check_arrays(path: Path, headers: dict, expected: dict[str, torch.Tensor], arch: str) -> None:
+    extra = sorted(name for name in headers if name[len("param."):] not in expected)
+    if extra:
+        raise CheckpointError(f"{path}: array {extra[0]!r} is not a parameter of a {arch} (another architecture?)")
+    for key, tensor in expected.items():
+        name = f"param.{key}"
+        if name not in headers:
+            raise CheckpointError(f"{path}: missing array {name!r} (a {arch} has {len(expected)} parameter arrays)")
+        if headers[name] is None:
+            raise CheckpointError(f"{path}: array {name!r} is unreadable (truncated or not an .npy)")
+        shape, dtype = headers[name]
+        want = tensor.numpy().dtype
+        if dtype != want:
+            raise CheckpointError(f"{path}: array {name!r} is {dtype}, a {arch} needs {want}")
+        if shape != tuple(tensor.shape):
+            raise CheckpointError(f"{path}: array {name!r} has shape {shape}, a {arch} needs {tuple(tensor.shape)}")
+
+
+def _read_array(path: Path, archive: zipfile.ZipFile, name: str) -> np.ndarray:
+    try:
+        with archive.open(f"{name}.npy") as stream:
+            return np.lib.format.read_array(stream, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zlib.error, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path}: array {name!r} is unreadable ({err})") from None
 
 
 def float_accuracy(model: torch.nn.Module, data: Dataset) -> float:

@@ -19,7 +19,7 @@ from intq.capture import Graph, capture
 from intq.convert import convert
 from intq.data import load_cifar10, normalize
 from intq.executors.reference import run_integer
-from intq.files import ensure_writable_dir, staged_output, write_json
+from intq.files import check_writable, staged_output, write_json
 from intq.study import calibrate
 from intq.sweep import SweepCell, SweepOptions, cell_config, load_model
 from intq.train import accuracy, predict
@@ -108,7 +108,7 @@ def run_sensitivity(options: SensitivityOptions, log=print) -> dict:
     from intq.sensitivity_report import write_sensitivity_report  # the report sits downstream
 
     start = time.perf_counter()
-    out_dir = ensure_writable_dir(options.out_dir)
+    out_dir = check_writable(options.out_dir, folder=True)
     data = load_cifar10(options.data_dir, options.cache_dir, download=True, progress=log)
     sweep_like = SweepOptions(options.model, options.data_dir, out_dir, options.cache_dir, options.seed)
     name, model = load_model(sweep_like, data)

@@ -17,15 +17,15 @@ from pathlib import Path
 import torch
 
 from intq.calibration import MSE, Entropy, MinMax, parse_range_method
-from intq.capture import Graph, capture
+from intq.capture import Graph, capture, trace
 from intq.config import ActivationConfig, QConfig, WeightConfig
-from intq.convert import ConversionError, convert
+from intq.convert import ConversionError, check_layer_names, convert
 from intq.data import load_cifar10, normalize
 from intq.executors.reference import run_integer
-from intq.files import ensure_writable_dir, staged_output, write_json
+from intq.files import check_writable, staged_output, write_json
 from intq.observers import TensorStats
 from intq.qparams import Scheme
-from intq.models import MODELS
+from intq.models import ARCHITECTURES, MODELS
 from intq.quantize import load_checkpoint
 from intq.study import ModelJob, calibrate, calibration_indices, data_fingerprint, trained_model
 from intq.train import accuracy, predict
@@ -34,6 +34,7 @@ METHODS = ("minmax", "nsigma", "percentile", "mse", "entropy")
 WEIGHT_BITS = (8, 6, 4, 3, 2)
 ACTIVATION_BITS = (8, 6, 4)
 GRANULARITIES = ("per-channel", "per-tensor")
+CALIBRATION_IMAGES = 10_000  # the default calibration subset (all training images when there are fewer)
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class SweepOptions:
     out_dir: Path
     cache_dir: Path
     seed: int = 0
-    calib_samples: int | None = 10_000
+    calib_samples: int | None = None  # None: CALIBRATION_IMAGES, or every training image when there are fewer
     methods: tuple[str, ...] = METHODS
     wbits: tuple[int, ...] = WEIGHT_BITS
     abits: tuple[int, ...] = ACTIVATION_BITS
@@ -96,11 +97,54 @@ def check_options(options: SweepOptions) -> list[SweepCell]:
     bad = [f"{name}={bits}" for name, bits in options.layer_bits if not 2 <= bits <= 8]
     if bad:
         raise SweepError(f"--layer-bits: bit widths must be 2..8, got {', '.join(bad)}")
+    names = [name for name, _ in options.layer_bits]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise SweepError(f"--layer-bits: layer {', '.join(twice)} named more than once")
+    if options.calib_samples is not None and options.calib_samples < 1:
+        raise SweepError(f"--calib-samples must be at least 1, got {options.calib_samples}")
     bad = [g for g in options.granularities if g not in GRANULARITIES]
     if bad or not options.granularities:
         raise SweepError(f"--granularity: choose from {', '.join(GRANULARITIES)}, got {list(options.granularities)}")
     return [SweepCell(*combo) for combo in itertools.product(options.methods, options.granularities,
                                                              options.wbits, options.abits)]
+
+
+def checked_count(option: str, requested: int | None, available: int, what: str, default: int | None = None) -> int:
+    """How many of the `available` items (`what`, e.g. "training images") to use.
+
+    An explicit `requested` must be 1..available, never silently clipped; None takes `default`
+    (None: all), capped at what there is. Raises SweepError naming the option otherwise.
+    """
+    if requested is None:
+        return available if default is None else min(default, available)
+    if requested < 1:
+        raise SweepError(f"{option} must be at least 1, got {requested}")
+    if requested > available:
+        raise SweepError(f"{option} {requested}: there are only {available:,} {what}")
+    return requested
+
+
+def check_layer_bits(options: SweepOptions, cell: SweepCell) -> None:
+    """Every layer --layer-bits names must be a conv/linear layer of the model, checked on an
+    untrained copy of its architecture (names do not depend on weights), so before any training."""
+    if not options.layer_bits:
+        return
+    architecture = ARCHITECTURES[options.model if options.model in MODELS else options.arch]
+    try:
+        check_layer_names(trace(architecture()), cell_config(cell, options.layer_bits))
+    except ConversionError as err:
+        raise SweepError(f"--layer-bits: {err}") from None
+
+
+def failed_cells(rows: list[dict]) -> str | None:
+    """None when every cell converted, else one line: how many failed and the first one's reason."""
+    failed = [row for row in rows if row.get("error")]
+    if not failed:
+        return None
+    first = failed[0]
+    return (f"{len(failed)} of {len(rows)} cells failed; first {first['method']} {first['granularity']} "
+            f"W{first['wbits']}A{first['abits']}: {first['error']}")
 
 
 _WORKER: dict = {}
@@ -152,16 +196,23 @@ def load_model(options: SweepOptions, data) -> tuple[str, torch.nn.Module]:
 
 
 def run_sweep(options: SweepOptions, log=print) -> dict:
-    """Run the grid and write sweep.json, sweep.html/.md and sweep.png into options.out_dir."""
+    """Run the grid and write sweep.json, sweep.html/.md and sweep.png into options.out_dir.
+
+    Options, the output folder, the calibration count and --layer-bits names are all checked
+    before calibration; when any cell fails to convert, the report is still written and SweepError
+    then says how many failed."""
     from intq.sweep_report import write_sweep_report  # the report sits downstream
 
     start = time.perf_counter()
     cells = check_options(options)
-    out_dir = ensure_writable_dir(options.out_dir)
+    check_layer_bits(options, cells[0])
+    out_dir = check_writable(options.out_dir, folder=True)
     data = load_cifar10(options.data_dir, options.cache_dir, download=True, progress=log)
+    samples = checked_count("--calib-samples", options.calib_samples, len(data.train_images), "training images",
+                            CALIBRATION_IMAGES)
     name, model = load_model(options, data)
     graph = capture(model, normalize(data.train_images[:2]))
-    subset = data.train_images[calibration_indices(len(data.train_images), options.calib_samples, options.seed)]
+    subset = data.train_images[calibration_indices(len(data.train_images), samples, options.seed)]
     log(f"calibrating {name} on {len(subset)} training images (one pass for every method)")
     stats = calibrate(graph, subset, "cpu")
     float_accuracy = accuracy(predict(model, normalize(data.test_images)), data.test_labels)
@@ -177,4 +228,7 @@ def run_sweep(options: SweepOptions, log=print) -> dict:
     with staged_output(out_dir) as staging:
         write_sweep_report(results, staging)
         write_json(staging / "sweep.json", results)
+    failure = failed_cells(rows)
+    if failure:  # the report is whole and says which cells failed; the exit status must say so too
+        raise SweepError(f"{failure} (sweep.json in {out_dir} lists every cell)")
     return results
