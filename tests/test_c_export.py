@@ -85,3 +85,65 @@ def test_verify_names_an_unknown_executor():
     graph, stats = calibrated(NetWithBias().eval(), pixels)
     with pytest.raises(VerifyError, match="'tflite'.*available: c, torch_quantized, onnx"):
         verify(convert(graph, stats, RECOMMENDED), pixels, ("tflite",))
+
+
+def _exported(tmp_path):
+    torch.manual_seed(0)
+    pixels = make_pixels(4)
+    graph, stats = calibrated(NetWithBias().eval(), pixels)
+    export_c(convert(graph, stats, RECOMMENDED), pixels[:1], tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("field, wrong", [(".multiplier_count = 120", ".multiplier_count = 1"),
+                                          (".weight_count = 48000", ".weight_count = 47999"),
+                                          (".in_c = 400", ".in_c = 401")])
+def test_c_runtime_refuses_an_op_table_whose_lengths_do_not_match(tmp_path, field, wrong):
+    """intq_check reads the lengths in the op table before anything runs: an edited model.h (here fc1's
+    multipliers, weights or input features) exits 3 naming the op instead of reading out of bounds."""
+    folder = _exported(tmp_path)
+    header = (folder / "model.h").read_text()
+    assert field in header
+    (folder / "model.h").write_text(header.replace(field, wrong, 1))
+    result = compile_and_run(folder)
+    assert result.returncode == 3 and "op 5 of model.h fails the runtime's shape and length check" in result.stdout
+
+
+def test_export_is_all_or_nothing(tmp_path, monkeypatch):
+    """A failure while writing the export leaves the folder as it was: no new model.h beside an old golden.h."""
+    from intq import files
+
+    folder = _exported(tmp_path / "out")
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    written = []
+
+    def failing_write(path, text):
+        if len(written) == 2:
+            raise files.OutputError(f"cannot write to {path.parent}: No space left on device")
+        written.append(path)
+        original(path, text)
+
+    original = files.atomic_write_text
+    monkeypatch.setattr("intq.executors.c_export.atomic_write_text", failing_write)
+    torch.manual_seed(1)
+    pixels = make_pixels(4, seed=1)
+    graph, stats = calibrated(NetWithBias().eval(), pixels)
+    with pytest.raises(files.OutputError):
+        export_c(convert(graph, stats, RECOMMENDED), pixels[:1], folder)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+
+
+def test_verify_reports_a_c_build_failure_in_one_line(tmp_path, monkeypatch):
+    """A compiler that fails (here a stand-in that prints a diagnostic and exits 1) is one VerifyError
+    carrying its first line, not a CalledProcessError traceback."""
+    from intq.verify import VerifyError, run_c
+
+    compiler = tmp_path / "cc"
+    compiler.write_text("#!/bin/sh\necho 'verify.c:3:5: error: stray character' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setattr("intq.verify.shutil.which", lambda name: str(compiler))
+    torch.manual_seed(0)
+    pixels = make_pixels(4)
+    graph, stats = calibrated(NetWithBias().eval(), pixels)
+    with pytest.raises(VerifyError, match=r"executor c: the C compiler failed \(exit 1\): verify.c:3:5: error: stray"):
+        run_c(convert(graph, stats, RECOMMENDED), pixels)

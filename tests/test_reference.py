@@ -117,3 +117,26 @@ def test_tie_prone_multipliers_take_the_integer_requantizer(seeded_model, pixels
         mantissa, shift = (torch.as_tensor(a).to(torch.int64).reshape(per_channel) for a in (layer.mantissa, layer.shift))
         expected = requantize(acc, mantissa, shift, int(layer.output_qparams.zero_point), *layer.bounds())
         assert torch.equal(values[layer.name].to(torch.int64), expected), layer.name
+
+
+def test_self_test_refuses_a_backend_whose_convolutions_round(monkeypatch):
+    """The reference's exactness rests on float convolutions that sum integers without transforms; a
+    backend that rounds (Winograd, FFT, TF32) is refused at first use, naming it."""
+    import intq.executors.reference as reference
+
+    real = reference.integer_conv2d
+    monkeypatch.setattr(reference, "integer_conv2d", lambda x, w, g: real(x, w, g).to(torch.float16).to(x.dtype))
+    reference.check_exact_sums.cache_clear()
+    try:
+        with pytest.raises(ExecutionError, match="does not sum integers exactly"):
+            reference.check_exact_sums("cpu", torch.float32)
+    finally:
+        reference.check_exact_sums.cache_clear()
+
+
+def test_self_test_passes_on_this_backend():
+    import intq.executors.reference as reference
+
+    reference.check_exact_sums.cache_clear()
+    reference.check_exact_sums("cpu", torch.float32)
+    reference.check_exact_sums("cpu", torch.float64)

@@ -363,12 +363,23 @@ def _read_input(meta: _Fields) -> InputSpec:
     return InputSpec(qparams, mantissa, shift, shape)
 
 
+def _metadata(value: dict) -> dict:
+    """Provenance (preset, model, seed, ...): at most 64 entries of short names and plain values."""
+    if len(value) > 64:
+        raise _Invalid(f"metadata has {len(value)} entries (at most 64)")
+    for key, item in value.items():
+        if len(key) > 64 or not isinstance(item, (str, int, float, bool, type(None))) or isinstance(item, str) and len(item) > 1024:
+            raise _Invalid(f"metadata entry {_show(key)}: a name of up to 64 characters and a number, boolean, null "
+                           f"or string of up to 1024 characters, got {_show(item)}")
+    return value
+
+
 def _read_model(archive: zipfile.ZipFile) -> IntegerModel:
     meta = _Fields(_read_meta(archive), "__meta__")
     layers_meta = meta.get("layers", (list,), "a list of ops")
     if not 1 <= len(layers_meta) <= MAX_OPS:
         raise _Invalid(f"{len(layers_meta)} ops (a model has 1 to {MAX_OPS})")
-    metadata = meta.get("metadata", (dict,), "an object")
+    metadata = _metadata(meta.get("metadata", (dict,), "an object"))
     arrays = _Arrays(archive)
     layers, names = [], set()
     for index, op_meta in enumerate(layers_meta):

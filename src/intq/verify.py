@@ -20,6 +20,7 @@ from intq.executors.c_export import export_c
 from intq.executors.encoding import EngineError
 from intq.executors.reference import run_integer
 from intq.integer_model import IntegerModel
+from intq.model_check import check_model
 
 
 EXECUTORS = ("c", "torch_quantized", "onnx", "onnx_exact")
@@ -29,8 +30,33 @@ class VerifyError(Exception):
     """An executor that cannot run here (names it and why)."""
 
 
+COMPILE_TIMEOUT_S = 300
+C_MACS_PER_SECOND = 2e7  # the plain C loop nest ran ResNet-20 at ~3e8 MAC/s here; 15x slack
+
+
+def run_timeout_s(model: IntegerModel, images: int) -> float:
+    """A generous limit for the C executor on `images` images: 60 s plus the MACs at C_MACS_PER_SECOND."""
+    shapes = check_model(model)
+    macs = sum(op.weight.size * int(np.prod(shapes[op.name][1:])) for op in model.quantized_layers())
+    return 60 + images * macs / C_MACS_PER_SECOND
+
+
+def _run_step(command: list[str], folder: Path, timeout: float, what: str) -> None:
+    """One subprocess (an argument list, no shell) with a time limit; VerifyError naming the step."""
+    try:
+        result = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise VerifyError(f"executor c: {what} did not finish within {timeout:.0f} s") from None
+    except OSError as err:
+        raise VerifyError(f"executor c: {what} could not start ({err.strerror or err})") from None
+    if result.returncode != 0:
+        detail = next((line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip()), "")
+        raise VerifyError(f"executor c: {what} failed (exit {result.returncode}): {detail[:200]}")
+
+
 def run_c(model: IntegerModel, pixels: torch.Tensor) -> torch.Tensor:
-    """The output integers of the exported C model for every image, (N, outputs) int64."""
+    """The output integers of the exported C model for every image, (N, outputs) int64. Built and run
+    in a temporary folder with time limits; the export is numbers only (c_export), checked first."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise VerifyError("executor c: no C compiler (cc or gcc) on this machine")
@@ -38,10 +64,10 @@ def run_c(model: IntegerModel, pixels: torch.Tensor) -> torch.Tensor:
         folder = Path(folder)
         export_c(model, pixels[:1], folder)
         shutil.copyfile(resources.files("intq.executors.c_runtime").joinpath("verify.c"), folder / "verify.c")
-        subprocess.run([compiler, "-std=c99", "-O2", "verify.c", "intq_runtime.c", "-o", "verify"], cwd=folder,
-                       check=True, capture_output=True)
+        _run_step([compiler, "-std=c99", "-O2", "verify.c", "intq_runtime.c", "-o", "verify"], folder,
+                  COMPILE_TIMEOUT_S, "the C compiler")
         (folder / "pixels.bin").write_bytes(pixels.contiguous().numpy().tobytes())
-        subprocess.run(["./verify", str(len(pixels))], cwd=folder, check=True, capture_output=True)
+        _run_step([str(folder / "verify"), str(len(pixels))], folder, run_timeout_s(model, len(pixels)), "the C model")
         outputs = np.fromfile(folder / "outputs.bin", dtype=np.int32)
     return torch.from_numpy(outputs.astype(np.int64)).reshape(len(pixels), -1)
 

@@ -2,12 +2,15 @@
 (integer arithmetic only), golden vectors (input pixels and every op's output for a few images, from
 the reference executor) and main.c, which runs the golden images and checks every value.
 
+Generated code carries numbers and generated identifiers only (op<i>_weight, ...); an op's name from
+the model file appears solely in comments, reduced to [A-Za-z0-9_] (c_comment_label), so no model
+file can place its own text, let alone code, in the export.
+
     cc -std=c99 -O2 main.c intq_runtime.c -o check && ./check     # prints OK, exits 0 when bit-exact
 """
 from __future__ import annotations
 
 import re
-import shutil
 from importlib import resources
 from pathlib import Path
 
@@ -15,18 +18,23 @@ import numpy as np
 import torch
 
 from intq.executors.reference import pixels_to_input, run_integer
-from intq.files import atomic_write_text, ensure_writable_dir
+from intq.files import atomic_write_text, ensure_writable_dir, staged_output
 from intq.integer_model import IntegerModel, QAdd, QAvgPool, QFlatten, QLayer, QMaxPool, QReLU
+from intq.model_check import ModelCheckError, check_model
 
-KINDS = {"conv2d": 0, "linear": 1, QMaxPool: 2, QFlatten: 3, QReLU: 4, QAdd: 5, QAvgPool: 6}
+KINDS = {"conv2d": "INTQ_CONV2D", "linear": "INTQ_LINEAR", QMaxPool: "INTQ_MAXPOOL", QFlatten: "INTQ_FLATTEN",
+         QReLU: "INTQ_RELU", QAdd: "INTQ_ADD", QAvgPool: "INTQ_AVGPOOL"}
 
 
-def c_name(name: str) -> str:
-    return re.sub(r"\W", "_", name)
+def c_comment_label(name: str) -> str:
+    """A model's op name reduced to at most 48 of [A-Za-z0-9_], for a comment beside generated code:
+    nothing from a model file reaches C but this, which cannot end a comment or start a directive."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)[:48]
 
 
 def c_array(ctype: str, name: str, values) -> str:
-    """`static const ctype name[n] = {...};` with 16 values per line."""
+    """`static const ctype name[n] = {...};` with 16 values per line; `name` is generated, never a
+    model's text, and every value is formatted as a Python int."""
     flat = [str(int(v)) for v in np.asarray(values).ravel()]
     lines = [", ".join(flat[i : i + 16]) for i in range(0, len(flat), 16)] or ["0"]
     return f"static const {ctype} {name}[{max(len(flat), 1)}] = {{\n  " + ",\n  ".join(lines) + "\n};\n"
@@ -36,45 +44,53 @@ def _shape3(shape: tuple[int, ...]) -> tuple[int, int, int]:
     return (shape[0], shape[1], shape[2]) if len(shape) == 3 else (shape[0], 1, 1)
 
 
-def _op_entry(op, index_of: dict[str, int], in_shape, out_shape) -> str:
-    fields = {"input": index_of[op.inputs[0]], "in": _shape3(in_shape), "out": _shape3(out_shape)}
-    geometry = dict(k=(1, 1), stride=(1, 1), pad=(0, 0), dil=(1, 1), groups=1)
-    arrays, zeros, second = "0, 0, 0, 0", "0, 0, INT32_MIN, INT32_MAX", "-1, 0"
-    if isinstance(op, (QAdd, QAvgPool)):
-        kind, name = KINDS[type(op)], c_name(op.name)
-        arrays = f"0, 0, {name}_mantissa, {name}_shift"
-        first = op.input_qparams[0] if isinstance(op, QAdd) else op.input_qparams
-        lower, upper = op.bounds()
-        zeros = f"{int(first.zero_point)}, {int(op.output_qparams.zero_point)}, {lower}, {upper}"
-        if isinstance(op, QAdd):
-            second = f"{index_of[op.inputs[1]]}, {int(op.input_qparams[1].zero_point)}"
-        else:
-            (ci, hi, wi) = _shape3(in_shape)
-            kernel = op.kernel_size or (hi, wi)
-            geometry.update(k=tuple(kernel), stride=tuple(op.stride or (1, 1)))
-    elif isinstance(op, QLayer):
-        kind = KINDS[op.kind]
+def _multiplier_fields(index: int, op) -> dict[str, object]:
+    return {"mantissa": f"op{index}_mantissa", "shift": f"op{index}_shift", "multiplier_count": len(op.mantissa)}
+
+
+def _clamp_fields(op, input_zero: int) -> dict[str, object]:
+    lower, upper = op.bounds()
+    return {"input_zero": input_zero, "output_zero": int(op.output_qparams.zero_point), "lower": lower, "upper": upper}
+
+
+def _op_fields(index: int, op, index_of: dict[str, int], in_shape, out_shape) -> dict[str, object]:
+    """The C initializer fields of op `index`: integers and generated identifiers only."""
+    (ci, hi, wi), (co, ho, wo) = _shape3(in_shape), _shape3(out_shape)
+    fields: dict[str, object] = {"input": index_of[op.inputs[0]], "input2": -1, "in_c": ci, "in_h": hi, "in_w": wi,
+                                 "out_c": co, "out_h": ho, "out_w": wo}
+    if isinstance(op, QLayer):
+        fields["kind"] = KINDS[op.kind]
         if op.kind == "conv2d":
             g = op.geometry
-            geometry = dict(k=tuple(op.weight.shape[2:]), stride=tuple(g["stride"]), pad=tuple(g["padding"]),
-                            dil=tuple(g["dilation"]), groups=g["groups"])
-        name = c_name(op.name)
-        arrays = f"{name}_weight, {name + '_bias' if op.bias is not None else '0'}, {name}_mantissa, {name}_shift"
-        out = op.output_qparams
-        lower, upper = op.bounds()
-        zeros = f"{int(op.input_qparams.zero_point)}, {int(out.zero_point)}, {lower}, {upper}"
+            fields.update(k_h=op.weight.shape[2], k_w=op.weight.shape[3], stride_h=g["stride"][0], stride_w=g["stride"][1],
+                          pad_h=g["padding"][0], pad_w=g["padding"][1], dil_h=g["dilation"][0], dil_w=g["dilation"][1],
+                          groups=g["groups"])
+        fields.update(weight=f"op{index}_weight", weight_count=op.weight.size, **_multiplier_fields(index, op),
+                      **_clamp_fields(op, int(op.input_qparams.zero_point)))
+        if op.bias is not None:
+            fields.update(bias=f"op{index}_bias", bias_count=op.bias.size)
+    elif isinstance(op, QAdd):
+        fields.update(kind=KINDS[QAdd], input2=index_of[op.inputs[1]], input2_zero=int(op.input_qparams[1].zero_point),
+                      **_multiplier_fields(index, op), **_clamp_fields(op, int(op.input_qparams[0].zero_point)))
+    elif isinstance(op, QAvgPool):
+        kernel, stride = op.kernel_size or (hi, wi), op.stride or (1, 1)
+        fields.update(kind=KINDS[QAvgPool], k_h=kernel[0], k_w=kernel[1], stride_h=stride[0], stride_w=stride[1],
+                      **_multiplier_fields(index, op), **_clamp_fields(op, int(op.input_qparams.zero_point)))
     elif isinstance(op, QMaxPool):
-        kind = KINDS[QMaxPool]
-        geometry.update(k=tuple(op.kernel_size), stride=tuple(op.stride), pad=tuple(op.padding))
+        fields.update(kind=KINDS[QMaxPool], k_h=op.kernel_size[0], k_w=op.kernel_size[1], stride_h=op.stride[0],
+                      stride_w=op.stride[1], pad_h=op.padding[0], pad_w=op.padding[1])
     else:
-        kind = KINDS[type(op)]
+        fields["kind"] = KINDS[type(op)]
         if isinstance(op, QReLU):
-            zeros = f"0, 0, {op.zero_point}, INT32_MAX"
-    (ci, hi, wi), (co, ho, wo) = fields["in"], fields["out"]
-    g = geometry
-    return (f"  {{{kind}, {fields['input']}, {ci}, {hi}, {wi}, {co}, {ho}, {wo}, {g['k'][0]}, {g['k'][1]}, "
-            f"{g['stride'][0]}, {g['stride'][1]}, {g['pad'][0]}, {g['pad'][1]}, {g['dil'][0]}, {g['dil'][1]}, "
-            f"{g['groups']}, {arrays}, {zeros}, {second}}}, /* {op.name} */")
+            fields["lower"] = int(op.zero_point)
+    return fields
+
+
+def _op_entry(index: int, op, index_of: dict[str, int], in_shape, out_shape) -> str:
+    """One designated initializer of the op table, with a comment of generated text only."""
+    fields = _op_fields(index, op, index_of, in_shape, out_shape)
+    body = ", ".join(f".{key} = {value}" for key, value in fields.items())
+    return f"  /* op {index}: {type(op).__name__} {c_comment_label(op.name)} */\n  {{{body}}},"
 
 
 def _input_lut(model: IntegerModel) -> np.ndarray:
@@ -84,21 +100,20 @@ def _input_lut(model: IntegerModel) -> np.ndarray:
 
 
 def model_header(model: IntegerModel, shapes: dict[str, tuple[int, ...]]) -> str:
+    """model.h: the op arrays (named op<i>_<field>), the input table and the op table; nothing in it
+    comes from the model's text but numbers and c_comment_label's reduced names."""
     parts = ["/* Generated by intq: an integer-only model. Do not edit. */\n#include <stdint.h>\n"
              "#include \"intq_runtime.h\"\n"]
-    for op in model.layers:
-        if isinstance(op, (QAdd, QAvgPool)):
-            parts += [c_array("int32_t", f"{c_name(op.name)}_mantissa", op.mantissa),
-                      c_array("int32_t", f"{c_name(op.name)}_shift", op.shift)]
-    for op in model.quantized_layers():
-        name = c_name(op.name)
-        parts.append(c_array("int8_t", f"{name}_weight", op.weight))
-        if op.bias is not None:
-            parts.append(c_array("int32_t", f"{name}_bias", op.bias))
-        parts += [c_array("int32_t", f"{name}_mantissa", op.mantissa), c_array("int32_t", f"{name}_shift", op.shift)]
+    for index, op in enumerate(model.layers):
+        if isinstance(op, QLayer):
+            parts.append(c_array("int8_t", f"op{index}_weight", op.weight))
+            if op.bias is not None:
+                parts.append(c_array("int32_t", f"op{index}_bias", op.bias))
+        if isinstance(op, (QLayer, QAdd, QAvgPool)):
+            parts += [c_array("int32_t", f"op{index}_mantissa", op.mantissa), c_array("int32_t", f"op{index}_shift", op.shift)]
     parts.append(c_array("int32_t", "INTQ_INPUT_LUT", _input_lut(model)))
     index_of = {model.input_name: -1, **{op.name: i for i, op in enumerate(model.layers)}}
-    entries = [_op_entry(op, index_of, shapes[op.inputs[0]], shapes[op.name]) for op in model.layers]
+    entries = [_op_entry(i, op, index_of, shapes[op.inputs[0]], shapes[op.name]) for i, op in enumerate(model.layers)]
     parts.append("static const intq_op INTQ_OPS[] = {\n" + "\n".join(entries) + "\n};\n")
     sizes = [int(np.prod(shapes[op.name])) for op in model.layers]
     parts.append(c_array("int32_t", "INTQ_BUFFER_SIZES", sizes))
@@ -120,17 +135,27 @@ def golden_header(model: IntegerModel, pixels: torch.Tensor) -> tuple[str, dict[
     return "\n".join(parts), shapes
 
 
+RUNTIME_FILES = ("intq_runtime.h", "intq_runtime.c", "main.c")
+
+
+def c_sources(model: IntegerModel, golden_pixels: torch.Tensor) -> dict[str, str]:
+    """{file name: text} of the export: model.h, golden.h and the runtime. The model is checked first
+    (model_check.check_model): generated code only ever describes a model that passes every rule."""
+    shapes = check_model(model)
+    golden, golden_shapes = golden_header(model, golden_pixels)
+    if any(tuple(golden_shapes[name]) != tuple(shape) for name, shape in shapes.items()):
+        raise ModelCheckError("the reference executor's shapes differ from the model's (input of another size?)")
+    runtime = resources.files("intq.executors.c_runtime")
+    return {"model.h": model_header(model, shapes), "golden.h": golden,
+            **{name: runtime.joinpath(name).read_text() for name in RUNTIME_FILES}}
+
+
 def export_c(model: IntegerModel, golden_pixels: torch.Tensor, out_dir: Path) -> list[Path]:
-    """Write model.h, golden.h, main.c, intq_runtime.[ch] into out_dir."""
+    """Write model.h, golden.h, main.c, intq_runtime.[ch] into out_dir, all or none of them (staged
+    beside, then moved in: a failure leaves the folder as it was)."""
+    sources = c_sources(model, golden_pixels)
     out_dir = ensure_writable_dir(out_dir)
-    golden, shapes = golden_header(model, golden_pixels)
-    written = []
-    for name, text in (("model.h", model_header(model, shapes)), ("golden.h", golden),
-                       ("main.c", resources.files("intq.executors.c_runtime").joinpath("main.c").read_text())):
-        atomic_write_text(out_dir / name, text)
-        written.append(out_dir / name)
-    for name in ("intq_runtime.h", "intq_runtime.c"):
-        with resources.as_file(resources.files("intq.executors.c_runtime").joinpath(name)) as source:
-            shutil.copyfile(source, out_dir / name)
-        written.append(out_dir / name)
-    return written
+    with staged_output(out_dir) as staging:
+        for name, text in sources.items():
+            atomic_write_text(staging / name, text)
+    return [out_dir / name for name in sources]

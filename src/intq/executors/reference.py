@@ -66,13 +66,60 @@ def exact_products(layer: QLayer, x: torch.Tensor) -> torch.Tensor:
     an exactly representable integer (float64 always on CUDA, where TF32 could round float32).
     """
     dtype = exact_float_dtype(layer.accumulator_bound) if x.device.type == "cpu" else torch.float64
+    check_exact_sums(x.device.type, dtype)
     centred = x.to(dtype).sub_(int(layer.input_qparams.zero_point))  # |q - z| < 2^17: exact
     weight = torch.as_tensor(layer.weight, device=x.device).to(dtype)
     if layer.kind == "conv2d":
-        g = layer.geometry
-        centred = centred.contiguous(memory_format=torch.channels_last)  # oneDNN's layout: no reorder per call
-        return F.conv2d(centred, weight, None, g["stride"], g["padding"], g["dilation"], g["groups"])
+        return integer_conv2d(centred, weight, layer.geometry)
     return F.linear(centred, weight)
+
+
+def integer_conv2d(centred: torch.Tensor, weight: torch.Tensor, geometry: dict) -> torch.Tensor:
+    """F.conv2d on integer-valued float tensors, in channels-last (oneDNN's layout: no reorder per call).
+    Exact only if the backend sums the products directly (no Winograd or FFT transform, which would
+    round): check_exact_sums proves that for this backend before the reference relies on it."""
+    g = geometry
+    centred = centred.contiguous(memory_format=torch.channels_last)
+    return F.conv2d(centred, weight, None, g["stride"], g["padding"], g["dilation"], g["groups"])
+
+
+# (in channels, kernel, stride, padding, groups) of the convolutions the self-test compares: a 3x3
+# stride-1 layer with many channels is where a backend would pick Winograd; 1x1, 5x5, strided, depthwise.
+SELF_TEST_CONVOLUTIONS = ((64, 3, 1, 1, 1), (32, 1, 1, 0, 1), (16, 5, 1, 2, 1), (32, 3, 2, 1, 1), (32, 3, 1, 1, 32))
+
+
+@functools.lru_cache(maxsize=None)
+def check_exact_sums(device_type: str, dtype: torch.dtype) -> None:
+    """Once per process, device and dtype: integer_conv2d against int64 arithmetic on seeded integer
+    data with partial sums up to ~2^23 (float32) or ~2^31 (float64); ExecutionError naming the
+    backend if any value differs (the reference's exactness rests on it, DESIGN.md)."""
+    generator = torch.Generator().manual_seed(0)
+    wide = dtype == torch.float64
+    for channels, kernel, stride, padding, groups in SELF_TEST_CONVOLUTIONS:
+        x = torch.randint(-255, 256, (1, channels, 8, 8), generator=generator)
+        x_max = 255 if wide else max(1, (2**23) // (channels // groups * kernel * kernel * 127))
+        x = x.clamp(-x_max, x_max)
+        weight = torch.randint(-127, 128, (16 if groups == 1 else channels, channels // groups, kernel, kernel), generator=generator)
+        geometry = {"stride": [stride] * 2, "padding": [padding] * 2, "dilation": [1, 1], "groups": groups}
+        got = integer_conv2d(x.to(device_type, dtype), weight.to(device_type, dtype), geometry).cpu()
+        expected = _int64_conv2d(x, weight, geometry)
+        if not torch.equal(got.to(torch.int64), expected) or not torch.equal(got, got.round()):
+            raise ExecutionError(
+                f"PyTorch {torch.__version__}'s {dtype} convolution on {device_type} (oneDNN {torch.backends.mkldnn.is_available()}) "
+                f"does not sum integers exactly ({kernel}x{kernel}, {channels} channels): the reference executor "
+                f"cannot be exact with this backend")
+
+
+def _int64_conv2d(x: torch.Tensor, weight: torch.Tensor, geometry: dict) -> torch.Tensor:
+    """The oracle: the same convolution with int64 multiply-adds (unfolded patches, one integer matmul per group)."""
+    groups, (stride, _), (padding, _) = geometry["groups"], geometry["stride"], geometry["padding"]
+    out_channels, per_group, kh, kw = weight.shape
+    patches = F.unfold(x.to(torch.float64), (kh, kw), padding=padding, stride=stride).to(torch.int64)  # (N, C*kh*kw, L)
+    patches = patches.reshape(x.shape[0], groups, per_group * kh * kw, -1)  # (N, G, C/G*kh*kw, L)
+    kernels = weight.reshape(groups, out_channels // groups, per_group * kh * kw)  # (G, O/G, C/G*kh*kw)
+    out = torch.einsum("gok,ngkl->ngol", kernels, patches)  # (N, G, O/G, L)
+    size = (x.shape[2] + 2 * padding - kh) // stride + 1
+    return out.reshape(x.shape[0], out_channels, size, -1)  # (N, O, H', W')
 
 
 def _per_channel(values, like: torch.Tensor) -> torch.Tensor:

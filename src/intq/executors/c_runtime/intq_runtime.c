@@ -103,7 +103,62 @@ static void maxpool(const intq_op *op, const int32_t *x, int32_t *y) {
             }
 }
 
-/* Runs ops in order; buffers[i] receives op i's output (sized by the generated model.h). */
+static long volume(int c, int h, int w) { return (long)c * h * w; }
+
+/* The output extent a window of size k (dilation d) slides to over n values with stride s and pad p. */
+static int window_fits(int n, int out, int k, int s, int p, int d) {
+    return n >= 1 && out >= 1 && k >= 1 && s >= 1 && d >= 1 && p >= 0 && (long)(out - 1) * s + (long)d * (k - 1) + 1 <= (long)n + 2L * p;
+}
+
+static int shift_ok(const intq_op *op) {
+    long i;
+    for (i = 0; i < op->multiplier_count; i++)
+        if (op->mantissa[i] < 0 || op->shift[i] < -31 || op->shift[i] > 31) return 0;
+    return 1;
+}
+
+static int op_ok(const intq_op *op, int index, const int32_t *sizes, long input_size) {
+    long in_size = op->input < 0 ? input_size : sizes[op->input], out_size = volume(op->out_c, op->out_h, op->out_w);
+    if (op->input < -1 || op->input >= index || in_size != volume(op->in_c, op->in_h, op->in_w) || out_size != sizes[index])
+        return 0;
+    if (op->mantissa && !shift_ok(op)) return 0;
+    switch (op->kind) {
+    case INTQ_CONV2D:
+        return op->groups >= 1 && op->in_c % op->groups == 0 && op->out_c % op->groups == 0 &&
+               op->weight_count == (long)op->out_c * (op->in_c / op->groups) * op->k_h * op->k_w &&
+               (!op->bias || op->bias_count == op->out_c) && op->multiplier_count == op->out_c &&
+               window_fits(op->in_h, op->out_h, op->k_h, op->stride_h, op->pad_h, op->dil_h) &&
+               window_fits(op->in_w, op->out_w, op->k_w, op->stride_w, op->pad_w, op->dil_w);
+    case INTQ_LINEAR:
+        return op->in_h == 1 && op->in_w == 1 && op->out_h == 1 && op->out_w == 1 &&
+               op->weight_count == (long)op->out_c * op->in_c && (!op->bias || op->bias_count == op->out_c) &&
+               op->multiplier_count == op->out_c;
+    case INTQ_MAXPOOL:
+        return op->out_c == op->in_c && window_fits(op->in_h, op->out_h, op->k_h, op->stride_h, op->pad_h, 1) &&
+               window_fits(op->in_w, op->out_w, op->k_w, op->stride_w, op->pad_w, 1);
+    case INTQ_AVGPOOL:
+        return op->out_c == op->in_c && op->multiplier_count == 1 && op->pad_h == 0 && op->pad_w == 0 &&
+               window_fits(op->in_h, op->out_h, op->k_h, op->stride_h, 0, 1) &&
+               window_fits(op->in_w, op->out_w, op->k_w, op->stride_w, 0, 1);
+    case INTQ_ADD:
+        return op->input2 >= -1 && op->input2 < index && op->multiplier_count == 3 && out_size == in_size &&
+               (op->input2 < 0 ? input_size : sizes[op->input2]) == out_size;
+    case INTQ_FLATTEN:
+    case INTQ_RELU:
+        return out_size == in_size;
+    }
+    return 0;
+}
+
+int intq_check(const intq_op *ops, int count, const int32_t *buffer_sizes, long input_size) {
+    int i;
+    for (i = 0; i < count; i++)
+        if (!op_ok(&ops[i], i, buffer_sizes, input_size)) return i;
+    return -1;
+}
+
+/* Runs ops in order; buffers[i] receives op i's output (sized by the generated model.h); run
+ * intq_check once first. */
 void intq_run(const intq_op *ops, int count, const int32_t *input, int32_t **buffers) {
     int i, n;
     for (i = 0; i < count; i++) {
@@ -111,14 +166,16 @@ void intq_run(const intq_op *ops, int count, const int32_t *input, int32_t **buf
         const int32_t *x = op->input < 0 ? input : buffers[op->input];
         int32_t *y = buffers[i];
         switch (op->kind) {
-        case 0: conv2d(op, x, y); break;
-        case 1: linear(op, x, y); break;
-        case 2: maxpool(op, x, y); break;
-        case 5: add(op, x, op->input2 < 0 ? input : buffers[op->input2], y); break;
-        case 6: avgpool(op, x, y); break;
-        default:  /* flatten copies; relu clamps at the zero point */
+        case INTQ_CONV2D: conv2d(op, x, y); break;
+        case INTQ_LINEAR: linear(op, x, y); break;
+        case INTQ_MAXPOOL: maxpool(op, x, y); break;
+        case INTQ_ADD: add(op, x, op->input2 < 0 ? input : buffers[op->input2], y); break;
+        case INTQ_AVGPOOL: avgpool(op, x, y); break;
+        case INTQ_FLATTEN:
+        case INTQ_RELU:  /* flatten copies; relu clamps at the zero point */
             for (n = 0; n < op->out_c * op->out_h * op->out_w; n++)
-                y[n] = op->kind == 4 && x[n] < op->lower ? op->lower : x[n];
+                y[n] = op->kind == INTQ_RELU && x[n] < op->lower ? op->lower : x[n];
+            break;
         }
     }
 }

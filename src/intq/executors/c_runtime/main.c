@@ -9,7 +9,12 @@ int main(void) {
     int32_t input[INTQ_INPUT_SIZE];
     int image, op, i;
     long compared = 0;
-    for (op = 0; op < INTQ_OP_COUNT; op++) buffers[op] = malloc(sizeof(int32_t) * (size_t)INTQ_BUFFER_SIZES[op]);
+    int bad = intq_check(INTQ_OPS, INTQ_OP_COUNT, INTQ_BUFFER_SIZES, INTQ_INPUT_SIZE);
+    if (bad >= 0) { printf("op %d of model.h fails the runtime's shape and length check\n", bad); return 3; }
+    for (op = 0; op < INTQ_OP_COUNT; op++) {
+        buffers[op] = malloc(sizeof(int32_t) * (size_t)INTQ_BUFFER_SIZES[op]);
+        if (!buffers[op]) { printf("out of memory\n"); return 2; }
+    }
     for (image = 0; image < GOLDEN_IMAGES; image++) {
         for (i = 0; i < INTQ_INPUT_SIZE; i++) input[i] = INTQ_INPUT_LUT[GOLDEN_PIXELS[image * INTQ_INPUT_SIZE + i]];
         intq_run(INTQ_OPS, INTQ_OP_COUNT, input, buffers);

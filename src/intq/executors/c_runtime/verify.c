@@ -12,7 +12,12 @@ int main(int argc, char **argv) {
     int op, i;
     FILE *in = fopen("pixels.bin", "rb"), *out = fopen("outputs.bin", "wb");
     if (!in || !out) { fprintf(stderr, "cannot open pixels.bin / outputs.bin\n"); return 2; }
-    for (op = 0; op < INTQ_OP_COUNT; op++) buffers[op] = malloc(sizeof(int32_t) * (size_t)INTQ_BUFFER_SIZES[op]);
+    int bad = intq_check(INTQ_OPS, INTQ_OP_COUNT, INTQ_BUFFER_SIZES, INTQ_INPUT_SIZE);
+    if (bad >= 0) { fprintf(stderr, "op %d of model.h fails the runtime's shape and length check\n", bad); return 3; }
+    for (op = 0; op < INTQ_OP_COUNT; op++) {
+        buffers[op] = malloc(sizeof(int32_t) * (size_t)INTQ_BUFFER_SIZES[op]);
+        if (!buffers[op]) { fprintf(stderr, "out of memory\n"); return 2; }
+    }
     for (image = 0; image < images; image++) {
         if (fread(pixels, 1, INTQ_INPUT_SIZE, in) != INTQ_INPUT_SIZE) { fprintf(stderr, "short read\n"); return 2; }
         for (i = 0; i < INTQ_INPUT_SIZE; i++) input[i] = INTQ_INPUT_LUT[pixels[i]];
