@@ -5,9 +5,10 @@ import torch
 
 from conftest import calibrated
 from intq import model_file
-from intq.capture import Graph, Linear, Node, with_users
+from intq.capture import Graph, Linear, Node, capture, with_users
 from intq.config import RECOMMENDED, STUDY
-from intq.convert import ConversionError, convert, observed_tensors
+from intq.convert import ConversionError, check_calibration_batch, collect_statistics, convert, observed_tensors
+from intq.data import normalize
 from intq.executors.reference import run_integer
 from intq.models import Net, NetWithBias
 from intq.observers import observe
@@ -132,3 +133,82 @@ def test_per_channel_weights_keep_small_channels_that_per_tensor_rounds_away():
         if label == "per-tensor":
             assert (quantize(weight, qp)[1:] == 0).float().mean() > 0.5
     assert errors["per-channel"] < errors["per-tensor"] / 100
+
+
+# ---- the interim input guard: calibration batches must be the study's normalised pixels ----------
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
+
+
+def _graph(pixels):
+    torch.manual_seed(0)
+    return capture(Net().eval(), normalize(pixels[:2]))
+
+
+def test_mean_std_normalised_calibration_is_refused(pixels):
+    """The failing case of issue 10: per-channel mean/std inputs gave a silently wrong model."""
+    mean, std = torch.tensor(CIFAR_MEAN).reshape(1, 3, 1, 1), torch.tensor(CIFAR_STD).reshape(1, 3, 1, 1)
+    batch = (pixels.float() / 255 - mean) / std
+    with pytest.raises(ConversionError, match="calibration batch 1: values must be uint8 pixels normalised as "
+                       r"\(p/255 - 0.5\)/0.5 .* per-channel mean/std normalisation is not supported yet"):
+        collect_statistics(_graph(pixels), [batch])
+
+
+def test_the_study_normalisation_of_every_pixel_value_is_accepted():
+    every_value = torch.arange(256, dtype=torch.uint8).repeat(12).reshape(1, 3, 32, 32)
+    check_calibration_batch(normalize(every_value), 1)
+    check_calibration_batch((every_value.float() / 127.5 - 1.0), 1)  # the same grid computed otherwise
+
+
+def test_values_inside_minus_one_one_but_off_the_pixel_grid_are_refused(pixels):
+    batch = pixels.float() / 255  # [0, 1]: inside [-1, 1], but 0.5 x would be pixel 191.25
+    with pytest.raises(ConversionError, match=r"which is pixel \d+\.\d+ -- other input scalings"):
+        check_calibration_batch(batch, 1)
+
+
+def test_a_pixel_a_hundredth_of_a_step_off_the_grid_is_refused(pixels):
+    batch = normalize(pixels)
+    batch[0, 0, 0, 0] = (100.01 / 255 - 0.5) / 0.5
+    with pytest.raises(ConversionError, match="pixel 100.01"):
+        check_calibration_batch(batch, 1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_in_a_later_batch_names_that_batch(pixels, bad):
+    second = normalize(pixels[:4])
+    second[1, 2, 3, 4] = bad
+    with pytest.raises(ConversionError, match="calibration batch 2: holds NaN or Inf"):
+        collect_statistics(_graph(pixels), [normalize(pixels[4:8]), second])
+
+
+@pytest.mark.parametrize("batch, got", [
+    (torch.zeros(3, 32, 32), r"torch.float32 \(3, 32, 32\)"),
+    (torch.zeros(2, 3, 32, 32, dtype=torch.float64), r"torch.float64 \(2, 3, 32, 32\)"),
+    (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), r"torch.uint8"),
+    (np.zeros((2, 3, 32, 32), np.float32), "ndarray"),
+    ((torch.zeros(2, 3, 32, 32), torch.zeros(2)), "tuple"),
+])
+def test_a_batch_that_is_not_a_float32_nchw_tensor_is_one_line(pixels, batch, got):
+    with pytest.raises(ConversionError, match=r"calibration batch 1: expected a float32 tensor of shape "
+                       rf"\(N, C, H, W\), got {got}"):
+        collect_statistics(_graph(pixels), [batch])
+
+
+def test_a_batch_the_model_cannot_run_is_one_line(pixels):
+    with pytest.raises(ConversionError, match=r"cannot run on a batch of shape \(2, 1, 32, 32\)"):
+        collect_statistics(_graph(pixels), [torch.full((2, 1, 32, 32), -1.0)])
+
+
+def test_calibration_without_images_is_refused(pixels):
+    with pytest.raises(ConversionError, match="saw no images"):
+        collect_statistics(_graph(pixels), [normalize(pixels[:0])])
+
+
+def test_a_layer_overflowing_to_inf_during_calibration_is_named(pixels):
+    torch.manual_seed(0)
+    graph = capture(Net().eval(), normalize(pixels[:2]))
+    with torch.no_grad():
+        for node in graph.weighted():
+            node.op.weight.mul_(1e20)  # finite weights; the second conv's sums overflow float32
+    with pytest.raises(ConversionError, match="calibration batch 1: tensor '.*': tensor contains NaN or Inf"):
+        collect_statistics(graph, [normalize(pixels[:4])])

@@ -5,6 +5,7 @@ fixed-point multiplier per output channel, and a proof that its accumulator fits
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import numpy as np
@@ -58,18 +59,75 @@ def observed_tensors(graph: Graph) -> dict[str, str]:
     return names
 
 
+# The interim input assumption (until inputs can be specified): the first layer folds exactly
+# x = (p/255 - 0.5)/0.5 of uint8 pixels p (PIXEL_INPUT), so calibration must see such values.
+INPUT_ASSUMPTION = "values must be uint8 pixels normalised as (p/255 - 0.5)/0.5 (in [-1, 1] on a 2/255 grid)"
+PIXEL_TOLERANCE = 1e-3  # of one pixel step; float32 normalisation is within 2e-5 of the grid
+
+
+def check_calibration_batch(batch: object, index: int) -> None:
+    """Refuse a calibration batch the integer path would silently misread (interim guard).
+
+    Rule: a float32 tensor (N, C, H, W), finite, whose every value x maps to a pixel
+    p = (x * 255 + 255) / 2 = 127.5 x + 127.5 in [0, 255] within PIXEL_TOLERANCE of an integer.
+    Worked numbers: x = -0.6 -> p = 51.0, accepted; x = 0.5 -> p = 191.25, refused (off the grid);
+    mean/std-normalised CIFAR-10 reaches x = (1 - 0.4822) / 0.243 = 2.13, p = 399.2, refused. `index`
+    counts batches from 1 and is named in the ConversionError. Cost: ~2 ms per 1,000 images.
+    """
+    where = f"calibration batch {index}"
+    if not isinstance(batch, torch.Tensor) or batch.dtype != torch.float32 or batch.dim() != 4:
+        got = f"{batch.dtype} {tuple(batch.shape)}" if isinstance(batch, torch.Tensor) else type(batch).__name__
+        raise ConversionError(f"{where}: expected a float32 tensor of shape (N, C, H, W), got {got}")
+    if batch.numel() == 0:
+        return
+    batch = batch.detach()
+    lo, hi = (float(v) for v in torch.aminmax(batch))  # NaN anywhere makes both NaN
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ConversionError(f"{where}: holds NaN or Inf; {INPUT_ASSUMPTION}")
+    if lo * 127.5 + 127.5 < -PIXEL_TOLERANCE or hi * 127.5 + 127.5 > 255 + PIXEL_TOLERANCE:
+        raise ConversionError(f"{where}: {INPUT_ASSUMPTION}; got values in [{lo:.3g}, {hi:.3g}] -- "
+                              "per-channel mean/std normalisation is not supported yet")
+    # Distance of p to the nearest integer is |frac(p + 0.5) - 0.5| (p + 0.5 > 0 here); float32
+    # keeps p within 2e-5 of a step for p <= 255.
+    fraction = torch.mul(batch, 127.5).add_(128.0).frac_()
+    low, high = (float(v) for v in torch.aminmax(fraction))
+    if max(0.5 - low, high - 0.5) > PIXEL_TOLERANCE:
+        worst = int((fraction - 0.5).abs_().reshape(-1).argmax())  # (N, C, H, W) -> (N*C*H*W,)
+        value = float(batch.reshape(-1)[worst])
+        raise ConversionError(f"{where}: {INPUT_ASSUMPTION}; got {value:.6g}, which is pixel "
+                              f"{value * 127.5 + 127.5:.4f} -- other input scalings are not supported yet")
+
+
 def collect_statistics(graph: Graph, batches: Iterable[torch.Tensor]) -> dict[str, TensorStats]:
     """One streaming pass of the float graph over `batches` (normalised float images), observing
-    the input and every layer's quantization point: the statistics `convert` needs."""
+    the input and every layer's quantization point: the statistics `convert` needs.
+
+    Each batch is first checked against the input assumption (check_calibration_batch); a batch
+    that breaks it, no images at all, or a layer producing NaN/Inf raise ConversionError."""
     observers = {name: TensorObserver() for name in observed_tensors(graph).values()}
+    index = 0
 
     def visit(name: str, value: torch.Tensor) -> None:
-        if name in observers:
+        if name not in observers:
+            return
+        try:
             observers[name].update(value)
+        except ValueError as err:  # NaN or Inf from a layer: name it rather than fail deep inside
+            raise ConversionError(f"calibration batch {index}: tensor {name!r}: {err}") from None
 
     with torch.no_grad():
-        for batch in batches:
-            run_float(graph, batch, visit)
+        for index, batch in enumerate(batches, 1):
+            check_calibration_batch(batch, index)
+            if batch.numel() == 0:
+                continue  # nothing to observe (and a 0-image batch cannot be flattened)
+            try:
+                run_float(graph, batch, visit)
+            except RuntimeError as err:  # e.g. 1 channel into a 3-channel conv: torch's message, one line
+                reason = " ".join(str(err).split())[:300]
+                raise ConversionError(f"calibration batch {index}: the model cannot run on a batch of shape "
+                                      f"{tuple(batch.shape)} ({reason})") from None
+    if observers[graph.input_name].count == 0:
+        raise ConversionError("calibration saw no images (every batch was empty, or there were none)")
     return {name: observer.stats() for name, observer in observers.items()}
 
 
