@@ -2,10 +2,11 @@
 
 Tensors between layers are integer dtypes (int16 input, int8/uint8 activations). Inside a
 convolution the multiply-accumulate runs as a float convolution on integer-valued tensors, which
-is exact when every partial sum is an integer below 2^24 (float32) or 2^53 (float64): the layer's
-proven accumulator bound picks the dtype (docs/math.md eq. 11, DESIGN.md). The result is then
-requantized: with integer multiply, add and shift (eq. 20), or, where eq. 24 proves the same
-integers, as one float64 multiply-add and a floor (2.7x faster than eq. 20 without AVX-512).
+is exact when every partial sum is an integer below 2^24 (float32) or 2^53 (float64) and the
+backend sums the products directly: the layer's proven accumulator bound picks the dtype (docs/math.md
+eq. 11), and check_exact_sums proves the backend once per process. The result is then requantized:
+with integer multiply, add and shift (eq. 20), or, where eq. 24 proves the same integers, as one
+float64 multiply-add and a floor (2.7x faster than eq. 20 without AVX-512).
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ SELF_TEST_CONVOLUTIONS = ((64, 3, 1, 1, 1), (32, 1, 1, 0, 1), (16, 5, 1, 2, 1), 
 def check_exact_sums(device_type: str, dtype: torch.dtype) -> None:
     """Once per process, device and dtype: integer_conv2d against int64 arithmetic on seeded integer
     data with partial sums up to ~2^23 (float32) or ~2^31 (float64); ExecutionError naming the
-    backend if any value differs (the reference's exactness rests on it, DESIGN.md)."""
+    backend if any value differs (the exactness of exact_products rests on it, docs/math.md eq. 11)."""
     generator = torch.Generator().manual_seed(0)
     wide = dtype == torch.float64
     for channels, kernel, stride, padding, groups in SELF_TEST_CONVOLUTIONS:
