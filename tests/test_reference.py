@@ -140,3 +140,12 @@ def test_self_test_passes_on_this_backend():
     reference.check_exact_sums.cache_clear()
     reference.check_exact_sums("cpu", torch.float32)
     reference.check_exact_sums("cpu", torch.float64)
+
+
+def test_images_of_another_size_or_type_are_refused_naming_both(seeded_model, pixels):
+    graph, stats = calibrated(seeded_model, pixels)
+    model = convert(graph, stats, RECOMMENDED)
+    with pytest.raises(ExecutionError, match=r"takes images of shape \(3, 32, 32\).*got \(3, 64, 64\)"):
+        run_integer(model, torch.zeros((2, 3, 64, 64), dtype=torch.uint8))
+    with pytest.raises(ExecutionError, match="uint8 pixels of shape"):
+        run_integer(model, pixels.float())

@@ -272,6 +272,17 @@ def _users(model: IntegerModel) -> dict[str, int]:
     return counts
 
 
+def check_pixels(model: IntegerModel, pixels: torch.Tensor) -> None:
+    """uint8 pixels (N, C, H, W) of the size the model was calibrated at (its average pools and linear
+    layers are fixed to it); ExecutionError naming both shapes otherwise."""
+    if not isinstance(pixels, torch.Tensor) or pixels.dtype != torch.uint8 or pixels.dim() != 4:
+        got = f"{pixels.dtype} {tuple(pixels.shape)}" if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+        raise ExecutionError(f"input must be uint8 pixels of shape (N, C, H, W), got {got}")
+    if tuple(pixels.shape[1:]) != tuple(model.input.shape):
+        raise ExecutionError(f"the model takes images of shape {tuple(model.input.shape)} (C, H, W), the size it "
+                             f"was calibrated at; got {tuple(pixels.shape[1:])}")
+
+
 def run_integer(
     model: IntegerModel, pixels: torch.Tensor, visit: Callable[[str, torch.Tensor], None] | None = None
 ) -> torch.Tensor:
@@ -280,6 +291,7 @@ def run_integer(
     With `visit(name, q)` every op's output is materialised and shown; without it, a layer whose
     only user is a max-pool is fused with it (run_layer_then_pool), which gives the same integers.
     """
+    check_pixels(model, pixels)
     if visit is None and len(pixels) > CHUNK:
         return torch.cat([run_integer(model, chunk) for chunk in pixels.split(CHUNK)])
     values = {model.input_name: pixels_to_input(pixels, model)}
