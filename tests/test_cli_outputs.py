@@ -225,3 +225,12 @@ def test_an_unexpected_exception_is_one_line_and_intq_debug_shows_the_traceback(
     monkeypatch.setenv("INTQ_DEBUG", "1")
     with pytest.raises(RuntimeError, match="boom"):
         cli.main(["eval", "model.npz"])
+
+
+def test_a_failed_staged_output_leaves_no_folder_it_created(tmp_path):
+    out = tmp_path / "new" / "out"
+    with pytest.raises(RuntimeError):
+        with files.staged_output(out) as staging:
+            (staging / "partial.json").write_text("{}")
+            raise RuntimeError("failed mid-run")
+    assert not out.exists()

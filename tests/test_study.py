@@ -121,3 +121,16 @@ def test_sweep_and_run_train_identical_weights_whatever_the_thread_count(tmp_pat
     assert not cached
     for (name, a), b in zip(swept.state_dict().items(), ran.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_calib_samples_above_the_training_set_is_refused_and_no_folder_is_left(tmp_path):
+    """`intq run --calib-samples` larger than the data used all images silently; now one line, and the
+    output folder the run would have created does not exist afterwards."""
+    from conftest import write_image_folder
+    from hostile import run_cli
+
+    data = write_image_folder(tmp_path / "images", 2, 1)
+    result = run_cli(["run", "--data", data, "--cache", tmp_path / "cache", "--out", tmp_path / "out",
+                      "--calib-samples", "21"])
+    assert result.code == 2 and "--calib-samples 21: the training set has 20 images" in result.err
+    assert not (tmp_path / "out").exists()

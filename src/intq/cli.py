@@ -395,7 +395,7 @@ def _explain(args: argparse.Namespace) -> None:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--index: expected integers like 2,10,5, got {args.index!r}") from None
     model = model_file.load(_existing_file(args.model_file))
-    data = load_cifar10(args.data, args.cache)
+    data = _dataset(args)
     if not 0 <= args.image < len(data.test_images):
         raise argparse.ArgumentTypeError(f"--image {args.image}: the test set has {len(data.test_images)} images")
     graph = cached_float_graph(model, data, args.cache)
@@ -411,7 +411,7 @@ def _export_c(args: argparse.Namespace) -> None:
     _existing_file(args.model_file)
     check_writable(args.out, folder=True)
     model = model_file.load(args.model_file)
-    data = load_cifar10(args.data, args.cache)
+    data = _dataset(args)
     images = checked_count("--images", args.images, len(data.test_images), "test images", GOLDEN_IMAGES)
     written = export_c(model, data.test_images[:images], args.out)
     print(f"wrote {', '.join(path.name for path in written)} to {args.out}/")
@@ -440,7 +440,7 @@ def _train(args: argparse.Namespace) -> None:
         raise argparse.ArgumentTypeError(f"--lr must be a finite number above 0, got {args.lr}")
     out = check_writable(args.out or Path("runs") / args.arch / f"{args.arch}.npz")  # before an hour of training
     recipe = ClassifierRecipe(args.epochs, args.batch_size, args.lr)
-    result = train_architecture(args.arch, load_cifar10(args.data, args.cache), recipe, args.seed, out)
+    result = train_architecture(args.arch, _dataset(args), recipe, args.seed, out)
     print(f"checkpoint {out}; {result['seconds']:.0f} s; test accuracy {result['history'][-1]['test_accuracy']:.2f}%")
 
 
@@ -451,7 +451,7 @@ def _quantize(args: argparse.Namespace) -> None:
     cell = _cell(args)
     label = args.preset if cell is None else f"{cell.method}-w{cell.wbits}a{cell.abits}-{cell.granularity}"
     out = check_writable(args.out or args.checkpoint.with_name(f"{args.checkpoint.stem}-{label}-int.npz"))
-    data = load_cifar10(args.data, args.cache)
+    data = _dataset(args)
     samples = checked_count("--calib-samples", args.calib_samples, len(data.train_images), "training images",
                             CALIBRATION_IMAGES)
     result = quantize_checkpoint(model, data, config, samples, args.seed, out,
@@ -462,13 +462,13 @@ def _quantize(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     model = model_file.load(_existing_file(args.model_file))
-    print(f"{args.model_file}: integer-only test accuracy {integer_accuracy(model, load_cifar10(args.data, args.cache)):.2f}%")
+    print(f"{args.model_file}: integer-only test accuracy {integer_accuracy(model, _dataset(args)):.2f}%")
 
 
 def _verify(args: argparse.Namespace) -> None:
     _at_least("--images", args.images, 1)
     model = model_file.load(_existing_file(args.model_file))
-    test_images = load_cifar10(args.data, args.cache).test_images
+    test_images = _dataset(args).test_images
     pixels = test_images[: checked_count("--images", args.images, len(test_images), "test images")]
     for name, row in verify(model, pixels, _words(args.executors), args.engine).items():
         print(f"{name}: {row['values']:,} output values on {len(pixels):,} images; differing {100 * row['differing_share']:.4f}%, "
@@ -482,7 +482,7 @@ def _compare(args: argparse.Namespace) -> None:
     config = _config(args, args.model)
     _at_least("--calib-samples", args.calib_samples, 1)
     _checkpoint_model(args.model)
-    data = load_cifar10(args.data, args.cache)
+    data = _dataset(args)
     samples = checked_count("--calib-samples", args.calib_samples, len(data.train_images), "training images",
                             COMPARE_CALIBRATION_IMAGES)
     name, model = load_model(SweepOptions(args.model, args.data, Path("."), args.cache, args.seed, arch=args.arch), data)
@@ -539,6 +539,11 @@ def interrupted_message(written: list[Path], cache: Path | None) -> str:
         return "interrupted; no output was written"
     shown = ", ".join(outputs[:3]) + (f" and {len(outputs) - 3} more" if len(outputs) > 3 else "")
     return f"interrupted; wrote {shown}; nothing else was written"
+
+
+def _dataset(args: argparse.Namespace):
+    """CIFAR-10 from --data via --cache, its progress (decoding, a corrupt cache rebuilt) on stdout."""
+    return load_cifar10(args.data, args.cache, progress=print)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -187,20 +187,33 @@ def staged_output(out_dir: Path) -> Iterator[Path]:
     staging folder is removed; OSErrors become OutputError naming the path.
     """
     out_dir = Path(out_dir)
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out_dir)
         staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out_dir))
     except OSError as err:
         raise OutputError(f"cannot write to {out_dir}: {_reason(err)}") from None
+    moved = False
     try:
         yield staging
         for path in _move_set(staging, out_dir):
             _record(path)
+        moved = True
     except OSError as err:
         raise OutputError(f"cannot write {getattr(err, 'filename', None) or out_dir}: {_reason(err)}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not moved:
+            _remove_if_empty(out_dir)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """A folder this run created and filled with nothing does not outlive a failed run."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def _move_set(staging: Path, out_dir: Path) -> list[Path]:

@@ -24,7 +24,7 @@ from intq.config import STUDY_PRESETS, QConfig
 from intq.convert import collect_statistics, convert, observed_tensors
 from intq.costs import layer_costs, measured_speed, model_costs
 from intq.data import load_cifar10, normalize
-from intq.files import ensure_writable_dir, remove_stale_temporaries, staged_output, write_json
+from intq.files import check_writable, remove_stale_temporaries, staged_output, write_json
 from intq.executors.reference import run_integer
 from intq.integer_model import IntegerModel, output_bounds
 from intq.models import MODELS
@@ -335,8 +335,10 @@ def run_study(options: StudyOptions, log=print) -> dict:
 
     start = time.perf_counter()
     check_options(options)
-    out_dir = ensure_writable_dir(options.out_dir)
+    out_dir = check_writable(options.out_dir, folder=True)  # staged_output creates it; a failed run leaves none
     data = load_cifar10(options.data_dir, options.cache_dir, download=True, progress=log)
+    if options.calib_samples is not None and options.calib_samples > len(data.train_images):
+        raise StudyError(f"--calib-samples {options.calib_samples}: the training set has {len(data.train_images):,} images")
     log(f"data: {data.source}")
     timings = {"data": time.perf_counter() - start}
     with staged_output(out_dir) as staging:
