@@ -98,3 +98,23 @@ def test_classifier_training_records_its_thread_count():
     history = train_classifier(Net(), images, labels, ClassifierRecipe(epochs=1, batch_size=8), seed=0,
                                log=lambda line: None)
     assert history[0]["threads"] == torch.get_num_threads()
+
+
+def test_an_altered_or_truncated_weights_cache_is_not_used(tmp_path):
+    """The weights cache carries a SHA-256 of its arrays: a changed value or a cut file means train again."""
+    import numpy as np
+
+    from intq.train import load_weights, save_weights
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    path = tmp_path / "w.npz"
+    save_weights(model, [(0, 1, 0.5)], path)
+    assert load_weights(torch.nn.Linear(4, 2), path) == [(0, 1, 0.5)]
+    with np.load(path) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    arrays["param.weight"] = arrays["param.weight"] + 1e-3
+    np.savez(path, **arrays)
+    assert load_weights(torch.nn.Linear(4, 2), path) is None
+    path.write_bytes(path.read_bytes()[:100])
+    assert load_weights(torch.nn.Linear(4, 2), path) is None

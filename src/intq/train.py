@@ -12,6 +12,7 @@ recipe and training runs with exactly that many threads, whatever the caller's s
 from __future__ import annotations
 
 import hashlib
+import zipfile
 import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -145,24 +146,41 @@ def weights_key(model_name: str, recipe: Recipe, seed: int, data_fingerprint: st
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over every array's name, dtype, shape and bytes, in name order: what a cached file's
+    contents must hash to when read back."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name} {array.dtype.str} {array.shape}\n".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 def save_weights(model: nn.Module, losses: list, path: Path) -> None:
-    """state_dict as a pickle-free .npz (plus the logged losses), written atomically."""
+    """state_dict as a pickle-free .npz (plus the logged losses and their SHA-256), written atomically."""
     arrays = {f"param.{k}": v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     arrays["losses"] = np.array(losses, dtype=np.float64).reshape(-1, 3)
+    arrays["sha256"] = np.frombuffer(arrays_digest(arrays).encode(), np.uint8)
     with atomic_write(path, "wb") as handle:
         np.savez(handle, **arrays)
 
 
 def load_weights(model: nn.Module, path: Path) -> list[tuple[int, int, float]] | None:
-    """Load weights saved by save_weights; None when the file is missing or does not fit."""
+    """Load weights saved by save_weights; None (train again) when the file is missing, does not fit
+    the model, or its arrays no longer hash to the SHA-256 stored with them (altered or corrupt)."""
     if not path.exists():
         return None
     try:
         with np.load(path, allow_pickle=False) as archive:
-            state = {k[len("param."):]: torch.from_numpy(archive[k]) for k in archive.files if k.startswith("param.")}
-            losses = [(int(e), int(s), float(v)) for e, s, v in archive["losses"]]
+            arrays = {key: archive[key] for key in archive.files}
+        stored = arrays.pop("sha256").tobytes().decode("ascii")
+        if stored != arrays_digest(arrays):
+            return None
+        state = {k[len("param."):]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("param.")}
+        losses = [(int(e), int(s), float(v)) for e, s, v in arrays["losses"]]
         model.load_state_dict(state)
-    except (OSError, ValueError, KeyError, RuntimeError):
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, UnicodeDecodeError, zipfile.BadZipFile):
         return None
     return losses
 
