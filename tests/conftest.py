@@ -4,12 +4,51 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 from intq.capture import capture
 from intq.convert import collect_statistics
 from intq.data import CIFAR10_CLASSES
 from intq.models import Net, NetWithBias
+
+
+class Strided(nn.Module):
+    """Padding, stride, dilation and groups, so the window arithmetic is exercised."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=True)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, bias=False)
+        self.fc = nn.Linear(6 * 16 * 16, 5)
+
+    def forward(self, x):
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return self.fc(torch.flatten(x, 1))
+
+
+class Residual(nn.Module):
+    """conv-BN-ReLU, a residual block with a 1x1 projection, ReLU6, average pools, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv_a = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.conv_b = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.project = nn.Conv2d(8, 16, 1, stride=2)
+        self.pool = nn.AvgPool2d(2)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        y = F.relu6(self.conv_a(x))
+        y = self.conv_b(y)
+        x = F.relu(y + self.project(x))
+        x = self.pool(x)
+        x = F.adaptive_avg_pool2d(x, 1)
+        return self.head(torch.flatten(x, 1))
 
 
 def make_pixels(count: int, seed: int = 0) -> torch.Tensor:

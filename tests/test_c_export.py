@@ -6,12 +6,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import calibrated, make_pixels
+from conftest import Residual, Strided, calibrated, make_pixels
 from intq.config import RECOMMENDED, STUDY
 from intq.convert import convert
 from intq.executors.c_export import export_c
 from intq.models import NetWithBias
-from test_explain import Strided
 
 COMPILER = shutil.which("cc") or shutil.which("gcc")
 pytestmark = pytest.mark.skipif(COMPILER is None, reason="no C compiler")
@@ -55,8 +54,6 @@ def test_c_check_detects_a_wrong_value(tmp_path):
 
 @pytest.mark.parametrize("config", [STUDY, RECOMMENDED], ids=["study", "recommended"])
 def test_c_model_with_residual_add_and_average_pools_is_bit_exact(tmp_path, config):
-    from test_ops import Residual
-
     torch.manual_seed(0)
     model = Residual().eval()
     pixels = make_pixels(6)

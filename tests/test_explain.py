@@ -3,29 +3,13 @@ from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from conftest import calibrated, make_pixels
+from conftest import Residual, Strided, calibrated, make_pixels
 from intq.config import RECOMMENDED, STUDY
 from intq.convert import convert
 from intq.executors.reference import accumulate, run_integer
 from intq.explain import ExplainError, explain
 from intq.models import NetWithBias
-
-
-class Strided(nn.Module):
-    """Padding, stride, dilation and groups, so the window arithmetic is exercised."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=True)
-        self.conv2 = nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, bias=False)
-        self.fc = nn.Linear(6 * 16 * 16, 5)
-
-    def forward(self, x):
-        x = F.relu(self.conv2(F.relu(self.conv1(x))))
-        return self.fc(torch.flatten(x, 1))
 
 
 def every_index(shape, count=40, seed=0):
@@ -86,7 +70,6 @@ def test_explain_applies_a_relu6_upper_clamp():
     """conv_a of the residual test model ends in ReLU6. Calibrated ranges never pass 6, so give its
     output a scale three times coarser: then 6 / s is about 85 codes and the clamp's upper bound binds."""
     from intq.qparams import QParams
-    from test_ops import Residual
 
     torch.manual_seed(0)
     pixels = make_pixels(16)

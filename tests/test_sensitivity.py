@@ -1,12 +1,14 @@
 """`intq sensitivity`: ranked per-layer table and a greedy mixed-precision model that meets its floor."""
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import write_image_folder
 from intq.cli import main
-from intq.sensitivity import BIT_LADDER, split_indices
+from intq.sensitivity import BIT_LADDER, greedy_mixed_precision, split_indices
 
 
 @pytest.fixture(scope="module")
@@ -46,3 +48,48 @@ def test_calibration_and_validation_images_are_disjoint():
 def test_bad_bits_are_named(tmp_path, capsys):
     assert main(["sensitivity", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--bits", "1"]) == 2
     assert "--bits" in capsys.readouterr().err
+
+
+class StubEvaluator:
+    """What greedy_mixed_precision asks of an evaluator: the layers, a graph whose weighted nodes give
+    each layer's weight count, and a validation accuracy per assignment (80 minus a known cost per
+    layer and width)."""
+
+    SIZES = {"a": 100, "b": 1000, "c": 10}
+    COSTS = {"a": {8: 0, 6: 0, 4: 1, 3: 3, 2: 10},
+             "b": {8: 0, 6: 0, 4: 0.5, 3: 0.5, 2: 5},
+             "c": {8: 0, 6: 2, 4: 4, 3: 6, 2: 8}}
+
+    def __init__(self):
+        self.layers = list(self.SIZES)
+        nodes = [SimpleNamespace(name=name, op=SimpleNamespace(weight=torch.zeros(size))) for name, size in self.SIZES.items()]
+        self.graph = SimpleNamespace(weighted=lambda: nodes)
+        self.asked = []
+
+    def accuracy(self, layer_bits):
+        self.asked.append(dict(layer_bits))
+        return 80 - sum(self.COSTS[layer][bits] for layer, bits in layer_bits.items())
+
+
+def test_greedy_search_takes_the_best_move_until_the_floor():
+    """By hand, floor 78: b 8->6 (80, ties a 8->6 and saves more bits), a 8->6 (80), b 6->4 (79.5),
+    b 4->3 (79.5), a 6->4 (78.5); then every move falls below 78."""
+    lines = []
+    chosen, accuracy = greedy_mixed_precision(StubEvaluator(), 78, lines.append)
+    assert chosen == {"a": 4, "b": 3, "c": 8} and accuracy == 78.5
+    assert lines == ["  a=8, b=6, c=8: validation 80.00%", "  a=6, b=6, c=8: validation 80.00%",
+                     "  a=6, b=4, c=8: validation 79.50%", "  a=6, b=3, c=8: validation 79.50%",
+                     "  a=4, b=3, c=8: validation 78.50%"]
+
+
+def test_greedy_search_with_no_feasible_move_keeps_every_layer_at_8_bits():
+    evaluator = StubEvaluator()
+    assert greedy_mixed_precision(evaluator, 80.5, lambda line: None) == ({"a": 8, "b": 8, "c": 8}, 80)
+    assert len(evaluator.asked) == 4  # the 8-bit start, then one trial per layer
+
+
+def test_greedy_search_lowers_every_layer_to_the_last_rung_when_nothing_costs():
+    evaluator = StubEvaluator()
+    evaluator.COSTS = {layer: dict.fromkeys(BIT_LADDER, 0) for layer in evaluator.layers}
+    chosen, accuracy = greedy_mixed_precision(evaluator, 80, lambda line: None)
+    assert chosen == dict.fromkeys(evaluator.layers, BIT_LADDER[-1]) and accuracy == 80
