@@ -5,10 +5,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
+from conftest import Residual, Strided, calibrated, make_pixels
+from intq import fixed_point, model_file
+from intq.config import PRESETS
+from intq.convert import convert
 from intq.fixed_point import (float64_requantizer, multiply_by_quantized_multiplier, quantize_multiplier, quantize_multipliers,
-                              requantize, requantize_float64, requantize_with_bias, rounding_right_shift)
+                              requantize, requantize_float64, requantize_with_bias, round_half_away, rounding_right_shift)
+from intq.models import Net, NetWithBias
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 EDGES = [0, 1, -1, INT32_MIN + 1, INT32_MIN + 2, INT32_MAX - 1, INT32_MAX, 12345, -12345]
@@ -38,6 +43,57 @@ def test_mantissa_that_rounds_up_to_two_to_the_31_is_renormalised():
 def test_tiny_multiplier_becomes_zero_and_zero_stays_zero():
     assert quantize_multiplier(0.0) == (0, 0)
     assert quantize_multiplier(1e-30) == (0, 0)
+
+
+def old_round_half_away(x: float) -> float:
+    """The form round_half_away had before: floor(|x| + 0.5), which eq. 2 warns against."""
+    return math.copysign(math.floor(abs(x) + 0.5), x) if abs(x) < 2**52 else x
+
+
+@pytest.mark.parametrize("value, expected", [(2.5, 3), (-2.5, -3), (0.5, 1), (-0.5, -1), (1.5, 2), (2.4999, 2),
+                                             (0.0, 0), (0.49999999999999994, 0), (-0.49999999999999994, 0),
+                                             (1.4999999999999998, 1), (2.0**52 + 1, 2**52 + 1), (2.0**60, 2**60)])
+def test_round_half_away_worked_values(value, expected):
+    assert round_half_away(value) == expected
+
+
+def test_round_half_away_is_exact_where_the_old_form_was_not():
+    """floor(|x| + 0.5) rounded 0.49999999999999994 up: |x| + 0.5 rounds to 1.0 in float64."""
+    assert old_round_half_away(0.49999999999999994) == 1.0
+    assert round_half_away(0.49999999999999994) == 0.0
+    assert round_half_away(float("inf")) == float("inf") and math.isnan(round_half_away(float("nan")))
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_round_half_away_matches_exact_rounding(value):
+    assert round_half_away(value) == exact_round(Fraction(value))
+
+
+@settings(max_examples=1000)
+@given(st.one_of(st.floats(0.5, 1.0, exclude_max=True),
+                 st.integers(2**30, 2**31 - 1).map(lambda k: math.nextafter(k + 0.5, 0.0) / 2**31),
+                 st.integers(2**30, 2**31 - 1).map(lambda k: (k + 0.5) / 2**31)))
+def test_mantissas_are_the_ones_the_old_rounding_gave(fraction):
+    """quantize_multiplier rounds f 2^31, f in [0.5, 1) (frexp): floats in [2^30, 2^31) are 2^-22 apart,
+    so |x| + 0.5 is exact there and the old form was exact too: no mantissa moves."""
+    x = fraction * 2**31
+    assert round_half_away(x) == old_round_half_away(x) == exact_round(Fraction(x))
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_converted_models_are_the_same_with_the_old_rounding(preset, monkeypatch):
+    """Every mantissa of the test models under each preset, converted with the exact rounding and with
+    floor(|x| + 0.5): the same model arrays."""
+    pixels = make_pixels(16)
+    for model_class in (Net, NetWithBias, Strided, Residual):
+        torch.manual_seed(0)
+        graph, stats = calibrated(model_class().eval(), pixels)
+        exact = model_file.to_arrays(convert(graph, stats, PRESETS[preset]))
+        with monkeypatch.context() as patch:
+            patch.setattr(fixed_point, "round_half_away", old_round_half_away)
+            old = model_file.to_arrays(convert(graph, stats, PRESETS[preset]))
+        assert exact.keys() == old.keys()
+        assert all(np.array_equal(exact[key], old[key]) for key in exact), model_class.__name__
 
 
 @pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf")])
@@ -147,11 +203,9 @@ def test_requantize_float64_equals_requantize_where_proven(multiplier, bound, bi
     lower = max(type_range[0], min(zero_point, type_range[1])) if relu else type_range[0]
     upper = type_range[1]
     constants = float64_requantizer(np.array([mantissa]), np.array([shift]), np.array([bias]), zero_point, lower, upper, bound)
-    if constants is None:
-        return
+    assume(constants is not None)
     low, high = max(-bound, -bound - bias), min(bound, bound - bias)
-    if low > high:
-        return
+    assume(low <= high)
     products = data.draw(st.lists(st.integers(low, high), min_size=1, max_size=32))
     products += [low, high, min(max(0, low), high)] + _near_ties(mantissa, shift, bias, bound)
     p = torch.tensor(products, dtype=torch.int64)

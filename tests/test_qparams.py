@@ -1,4 +1,5 @@
 """The affine mapping against exact rational arithmetic (tolerance 0)."""
+from dataclasses import replace
 from fractions import Fraction
 import math
 
@@ -7,6 +8,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from intq.calibration import MSE, MinMax, NSigma
+from intq.config import WeightConfig
+from intq.convert import weight_qparams
+from intq.integer_model import accumulator_bound
 from intq.qparams import INT8, UINT8, IntType, Scheme, choose_qparams, dequantize, quantize, round_half_away_from_zero
 
 
@@ -134,3 +139,38 @@ def test_a_range_whose_scale_underflows_gets_a_usable_scale():
     """hi = 1e-322: (hi - lo) / 255 underflows float64 to 0; the range is treated as zero-width."""
     qp = choose_qparams(0.0, 1e-322, UINT8, Scheme.ASYMMETRIC)
     assert float(qp.scale) == 1.0 and int(qp.zero_point) == 0
+
+
+def test_restricted_changes_no_symmetric_scale():
+    """A symmetric signed scale always divides by 2^(b-1) - 1 (eq. 3); `restricted` changes it only
+    for the asymmetric and span schemes."""
+    for dtype in (INT8, IntType(2, True)):
+        plain = choose_qparams(-0.5, 0.6, dtype, Scheme.SYMMETRIC)
+        restricted = choose_qparams(-0.5, 0.6, dtype, Scheme.SYMMETRIC, restricted=True)
+        assert float(plain.scale) == float(restricted.scale) == 0.6 / dtype.qmax
+    assert float(choose_qparams(-1.0, 1.0, INT8, Scheme.SPAN, restricted=True).scale) == 2.0 / 254
+
+
+def outlier_weights() -> torch.Tensor:
+    """(2, 200) conv-like weights: small values and one large negative outlier per channel."""
+    weight = torch.randn(2, 200, generator=torch.Generator().manual_seed(0)) * 0.05
+    weight[:, 0] = torch.tensor([-1.0, -0.8])
+    return weight
+
+
+@pytest.mark.parametrize("bits", [8, 2])
+@pytest.mark.parametrize("method", ["mse", "nsigma"])
+def test_clipped_weights_reach_the_types_minimum_and_the_bound_counts_it(bits, method):
+    """The restricted range sets the scale, not the type: a weight beyond a clipping range quantizes
+    to qmin = -2^(b-1) (-128, or -2 at 2 bits), and the accumulator bound (eq. 11) adds 2^(b-1) for it."""
+    weight = outlier_weights()
+    config = WeightConfig({"mse": MSE(), "nsigma": NSigma(3.0)}[method], Scheme.SYMMETRIC, per_channel=True, bits=bits)
+    q = quantize(weight, weight_qparams(weight, config))
+    qmin = -(2 ** (bits - 1))
+    assert q[:, 0].tolist() == [qmin, qmin] and int(q.min()) == qmin
+    input_qp = choose_qparams(0.0, 1.0, UINT8, Scheme.ASYMMETRIC)  # z = 0: max|q_x - z_x| = 255
+    bound = accumulator_bound(q.numpy(), None, input_qp)
+    assert bound == max(sum(abs(int(v)) for v in row) for row in q.tolist()) * 255
+    assert bound > accumulator_bound(q.clamp(min=qmin + 1).numpy(), None, input_qp)
+    minmax = quantize(weight, weight_qparams(weight, replace(config, method=MinMax())))
+    assert int(minmax.min()) == qmin + 1  # a range that covers every weight stops at -(2^(b-1) - 1)

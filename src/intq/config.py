@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from intq.calibration import MSE, MinMax, NSigma, Percentile
+from intq.calibration import MSE, Entropy, MinMax, NSigma, Percentile
 from intq.qparams import Scheme
 
-RangeMethod = MinMax | NSigma | Percentile | MSE
+RangeMethod = MinMax | NSigma | Percentile | MSE | Entropy
 
 
 @dataclass(frozen=True)

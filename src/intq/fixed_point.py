@@ -47,8 +47,18 @@ def quantize_multiplier(multiplier: float) -> tuple[int, int]:
 
 
 def round_half_away(x: float) -> float:
-    """Scalar round half away from zero: 2.5 -> 3.0, -2.5 -> -3.0."""
-    return math.copysign(math.floor(abs(x) + 0.5), x) if abs(x) < 2**52 else x
+    """Scalar round half away from zero (eq. 2): 2.5 -> 3.0, -2.5 -> -3.0, 0.49999999999999994 -> 0.0.
+
+    floor(|x|) plus one where the fraction |x| - floor(|x|) is >= 1/2; the fraction is exact in
+    float64 (Sterbenz), unlike floor(|x| + 0.5): 0.49999999999999994 + 0.5 rounds to 1.0. On
+    quantize_multiplier's arguments, [2^30, 2^31) where floats are 2^-22 apart, both forms agree.
+    Infinities and NaN come back unchanged.
+    """
+    if not math.isfinite(x):
+        return x
+    magnitude = abs(x)
+    whole = math.floor(magnitude)
+    return math.copysign(whole + (1 if magnitude - whole >= 0.5 else 0), x)
 
 
 def quantize_multipliers(multipliers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -169,9 +179,13 @@ def float64_requantizer(
         trailing = (m0 & -m0).bit_length() - 1 if m0 else 0
         numerator = q_b * m0 + (zero_point << s) + (1 << (s - 1))  # c = numerator / 2^s
         exact_range = 1 << FLOAT64_MANTISSA_BITS  # R 2^s
-        if ((m0 and (s - 1 - trailing < 0 or 1 << (s - 1 - trailing) <= bound))
-                or abs(numerator) >= exact_range or exact_range <= largest << s
-                or (bound * m0 >= exact_range and exact_range < 2 * ((largest + 2) << s) + 2 * abs(numerator))):
+        # 1. no x is a tie: 2^(s-1-t) > bound (or M0 = 0)
+        no_ties = not m0 or (s - 1 - trailing >= 0 and 1 << (s - 1 - trailing) > bound)
+        # 2. |c| < R (c exact in float64) and R > m
+        offset_exact = abs(numerator) < exact_range and exact_range > largest << s
+        # 3. every |p M0| < 2^53 (p M exact), or R >= 2 (m + |c| + 2) keeps a rounded T beyond the clamp
+        rounding_hidden = bound * m0 < exact_range or exact_range >= 2 * ((largest + 2) << s) + 2 * abs(numerator)
+        if not (no_ties and offset_exact and rounding_hidden):
             return None
         multipliers.append(math.ldexp(m0, -s))
         offsets.append(math.ldexp(numerator, -s))

@@ -49,7 +49,8 @@ INT32 = IntType(32, True)
 class Scheme(Enum):
     """How a range [lo, hi] becomes (scale, zero_point) (eq. 3-5).
 
-    SYMMETRIC:  z = 0, s = max(|lo|, |hi|) / qmax_r, qmax_r = qmax (or 2^(b-1) - 1 restricted).
+    SYMMETRIC:  z = 0, s = max(|lo|, |hi|) / qmax' with qmax' = 2^(b-1) - 1 signed (the range maps
+                onto -qmax'..qmax', one code short of qmin), qmax' = 2^b - 1 unsigned.
     ASYMMETRIC: s = (hi - lo) / (qmax - qmin), z = round(qmin - lo / s).
     SPAN:       z = 0, s = (hi - lo) / (qmax - qmin): the seed study's bookkeeping, a range
                 width spread over all 2^b codes but used symmetrically around zero.
@@ -109,7 +110,13 @@ def choose_qparams(
     Symmetric int8 of [-0.5, 0.6] restricted: s = 0.6 / 127 = 0.0047244, z = 0. Asymmetric uint8
     of [0, 10.2]: s = 10.2 / 255 = 0.04, z = 0. A zero-width range (an all-zero tensor) gets
     s = 1, z = 0 (or qmin for unsigned): every value is exactly representable, nothing divides by 0.
-    `restricted` uses qmin = -(2^(b-1) - 1) for symmetric signed weights, so -q never overflows.
+    `restricted` (signed types) counts codes from qmin' = -(2^(b-1) - 1): it changes ASYMMETRIC and
+    SPAN scales (2^b - 2 steps) and z's clip; a SYMMETRIC signed scale is the same with or without
+    it, since it always divides by qmax = 2^(b-1) - 1. Either way the restriction sets only the
+    scale, not the type: `quantize` clamps to the full [qmin, qmax], so a value beyond [lo, hi] (a
+    weight outside an mse, n-sigma or percentile range) reaches qmin = -2^(b-1) (-128 at 8 bits, -2
+    at 2 bits), whose negation does not fit the type. Nothing negates q_w; the overflow bound (eq. 11)
+    sums |q_w| and counts 2^(b-1) for it.
     """
     lo, hi = _widen_to_zero(np.asarray(lo, np.float64), np.asarray(hi, np.float64))
     if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
@@ -146,7 +153,8 @@ def _params_like(qp: QParams, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 def quantize(r: torch.Tensor, qp: QParams) -> torch.Tensor:
     """q = clamp(round(r / s) + z, qmin, qmax) as int64 (eq. 6), rounding half away from zero.
 
-    Example: r = 0.3, s = 0.1, z = 0 -> 3; r = 100, int8 -> 127 (saturated). Computed in float64.
+    Example: r = 0.3, s = 0.1, z = 0 -> 3; r = 100, int8 -> 127 (saturated); r = -100 -> -128, the
+    type's qmin even for weights whose scale came from a restricted range (eq. 3). Computed in float64.
     """
     scale, zero = _params_like(qp, r)
     q = round_half_away_from_zero(r.to(torch.float64) / scale).to(torch.int64) + zero
