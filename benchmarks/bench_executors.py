@@ -23,16 +23,13 @@ import warnings
 
 import torch
 
-from intq.capture import capture
 from intq.compare import on_x86_engine, run_integer_of, torch_ao_quantize
 from intq.config import PRESETS
-from intq.convert import convert
 from intq.costs import median_seconds
 from intq.data import load_cifar10, normalize
 from intq.executors.onnx_export import OnnxModel
 from intq.executors.torch_quantized import TorchQuantizedModel
-from intq.study import calibrate, calibration_indices
-from intq.sweep import SweepOptions, load_model
+from intq.pipeline import calibration_images, float_model, quantize_model
 
 
 def interleaved_medians(runs: dict, repeats: int) -> dict[str, float]:
@@ -64,10 +61,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     data = load_cifar10(args.data, args.cache)
-    name, model = load_model(SweepOptions(args.model, args.data, ".", args.cache, 0, arch=args.arch), data)
-    calibration = data.train_images[calibration_indices(len(data.train_images), args.calib_samples, 0)]
-    graph = capture(model, normalize(data.train_images[:2]))
-    integer = convert(graph, calibrate(graph, calibration, "cpu"), PRESETS[args.preset])
+    name, model = float_model(args.model, data, args.cache, arch=args.arch)
+    calibration = calibration_images(data.train_images, args.calib_samples, 0)
+    integer = quantize_model(model, calibration, PRESETS[args.preset], example=data.train_images).integer_model
     ao_model = torch_ao_quantize(model, calibration)
     runners = {"PyTorch float32": lambda p: model(normalize(p)),
                "torch.ao int8 (x86)": on_x86_engine(ao_model),

@@ -23,7 +23,7 @@ import torch
 from intq.capture import capture
 from intq.data import load_cifar10, normalize
 from intq.models import Net
-from intq.study import calibrate
+from intq.pipeline import statistics as calibration_statistics
 from intq.train import Recipe, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def bench_calibration(images: torch.Tensor, threads: int, repeats: int) -> float
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        calibrate(graph, images, "cpu")
+        calibration_statistics(graph, images)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

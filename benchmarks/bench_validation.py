@@ -19,15 +19,13 @@ from pathlib import Path
 
 import torch
 
-from intq.capture import capture
 from intq.config import RECOMMENDED
-from intq.convert import convert
 from intq.costs import median_seconds
-from intq.data import load_cifar10, normalize
+from intq.data import load_cifar10
 from intq.model_check import check_model
 from intq.model_file import _read_model, load, save
-from intq.quantize import build, integer_accuracy, load_checkpoint
-from intq.study import calibrate, calibration_indices
+from intq.pipeline import build, calibration_images, load_checkpoint, quantize_model
+from intq.quantize import integer_accuracy
 
 
 def main() -> None:
@@ -40,9 +38,8 @@ def main() -> None:
     torch.manual_seed(0)
     data = load_cifar10(args.data, args.cache)
     network = load_checkpoint(args.checkpoint, "resnet20") if args.checkpoint else build("resnet20").eval()
-    graph = capture(network, normalize(data.train_images[:2]))
-    calibration = data.train_images[calibration_indices(len(data.train_images), 1000, 0)]
-    model = convert(graph, calibrate(graph, calibration, "cpu"), RECOMMENDED)
+    calibration = calibration_images(data.train_images, 1000, 0)
+    model = quantize_model(network, calibration, RECOMMENDED, example=data.train_images).integer_model
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "resnet20.npz"
         size = save(model, path)

@@ -104,8 +104,7 @@ def test_sweep_and_run_train_identical_weights_whatever_the_thread_count(tmp_pat
     import torch
 
     from intq.data import CIFAR10_CLASSES, Dataset
-    from intq.study import ModelJob, data_fingerprint, trained_model
-    from intq.sweep import SweepOptions, load_model
+    from intq.pipeline import float_model, trained_model
     from intq.train import intra_op_threads
 
     generator = torch.Generator().manual_seed(0)
@@ -113,13 +112,12 @@ def test_sweep_and_run_train_identical_weights_whatever_the_thread_count(tmp_pat
     labels = torch.randint(0, 10, (200,), generator=generator)  # 2 epochs x 50 steps of 4 images
     data = Dataset(pixels, labels, pixels[:8], labels[:8], CIFAR10_CLASSES, "synthetic")
     with intra_op_threads(2):
-        _, swept = load_model(SweepOptions("Net", None, tmp_path / "out", tmp_path / "sweep-cache"), data)
+        _, swept = float_model("Net", data, tmp_path / "sweep-cache")
         assert torch.get_num_threads() == 2  # the caller's setting is restored
-    job = ModelJob("Net", None, str(tmp_path / "run-cache"), "", 0, "cpu", None)
     with intra_op_threads(1):
-        ran, _, cached = trained_model(job, pixels, labels, data_fingerprint(pixels, labels))
-    assert not cached
-    for (name, a), b in zip(swept.state_dict().items(), ran.state_dict().values()):
+        ran = trained_model("Net", pixels, labels, tmp_path / "run-cache", 0)
+    assert not ran.cached
+    for (name, a), b in zip(swept.state_dict().items(), ran.model.state_dict().values()):
         assert torch.equal(a, b), name
 
 

@@ -1,6 +1,10 @@
 """Command line: `intq run` (the CIFAR-10 study), `intq sweep`, `intq sensitivity`, `intq inspect`,
-`intq explain`, `intq export-c`, `intq train`, `intq quantize`, `intq eval`, `intq verify`. The only
-module that reads argv or the environment."""
+`intq explain`, `intq export-c`, `intq export-onnx`, `intq train`, `intq quantize`, `intq eval`,
+`intq verify`, `intq compare`. The only module that reads argv or the environment.
+
+Each command parses its arguments, calls one workflow and prints its results; the commands that
+write a report hand the workflow its renderer, so the report lands in the same all-or-nothing
+output as the results."""
 from __future__ import annotations
 
 import argparse
@@ -31,20 +35,14 @@ from intq.diagnostics import InspectOptions, run_inspect
 from intq.executors.c_export import export_c
 from intq.explain import ExplainError, cached_float_graph, explain
 from intq.models import ARCHITECTURES, MODELS
-from intq.quantize import CheckpointError, integer_accuracy, load_checkpoint, quantize_checkpoint, train_architecture
-from intq.capture import capture
-from intq.compare import compare
-from intq.convert import convert
-from intq.data import normalize
-from intq.model_file import to_bytes as integer_model_bytes
-from intq.study import calibrate, calibration_indices
-from intq.sweep import load_model
+from intq.pipeline import CheckpointError, load_checkpoint
+from intq.quantize import integer_accuracy, quantize_checkpoint, run_compare, train_architecture
 from intq.train import ClassifierRecipe
 from intq.verify import EXECUTORS, VerifyError, verify
 from intq.sensitivity import SensitivityOptions, run_sensitivity
 from intq.study import StudyError, StudyOptions, run_study
 from intq.sweep import (ACTIVATION_BITS, CALIBRATION_IMAGES, GRANULARITIES, METHODS, WEIGHT_BITS, SweepCell,
-                        SweepError, SweepOptions, cell_config, check_options, checked_count, run_sweep)
+                        SweepError, SweepOptions, cell_config, checked_count, run_sweep)
 
 COMPARE_CALIBRATION_IMAGES = 2000  # compare's default calibration subset
 GOLDEN_IMAGES = 4  # export-c's default golden test images
@@ -173,7 +171,7 @@ def _cell(args: argparse.Namespace) -> SweepCell | None:
                      8 if args.abits is None else args.abits)
 
 
-def _config(args: argparse.Namespace, model: str) -> QConfig:
+def _config(args: argparse.Namespace) -> QConfig:
     """The preset, or the sweep cell's QConfig when --method is given (options checked first).
     --wbits, --abits and --granularity describe a cell: with a preset they are refused, not ignored."""
     if args.method is None:
@@ -186,9 +184,7 @@ def _config(args: argparse.Namespace, model: str) -> QConfig:
     cell = _cell(args)
     _range_method("--method", cell.method)
     _bit_width("--wbits", cell.wbits)
-    _bit_width("--abits", cell.abits)
-    check_options(SweepOptions(model, None, Path("."), args.cache, methods=(cell.method,), wbits=(cell.wbits,),
-                               abits=(cell.abits,), granularities=(cell.granularity,)))
+    _bit_width("--abits", cell.abits)  # --granularity: argparse's choices
     return cell_config(cell)
 
 
@@ -345,8 +341,10 @@ def _checkpoint_model(model: str) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     _at_least("--calib-samples", args.calib_samples, 1)
+    from intq.report import write_report  # reports load matplotlib: only the commands that write one
+
     options = StudyOptions(args.data, args.out, args.cache, args.seed, args.calib_samples, args.device)
-    results = run_study(options)
+    results = run_study(options, render=write_report)
     print(f"\nresults written to {args.out}/ (results.json, report.html, report.md)")
     for row in results["rows"]:
         preset = row["preset"] or "-"
@@ -355,16 +353,20 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
+    from intq.sweep_report import write_sweep_report
+
     _checkpoint_model(args.model)
     options = SweepOptions(args.model, args.data, args.out, args.cache, args.seed, args.calib_samples,
                            _words(args.methods), _bit_widths(args.wbits), _bit_widths(args.abits),
                            _words(args.granularity), _layer_bits(args.layer_bits), args.arch)
-    results = run_sweep(options)
+    results = run_sweep(options, render=write_sweep_report)
     print(f"\n{len(results['rows'])} cells written to {args.out}/ (sweep.json, sweep.html, sweep.md, sweep.png); "
           f"float {results['float_accuracy']:.2f}%")
 
 
 def _sensitivity(args: argparse.Namespace) -> None:
+    from intq.sensitivity_report import write_sensitivity_report
+
     _bit_width("--bits", args.bits)
     _bit_width("--abits", args.abits)
     _range_method("--method", args.method)
@@ -372,17 +374,20 @@ def _sensitivity(args: argparse.Namespace) -> None:
     check_writable(args.out, folder=True)
     options = SensitivityOptions(args.model, args.data, args.out, args.cache, args.seed, args.bits, args.abits,
                                  args.method, args.max_drop)
-    results = run_sensitivity(options)
+    results = run_sensitivity(options, render=write_sensitivity_report)
     mixed = results["mixed"]
     print(f"\nmixed precision {mixed['layer_bits']}: {mixed['weight_bytes'] / 1000:.1f} KB of weights; "
           f"test accuracy {results['test_accuracy']}")
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    config = _config(args, args.model)
+    from intq.diagnostics_report import write_inspect_report
+
+    config = _config(args)
     _at_least("--images", args.images, 1)
     check_writable(args.out, folder=True)
-    results = run_inspect(InspectOptions(args.model, args.data, args.out, args.cache, config, args.seed, args.images))
+    options = InspectOptions(args.model, args.data, args.out, args.cache, config, args.seed, args.images)
+    results = run_inspect(options, render=write_inspect_report)
     for row in results["layers"]:
         print(f"  {row['layer']:<8} clipped {100 * row['clipped_share']:.3f}%  SQNR fake-quant "
               f"{row['sqnr_fake_quant_db']:.1f} dB, integer {row['sqnr_integer_db']:.1f} dB  "
@@ -445,7 +450,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> None:
-    config = _config(args, str(args.checkpoint))
+    config = _config(args)
     _at_least("--calib-samples", args.calib_samples, 1)
     model = load_checkpoint(_existing_file(args.checkpoint), args.arch)
     cell = _cell(args)
@@ -479,20 +484,17 @@ def _verify(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    config = _config(args, args.model)
+    config = _config(args)
     _at_least("--calib-samples", args.calib_samples, 1)
     _checkpoint_model(args.model)
     data = _dataset(args)
     samples = checked_count("--calib-samples", args.calib_samples, len(data.train_images), "training images",
                             COMPARE_CALIBRATION_IMAGES)
-    name, model = load_model(SweepOptions(args.model, args.data, Path("."), args.cache, args.seed, arch=args.arch), data)
-    calibration = data.train_images[calibration_indices(len(data.train_images), samples, args.seed)]
-    graph = capture(model, normalize(data.train_images[:2]))
-    integer = convert(graph, calibrate(graph, calibration, "cpu"), config)
-    size = len(integer_model_bytes(integer))
-    print(f"{name}: {len(calibration):,} calibration images for both; {len(data.test_images):,} test images")
+    result = run_compare(args.model, data, args.cache, config, samples, seed=args.seed, arch=args.arch)
+    rows = result["rows"]
+    print(f"{result['model']}: {result['calibration_images']:,} calibration images for both; "
+          f"{result['test_images']:,} test images")
     print(f"  {'executor':<34}{'accuracy':>9}{'bytes':>10}{'ms (b1)':>9}{'img/s (b256)':>14}{'top-1 = intq':>14}")
-    rows = compare(model, integer, size, data, calibration)
     for row in rows:
         print(f"  {row['executor']:<34}{row['accuracy']:>8.2f}%{row['bytes']:>10,}{row['latency_ms_b1']:>9.2f}"
               f"{row['throughput_b256']:>14,.0f}{row['top1_agreement_with_intq']:>13.2f}%")

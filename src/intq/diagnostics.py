@@ -10,20 +10,22 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from intq.capture import Graph, capture, run_float
+from intq.capture import Graph, run_float
 from intq.config import QConfig
-from intq.convert import convert, fused_relu, observed_tensors
+from intq.convert import fused_relu, observed_tensors
 from intq.data import load_cifar10, normalize
 from intq.executors.reference import accumulate, run_integer
 from intq.files import check_writable, staged_output, write_json
 from intq.integer_model import IntegerModel
 from intq.qparams import dequantize, quantize
-from intq.study import activation_summary, calibrate, calibration_indices, clip_ranges, representable_range
-from intq.sweep import SweepOptions, checked_count, load_model
+from intq.pipeline import calibration_images, float_model, quantize_model
+from intq.study import activation_summary, clip_ranges, representable_range
+from intq.sweep import checked_count
 
 INT32_LIMIT = 2**31 - 1
 DIAGNOSED_IMAGES = 1000
@@ -84,19 +86,18 @@ def layer_rows(graph: Graph, model: IntegerModel, pixels: torch.Tensor) -> list[
     return rows
 
 
-def run_inspect(options: InspectOptions, log=print) -> dict:
-    """Calibrate, convert with options.config, diagnose on test images; write inspect.* files."""
-    from intq.diagnostics_report import write_inspect_report  # the report sits downstream
-
+def run_inspect(options: InspectOptions, log=print, render: Callable[[dict, Path], None] | None = None) -> dict:
+    """Calibrate, convert with options.config, diagnose on test images; write inspect.json, and the
+    report through `render(results, folder)` (cli: diagnostics_report.write_inspect_report)."""
     start = time.perf_counter()
     out_dir = check_writable(options.out_dir, folder=True)
     data = load_cifar10(options.data_dir, options.cache_dir, download=True, progress=log)
     images = checked_count("--images", options.images, len(data.test_images), "test images", DIAGNOSED_IMAGES)
     size = min(options.config.calibration_samples or options.calib_samples, len(data.train_images))
-    name, model = load_model(SweepOptions(options.model, options.data_dir, out_dir, options.cache_dir, options.seed), data)
-    graph = capture(model, normalize(data.train_images[:2]))
-    stats = calibrate(graph, data.train_images[calibration_indices(len(data.train_images), size, options.seed)], "cpu")
-    integer = convert(graph, stats, options.config)
+    name, model = float_model(options.model, data, options.cache_dir, seed=options.seed)
+    quantized = quantize_model(model, calibration_images(data.train_images, size, options.seed), options.config,
+                               example=data.train_images)
+    graph, stats, integer = quantized.graph, quantized.stats, quantized.integer_model
     log(f"{name} under {options.config.name}: diagnosing {images} test images")
     rows = layer_rows(graph, integer, data.test_images[:images])
     results = {"model": name, "config": options.config.name, "description": options.config.description,
@@ -104,7 +105,8 @@ def run_inspect(options: InspectOptions, log=print) -> dict:
                "activations": activation_summary(graph, stats, {options.config.name: clip_ranges(integer)}),
                "observed": observed_tensors(graph), "timings_s": {"total": time.perf_counter() - start}}
     with staged_output(out_dir) as staging:
-        write_inspect_report(results, staging)
+        if render is not None:
+            render(results, staging)
         write_json(staging / "inspect.json", results)
     return results
 

@@ -11,17 +11,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from intq import model_file
-from intq.capture import Graph, capture
-from intq.convert import convert
+from intq.capture import Graph
 from intq.data import load_cifar10, normalize
 from intq.executors.reference import run_integer
 from intq.files import check_writable, staged_output, write_json
-from intq.study import calibrate
-from intq.sweep import SweepCell, SweepOptions, cell_config, load_model
+from intq.pipeline import Calibrated, calibrated, float_model
+from intq.sweep import SweepCell, cell_config
 from intq.train import accuracy, predict
 
 BIT_LADDER = (8, 6, 4, 3, 2)
@@ -45,14 +45,14 @@ class SensitivityOptions:
 class Evaluator:
     """Integer-only accuracy of one model under per-layer weight bits, on a fixed image set."""
 
-    def __init__(self, graph: Graph, stats: dict, method: str, abits: int, pixels: torch.Tensor, labels: torch.Tensor):
-        self.graph, self.stats, self.method, self.abits = graph, stats, method, abits
+    def __init__(self, calibration: Calibrated, method: str, abits: int, pixels: torch.Tensor, labels: torch.Tensor):
+        self.calibration, self.graph, self.method, self.abits = calibration, calibration.graph, method, abits
         self.pixels, self.labels = pixels, labels
-        self.layers = [node.name for node in graph.weighted()]
+        self.layers = [node.name for node in self.graph.weighted()]
 
     def model(self, layer_bits: dict[str, int]):
         cell = SweepCell(self.method, "per-channel", 8, self.abits)
-        return convert(self.graph, self.stats, cell_config(cell, tuple(layer_bits.items())))
+        return self.calibration.integer_model(cell_config(cell, tuple(layer_bits.items())))
 
     def accuracy(self, layer_bits: dict[str, int], pixels: torch.Tensor | None = None, labels=None) -> float:
         model = self.model(layer_bits)
@@ -103,20 +103,16 @@ def split_indices(count: int, calibration: int, seed: int) -> tuple[torch.Tensor
     return order[: min(calibration, count - validation)], order[count - validation :]
 
 
-def run_sensitivity(options: SensitivityOptions, log=print) -> dict:
-    """Sensitivity table, greedy mixed precision, and the chosen model; written to options.out_dir."""
-    from intq.sensitivity_report import write_sensitivity_report  # the report sits downstream
-
+def run_sensitivity(options: SensitivityOptions, log=print, render: Callable[[dict, Path], None] | None = None) -> dict:
+    """Sensitivity table, greedy mixed precision, and the chosen model, written to options.out_dir
+    with sensitivity.json; the report through `render(results, folder)` (None: no report)."""
     start = time.perf_counter()
     out_dir = check_writable(options.out_dir, folder=True)
     data = load_cifar10(options.data_dir, options.cache_dir, download=True, progress=log)
-    sweep_like = SweepOptions(options.model, options.data_dir, out_dir, options.cache_dir, options.seed)
-    name, model = load_model(sweep_like, data)
-    graph = capture(model, normalize(data.train_images[:2]))
+    name, model = float_model(options.model, data, options.cache_dir, seed=options.seed)
     calibration, validation = split_indices(len(data.train_images), options.calib_samples, options.seed)
-    stats = calibrate(graph, data.train_images[calibration], "cpu")
-    evaluator = Evaluator(graph, stats, options.method, options.abits,
-                          data.train_images[validation], data.train_labels[validation])
+    evaluator = Evaluator(calibrated(model, data.train_images[calibration], example=data.train_images),
+                          options.method, options.abits, data.train_images[validation], data.train_labels[validation])
     eight_bit = {layer: 8 for layer in evaluator.layers}
     reference = evaluator.accuracy(eight_bit)
     log(f"{name}: W8A{options.abits} validation accuracy {reference:.2f}%; per-layer sensitivity at {options.bits} bits")
@@ -133,9 +129,10 @@ def run_sensitivity(options: SensitivityOptions, log=print) -> dict:
                    "validation_images": len(validation), "calibration_images": len(calibration),
                    "validation_8bit": reference, "rows": rows, "max_drop": options.max_drop,
                    "mixed": {"layer_bits": chosen, "validation_accuracy": validation_accuracy,
-                             "weight_bytes": weight_bits_total(graph, chosen) / 8, "file_bytes": model_bytes},
+                             "weight_bytes": weight_bits_total(evaluator.graph, chosen) / 8, "file_bytes": model_bytes},
                    "test_accuracy": {"float": float_accuracy, **test},
                    "timings_s": {"total": time.perf_counter() - start}}
-        write_sensitivity_report(results, staging)
+        if render is not None:
+            render(results, staging)
         write_json(staging / "sensitivity.json", results)
     return results

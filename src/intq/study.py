@@ -2,11 +2,11 @@
 
 Each model (Net, NetWithBias) runs in its own process on one core: train (or load cached weights),
 capture, calibrate, convert under each preset, evaluate every stage, check the reference executor
-against the float simulation. The parent gathers the results; `run_study` writes nothing itself.
+against the float simulation. The parent gathers the results; `run_study` writes results.json and
+the integer models, and the caller's `render` writes the report into the same staged output.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import time
@@ -14,24 +14,27 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from intq import __version__, model_file
-from intq.capture import Graph, capture, run_float
+from intq.capture import Graph, run_float
 from intq.config import STUDY_PRESETS, QConfig
-from intq.convert import collect_statistics, convert, observed_tensors
+from intq.convert import observed_tensors
 from intq.costs import layer_costs, measured_speed, model_costs
 from intq.data import load_cifar10, normalize
-from intq.files import check_writable, remove_stale_temporaries, staged_output, write_json
+from intq.files import check_writable, staged_output, write_json
 from intq.executors.reference import run_integer
 from intq.integer_model import IntegerModel, output_bounds
 from intq.models import MODELS
 from intq.observers import TensorStats
+from intq.pipeline import Calibrated, calibrated, calibration_images, trained_model
+from intq.pipeline import data_fingerprint  # noqa: F401 (explain.py imports it from here)
 from intq.qparams import QParams
 from intq.simulate import fake_quant_weights, layer_agreement
-from intq.train import Recipe, accuracy, load_weights, predict, save_weights, train, weights_key
+from intq.train import Recipe, accuracy, predict
 
 PUBLISHED = [  # the study's own figures: original CIFAR-10, on a GPU
     {"model": "Net", "stage": "float", "accuracy": 53.22},
@@ -43,7 +46,6 @@ PUBLISHED = [  # the study's own figures: original CIFAR-10, on a GPU
 ]
 # stage names per model: (weight-only stage, integer-only stage)
 STAGES = {"Net": ("weights", "weights+activations"), "NetWithBias": ("weights+bias-float", "integer+bias")}
-CALIBRATION_BATCH = 1000
 AGREEMENT_IMAGES = 1000  # the float64 simulation costs ~1.7 s per 1,000 images and preset
 
 
@@ -61,44 +63,6 @@ class ModelJob:
 
 def log_line(model: str, message: str) -> None:
     print(f"[{model}] {message}", flush=True)
-
-
-def trained_model(job: ModelJob, images: torch.Tensor, labels: torch.Tensor, fingerprint: str):
-    """The model trained with the recipe, from the weights cache when the same run was done before.
-
-    Every command reaches trained weights through here (run in its one-thread workers; sweep,
-    sensitivity, inspect and compare in the parent), and `train` runs on the recipe's thread
-    count, which the cache key holds: the same seed and recipe give the same weights from any
-    command. A killed run's temporary weight files are removed before a new one is written.
-    """
-    torch.manual_seed(job.seed)
-    model = MODELS[job.model]()
-    path = Path(job.cache_dir) / "weights" / f"{job.model}-{weights_key(job.model, job.recipe, job.seed, fingerprint)}.npz"
-    losses = load_weights(model, path)
-    if losses is not None:
-        log_line(job.model, f"trained weights loaded from cache {path}")
-        return model.to(job.device), losses, True
-    model = model.to(job.device)
-    losses = train(model, normalize(images).to(job.device), labels.to(job.device), job.recipe, job.seed,
-                   log=lambda line: log_line(job.model, line))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path.parent)
-    save_weights(model, losses, path)
-    return model, losses, False
-
-
-def calibration_indices(count: int, samples: int | None, seed: int) -> torch.Tensor:
-    """A seeded random subset of `samples` training images (all of them, in order, when None)."""
-    if samples is None or samples >= count:
-        return torch.arange(count)
-    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:samples]
-
-
-def calibrate(graph: Graph, images: torch.Tensor, device: str) -> dict[str, TensorStats]:
-    """One streaming pass over uint8 `images`, normalised batch by batch (collect_statistics)."""
-    batches = (normalize(images[start : start + CALIBRATION_BATCH]).to(device)
-               for start in range(0, len(images), CALIBRATION_BATCH))
-    return collect_statistics(graph, batches)
 
 
 def representable_range(qparams: QParams, bounds: tuple[int, int] | None = None) -> list[float]:
@@ -150,13 +114,6 @@ def activation_summary(graph: Graph, stats: dict[str, TensorStats], clips: dict[
     return summary
 
 
-def data_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
-    """A cheap identity of the training data: labels and every 50th image, hashed."""
-    digest = hashlib.sha256(labels.numpy().tobytes())
-    digest.update(images[::50].contiguous().numpy().tobytes())
-    return digest.hexdigest()[:20]
-
-
 def merged_agreement(model: IntegerModel, pixels: torch.Tensor, batch_size: int = 1000) -> list[dict]:
     """layer_agreement over the whole set in batches, summed per layer."""
     total: dict[str, dict] = {}
@@ -193,24 +150,25 @@ def run_model(job: ModelJob) -> dict:
     clock = _Clock()
     data = load_cifar10(job.data_dir, job.cache_dir)
     clock.lap("data")
-    model, losses, cached = trained_model(job, data.train_images, data.train_labels,
-                                          data_fingerprint(data.train_images, data.train_labels))
+    trained = trained_model(job.model, data.train_images, data.train_labels, job.cache_dir, job.seed,
+                            recipe=job.recipe, device=job.device)
+    model, losses, cached = trained.model, trained.losses, trained.cached
     clock.lap("train")
-    example = normalize(data.train_images[:2]).to(job.device)
-    graph = capture(model, example)
     test_pixels, labels = data.test_images.to(job.device), data.test_labels
     float_accuracy = accuracy(predict(model, normalize(test_pixels)), labels)
     rows = [{"model": job.model, "stage": "float", "preset": None, "accuracy": float_accuracy}]
-    stats_by_size, clips, agreement, files, integers = {}, {}, {}, [], {}
+    by_size: dict[int | None, Calibrated] = {}
+    clips, agreement, files, integers = {}, {}, [], {}
     clock.lap("evaluate")
     for preset in map(lambda p: preset_for(job, p), STUDY_PRESETS.values()):
         size = preset.calibration_samples
-        if size not in stats_by_size:
-            subset = data.train_images[calibration_indices(len(data.train_images), size, job.seed)]
+        if size not in by_size:
+            subset = calibration_images(data.train_images, size, job.seed)
             log_line(job.model, f"calibrating on {len(subset)} training images ({preset.name})")
-            stats_by_size[size] = calibrate(graph, subset, job.device)
-        integer = convert(graph, stats_by_size[size], preset, {"model": job.model, "seed": job.seed,
-                                                               "calibration_images": size or len(data.train_images)})
+            by_size[size] = calibrated(model, subset, device=job.device, example=data.train_images)
+        graph = by_size[size].graph
+        integer = by_size[size].integer_model(preset, {"model": job.model, "seed": job.seed,
+                                                       "calibration_images": size or len(data.train_images)})
         clips[preset.name] = clip_ranges(integer)
         integers[preset.name] = integer
         clock.lap("calibrate")
@@ -220,11 +178,12 @@ def run_model(job: ModelJob) -> dict:
         files.append({"model": job.model, "preset": preset.name, "file": path.name,
                       "bytes": model_file.save(integer, path)})
         clock.lap("evaluate")
+    largest = max(by_size, key=lambda size: size or len(data.train_images))
+    graph = by_size[largest].graph  # every calibration captured the same graph
     tradeoffs = tradeoff_rows(job, model, graph, integers, data.test_images, files)
     clock.lap("evaluate")
-    largest = max(stats_by_size, key=lambda size: size or len(data.train_images))
     return {"rows": rows, "weights": weight_summary(graph),
-            "activations": activation_summary(graph, stats_by_size[largest], clips),
+            "activations": activation_summary(graph, by_size[largest].stats, clips),
             "activation_images": largest or len(data.train_images),
             "agreement": agreement, "models": files, "timings_s": clock.seconds, "tradeoffs": tradeoffs,
             "layer_costs": [vars(cost) for cost in layer_costs(graph)],
@@ -325,14 +284,13 @@ def check_options(options: StudyOptions) -> None:
         raise StudyError(f"--calib-samples {options.calib_samples}: must be at least 1")
 
 
-def run_study(options: StudyOptions, log=print) -> dict:
-    """Run the study and write results.json, the report, plots and models into options.out_dir.
+def run_study(options: StudyOptions, log=print, render: Callable[[dict, Path], None] | None = None) -> dict:
+    """Run the study; write results.json and the integer models into options.out_dir, and the
+    report through `render(results, folder)` (cli passes report.write_report; None: no report).
 
     Everything is produced in a staging folder inside out_dir and moved into place (os.replace,
     atomic per file) only when the whole run succeeded: a failed run leaves out_dir as it was.
     """
-    from intq.report import write_report  # the report sits downstream of the study
-
     start = time.perf_counter()
     check_options(options)
     out_dir = check_writable(options.out_dir, folder=True)  # staged_output creates it; a failed run leaves none
@@ -344,7 +302,8 @@ def run_study(options: StudyOptions, log=print) -> dict:
     with staged_output(out_dir) as staging:
         results = assemble(run_models(options, staging), options, data.source, timings)
         report_start = time.perf_counter()
-        write_report(results, staging)
+        if render is not None:
+            render(results, staging)
         results["timings_s"]["report"] = time.perf_counter() - report_start
         results["timings_s"]["total"] = time.perf_counter() - start
         write_json(staging / "results.json", results)

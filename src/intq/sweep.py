@@ -13,21 +13,20 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from intq.calibration import MSE, Entropy, MinMax, parse_range_method
-from intq.capture import Graph, capture, trace
+from intq.capture import trace
 from intq.config import ActivationConfig, QConfig, WeightConfig
-from intq.convert import ConversionError, check_layer_names, convert
+from intq.convert import ConversionError, check_layer_names
 from intq.data import load_cifar10, normalize
 from intq.executors.reference import run_integer
 from intq.files import check_writable, staged_output, write_json
-from intq.observers import TensorStats
 from intq.qparams import Scheme
 from intq.models import ARCHITECTURES, MODELS
-from intq.quantize import load_checkpoint
-from intq.study import ModelJob, calibrate, calibration_indices, data_fingerprint, trained_model
+from intq.pipeline import Calibrated, calibrated, calibration_images, float_model
 from intq.train import accuracy, predict
 
 METHODS = ("minmax", "nsigma", "percentile", "mse", "entropy")
@@ -150,17 +149,17 @@ def failed_cells(rows: list[dict]) -> str | None:
 _WORKER: dict = {}
 
 
-def _start_worker(graph: Graph, stats: dict[str, TensorStats], pixels: torch.Tensor, labels: torch.Tensor,
+def _start_worker(calibration: Calibrated, pixels: torch.Tensor, labels: torch.Tensor,
                   layer_bits: tuple[tuple[str, int], ...]) -> None:
     torch.set_num_threads(1)
-    _WORKER.update(graph=graph, stats=stats, pixels=pixels, labels=labels, layer_bits=layer_bits)
+    _WORKER.update(calibration=calibration, pixels=pixels, labels=labels, layer_bits=layer_bits)
 
 
 def evaluate_cell(cell: SweepCell) -> dict:
     """Convert with the cell's config and measure integer-only top-1 accuracy on the test set."""
     row = asdict(cell)
     try:
-        model = convert(_WORKER["graph"], _WORKER["stats"], cell_config(cell, _WORKER["layer_bits"]))
+        model = _WORKER["calibration"].integer_model(cell_config(cell, _WORKER["layer_bits"]))
     except ConversionError as err:
         return {**row, "accuracy": None, "error": str(err)}
     predicted = predict(lambda p: run_integer(model, p), _WORKER["pixels"])
@@ -170,13 +169,13 @@ def evaluate_cell(cell: SweepCell) -> dict:
             "worst_accumulator": max(layer.accumulator_bound for layer in layers)}
 
 
-def evaluate_cells(cells: list[SweepCell], graph: Graph, stats: dict, pixels: torch.Tensor,
+def evaluate_cells(cells: list[SweepCell], calibration: Calibrated, pixels: torch.Tensor,
                    labels: torch.Tensor, layer_bits: tuple = (), log=print) -> list[dict]:
     """Every cell, on one worker process per core; rows come back in cell order."""
     workers = max(1, min(os.cpu_count() or 1, len(cells)))
     rows = []
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_worker,
-                             initargs=(graph, stats, pixels, labels, layer_bits)) as pool:
+                             initargs=(calibration, pixels, labels, layer_bits)) as pool:
         for index, row in enumerate(pool.map(evaluate_cell, cells), 1):
             shown = "error" if row["accuracy"] is None else f"{row['accuracy']:.2f}%"
             log(f"[{index}/{len(cells)}] {row['method']} {row['granularity']} W{row['wbits']}A{row['abits']}: {shown}")
@@ -184,25 +183,13 @@ def evaluate_cells(cells: list[SweepCell], graph: Graph, stats: dict, pixels: to
     return rows
 
 
-def load_model(options: SweepOptions, data) -> tuple[str, torch.nn.Module]:
-    """Net or NetWithBias trained with the study's recipe (or loaded from its cache), or a checkpoint
-    file written by `intq train` of architecture `options.arch`."""
-    if options.model not in MODELS:
-        return Path(options.model).stem, load_checkpoint(Path(options.model), options.arch)
-    job = ModelJob(options.model, options.data_dir, str(options.cache_dir), "", options.seed, "cpu", None)
-    model, _, _ = trained_model(job, data.train_images, data.train_labels,
-                                data_fingerprint(data.train_images, data.train_labels))
-    return options.model, model
-
-
-def run_sweep(options: SweepOptions, log=print) -> dict:
-    """Run the grid and write sweep.json, sweep.html/.md and sweep.png into options.out_dir.
+def run_sweep(options: SweepOptions, log=print, render: Callable[[dict, Path], None] | None = None) -> dict:
+    """Run the grid and write sweep.json into options.out_dir, and the report (sweep.html/.md and
+    sweep.png from cli's sweep_report.write_sweep_report) through `render(results, folder)`.
 
     Options, the output folder, the calibration count and --layer-bits names are all checked
     before calibration; when any cell fails to convert, the report is still written and SweepError
     then says how many failed."""
-    from intq.sweep_report import write_sweep_report  # the report sits downstream
-
     start = time.perf_counter()
     cells = check_options(options)
     check_layer_bits(options, cells[0])
@@ -210,13 +197,12 @@ def run_sweep(options: SweepOptions, log=print) -> dict:
     data = load_cifar10(options.data_dir, options.cache_dir, download=True, progress=log)
     samples = checked_count("--calib-samples", options.calib_samples, len(data.train_images), "training images",
                             CALIBRATION_IMAGES)
-    name, model = load_model(options, data)
-    graph = capture(model, normalize(data.train_images[:2]))
-    subset = data.train_images[calibration_indices(len(data.train_images), samples, options.seed)]
+    name, model = float_model(options.model, data, options.cache_dir, seed=options.seed, arch=options.arch)
+    subset = calibration_images(data.train_images, samples, options.seed)
     log(f"calibrating {name} on {len(subset)} training images (one pass for every method)")
-    stats = calibrate(graph, subset, "cpu")
+    calibration = calibrated(model, subset, example=data.train_images)
     float_accuracy = accuracy(predict(model, normalize(data.test_images)), data.test_labels)
-    rows = evaluate_cells(cells, graph, stats, data.test_images, data.test_labels, options.layer_bits, log)
+    rows = evaluate_cells(cells, calibration, data.test_images, data.test_labels, options.layer_bits, log)
     for row in rows:
         row["drop"] = None if row["accuracy"] is None else round(float_accuracy - row["accuracy"], 6)
     results = {"model": name, "float_accuracy": float_accuracy, "rows": rows,
@@ -226,7 +212,8 @@ def run_sweep(options: SweepOptions, log=print) -> dict:
                           "layer_bits": dict(options.layer_bits)},
                "timings_s": {"total": time.perf_counter() - start}}
     with staged_output(out_dir) as staging:
-        write_sweep_report(results, staging)
+        if render is not None:
+            render(results, staging)
         write_json(staging / "sweep.json", results)
     failure = failed_cells(rows)
     if failure:  # the report is whole and says which cells failed; the exit status must say so too
