@@ -15,8 +15,8 @@ from intq.capture import (REQUANTIZING, WEIGHTED, Add, Conv2d, Flatten, Graph, I
                           run_float)
 from intq.config import ActivationConfig, QConfig, WeightConfig
 from intq.fixed_point import quantize_multiplier, quantize_multipliers
-from intq.integer_model import (INT32_LIMIT, PIXEL_INPUT, InputSpec, IntegerModel, QAdd, QAvgPool, QFlatten, QLayer,
-                                QMaxPool, QReLU, accumulator_bound, add_multipliers, avg_pool_multiplier,
+from intq.integer_model import (INT32_LIMIT, PIXEL_INPUT, InputSpec, IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten,
+                                QLayer, QLinear, QMaxPool, QReLU, accumulator_bound, add_multipliers, avg_pool_multiplier,
                                 input_multiplier, layer_multipliers)
 from intq.model_check import ModelCheckError, check_model
 from intq.observers import TensorObserver, TensorStats, observe
@@ -201,12 +201,12 @@ def convert_layer(node: Node, input_qp: QParams, output_qp: QParams, relu: bool,
     if bound > INT32_LIMIT:
         raise ConversionError(f"layer {node.name!r}: worst-case accumulator {bound} exceeds int32 "
                               f"({weights_config.bits}-bit weights, fan-in {op.weight[0].numel()})")
-    geometry = {}
     if isinstance(op, Conv2d):
         geometry = {"stride": list(op.stride), "padding": list(op.padding), "dilation": list(op.dilation), "groups": op.groups}
-    kind = "conv2d" if isinstance(op, Conv2d) else "linear"
-    return QLayer(node.name, kind, node.inputs, weight_q, weight_qp, bias_q, input_qp, output_qp,
-                  mantissa, shift, relu, geometry, bound)
+        return QConv2d(node.name, node.inputs, weight_q, weight_qp, bias_q, input_qp, output_qp, mantissa, shift, relu,
+                       geometry, bound)
+    return QLinear(node.name, node.inputs, weight_q, weight_qp, bias_q, input_qp, output_qp, mantissa, shift, relu,
+                   {}, bound)
 
 
 def requantized_output(graph: Graph, node: Node, stats: dict[str, TensorStats], config: QConfig):

@@ -15,7 +15,7 @@ from intq.capture import Graph, capture, run_float
 from intq.convert import fused_relu
 from intq.data import normalize
 from intq.executors.reference import run_integer
-from intq.integer_model import IntegerModel, QLayer
+from intq.integer_model import IntegerModel, QConv2d, QLayer, QLinear
 from intq.models import MODELS
 from intq.study import data_fingerprint
 from intq.train import Recipe, load_weights, weights_key
@@ -53,11 +53,17 @@ class Explanation:
 
 def _window(layer: QLayer, x: torch.Tensor, index: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, inputs - z_x) that meet in output element `index`, flattened; x is (C, H, W) or (K,)."""
+    return WINDOWS[type(layer)](layer, x, index)
+
+
+def _linear_window(layer: QLinear, x: torch.Tensor, index: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    (channel,) = index
+    return torch.as_tensor(layer.weight).to(torch.int64)[channel], x.to(torch.int64) - int(layer.input_qparams.zero_point)
+
+
+def _conv_window(layer: QConv2d, x: torch.Tensor, index: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     zero = int(layer.input_qparams.zero_point)
     weight = torch.as_tensor(layer.weight).to(torch.int64)
-    if layer.kind == "linear":
-        (channel,) = index
-        return weight[channel], x.to(torch.int64) - zero
     channel, row, col = index
     g = layer.geometry
     (sh, sw), (ph, pw), (dh, dw) = g["stride"], g["padding"], g["dilation"]
@@ -70,6 +76,10 @@ def _window(layer: QLayer, x: torch.Tensor, index: tuple[int, ...]) -> tuple[tor
     patch = centred[group * in_channels:(group + 1) * in_channels,
                     row * sh: row * sh + dh * (kh - 1) + 1: dh, col * sw: col * sw + dw * (kw - 1) + 1: dw]
     return weight[channel].reshape(-1), patch.reshape(-1)  # (C_in/g, kh, kw) -> (K,)
+
+
+# Which inputs and weights meet in one output element, per weighted layer class.
+WINDOWS = {QConv2d: _conv_window, QLinear: _linear_window}
 
 
 def _round_half_away(value: Fraction) -> int:
@@ -126,7 +136,7 @@ def describe(e: Explanation, layer: QLayer) -> list[str]:
     shown = ", ".join(f"{w}*({x})" for w, x in e.terms[:6]) + (", ..." if len(e.terms) > 6 else "")
     total_shift = 31 + e.shift
     lines = [
-        f"{e.layer}[{where}]  ({layer.kind}, input {layer.input_qparams.dtype.name} zero point "
+        f"{e.layer}[{where}]  ({layer.LABEL}, input {layer.input_qparams.dtype.name} zero point "
         f"{int(layer.input_qparams.zero_point)}, weights {layer.weight_qparams.dtype.name})",
         f"inputs and weights: {len(e.terms)} pairs q_w * (q_x - z_x): {shown}",
         f"  products: min {min(products)}, max {max(products)}, {sum(p != 0 for p in products)} non-zero",

@@ -8,7 +8,7 @@ format is model_file.py.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -39,19 +39,41 @@ class InputSpec:
         return self.mantissa is None
 
 
-class Clamped:
-    """The integer clamp of an op with `output_qparams`, `relu` and `relu_max` (eq. 10)."""
+class Requantizing:
+    """An op that requantizes to its own `output_qparams`, clamped by `relu` and `relu_max` (eq. 10)."""
 
     def bounds(self) -> tuple[int, int]:
         return output_bounds(self.output_qparams, self.relu, self.relu_max)
 
+    ARITY: ClassVar[int] = 1  # how many inputs the op reads
+
+    def output_params(self, input_params: list[QParams]) -> QParams:
+        """The QParams of this op's output integers."""
+        return self.output_qparams
+
+    def declared_input_params(self) -> list[QParams]:
+        """The QParams the op was built for, one per input (they must be its inputs' own)."""
+        return [self.input_qparams]
+
+
+class Transparent:
+    """An op that moves or clamps integers without requantizing: its output keeps its input's QParams."""
+
+    ARITY: ClassVar[int] = 1
+
+    def output_params(self, input_params: list[QParams]) -> QParams:
+        return input_params[0]
+
+    def declared_input_params(self) -> list[QParams]:
+        return []
+
 
 @dataclass(eq=False)
-class QLayer(Clamped):
-    """Conv2d or Linear: acc = sum q_w (q_x - z_x) + q_b; q_y = clamp(z_y + round(M acc)) (eq. 10)."""
+class QLayer(Requantizing):
+    """A weighted layer: acc = sum q_w (q_x - z_x) + q_b; q_y = clamp(z_y + round(M acc)) (eq. 10).
+    Its kinds are the subclasses QConv2d and QLinear."""
 
     name: str
-    kind: str  # "conv2d" | "linear": the serialised tag, not a behaviour switch inside the math
     inputs: tuple[str, ...]
     weight: np.ndarray
     weight_qparams: QParams
@@ -61,9 +83,24 @@ class QLayer(Clamped):
     mantissa: np.ndarray
     shift: np.ndarray
     relu: bool
-    geometry: dict = field(default_factory=dict)  # stride, padding, dilation, groups
+    geometry: dict = field(default_factory=dict)  # QConv2d: stride, padding, dilation, groups
     accumulator_bound: int = 0  # worst-case |acc| (eq. 11): always accumulator_bound(weight, bias, input_qparams)
     relu_max: float | None = None  # ReLU6-style upper clamp in real units
+    LABEL: ClassVar[str] = "layer"  # how reports and explanations name the kind
+
+
+@dataclass(eq=False)
+class QConv2d(QLayer):
+    """A 2-D convolution: weight (C_out, C_in / groups, kh, kw), geometry stride, padding, dilation, groups."""
+
+    LABEL: ClassVar[str] = "conv2d"
+
+
+@dataclass(eq=False)
+class QLinear(QLayer):
+    """A fully connected layer: weight (C_out, C_in) on a flattened input."""
+
+    LABEL: ClassVar[str] = "linear"
 
 
 def output_bounds(qparams: QParams, relu: bool, relu_max: float | None = None) -> tuple[int, int]:
@@ -78,7 +115,7 @@ def output_bounds(qparams: QParams, relu: bool, relu_max: float | None = None) -
 
 
 @dataclass(eq=False)
-class QAdd(Clamped):
+class QAdd(Requantizing):
     """y = a + b: each operand rescaled to a common fine scale s_i = max(s_a, s_b) / 2^20 with its
     own fixed-point multiplier, summed exactly, then requantized to (s_y, z_y) (eq. 17)."""
 
@@ -90,10 +127,14 @@ class QAdd(Clamped):
     shift: np.ndarray
     relu: bool = False
     relu_max: float | None = None
+    ARITY: ClassVar[int] = 2
+
+    def declared_input_params(self) -> list[QParams]:
+        return list(self.input_qparams)
 
 
 @dataclass(eq=False)
-class QAvgPool(Clamped):
+class QAvgPool(Requantizing):
     """Average pool: acc = sum over the window of (q - z_x), q_y = z_y + round(acc s_x / (N s_y)) (eq. 18);
     kernel_size None pools the whole feature map."""
 
@@ -110,7 +151,9 @@ class QAvgPool(Clamped):
 
 
 @dataclass(eq=False)
-class QMaxPool:
+class QMaxPool(Transparent):
+    """Max pool over the integers: monotone, so it commutes with the quantizer."""
+
     name: str
     inputs: tuple[str, ...]
     kernel_size: tuple[int, int]
@@ -119,13 +162,15 @@ class QMaxPool:
 
 
 @dataclass(eq=False)
-class QFlatten:
+class QFlatten(Transparent):
+    """(C, H, W) -> (C*H*W,): the integers unchanged."""
+
     name: str
     inputs: tuple[str, ...]
 
 
 @dataclass(eq=False)
-class QReLU:
+class QReLU(Transparent):
     """A ReLU that could not be fused: clamp(q, z, qmax) on its input's own qparams."""
 
     name: str
@@ -133,7 +178,8 @@ class QReLU:
     zero_point: int
 
 
-IntegerOp = QLayer | QMaxPool | QFlatten | QReLU | QAdd | QAvgPool
+OP_TYPES = (QConv2d, QLinear, QAdd, QAvgPool, QMaxPool, QFlatten, QReLU)  # every op an IntegerModel may hold
+IntegerOp = QConv2d | QLinear | QAdd | QAvgPool | QMaxPool | QFlatten | QReLU
 
 
 @dataclass(eq=False)
@@ -150,9 +196,16 @@ class IntegerModel:
     def quantized_layers(self) -> list[QLayer]:
         return [op for op in self.layers if isinstance(op, QLayer)]
 
+    def value_qparams(self) -> dict[str, QParams]:
+        """The QParams of every value: the model input and each op's output."""
+        qparams = {self.input_name: self.input.qparams}
+        for op in self.layers:
+            qparams[op.name] = op.output_params([qparams[name] for name in op.inputs])
+        return qparams
+
     def output_qparams(self) -> QParams:
-        """QParams of the model output (the last QLayer's output)."""
-        return self.quantized_layers()[-1].output_qparams
+        """QParams of the model output (the output op's, or its input's for an op that keeps them)."""
+        return self.value_qparams()[self.output_name]
 
 
 def accumulator_bound(weight_q: np.ndarray, bias_q: np.ndarray | None, input_qp: QParams) -> int:

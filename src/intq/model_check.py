@@ -26,9 +26,9 @@ import math
 import numpy as np
 
 from intq.fixed_point import quantize_multiplier, quantize_multipliers
-from intq.integer_model import (INT32_LIMIT, PIXEL_INPUT, IntegerModel, IntegerOp, QAdd, QAvgPool, QFlatten, QLayer,
-                                QMaxPool, QReLU, accumulator_bound, add_multipliers, avg_pool_multiplier,
-                                input_multiplier, layer_multipliers)
+from intq.integer_model import (INT32_LIMIT, PIXEL_INPUT, IntegerModel, IntegerOp, QAdd, QAvgPool, QConv2d, QFlatten,
+                                QLayer, QLinear, QMaxPool, QReLU, Requantizing, accumulator_bound, add_multipliers,
+                                avg_pool_multiplier, input_multiplier, layer_multipliers)
 from intq.qparams import QParams
 
 MAX_OPS = 10_000
@@ -156,7 +156,7 @@ def check_layer(layer: QLayer, shape: tuple[int, ...], where: str) -> tuple[int,
         raise _fail(where, f"weights must be {dtype.name} values in [{dtype.qmin}, {dtype.qmax}]")
     if layer.bias is not None and (layer.bias.dtype != np.int32 or layer.bias.shape != (channels,)):
         raise _fail(where, f"bias must be {channels} int32 values")
-    if layer.kind == "conv2d":
+    if isinstance(layer, QConv2d):
         out_shape = conv_output_shape(layer, shape, where)
     elif shape != (layer.weight.shape[1],):
         raise _fail(where, f"a linear layer with {layer.weight.shape[1]} input features reads a tensor of shape {shape}")
@@ -205,9 +205,8 @@ def check_structure(model: IntegerModel) -> None:
         where = f"op #{index} {op.name!r}"
         if op.name in known:
             raise _fail(where, "its name is used twice")
-        arity = 2 if isinstance(op, QAdd) else 1
-        if len(op.inputs) != arity:
-            raise _fail(where, f"takes {arity} input(s), lists {len(op.inputs)}")
+        if len(op.inputs) != op.ARITY:
+            raise _fail(where, f"takes {op.ARITY} input(s), lists {len(op.inputs)}")
         for name in op.inputs:
             if name not in known:
                 raise _fail(where, f"input {name!r} is neither the model input nor an earlier op")
@@ -234,27 +233,23 @@ def check_input(model: IntegerModel) -> tuple[int, ...]:
     return tuple(spec.shape)
 
 
-def _input_qparams(op: IntegerOp) -> list[QParams]:
-    if isinstance(op, QAdd):
-        return list(op.input_qparams)
-    return [op.input_qparams] if isinstance(op, (QLayer, QAvgPool)) else []
+# Each op's own rules on its input shapes, returning its output shape (one image): one entry per op class.
+CHECKS = {
+    QConv2d: lambda op, shapes, where: check_layer(op, shapes[0], where),
+    QLinear: lambda op, shapes, where: check_layer(op, shapes[0], where),
+    QAdd: check_add,
+    QAvgPool: lambda op, shapes, where: check_avg_pool(op, shapes[0], where),
+    QMaxPool: lambda op, shapes, where: window_output_shape(op.kernel_size, op.stride, op.padding, shapes[0], where),
+    QFlatten: lambda op, shapes, where: (math.prod(shapes[0]),),
+    QReLU: lambda op, shapes, where: shapes[0],
+}
 
 
 def check_op(op: IntegerOp, shapes: list[tuple[int, ...]], where: str) -> tuple[int, ...]:
-    """One op's own rules on its input shapes; returns its output shape (one image)."""
-    if isinstance(op, QLayer):
-        return check_layer(op, shapes[0], where)
-    if isinstance(op, QAdd):
-        return check_add(op, shapes, where)
-    if isinstance(op, QAvgPool):
-        return check_avg_pool(op, shapes[0], where)
-    if isinstance(op, QMaxPool):
-        return window_output_shape(op.kernel_size, op.stride, op.padding, shapes[0], where)
-    if isinstance(op, QFlatten):
-        return (int(np.prod(shapes[0])),)
-    if isinstance(op, QReLU):
-        return shapes[0]
-    raise _fail(where, f"unknown op type {type(op).__name__}")
+    """One op's own rules on its input shapes (CHECKS); returns its output shape (one image)."""
+    if type(op) not in CHECKS:
+        raise _fail(where, f"unknown op type {type(op).__name__}")
+    return CHECKS[type(op)](op, shapes, where)
 
 
 def check_model(model: IntegerModel) -> dict[str, tuple[int, ...]]:
@@ -264,17 +259,17 @@ def check_model(model: IntegerModel) -> dict[str, tuple[int, ...]]:
     qparams = {model.input_name: model.input.qparams}
     for index, op in enumerate(model.layers):
         where = f"op #{index} {op.name!r}"
-        for name, declared in zip(op.inputs, _input_qparams(op)):
+        for name, declared in zip(op.inputs, op.declared_input_params()):
             check_activation_type(declared, f"{where} input parameters")
             if not same_qparams(declared, qparams[name]):
                 raise _fail(where, f"its input parameters differ from those of {name!r}, which produces its input")
         if isinstance(op, QReLU) and op.zero_point != int(qparams[op.inputs[0]].zero_point):
             raise _fail(where, f"clamps at {op.zero_point}, but its input's zero point is {int(qparams[op.inputs[0]].zero_point)}")
-        if hasattr(op, "output_qparams"):
+        if isinstance(op, Requantizing):
             check_activation_type(op.output_qparams, f"{where} output parameters")
             check_clamp(op, where)
         shapes[op.name] = check_op(op, [shapes[name] for name in op.inputs], where)
         if int(np.prod(shapes[op.name])) > MAX_TENSOR_VALUES:
             raise _fail(where, f"output of {int(np.prod(shapes[op.name])):,} values per image")
-        qparams[op.name] = op.output_qparams if hasattr(op, "output_qparams") else qparams[op.inputs[0]]
+        qparams[op.name] = op.output_params([qparams[name] for name in op.inputs])
     return shapes

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from intq.files import atomic_write
-from intq.integer_model import (InputSpec, IntegerModel, IntegerOp, QAdd, QAvgPool, QFlatten, QLayer, QMaxPool, QReLU,
-                                accumulator_bound)
+from intq.integer_model import (InputSpec, IntegerModel, IntegerOp, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear,
+                                QMaxPool, QReLU, accumulator_bound)
 from intq.model_check import MAX_CHANNELS, MAX_OPS, ModelCheckError, check_model
 from intq.packing import field_bits, pack_signed, unpack_signed
 from intq.qparams import IntType, QParams
@@ -35,7 +35,8 @@ FORMAT_VERSION = 2
 MAX_META_BYTES = 16 << 20  # JSON of a 10,000-op model with per-channel parameters is a few MB
 MAX_ARRAY_VALUES = 1 << 28  # 268M weights in one layer: VGG-16's largest has 103M
 NPY_HEADER_BYTES = 4096  # a .npy header is at most a few hundred bytes for these arrays
-OP_TYPES = ("QLayer", "QAdd", "QAvgPool", "QMaxPool", "QFlatten", "QReLU")
+OP_TYPES = ("QLayer", "QAdd", "QAvgPool", "QMaxPool", "QFlatten", "QReLU")  # the file's tags ("QLayer" + kind)
+LAYER_KINDS = {op.LABEL: op for op in (QConv2d, QLinear)}
 
 
 class ModelFileError(Exception):
@@ -61,7 +62,7 @@ def _store_weight(layer: QLayer, arrays: dict) -> dict:
 
 
 def _layer_meta(op: IntegerOp, arrays: dict) -> dict:
-    meta = {"name": op.name, "inputs": list(op.inputs), "type": type(op).__name__}
+    meta = {"name": op.name, "inputs": list(op.inputs), "type": "QLayer" if isinstance(op, QLayer) else type(op).__name__}
     if isinstance(op, (QLayer, QAdd, QAvgPool)):
         arrays[f"{op.name}.mantissa"] = op.mantissa.astype(np.int32)
         arrays[f"{op.name}.shift"] = op.shift.astype(np.int8)  # n in [-30, 31] (fixed_point.py)
@@ -69,7 +70,7 @@ def _layer_meta(op: IntegerOp, arrays: dict) -> dict:
     if isinstance(op, QLayer):
         if op.bias is not None:
             arrays[f"{op.name}.bias"] = op.bias.astype(np.int32)
-        meta.update(kind=op.kind, geometry=op.geometry, has_bias=op.bias is not None, **_store_weight(op, arrays),
+        meta.update(kind=op.LABEL, geometry=op.geometry, has_bias=op.bias is not None, **_store_weight(op, arrays),
                     weight_qparams=_qparams_meta(op.weight_qparams), input_qparams=_qparams_meta(op.input_qparams))
     elif isinstance(op, (QAdd, QAvgPool)):
         inputs = op.input_qparams if isinstance(op, QAdd) else (op.input_qparams,)
@@ -287,9 +288,9 @@ def _clamp_fields(fields: _Fields) -> tuple[QParams, bool, float | None]:
 
 def _read_layer(fields: _Fields, name: str, inputs: tuple[str, ...], arrays: _Arrays) -> QLayer:
     kind = fields.text("kind")
-    if kind not in ("conv2d", "linear"):
+    if kind not in LAYER_KINDS:
         raise _Invalid(f"{fields.where}: field 'kind' must be 'conv2d' or 'linear', got {_show(kind)}")
-    ndim = 4 if kind == "conv2d" else 2
+    ndim = 4 if LAYER_KINDS[kind] is QConv2d else 2
     shape = fields.integers("weight_shape", ndim, 1, MAX_CHANNELS if ndim == 2 else 1 << 16)
     weight_qp = fields.qparams("weight_qparams")
     bits = weight_qp.dtype.bits
@@ -310,14 +311,14 @@ def _read_layer(fields: _Fields, name: str, inputs: tuple[str, ...], arrays: _Ar
     bias = arrays.read(f"{name}.bias", np.int32, (channels,)) if fields.flag("has_bias") else None
     mantissa, shift = _multiplier_arrays(arrays, name, channels)
     geometry = {}
-    if kind == "conv2d":
+    if LAYER_KINDS[kind] is QConv2d:
         g = _Fields(fields.get("geometry", (dict,), "an object"), f"{fields.where} geometry")
         geometry = {"stride": list(g.integers("stride", 2, 1, 1 << 16)), "padding": list(g.integers("padding", 2, 0, 1 << 16)),
                     "dilation": list(g.integers("dilation", 2, 1, 1 << 16)), "groups": g.integer("groups", 1, MAX_CHANNELS)}
     input_qp = fields.qparams("input_qparams")
     output_qp, relu, relu_max = _clamp_fields(fields)
-    layer = QLayer(name, kind, inputs, weight, weight_qp, bias, input_qp, output_qp, mantissa, shift, relu, geometry,
-                   0, relu_max)
+    layer = LAYER_KINDS[kind](name, inputs, weight, weight_qp, bias, input_qp, output_qp, mantissa, shift, relu,
+                              geometry, 0, relu_max)
     if input_qp.axis is None and input_qp.dtype.bits <= 32:
         layer.accumulator_bound = accumulator_bound(weight, bias, input_qp)  # derived, never read from the file
     return layer

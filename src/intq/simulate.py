@@ -14,7 +14,7 @@ from intq.capture import Graph
 from intq.config import WeightConfig
 from intq.convert import weight_qparams
 from intq.executors.reference import pixels_to_input, run_op
-from intq.integer_model import IntegerModel, QAdd, QAvgPool, QLayer
+from intq.integer_model import IntegerModel, QAdd, QAvgPool, QConv2d, QLayer, QLinear
 from intq.qparams import dequantize, quantize
 
 
@@ -44,29 +44,41 @@ def simulate_layer(layer: QLayer, x: torch.Tensor) -> torch.Tensor:
     """
     real_x = dequantize(x, layer.input_qparams, torch.float64)
     weight, bias = (None if t is None else t.to(x.device) for t in _real_weight_and_bias(layer))
-    if layer.kind == "conv2d":
-        g = layer.geometry
-        real_y = F.conv2d(real_x, weight, bias, g["stride"], g["padding"], g["dilation"], g["groups"])
-    else:
-        real_y = F.linear(real_x, weight, bias)
-    lower, upper = layer.bounds()
-    return quantize(real_y, layer.output_qparams).clamp(lower, upper)
+    return _requantized(layer, REAL_LAYERS[type(layer)](layer, real_x, weight, bias))
+
+
+# The float twin of each weighted layer class, on real input, weight and bias.
+REAL_LAYERS = {
+    QConv2d: lambda layer, x, w, b: F.conv2d(x, w, b, layer.geometry["stride"], layer.geometry["padding"],
+                                             layer.geometry["dilation"], layer.geometry["groups"]),
+    QLinear: lambda layer, x, w, b: F.linear(x, w, b),
+}
+
+
+def _requantized(op, real: torch.Tensor) -> torch.Tensor:
+    lower, upper = op.bounds()
+    return quantize(real, op.output_qparams).clamp(lower, upper)
+
+
+def _simulate_add(op: QAdd, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return _requantized(op, sum(dequantize(x, qp, torch.float64) for x, qp in zip((a, b), op.input_qparams)))
+
+
+def _simulate_avg_pool(op: QAvgPool, x: torch.Tensor) -> torch.Tensor:
+    real_x = dequantize(x, op.input_qparams, torch.float64)
+    if op.kernel_size is None:
+        return _requantized(op, real_x.mean(dim=(2, 3), keepdim=True))
+    return _requantized(op, F.avg_pool2d(real_x, op.kernel_size, op.stride))
+
+
+# The simulation's lowering: the requantizing op classes (the others move integers exactly, and run
+# as the reference runs them).
+SIMULATED = {QConv2d: simulate_layer, QLinear: simulate_layer, QAdd: _simulate_add, QAvgPool: _simulate_avg_pool}
 
 
 def simulate_op(op, *xs: torch.Tensor) -> torch.Tensor:
     """The float64 fake-quant twin of any requantizing op: dequantize, compute in float, quantize."""
-    if isinstance(op, QLayer):
-        return simulate_layer(op, xs[0])
-    if isinstance(op, QAdd):
-        real = sum(dequantize(x, qp, torch.float64) for x, qp in zip(xs, op.input_qparams))
-    else:
-        real_x = dequantize(xs[0], op.input_qparams, torch.float64)
-        if op.kernel_size is None:
-            real = real_x.mean(dim=(2, 3), keepdim=True)
-        else:
-            real = torch.nn.functional.avg_pool2d(real_x, op.kernel_size, op.stride)
-    lower, upper = op.bounds()
-    return quantize(real, op.output_qparams).clamp(lower, upper)
+    return SIMULATED[type(op)](op, *xs)
 
 
 def layer_agreement(model: IntegerModel, pixels: torch.Tensor) -> list[dict]:
@@ -81,7 +93,7 @@ def layer_agreement(model: IntegerModel, pixels: torch.Tensor) -> list[dict]:
         for op in model.layers:
             xs = [values[name] for name in op.inputs]
             values[op.name] = run_op(op, *xs)
-            if isinstance(op, (QLayer, QAdd, QAvgPool)):
+            if type(op) in SIMULATED:
                 simulated = simulate_op(op, *(x.to(torch.int64) for x in xs))
                 diff = (simulated - values[op.name].to(torch.int64)).abs()
                 rows.append({"layer": op.name, "values": diff.numel(), "differing": int((diff > 0).sum()),

@@ -19,11 +19,10 @@ import torch
 
 from intq.executors.reference import pixels_to_input, run_integer
 from intq.files import atomic_write_text, ensure_writable_dir, staged_output
-from intq.integer_model import IntegerModel, QAdd, QAvgPool, QFlatten, QLayer, QMaxPool, QReLU
+from intq.integer_model import IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QMaxPool, QReLU
 from intq.model_check import ModelCheckError, check_model
 
-KINDS = {"conv2d": "INTQ_CONV2D", "linear": "INTQ_LINEAR", QMaxPool: "INTQ_MAXPOOL", QFlatten: "INTQ_FLATTEN",
-         QReLU: "INTQ_RELU", QAdd: "INTQ_ADD", QAvgPool: "INTQ_AVGPOOL"}
+ARRAY_TYPES = {"weight": "int8_t", "bias": "int32_t", "mantissa": "int32_t", "shift": "int32_t"}  # op<i>_<field>
 
 
 def c_comment_label(name: str) -> str:
@@ -53,42 +52,59 @@ def _clamp_fields(op, input_zero: int) -> dict[str, object]:
     return {"input_zero": input_zero, "output_zero": int(op.output_qparams.zero_point), "lower": lower, "upper": upper}
 
 
-def _op_fields(index: int, op, index_of: dict[str, int], in_shape, out_shape) -> dict[str, object]:
-    """The C initializer fields of op `index`: integers and generated identifiers only."""
-    (ci, hi, wi), (co, ho, wo) = _shape3(in_shape), _shape3(out_shape)
-    fields: dict[str, object] = {"input": index_of[op.inputs[0]], "input2": -1, "in_c": ci, "in_h": hi, "in_w": wi,
-                                 "out_c": co, "out_h": ho, "out_w": wo}
-    if isinstance(op, QLayer):
-        fields["kind"] = KINDS[op.kind]
-        if op.kind == "conv2d":
-            g = op.geometry
-            fields.update(k_h=op.weight.shape[2], k_w=op.weight.shape[3], stride_h=g["stride"][0], stride_w=g["stride"][1],
-                          pad_h=g["padding"][0], pad_w=g["padding"][1], dil_h=g["dilation"][0], dil_w=g["dilation"][1],
-                          groups=g["groups"])
-        fields.update(weight=f"op{index}_weight", weight_count=op.weight.size, **_multiplier_fields(index, op),
-                      **_clamp_fields(op, int(op.input_qparams.zero_point)))
-        if op.bias is not None:
-            fields.update(bias=f"op{index}_bias", bias_count=op.bias.size)
-    elif isinstance(op, QAdd):
-        fields.update(kind=KINDS[QAdd], input2=index_of[op.inputs[1]], input2_zero=int(op.input_qparams[1].zero_point),
-                      **_multiplier_fields(index, op), **_clamp_fields(op, int(op.input_qparams[0].zero_point)))
-    elif isinstance(op, QAvgPool):
-        kernel, stride = op.kernel_size or (hi, wi), op.stride or (1, 1)
-        fields.update(kind=KINDS[QAvgPool], k_h=kernel[0], k_w=kernel[1], stride_h=stride[0], stride_w=stride[1],
-                      **_multiplier_fields(index, op), **_clamp_fields(op, int(op.input_qparams.zero_point)))
-    elif isinstance(op, QMaxPool):
-        fields.update(kind=KINDS[QMaxPool], k_h=op.kernel_size[0], k_w=op.kernel_size[1], stride_h=op.stride[0],
-                      stride_w=op.stride[1], pad_h=op.padding[0], pad_w=op.padding[1])
-    else:
-        fields["kind"] = KINDS[type(op)]
-        if isinstance(op, QReLU):
-            fields["lower"] = int(op.zero_point)
+def _weighted_fields(index: int, op: QLayer, kind: str) -> dict[str, object]:
+    fields = {"kind": kind, "weight": f"op{index}_weight", "weight_count": op.weight.size,
+              **_multiplier_fields(index, op), **_clamp_fields(op, int(op.input_qparams.zero_point))}
+    if op.bias is not None:
+        fields.update(bias=f"op{index}_bias", bias_count=op.bias.size)
     return fields
 
 
-def _op_entry(index: int, op, index_of: dict[str, int], in_shape, out_shape) -> str:
+def _conv2d(index: int, op: QConv2d, index_of: dict, in_shape: tuple[int, int, int]) -> dict[str, object]:
+    g = op.geometry
+    return {**_weighted_fields(index, op, "INTQ_CONV2D"), "k_h": op.weight.shape[2], "k_w": op.weight.shape[3],
+            "stride_h": g["stride"][0], "stride_w": g["stride"][1], "pad_h": g["padding"][0], "pad_w": g["padding"][1],
+            "dil_h": g["dilation"][0], "dil_w": g["dilation"][1], "groups": g["groups"]}
+
+
+def _add(index: int, op: QAdd, index_of: dict, in_shape) -> dict[str, object]:
+    return {"kind": "INTQ_ADD", "input2": index_of[op.inputs[1]], "input2_zero": int(op.input_qparams[1].zero_point),
+            **_multiplier_fields(index, op), **_clamp_fields(op, int(op.input_qparams[0].zero_point))}
+
+
+def _avg_pool(index: int, op: QAvgPool, index_of: dict, in_shape: tuple[int, int, int]) -> dict[str, object]:
+    kernel, stride = op.kernel_size or in_shape[1:], op.stride or (1, 1)
+    return {"kind": "INTQ_AVGPOOL", "k_h": kernel[0], "k_w": kernel[1], "stride_h": stride[0], "stride_w": stride[1],
+            **_multiplier_fields(index, op), **_clamp_fields(op, int(op.input_qparams.zero_point))}
+
+
+def _max_pool(index: int, op: QMaxPool, index_of: dict, in_shape) -> dict[str, object]:
+    return {"kind": "INTQ_MAXPOOL", "k_h": op.kernel_size[0], "k_w": op.kernel_size[1], "stride_h": op.stride[0],
+            "stride_w": op.stride[1], "pad_h": op.padding[0], "pad_w": op.padding[1]}
+
+
+# The C lowering: per op class, (index, op, index_of, input shape) -> the op's intq_op fields (numbers and
+# generated names); array fields (weight, bias, mantissa, shift) name the arrays model.h defines for them.
+LOWERING = {
+    QConv2d: _conv2d,
+    QLinear: lambda index, op, index_of, in_shape: _weighted_fields(index, op, "INTQ_LINEAR"),
+    QAdd: _add,
+    QAvgPool: _avg_pool,
+    QMaxPool: _max_pool,
+    QFlatten: lambda index, op, index_of, in_shape: {"kind": "INTQ_FLATTEN"},
+    QReLU: lambda index, op, index_of, in_shape: {"kind": "INTQ_RELU", "lower": int(op.zero_point)},
+}
+
+
+def _op_fields(index: int, op, index_of: dict[str, int], in_shape, out_shape) -> dict[str, object]:
+    """The C initializer fields of op `index`: its shapes, then LOWERING's fields for its class."""
+    (ci, hi, wi), (co, ho, wo) = _shape3(in_shape), _shape3(out_shape)
+    return {"input": index_of[op.inputs[0]], "input2": -1, "in_c": ci, "in_h": hi, "in_w": wi,
+            "out_c": co, "out_h": ho, "out_w": wo, **LOWERING[type(op)](index, op, index_of, (ci, hi, wi))}
+
+
+def _op_entry(index: int, op, fields: dict[str, object]) -> str:
     """One designated initializer of the op table, with a comment of generated text only."""
-    fields = _op_fields(index, op, index_of, in_shape, out_shape)
     body = ", ".join(f".{key} = {value}" for key, value in fields.items())
     return f"  /* op {index}: {type(op).__name__} {c_comment_label(op.name)} */\n  {{{body}}},"
 
@@ -104,16 +120,13 @@ def model_header(model: IntegerModel, shapes: dict[str, tuple[int, ...]]) -> str
     comes from the model's text but numbers and c_comment_label's reduced names."""
     parts = ["/* Generated by intq: an integer-only model. Do not edit. */\n#include <stdint.h>\n"
              "#include \"intq_runtime.h\"\n"]
-    for index, op in enumerate(model.layers):
-        if isinstance(op, QLayer):
-            parts.append(c_array("int8_t", f"op{index}_weight", op.weight))
-            if op.bias is not None:
-                parts.append(c_array("int32_t", f"op{index}_bias", op.bias))
-        if isinstance(op, (QLayer, QAdd, QAvgPool)):
-            parts += [c_array("int32_t", f"op{index}_mantissa", op.mantissa), c_array("int32_t", f"op{index}_shift", op.shift)]
-    parts.append(c_array("int32_t", "INTQ_INPUT_LUT", _input_lut(model)))
     index_of = {model.input_name: -1, **{op.name: i for i, op in enumerate(model.layers)}}
-    entries = [_op_entry(i, op, index_of, shapes[op.inputs[0]], shapes[op.name]) for i, op in enumerate(model.layers)]
+    entries = []
+    for index, op in enumerate(model.layers):
+        fields = _op_fields(index, op, index_of, shapes[op.inputs[0]], shapes[op.name])
+        parts += [c_array(ctype, fields[key], getattr(op, key)) for key, ctype in ARRAY_TYPES.items() if key in fields]
+        entries.append(_op_entry(index, op, fields))
+    parts.append(c_array("int32_t", "INTQ_INPUT_LUT", _input_lut(model)))
     parts.append("static const intq_op INTQ_OPS[] = {\n" + "\n".join(entries) + "\n};\n")
     sizes = [int(np.prod(shapes[op.name])) for op in model.layers]
     parts.append(c_array("int32_t", "INTQ_BUFFER_SIZES", sizes))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from intq.integer_model import IntegerModel, QAdd, QAvgPool, QFlatten, QLayer, QMaxPool, QReLU
+from intq.integer_model import IntegerModel, QLayer
 from intq.qparams import QParams
 
 
@@ -43,15 +43,8 @@ def from_codes(codes: torch.Tensor, offset: int, dtype: torch.dtype) -> torch.Te
 
 
 def value_qparams(model: IntegerModel) -> dict[str, QParams]:
-    """QParams of every value in the model: ops that requantize define new ones, max-pool, flatten
-    and ReLU pass their input's on."""
-    qparams = {model.input_name: model.input.qparams}
-    for op in model.layers:
-        if isinstance(op, (QLayer, QAdd, QAvgPool)):
-            qparams[op.name] = op.output_qparams
-        elif isinstance(op, (QMaxPool, QFlatten, QReLU)):
-            qparams[op.name] = qparams[op.inputs[0]]
-    return qparams
+    """QParams of every value in the model (IntegerModel.value_qparams)."""
+    return model.value_qparams()
 
 
 def engine_runs_layer(layer: QLayer, model: IntegerModel) -> bool:

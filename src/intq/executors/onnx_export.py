@@ -25,7 +25,7 @@ from intq.executors.encoding import (EngineError, encoded_zero_point, engine_run
                                     uint8_offset, value_qparams)
 from intq.executors.reference import FLOAT32_EXACT, add_table, pixels_to_input, run_integer
 from intq.fixed_point import MANTISSA_BITS, MAX_RIGHT_SHIFT, float64_requantizer
-from intq.integer_model import IntegerModel, QAdd, QAvgPool, QFlatten, QLayer, QMaxPool, QReLU
+from intq.integer_model import IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QMaxPool, QReLU
 from intq.qparams import QParams, torch_dtype
 
 OPSET = 17
@@ -103,6 +103,20 @@ def _encoded(graph: _Graph, clamped: str, qparams: QParams, prefix: str, dtype=n
     return graph.node("Cast", [graph.node("Add", [clamped, offset], f"{prefix}/encoded")], f"{prefix}/uint8", to=TensorProto.UINT8), True
 
 
+def _conv_attributes(layer: QConv2d) -> dict:
+    g = layer.geometry
+    return {"strides": list(g["stride"]), "pads": list(g["padding"]) * 2, "dilations": list(g["dilation"]),
+            "group": g["groups"]}
+
+
+# How each weighted layer class is expressed in ONNX: (integer node, float node, the weight as those
+# nodes take it, their attributes, the shape that broadcasts per-channel constants over the products).
+PRODUCT_NODES = {
+    QConv2d: ("ConvInteger", "Conv", lambda weight: weight, _conv_attributes, (1, -1, 1, 1)),
+    QLinear: ("MatMulInteger", "MatMul", lambda weight: weight.T.copy(), lambda layer: {}, (1, -1)),
+}
+
+
 def _exact_products(graph: _Graph, layer: QLayer, value: str, encoded: bool) -> str:
     """sum_k q_w (q_x - z_x), exactly, as int32 or as float32 integers. From a uint8-encoded input: ConvInteger/MatMulInteger
     with uint8 weights w + 128 (exact int32, the zero points subtracted by the kernel, padding with
@@ -110,31 +124,21 @@ def _exact_products(graph: _Graph, layer: QLayer, value: str, encoded: bool) -> 
     partial sum is an integer below the proven bound <= 2^24."""
     from onnx import TensorProto
 
-    prefix, g = layer.name, layer.geometry
-    window = {"strides": list(g["stride"]), "pads": list(g["padding"]) * 2, "dilations": list(g["dilation"]),
-              "group": g["groups"]} if layer.kind == "conv2d" else {}
+    integer_node, float_node, as_node_weight, attributes, _ = PRODUCT_NODES[type(layer)]
+    prefix = layer.name
     if encoded:
-        weight = (np.asarray(layer.weight, np.int16) + 128).astype(np.uint8)
+        weight = as_node_weight((np.asarray(layer.weight, np.int16) + 128).astype(np.uint8))
         zeros = [graph.const(f"{prefix}/x_zero_point", np.uint8(encoded_zero_point(layer.input_qparams))),
                  graph.const(f"{prefix}/w_zero_point", np.uint8(128))]
-        if layer.kind == "conv2d":
-            products = graph.node("ConvInteger", [value, graph.const(f"{prefix}/weight", weight), *zeros],
-                                  f"{prefix}/products", **window)
-        else:
-            products = graph.node("MatMulInteger", [value, graph.const(f"{prefix}/weight", weight.T.copy()), *zeros],
-                                  f"{prefix}/products")
-        return products
+        return graph.node(integer_node, [value, graph.const(f"{prefix}/weight", weight), *zeros], f"{prefix}/products",
+                          **attributes(layer))
     if layer.accumulator_bound > FLOAT32_EXACT:
         raise EngineError(f"accumulator bound {layer.accumulator_bound} on a raw input is above 2^24, where "
                           "ONNX Runtime's float32 Conv is no longer exact")
     centred = graph.node("Cast", [_centred(graph, value, encoded, layer.input_qparams, prefix)], f"{prefix}/float",
                          to=TensorProto.FLOAT)
-    weight = np.asarray(layer.weight, np.float32)
-    if layer.kind == "conv2d":
-        products = graph.node("Conv", [centred, graph.const(f"{prefix}/weight", weight)], f"{prefix}/products", **window)
-    else:
-        products = graph.node("MatMul", [centred, graph.const(f"{prefix}/weight", weight.T.copy())], f"{prefix}/products")
-    return products
+    weight = as_node_weight(np.asarray(layer.weight, np.float32))
+    return graph.node(float_node, [centred, graph.const(f"{prefix}/weight", weight)], f"{prefix}/products", **attributes(layer))
 
 
 def _exact_layer(graph: _Graph, layer: QLayer, value: str, encoded: bool) -> tuple[str, bool]:
@@ -142,7 +146,7 @@ def _exact_layer(graph: _Graph, layer: QLayer, value: str, encoded: bool) -> tup
     acc = products + q_b in int64 and the integer requantizer (eq. 10, 21)."""
     from onnx import TensorProto
 
-    shape, prefix = (1, -1, 1, 1) if layer.kind == "conv2d" else (1, -1), layer.name
+    shape, prefix = PRODUCT_NODES[type(layer)][4], layer.name
     products = _exact_products(graph, layer, value, encoded)
     lower, upper = layer.bounds()
     out = layer.output_qparams
@@ -174,16 +178,9 @@ def _clip(graph: _Graph, value: str, bounds: tuple[int, int] | None, prefix: str
                                graph.const(f"{prefix}/clip_upper", np.uint8(bounds[1]))], f"{prefix}/clipped")
 
 
-def _engine_layer(graph: _Graph, layer: QLayer, value: str) -> str:
-    """QLinearConv with uint8 weights w + 128 (zero point 128, per output channel) and the int32 bias;
-    a Linear is the same as a 1x1 convolution on (N, K, 1, 1)."""
-    prefix, weight = layer.name, np.asarray(layer.weight, np.int16)
-    channels = weight.shape[0]
-    if layer.kind == "linear":
-        value = graph.node("Reshape", [value, graph.const(f"{prefix}/as_image", np.array([0, -1, 1, 1], np.int64))],
-                           f"{prefix}/image")
-        weight = weight.reshape(*weight.shape, 1, 1)
-    g = layer.geometry if layer.kind == "conv2d" else {"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), "groups": 1}
+def _engine_conv(graph: _Graph, layer: QLayer, value: str, weight: np.ndarray, geometry: dict) -> str:
+    """QLinearConv with uint8 weights w + 128 (zero point 128, per output channel) and the int32 bias."""
+    prefix, g, channels = layer.name, geometry, weight.shape[0]
     weight_scale = np.broadcast_to(np.asarray(layer.weight_qparams.scale, np.float32), (channels,)).copy()
     inputs = [value, *_scale(graph, f"{prefix}/x", layer.input_qparams),
               graph.const(f"{prefix}/weight", (weight + 128).astype(np.uint8)), graph.const(f"{prefix}/w_scale", weight_scale),
@@ -193,9 +190,24 @@ def _engine_layer(graph: _Graph, layer: QLayer, value: str) -> str:
         inputs.append(graph.const(f"{prefix}/bias", layer.bias.astype(np.int32)))
     y = graph.node("QLinearConv", inputs, f"{prefix}/qlinear", strides=list(g["stride"]), pads=list(g["padding"]) * 2,
                    dilations=list(g["dilation"]), group=g["groups"])
-    if layer.kind == "linear":
-        y = graph.node("Flatten", [y], f"{prefix}/flat", axis=1)
     return _clip(graph, y, narrower_bounds(*layer.bounds(), layer.output_qparams, relu_fused=False), prefix)
+
+
+def _engine_linear(graph: _Graph, layer: QLinear, value: str) -> str:
+    """A Linear as a 1x1 QLinearConv on (N, K, 1, 1), flattened back to (N, C)."""
+    image = graph.node("Reshape", [value, graph.const(f"{layer.name}/as_image", np.array([0, -1, 1, 1], np.int64))],
+                       f"{layer.name}/image")
+    weight = np.asarray(layer.weight, np.int16).reshape(*layer.weight.shape, 1, 1)  # (C, K) -> (C, K, 1, 1)
+    identity = {"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), "groups": 1}
+    clipped = _engine_conv(graph, layer, image, weight, identity)
+    return graph.node("Flatten", [clipped], f"{layer.name}/flat", axis=1)
+
+
+# The weighted layer classes on ONNX Runtime's QLinearConv.
+ENGINE_LAYERS = {
+    QConv2d: lambda graph, layer, value: _engine_conv(graph, layer, value, np.asarray(layer.weight, np.int16), layer.geometry),
+    QLinear: _engine_linear,
+}
 
 
 def _avg_pool(graph: _Graph, op: QAvgPool, value: str, encoded: bool, channels: int) -> tuple[str, bool]:
@@ -260,36 +272,61 @@ def _value_shapes(model: IntegerModel, example: torch.Tensor) -> dict[str, tuple
     return shapes
 
 
-def _op(graph: _Graph, op, model: IntegerModel, values: dict, qparams: dict, shapes: dict, exact: bool) -> tuple[str, bool]:
-    """One intq op as ONNX nodes; `values` maps names to (ONNX tensor, uint8-encoded?)."""
-    (value, encoded), *others = [values[name] for name in op.inputs]
-    if exact and isinstance(op, QAdd):
-        return _exact_add(graph, op, [values[name] for name in op.inputs])
-    if isinstance(op, QLayer):
-        if encoded and engine_runs_layer(op, model) and not exact:
-            return _engine_layer(graph, op, value), True
-        return _exact_layer(graph, op, value, encoded)
-    if isinstance(op, QAvgPool):
-        return _avg_pool(graph, op, value, encoded, shapes[op.inputs[0]][0])
-    if isinstance(op, QFlatten):
-        return graph.node("Flatten", [value], op.name, axis=1), encoded
+def _layer(graph: _Graph, op: QLayer, model: IntegerModel, operands: list, qparams: dict, shapes: dict, exact: bool):
+    (value, encoded), = operands
+    if encoded and engine_runs_layer(op, model) and not exact:
+        return ENGINE_LAYERS[type(op)](graph, op, value), True
+    return _exact_layer(graph, op, value, encoded)
+
+
+def _encoded_input(op, operands: list, qparams: dict) -> str:
+    """The uint8-encoded input an engine kernel needs; EngineError for a wider value."""
+    (value, encoded), *_ = operands
     if not encoded:
         raise EngineError(f"{type(op).__name__} on a {qparams[op.inputs[0]].dtype.name} value (wider than 8 bits)")
-    if isinstance(op, QMaxPool):
-        return graph.node("MaxPool", [value], op.name, kernel_shape=list(op.kernel_size), strides=list(op.stride),
-                          pads=list(op.padding) * 2), True
-    if isinstance(op, QReLU):
-        zero = encoded_zero_point(qparams[op.inputs[0]])
-        return _clip(graph, value, (zero, 255), op.name), True
-    if isinstance(op, QAdd):
-        (other, other_encoded), = others
-        if not other_encoded:
-            raise EngineError("residual add of a value wider than 8 bits")
-        inputs = [value, *_scale(graph, f"{op.name}/a", op.input_qparams[0]),
-                  other, *_scale(graph, f"{op.name}/b", op.input_qparams[1]), *_scale(graph, f"{op.name}/y", op.output_qparams)]
-        y = graph.node("QLinearAdd", inputs, f"{op.name}/qlinear", domain=MS_DOMAIN)
-        return _clip(graph, y, narrower_bounds(*op.bounds(), op.output_qparams, relu_fused=False), op.name), True
-    raise EngineError(f"unknown integer op {type(op).__name__}")
+    return value
+
+
+def _add(graph: _Graph, op: QAdd, model: IntegerModel, operands: list, qparams: dict, shapes: dict, exact: bool):
+    if exact:
+        return _exact_add(graph, op, operands)
+    if not all(encoded for _, encoded in operands):
+        raise EngineError("residual add of a value wider than 8 bits")
+    (value, _), (other, _) = operands
+    inputs = [value, *_scale(graph, f"{op.name}/a", op.input_qparams[0]),
+              other, *_scale(graph, f"{op.name}/b", op.input_qparams[1]), *_scale(graph, f"{op.name}/y", op.output_qparams)]
+    y = graph.node("QLinearAdd", inputs, f"{op.name}/qlinear", domain=MS_DOMAIN)
+    return _clip(graph, y, narrower_bounds(*op.bounds(), op.output_qparams, relu_fused=False), op.name), True
+
+
+def _max_pool(graph: _Graph, op: QMaxPool, model, operands: list, qparams: dict, shapes: dict, exact: bool):
+    return graph.node("MaxPool", [_encoded_input(op, operands, qparams)], op.name, kernel_shape=list(op.kernel_size),
+                      strides=list(op.stride), pads=list(op.padding) * 2), True
+
+
+def _relu(graph: _Graph, op: QReLU, model, operands: list, qparams: dict, shapes: dict, exact: bool):
+    zero = encoded_zero_point(qparams[op.inputs[0]])
+    return _clip(graph, _encoded_input(op, operands, qparams), (zero, 255), op.name), True
+
+
+# The ONNX lowering: per op class, (graph, op, model, operands [(tensor, uint8-encoded?)], value qparams,
+# shapes, exact) -> (output tensor, uint8-encoded?).
+LOWERING = {
+    QConv2d: _layer,
+    QLinear: _layer,
+    QAdd: _add,
+    QAvgPool: lambda graph, op, model, operands, qparams, shapes, exact: _avg_pool(graph, op, *operands[0],
+                                                                                   shapes[op.inputs[0]][0]),
+    QMaxPool: _max_pool,
+    QFlatten: lambda graph, op, model, operands, qparams, shapes, exact: (
+        graph.node("Flatten", [operands[0][0]], op.name, axis=1), operands[0][1]),
+    QReLU: _relu,
+}
+
+
+def _op(graph: _Graph, op, model: IntegerModel, values: dict, qparams: dict, shapes: dict, exact: bool) -> tuple[str, bool]:
+    """One intq op as ONNX nodes (LOWERING); `values` maps names to (ONNX tensor, uint8-encoded?)."""
+    return LOWERING[type(op)](graph, op, model, [values[name] for name in op.inputs], qparams, shapes, exact)
 
 
 def _serialised(graph: _Graph, inputs: list, output: str, encoded: bool, output_shape: tuple[int, ...],

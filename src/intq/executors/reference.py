@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from intq.capture import max_pool
 from intq.fixed_point import float64_requantizer, multiply_by_quantized_multiplier, requantize, requantize_float64, requantize_with_bias
-from intq.integer_model import IntegerModel, QAdd, QAvgPool, QFlatten, QLayer, QMaxPool, QReLU
+from intq.integer_model import IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QMaxPool, QReLU
 from intq.qparams import torch_dtype
 
 CHUNK = 32  # images per pass: every intermediate of a chunk stays in cache, 1.5-2x faster at batch 256
@@ -70,9 +70,14 @@ def exact_products(layer: QLayer, x: torch.Tensor) -> torch.Tensor:
     check_exact_sums(x.device.type, dtype)
     centred = x.to(dtype).sub_(int(layer.input_qparams.zero_point))  # |q - z| < 2^17: exact
     weight = torch.as_tensor(layer.weight, device=x.device).to(dtype)
-    if layer.kind == "conv2d":
-        return integer_conv2d(centred, weight, layer.geometry)
-    return F.linear(centred, weight)
+    return PRODUCTS[type(layer)](centred, weight, layer)
+
+
+# The weighted layers' exact products, sum_k q_w (q_x - z_x), per layer class.
+PRODUCTS = {
+    QConv2d: lambda centred, weight, layer: integer_conv2d(centred, weight, layer.geometry),
+    QLinear: lambda centred, weight, layer: F.linear(centred, weight),
+}
 
 
 def integer_conv2d(centred: torch.Tensor, weight: torch.Tensor, geometry: dict) -> torch.Tensor:
@@ -142,7 +147,7 @@ def accumulate(layer: QLayer, x: torch.Tensor) -> torch.Tensor:
 def _state(op) -> tuple:
     """What an op's cached derivations depend on, as a hashable value: a cache keyed on the op and
     this never serves constants of an op that was modified after they were computed."""
-    qparams = [op.output_qparams, *(op.input_qparams if isinstance(op, QAdd) else ())]
+    qparams = [op.output_qparams, *op.declared_input_params()]
     return (op.mantissa.tobytes(), op.shift.tobytes(), None if getattr(op, "bias", None) is None else op.bias.tobytes(),
             op.bounds(), getattr(op, "accumulator_bound", None),
             tuple((float(qp.scale), int(qp.zero_point), qp.dtype) for qp in qparams))
@@ -189,7 +194,9 @@ def add_exact(op: QAdd, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """q_y = clamp(z_y + round(M_y (round(M_a (q_a - z_a)) + round(M_b (q_b - z_b))))) (eq. 17), as int64.
 
     M_a = s_a / s_i, M_b = s_b / s_i with s_i = max(s_a, s_b) / 2^20, so each operand keeps 20 more
-    bits than its own grid; budget: |q - z| <= 2^16 times M <= 2^20 stays below 2^37 in int64.
+    bits than its own grid. Budget: the output multiply sets the limit: operands of at most 9 bits
+    (model_check.MAX_ADD_OPERAND_BITS; the C runtime assumes the same) give |q - z| <= 2^9,
+    |t_a + t_b| < 2^30, and times M0 < 2^31 a product below 2^61 in int64.
     """
     terms = [multiply_by_quantized_multiplier(q.to(torch.int64) - int(qp.zero_point), *_multiplier(op, index, q.device))
              for index, (q, qp) in enumerate(zip((a, b), op.input_qparams))]
@@ -236,21 +243,31 @@ def avg_pool(op: QAvgPool, x: torch.Tensor) -> torch.Tensor:
     return y.to(torch_dtype(op.output_qparams.dtype))
 
 
-def run_op(op, x: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
-    """One integer op on its integer input(s)."""
-    if isinstance(op, QAdd):
-        return add(op, x, others[0])
-    if isinstance(op, QLayer):
-        return requantize_layer(op, exact_products(op, x))
-    if isinstance(op, QMaxPool):
-        return max_pool(x, op.kernel_size, op.stride, op.padding)
-    if isinstance(op, QFlatten):
-        return x.reshape(x.shape[0], -1)  # (N, C, H, W) -> (N, C*H*W)
-    if isinstance(op, QReLU):
-        return x.clamp(min=op.zero_point)
-    if isinstance(op, QAvgPool):
-        return avg_pool(op, x)
-    raise ExecutionError(f"unknown integer op {type(op).__name__}")
+def _weighted(layer: QLayer, x: torch.Tensor) -> torch.Tensor:
+    return requantize_layer(layer, exact_products(layer, x))
+
+
+def _flatten(op: QFlatten, x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1)  # (N, C, H, W) -> (N, C*H*W)
+
+
+# The reference's lowering: one function per op class, op(op, *integer inputs) -> integers.
+LOWERING = {
+    QConv2d: _weighted,
+    QLinear: _weighted,
+    QAdd: add,
+    QAvgPool: avg_pool,
+    QMaxPool: lambda op, x: max_pool(x, op.kernel_size, op.stride, op.padding),
+    QFlatten: _flatten,
+    QReLU: lambda op, x: x.clamp(min=op.zero_point),
+}
+
+
+def run_op(op, *inputs: torch.Tensor) -> torch.Tensor:
+    """One integer op on its integer input(s), through LOWERING."""
+    if type(op) not in LOWERING:
+        raise ExecutionError(f"unknown integer op {type(op).__name__}")
+    return LOWERING[type(op)](op, *inputs)
 
 
 def run_layer_then_pool(layer: QLayer, pool: QMaxPool, x: torch.Tensor) -> torch.Tensor:

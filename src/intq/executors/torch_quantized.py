@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from intq.executors.encoding import (EngineError, encoded_zero_point, engine_runs_layer, from_codes, narrower_bounds, to_uint8,
                                     uint8_offset, value_qparams)
 from intq.executors.reference import CHUNK, pixels_to_input, run_op
-from intq.integer_model import IntegerModel, QAdd, QFlatten, QLayer, QMaxPool, QReLU
+from intq.integer_model import IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QMaxPool, QReLU
 from intq.qparams import QParams, torch_dtype
 
 
@@ -78,19 +78,27 @@ def quantized_layer(layer: QLayer) -> torch.nn.Module:
     scales = torch.from_numpy(np.broadcast_to(np.asarray(layer.weight_qparams.scale, np.float64), (channels,)).copy())
     qweight = torch._make_per_channel_quantized_tensor(weight, scales, torch.zeros(channels, dtype=torch.int64), 0)
     bias = None
-    if layer.bias is not None:  # q_b in units of s_x s_w[c] (eq. 12), as reals
+    if layer.bias is not None:  # q_b in units of s_x s_w[c] (eq. 15), as reals
         bias = torch.from_numpy(layer.bias.astype(np.float64) * float(layer.input_qparams.scale) * scales.numpy()).float()
-    if layer.kind == "conv2d":
-        g = layer.geometry
-        module_class = fused.ConvReLU2d if layer.relu else quantized.Conv2d
-        stride = (1, 1) if subsampled_pointwise(layer) else g["stride"]
-        module = module_class(weight.shape[1] * g["groups"], channels, tuple(weight.shape[2:]), stride, g["padding"],
-                              g["dilation"], g["groups"], bias=True)
-    else:
-        module = (fused.LinearReLU if layer.relu else quantized.Linear)(weight.shape[1], channels)
+    module = MODULES[type(layer)](layer, fused, quantized)
     module.set_weight_bias(qweight, bias)
     module.scale, module.zero_point = float(layer.output_qparams.scale), encoded_zero_point(layer.output_qparams)
     return module
+
+
+def _conv_module(layer: QConv2d, fused, quantized) -> torch.nn.Module:
+    g, shape = layer.geometry, layer.weight.shape
+    module_class = fused.ConvReLU2d if layer.relu else quantized.Conv2d
+    stride = (1, 1) if subsampled_pointwise(layer) else g["stride"]
+    return module_class(shape[1] * g["groups"], shape[0], tuple(shape[2:]), stride, g["padding"], g["dilation"],
+                        g["groups"], bias=True)
+
+
+# The empty torch.ao module of each weighted layer class (module(layer, intrinsic, quantized)).
+MODULES = {
+    QConv2d: _conv_module,
+    QLinear: lambda layer, fused, quantized: (fused.LinearReLU if layer.relu else quantized.Linear)(*layer.weight.shape[::-1]),
+}
 
 
 def subsampled_pointwise(layer: QLayer) -> bool:
@@ -98,11 +106,11 @@ def subsampled_pointwise(layer: QLayer) -> bool:
     s-th pixel (the same sums): onednn's strided 1x1 kernel gave wrong, batch-size-dependent
     outputs in PyTorch 2.13 on an AVX2 CPU (up to 30 LSB on 0.1% of values, measured)."""
     g = layer.geometry
-    return (layer.kind == "conv2d" and tuple(layer.weight.shape[2:]) == (1, 1) and tuple(g["stride"]) != (1, 1)
+    return (isinstance(layer, QConv2d) and tuple(layer.weight.shape[2:]) == (1, 1) and tuple(g["stride"]) != (1, 1)
             and tuple(g["padding"]) == (0, 0))
 
 
-def _integer_step(op, in_qparams: list[QParams]) -> Callable:
+def _integer_step(op, model: IntegerModel, in_qparams: list[QParams]) -> Callable:
     """The reference executor's exact op, on integers converted from quint8, CHUNK images at a time."""
     def run(*xs: torch.Tensor) -> torch.Tensor:
         integers = [to_integers(x, qp) for x, qp in zip(xs, in_qparams)]
@@ -111,31 +119,44 @@ def _integer_step(op, in_qparams: list[QParams]) -> Callable:
     return run
 
 
+def _layer_step(op: QLayer, model: IntegerModel, in_qparams: list[QParams]) -> Callable:
+    if not engine_runs_layer(op, model):
+        return _integer_step(op, model, in_qparams)
+    module, qp = quantized_layer(op), in_qparams[0]
+    if subsampled_pointwise(op):
+        (sh, sw) = op.geometry["stride"]
+        run = lambda x: module(to_quantized(x, qp)[:, :, ::sh, ::sw].contiguous(memory_format=torch.channels_last))  # noqa: E731
+    else:
+        run = lambda x: module(to_quantized(x, qp))  # noqa: E731
+    return _clamped(run, narrower_bounds(*op.bounds(), op.output_qparams, op.relu), op.output_qparams)
+
+
+def _add_step(op: QAdd, model: IntegerModel, in_qparams: list[QParams]) -> Callable:
+    out = op.output_qparams
+    kernel = torch.ops.quantized.add_relu if op.relu else torch.ops.quantized.add
+    scale, zero = float(out.scale), encoded_zero_point(out)
+    run = lambda a, b: kernel(to_quantized(a, in_qparams[0]), to_quantized(b, in_qparams[1]), scale, zero)  # noqa: E731
+    return _clamped(run, narrower_bounds(*op.bounds(), out, op.relu), out)
+
+
+# The PyTorch-kernel lowering: per op class, (op, model, input qparams) -> a step on quantized tensors
+# (or on integers: the exact op where the kernels cannot express it; average pools are exact and
+# cheap on the small pooled maps).
+LOWERING = {
+    QConv2d: _layer_step,
+    QLinear: _layer_step,
+    QAdd: _add_step,
+    QAvgPool: _integer_step,
+    QMaxPool: lambda op, model, qps: lambda x: (F.max_pool2d(x, op.kernel_size, op.stride, op.padding)
+                                                if x.is_quantized else run_op(op, x)),
+    QFlatten: lambda op, model, qps: lambda x: torch.flatten(x, 1),
+    QReLU: lambda op, model, qps: lambda x: torch.relu(x) if x.is_quantized else run_op(op, x),
+}
+
+
 def _engine_step(op, model: IntegerModel, in_qparams: list[QParams]) -> Callable:
-    """One op as a PyTorch kernel call (or the exact integer op where the kernels cannot express it)."""
-    if isinstance(op, QLayer):
-        if not engine_runs_layer(op, model):
-            return _integer_step(op, in_qparams)
-        module, qp = quantized_layer(op), in_qparams[0]
-        if subsampled_pointwise(op):
-            (sh, sw) = op.geometry["stride"]
-            run = lambda x: module(to_quantized(x, qp)[:, :, ::sh, ::sw].contiguous(memory_format=torch.channels_last))  # noqa: E731
-        else:
-            run = lambda x: module(to_quantized(x, qp))  # noqa: E731
-        return _clamped(run, narrower_bounds(*op.bounds(), op.output_qparams, op.relu), op.output_qparams)
-    if isinstance(op, QAdd):
-        out = op.output_qparams
-        kernel = torch.ops.quantized.add_relu if op.relu else torch.ops.quantized.add
-        scale, zero = float(out.scale), encoded_zero_point(out)
-        run = lambda a, b: kernel(to_quantized(a, in_qparams[0]), to_quantized(b, in_qparams[1]), scale, zero)  # noqa: E731
-        return _clamped(run, narrower_bounds(*op.bounds(), out, op.relu), out)
-    if isinstance(op, QMaxPool):
-        return lambda x: F.max_pool2d(x, op.kernel_size, op.stride, op.padding) if x.is_quantized else run_op(op, x)
-    if isinstance(op, QFlatten):
-        return lambda x: torch.flatten(x, 1)
-    if isinstance(op, QReLU):
-        return lambda x: torch.relu(x) if x.is_quantized else run_op(op, x)
-    return _integer_step(op, in_qparams)  # average pools: exact and cheap on the small pooled maps
+    """One op as a PyTorch kernel call (LOWERING)."""
+    return LOWERING[type(op)](op, model, in_qparams)
 
 
 ENGINES = ("onednn", "x86", "fbgemm")

@@ -1,0 +1,50 @@
+"""Every op class has an entry in every executor's lowering table (and in the checks a model file must
+pass): adding an op class without one fails here, naming the table and the op."""
+import pytest
+
+from intq import explain, model_check, simulate
+from intq.executors import c_export, onnx_export, reference, torch_quantized
+from intq.integer_model import OP_TYPES, QLayer, Requantizing
+
+WEIGHTED = tuple(op for op in OP_TYPES if issubclass(op, QLayer))
+REQUANTIZING = tuple(op for op in OP_TYPES if issubclass(op, Requantizing))
+
+# (table, the op classes it must cover)
+TABLES = {
+    "reference.LOWERING": (reference.LOWERING, OP_TYPES),
+    "c_export.LOWERING": (c_export.LOWERING, OP_TYPES),
+    "onnx_export.LOWERING": (onnx_export.LOWERING, OP_TYPES),
+    "torch_quantized.LOWERING": (torch_quantized.LOWERING, OP_TYPES),
+    "model_check.CHECKS": (model_check.CHECKS, OP_TYPES),
+    "simulate.SIMULATED": (simulate.SIMULATED, REQUANTIZING),
+    "reference.PRODUCTS": (reference.PRODUCTS, WEIGHTED),
+    "simulate.REAL_LAYERS": (simulate.REAL_LAYERS, WEIGHTED),
+    "torch_quantized.MODULES": (torch_quantized.MODULES, WEIGHTED),
+    "onnx_export.PRODUCT_NODES": (onnx_export.PRODUCT_NODES, WEIGHTED),
+    "onnx_export.ENGINE_LAYERS": (onnx_export.ENGINE_LAYERS, WEIGHTED),
+    "explain.WINDOWS": (explain.WINDOWS, WEIGHTED),
+}
+
+
+def missing_entries(table: dict, required: tuple[type, ...]) -> list[str]:
+    """The op classes `table` has no entry for (and keys that are no op class)."""
+    return sorted({op.__name__ for op in required} ^ {key.__name__ for key in table})
+
+
+@pytest.mark.parametrize("name", sorted(TABLES))
+def test_every_op_class_has_an_entry(name):
+    table, required = TABLES[name]
+    assert missing_entries(table, required) == [], f"{name} lacks an entry for these op classes"
+
+
+def test_a_removed_entry_is_named():
+    table = dict(c_export.LOWERING)
+    del table[OP_TYPES[0]]
+    assert missing_entries(table, OP_TYPES) == [OP_TYPES[0].__name__]
+
+
+def test_op_classes_carry_their_semantics():
+    """Arity and input parameters live on the op classes, not in the executors."""
+    for op in OP_TYPES:
+        assert op.ARITY in (1, 2)
+    assert {op.__name__ for op in WEIGHTED} == {"QConv2d", "QLinear"}
