@@ -36,7 +36,8 @@ from intq.executors.c_export import export_c
 from intq.explain import ExplainError, cached_float_graph, explain
 from intq.models import ARCHITECTURES, MODELS
 from intq.pipeline import CheckpointError, load_checkpoint
-from intq.quantize import integer_accuracy, quantize_checkpoint, run_compare, train_architecture
+from intq.compare import run_compare
+from intq.quantize import integer_accuracy, quantize_checkpoint, train_architecture
 from intq.train import ClassifierRecipe
 from intq.verify import EXECUTORS, VerifyError, verify
 from intq.sensitivity import SensitivityOptions, run_sensitivity

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import io
 import warnings
+from pathlib import Path
 
 import torch
 import torch.fx
 
+from intq import model_file
+from intq.config import QConfig
 from intq.costs import measured_speed
 from intq.data import Dataset, normalize
 from intq.executors.onnx_export import OnnxModel
 from intq.executors.reference import run_integer
 from intq.executors.torch_quantized import TorchQuantizedModel
 from intq.integer_model import IntegerModel
+from intq.pipeline import calibration_images, float_model, quantize_model
 from intq.train import accuracy, predict
 
 
@@ -91,3 +95,14 @@ def compare(model: torch.nn.Module, integer: IntegerModel, integer_bytes: int, d
     if on_torch.saturation_note():
         rows[3]["note"] = on_torch.saturation_note()
     return rows
+
+
+def run_compare(model: str, data: Dataset, cache_dir: Path, config: QConfig, calib_samples: int, *,
+                seed: int = 0, arch: str = "Net") -> dict:
+    """intq under `config` against torch.ao PTQ of the same float model (pipeline.float_model: a study
+    model or a checkpoint of `arch`) on the same `calib_samples` training images: compare's rows."""
+    name, float_net = float_model(model, data, cache_dir, seed=seed, arch=arch)
+    pixels = calibration_images(data.train_images, calib_samples, seed)
+    integer = quantize_model(float_net, pixels, config, example=data.train_images).integer_model
+    rows = compare(float_net, integer, len(model_file.to_bytes(integer)), data, pixels)
+    return {"model": name, "calibration_images": len(pixels), "test_images": len(data.test_images), "rows": rows}

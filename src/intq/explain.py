@@ -17,7 +17,7 @@ from intq.data import normalize
 from intq.executors.reference import run_integer
 from intq.integer_model import IntegerModel, QConv2d, QLayer, QLinear
 from intq.models import MODELS
-from intq.study import data_fingerprint
+from intq.pipeline import data_fingerprint
 from intq.train import Recipe, load_weights, weights_key
 
 

@@ -1,5 +1,5 @@
-"""`intq train`, `intq quantize`, `intq eval` and `intq compare` for any supported architecture
-and checkpoint.
+"""`intq train`, `intq quantize` and `intq eval` for any supported architecture and checkpoint
+(`intq compare` is compare.run_compare).
 
 Checkpoints are pickle-free .npz files (train.save_weights, read by pipeline.load_checkpoint);
 integer models are IntegerModel .npz. The float -> integer steps are the pipeline's.
@@ -12,12 +12,11 @@ from pathlib import Path
 import torch
 
 from intq import model_file
-from intq.compare import compare
 from intq.config import QConfig
 from intq.data import Dataset, normalize
 from intq.integer_model import IntegerModel
 from intq.executors.reference import run_integer
-from intq.pipeline import build, calibration_images, float_model, quantize_model
+from intq.pipeline import build, calibration_images, quantize_model
 from intq.train import ClassifierRecipe, accuracy, predict, save_weights, train_classifier
 
 
@@ -50,13 +49,3 @@ def quantize_checkpoint(model: torch.nn.Module, data: Dataset, config: QConfig, 
     return {"float_accuracy": float_accuracy(model, data), "integer_accuracy": integer_accuracy(integer, data),
             "bytes": size, "file": str(out)}
 
-
-def run_compare(model: str, data: Dataset, cache_dir: Path, config: QConfig, calib_samples: int, *,
-                seed: int = 0, arch: str = "Net") -> dict:
-    """intq under `config` against torch.ao PTQ of the same float model (pipeline.float_model: a study
-    model or a checkpoint of `arch`) on the same `calib_samples` training images: compare's rows."""
-    name, float_net = float_model(model, data, cache_dir, seed=seed, arch=arch)
-    pixels = calibration_images(data.train_images, calib_samples, seed)
-    integer = quantize_model(float_net, pixels, config, example=data.train_images).integer_model
-    rows = compare(float_net, integer, len(model_file.to_bytes(integer)), data, pixels)
-    return {"model": name, "calibration_images": len(pixels), "test_images": len(data.test_images), "rows": rows}

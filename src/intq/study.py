@@ -31,7 +31,6 @@ from intq.integer_model import IntegerModel, output_bounds
 from intq.models import MODELS
 from intq.observers import TensorStats
 from intq.pipeline import Calibrated, calibrated, calibration_images, trained_model
-from intq.pipeline import data_fingerprint  # noqa: F401 (explain.py imports it from here)
 from intq.qparams import QParams
 from intq.simulate import fake_quant_weights, layer_agreement
 from intq.train import Recipe, accuracy, predict
