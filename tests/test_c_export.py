@@ -133,14 +133,14 @@ def test_export_is_all_or_nothing(tmp_path, monkeypatch):
 def test_verify_reports_a_c_build_failure_in_one_line(tmp_path, monkeypatch):
     """A compiler that fails (here a stand-in that prints a diagnostic and exits 1) is one VerifyError
     carrying its first line, not a CalledProcessError traceback."""
-    from intq.verify import VerifyError, run_c
+    from intq.verify import VerifyError, verify
 
     compiler = tmp_path / "cc"
     compiler.write_text("#!/bin/sh\necho 'verify.c:3:5: error: stray character' >&2\nexit 1\n")
     compiler.chmod(0o755)
-    monkeypatch.setattr("intq.verify.shutil.which", lambda name: str(compiler))
+    monkeypatch.setattr("intq.executors.c_runner.shutil.which", lambda name: str(compiler))
     torch.manual_seed(0)
     pixels = make_pixels(4)
     graph, stats = calibrated(NetWithBias().eval(), pixels)
     with pytest.raises(VerifyError, match=r"executor c: the C compiler failed \(exit 1\): verify.c:3:5: error: stray"):
-        run_c(convert(graph, stats, RECOMMENDED), pixels)
+        verify(convert(graph, stats, RECOMMENDED), pixels, ("c",))

@@ -346,7 +346,7 @@ def plausible_change(draw, arrays: dict) -> dict:
 @given(data=st.data())
 def test_mutated_model_files_load_and_agree_or_are_refused(tmp_path_factory, valid_model, data):
     """Loading either raises ModelFileError, or gives a model whose reference and C outputs agree."""
-    from intq.verify import run_c
+    from intq.executors.c_runner import run_c
 
     arrays = data.draw(mutated_files(to_arrays(valid_model)))
     buffer = io.BytesIO()

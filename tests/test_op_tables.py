@@ -48,3 +48,31 @@ def test_op_classes_carry_their_semantics():
     for op in OP_TYPES:
         assert op.ARITY in (1, 2)
     assert {op.__name__ for op in WEIGHTED} == {"QConv2d", "QLinear"}
+
+
+def test_every_registered_executor_runs_a_model_to_the_same_integers_shape():
+    """The registry's executors share one protocol: prepare(model) -> forward(pixels) -> (N, outputs)."""
+    import shutil
+
+    import torch
+
+    from conftest import calibrated, make_pixels
+    from intq.config import RECOMMENDED
+    from intq.convert import convert
+    from intq.executors.registry import EXECUTORS, run
+    from intq.models import NetWithBias
+
+    torch.manual_seed(0)
+    pixels = make_pixels(6)
+    graph, stats = calibrated(NetWithBias().eval(), pixels)
+    model = convert(graph, stats, RECOMMENDED)
+    reference = run(EXECUTORS["reference"].prepare(model), pixels)
+    assert set(EXECUTORS) == {"reference", "c", "torch_quantized", "onnx", "onnx_exact"}
+    for name, executor in EXECUTORS.items():
+        if name == "c" and not (shutil.which("cc") or shutil.which("gcc")):
+            continue
+        output = run(executor.prepare(model), pixels)
+        assert output.shape == reference.shape and output.dtype == torch.int64, name
+        if name in ("reference", "c", "onnx_exact"):
+            assert torch.equal(output, reference), name
+        assert (executor.op_steps(model) is None) == (name in ("reference", "c", "onnx_exact")), name

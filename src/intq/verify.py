@@ -1,108 +1,38 @@
-"""`intq verify`: run an executor over a whole image set and count how far it is from the reference.
-
-Executors: `c` (the exported C99 model, compiled with the system compiler), `torch_quantized` (PyTorch's
-quantized kernels), `onnx` (QLinearConv in ONNX Runtime) and `onnx_exact` (integer subgraphs in ONNX
-Runtime). For each: share of output values that differ, the
-largest difference in LSB, and the share of images whose top-1 differs.
+"""`intq verify`: run executors (executors/registry.py) over a whole image set and count how far each
+is from the reference: share of output values that differ, the largest difference in LSB, and the
+share of images whose top-1 differs; for the engines that requantize in float, also each op alone on
+the reference's own inputs.
 """
 from __future__ import annotations
 
-import shutil
-import subprocess
-import tempfile
-from importlib import resources
-from pathlib import Path
-
-import numpy as np
 import torch
 
-from intq.executors.c_export import export_c
 from intq.executors.encoding import EngineError
 from intq.executors.reference import run_integer
+from intq.executors.registry import EXECUTORS as REGISTRY
+from intq.executors.registry import executor, run
 from intq.integer_model import IntegerModel
-from intq.model_check import check_model
 
-
-EXECUTORS = ("c", "torch_quantized", "onnx", "onnx_exact")
+EXECUTORS = tuple(name for name in REGISTRY if name != "reference")  # what verify checks by default
 
 
 class VerifyError(Exception):
     """An executor that cannot run here (names it and why)."""
 
 
-COMPILE_TIMEOUT_S = 300
-C_MACS_PER_SECOND = 2e7  # the plain C loop nest ran ResNet-20 at ~3e8 MAC/s here; 15x slack
-
-
-def run_timeout_s(model: IntegerModel, images: int) -> float:
-    """A generous limit for the C executor on `images` images: 60 s plus the MACs at C_MACS_PER_SECOND."""
-    shapes = check_model(model)
-    macs = sum(op.weight.size * int(np.prod(shapes[op.name][1:])) for op in model.quantized_layers())
-    return 60 + images * macs / C_MACS_PER_SECOND
-
-
-def _run_step(command: list[str], folder: Path, timeout: float, what: str) -> None:
-    """One subprocess (an argument list, no shell) with a time limit; VerifyError naming the step."""
-    try:
-        result = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise VerifyError(f"executor c: {what} did not finish within {timeout:.0f} s") from None
-    except OSError as err:
-        raise VerifyError(f"executor c: {what} could not start ({err.strerror or err})") from None
-    if result.returncode != 0:
-        detail = next((line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip()), "")
-        raise VerifyError(f"executor c: {what} failed (exit {result.returncode}): {detail[:200]}")
-
-
-def run_c(model: IntegerModel, pixels: torch.Tensor) -> torch.Tensor:
-    """The output integers of the exported C model for every image, (N, outputs) int64. Built and run
-    in a temporary folder with time limits; the export is numbers only (c_export), checked first."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise VerifyError("executor c: no C compiler (cc or gcc) on this machine")
-    with tempfile.TemporaryDirectory() as folder:
-        folder = Path(folder)
-        export_c(model, pixels[:1], folder)
-        shutil.copyfile(resources.files("intq.executors.c_runtime").joinpath("verify.c"), folder / "verify.c")
-        _run_step([compiler, "-std=c99", "-O2", "verify.c", "intq_runtime.c", "-o", "verify"], folder,
-                  COMPILE_TIMEOUT_S, "the C compiler")
-        (folder / "pixels.bin").write_bytes(pixels.contiguous().numpy().tobytes())
-        _run_step([str(folder / "verify"), str(len(pixels))], folder, run_timeout_s(model, len(pixels)), "the C model")
-        outputs = np.fromfile(folder / "outputs.bin", dtype=np.int32)
-    return torch.from_numpy(outputs.astype(np.int64)).reshape(len(pixels), -1)
-
-
-def run_batched(forward, pixels: torch.Tensor, batch: int = 1000) -> torch.Tensor:
-    """forward over `pixels` in batches, outputs as (N, outputs) int64."""
-    outputs = [forward(pixels[i : i + batch]) for i in range(0, len(pixels), batch)]
-    return torch.cat([out.to(torch.int64).reshape(len(out), -1) for out in outputs])
-
-
 def run_executor(name: str, model: IntegerModel, pixels: torch.Tensor, engine: str = "onednn") -> tuple[torch.Tensor, list[str]]:
-    """(output integers, notes) of one executor on every image; `engine` is torch_quantized's PyTorch
-    backend. The engines that requantize in float (torch_quantized, onnx) also run each op on the
-    reference's own inputs (layer_differences)."""
-    if name == "c":
-        return run_c(model, pixels), []
+    """(output integers, notes) of one registered executor on every image; `engine` is torch_quantized's
+    PyTorch backend. An executor that requantizes in float also runs each op on the reference's own
+    inputs (its op_steps, layer_differences)."""
+    chosen = executor(name, engine)
     try:
-        if name == "torch_quantized":
-            from intq.executors.torch_quantized import TorchQuantizedModel
-
-            kernels = TorchQuantizedModel(model, engine)
-            notes = [f"engine {engine}"] + [note for note in (kernels.saturation_note(),) if note]
-            return run_batched(kernels, pixels), notes + [per_op_note(layer_differences(model, kernels.op_steps(), pixels))]
-        if name == "onnx":
-            from intq.executors.onnx_export import OnnxModel, onnx_op_steps
-
-            per_op = layer_differences(model, onnx_op_steps(model, pixels[:1]), pixels)
-            return run_batched(OnnxModel(model, pixels[:1]), pixels), [per_op_note(per_op)]
-        if name == "onnx_exact":
-            from intq.executors.onnx_export import OnnxModel
-
-            return run_batched(OnnxModel(model, pixels[:1], exact=True), pixels), []
+        output = run(chosen.prepare(model), pixels)
+        notes, steps = chosen.notes(model), chosen.op_steps(model)
     except EngineError as err:
         raise VerifyError(str(err)) from None
-    raise VerifyError(f"unknown executor {name!r}; available: {', '.join(EXECUTORS)}")
+    if steps is not None:
+        notes = notes + [per_op_note(layer_differences(model, steps, pixels))]
+    return output, notes
 
 
 def layer_differences(model: IntegerModel, steps: list[tuple], pixels: torch.Tensor, batch: int = 500) -> dict[str, dict]:
@@ -141,10 +71,10 @@ def verify(model: IntegerModel, pixels: torch.Tensor, executors: tuple[str, ...]
            engine: str = "onednn") -> dict[str, dict]:
     """Every executor against the reference on `pixels`: {executor: compare(...) + notes}; `engine`
     is torch_quantized's PyTorch backend (TorchQuantizedModel)."""
-    unknown = [name for name in executors if name not in EXECUTORS]
+    unknown = [name for name in executors if name not in REGISTRY]
     if unknown:
         raise VerifyError(f"unknown executor {', '.join(map(repr, unknown))}; available: {', '.join(EXECUTORS)}")
-    reference = run_batched(lambda p: run_integer(model, p), pixels)
+    reference = run(REGISTRY["reference"].prepare(model), pixels)
     results = {}
     for name in executors:
         output, notes = run_executor(name, model, pixels, engine)

@@ -1,0 +1,131 @@
+"""Every executor of an IntegerModel behind one small protocol, and the registry of them.
+
+An executor has a `name` and `prepare(model)`, which returns a callable from uint8 pixels
+(N, C, H, W) to the model's output integers (N, outputs) int64, built once (a compiled C program, an
+ONNX Runtime session, PyTorch quantized modules) and then called on any number of batches.
+`notes(model)` says what a reader of its figures should know; an engine that requantizes in float
+also gives `op_steps(model)`, each op alone as a step on integers, so that `intq verify` can feed
+every op the reference's own inputs. verify, compare and the benchmarks iterate over EXECUTORS.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from intq.executors.reference import run_integer
+from intq.integer_model import IntegerModel
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Executor(Protocol):
+    name: str
+
+    def prepare(self, model: IntegerModel) -> Forward: ...
+
+    def notes(self, model: IntegerModel) -> list[str]: ...
+
+    def op_steps(self, model: IntegerModel) -> list[tuple] | None: ...
+
+
+def run(forward: Forward, pixels: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+    """forward over `pixels` in batches, outputs as (N, outputs) int64."""
+    outputs = [forward(pixels[i : i + batch]) for i in range(0, len(pixels), batch)]
+    return torch.cat([out.to(torch.int64).reshape(len(out), -1) for out in outputs])
+
+
+def _example(model: IntegerModel) -> torch.Tensor:
+    return torch.zeros((1, *model.input.shape), dtype=torch.uint8)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Exact integer arithmetic (executors/reference.py): the ground truth."""
+
+    name: str = "reference"
+
+    def prepare(self, model: IntegerModel) -> Forward:
+        return lambda pixels: run_integer(model, pixels)
+
+    def notes(self, model: IntegerModel) -> list[str]:
+        return []
+
+    def op_steps(self, model: IntegerModel) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class C:
+    """The exported C99 model, compiled with the system compiler (executors/c_runner.py): bit-exact."""
+
+    name: str = "c"
+
+    def prepare(self, model: IntegerModel) -> Forward:
+        from intq.executors.c_runner import CProgram
+
+        return CProgram(model)
+
+    def notes(self, model: IntegerModel) -> list[str]:
+        return []
+
+    def op_steps(self, model: IntegerModel) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class TorchQuantized:
+    """PyTorch's quantized kernels on `engine` (onednn, x86, fbgemm): within 1 LSB per op."""
+
+    engine: str = "onednn"
+    name: str = "torch_quantized"
+
+    def prepare(self, model: IntegerModel) -> Forward:
+        from intq.executors.torch_quantized import TorchQuantizedModel
+
+        return TorchQuantizedModel(model, self.engine)
+
+    def notes(self, model: IntegerModel) -> list[str]:
+        from intq.executors.torch_quantized import TorchQuantizedModel
+
+        note = TorchQuantizedModel(model, self.engine).saturation_note()
+        return [f"engine {self.engine}"] + ([note] if note else [])
+
+    def op_steps(self, model: IntegerModel) -> list[tuple]:
+        from intq.executors.torch_quantized import TorchQuantizedModel
+
+        return TorchQuantizedModel(model, self.engine).op_steps()
+
+
+@dataclass(frozen=True)
+class Onnx:
+    """ONNX Runtime: QLinearConv/QLinearAdd (within 1 LSB per op) or, `exact`, integer subgraphs (bit-exact)."""
+
+    exact: bool = False
+
+    @property
+    def name(self) -> str:
+        return "onnx_exact" if self.exact else "onnx"
+
+    def prepare(self, model: IntegerModel) -> Forward:
+        from intq.executors.onnx_export import OnnxModel
+
+        return OnnxModel(model, _example(model), exact=self.exact)
+
+    def notes(self, model: IntegerModel) -> list[str]:
+        return []
+
+    def op_steps(self, model: IntegerModel) -> list[tuple] | None:
+        from intq.executors.onnx_export import onnx_op_steps
+
+        return None if self.exact else onnx_op_steps(model, _example(model))
+
+
+EXECUTORS: dict[str, Executor] = {executor.name: executor for executor in
+                                  (Reference(), C(), TorchQuantized(), Onnx(), Onnx(exact=True))}
+
+
+def executor(name: str, engine: str = "onednn") -> Executor:
+    """The registered executor `name` (torch_quantized on `engine`); KeyError for an unknown name."""
+    return TorchQuantized(engine) if name == "torch_quantized" else EXECUTORS[name]
