@@ -2,13 +2,12 @@
 `intq explain`, `intq export-c`, `intq export-onnx`, `intq train`, `intq quantize`, `intq eval`,
 `intq verify`, `intq compare`. The only module that reads argv or the environment.
 
-Each command parses its arguments, calls one workflow and prints its results; the commands that
-write a report hand the workflow its renderer, so the report lands in the same all-or-nothing
-output as the results."""
+This module builds the parser (the defaults of --data and --cache come from $INTQ_DATA and
+$INTQ_CACHE), dispatches each command to its body in commands.py (which checks the arguments, calls
+one workflow and prints its results) and turns what escapes into an exit status and one line."""
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
@@ -16,37 +15,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import torch
-
 from intq.capture import CaptureError
+from intq.commands import (compare_command, eval_command, explain_command, export_c_command, export_onnx_command,
+                           inspect_command, quantize_command, run_command, sensitivity_command, sweep_command,
+                           train_command, verify_command)
+from intq.config import PRESETS
 from intq.convert import ConversionError
 from intq.data import DataError
-from intq.executors.reference import ExecutionError
 from intq.executors.encoding import EngineError
+from intq.executors.reference import ExecutionError
 from intq.executors.torch_quantized import ENGINES
-from intq.files import OutputError, atomic_write, check_writable, recording_writes
+from intq.explain import ExplainError
+from intq.files import OutputError, recording_writes
 from intq.model_check import ModelCheckError
 from intq.model_file import ModelFileError
-from intq.calibration import parse_range_method
-from intq.config import PRESETS, QConfig
-from intq import model_file
-from intq.data import load_cifar10
-from intq.diagnostics import InspectOptions, run_inspect
-from intq.executors.c_export import export_c
-from intq.explain import ExplainError, cached_float_graph, explain
-from intq.models import ARCHITECTURES, MODELS
-from intq.pipeline import CheckpointError, load_checkpoint
-from intq.compare import run_compare
-from intq.quantize import integer_accuracy, quantize_checkpoint, train_architecture
-from intq.train import ClassifierRecipe
-from intq.verify import EXECUTORS, VerifyError, verify
-from intq.sensitivity import SensitivityOptions, run_sensitivity
-from intq.study import StudyError, StudyOptions, run_study
-from intq.sweep import (ACTIVATION_BITS, CALIBRATION_IMAGES, GRANULARITIES, METHODS, WEIGHT_BITS, SweepCell,
-                        SweepError, SweepOptions, cell_config, checked_count, run_sweep)
-
-COMPARE_CALIBRATION_IMAGES = 2000  # compare's default calibration subset
-GOLDEN_IMAGES = 4  # export-c's default golden test images
+from intq.models import ARCHITECTURES
+from intq.pipeline import CheckpointError
+from intq.study import StudyError
+from intq.sweep import ACTIVATION_BITS, GRANULARITIES, METHODS, WEIGHT_BITS, SweepError
+from intq.verify import EXECUTORS, VerifyError
 
 USER_ERRORS = (DataError, CaptureError, ConversionError, ExecutionError, OutputError, ModelFileError, ModelCheckError, StudyError,
                SweepError, ExplainError, CheckpointError, VerifyError, EngineError, argparse.ArgumentTypeError)
@@ -65,29 +52,6 @@ def _add_run(commands) -> None:
                      help="training images that calibrate the recommended preset (default: all 50,000; "
                      "the study preset keeps the study's 400)")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where tensors run (default: cpu)")
-
-
-def _words(values: list[str]) -> tuple[str, ...]:
-    """Space- or comma-separated values: ['mse,entropy', 'minmax'] -> ('mse', 'entropy', 'minmax')."""
-    return tuple(word for value in values for word in value.split(",") if word)
-
-
-def _bit_widths(values: list[str]) -> tuple[int, ...]:
-    try:
-        return tuple(int(word) for word in _words(values))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bit widths must be integers, got {' '.join(values)}") from None
-
-
-def _layer_bits(text: str | None) -> tuple[tuple[str, int], ...]:
-    """'conv1=8,fc3=8' -> (('conv1', 8), ('fc3', 8))."""
-    pairs = []
-    for item in _words([text or ""]):
-        name, _, bits = item.partition("=")
-        if not name or not bits.isdigit():
-            raise argparse.ArgumentTypeError(f"--layer-bits: expected LAYER=BITS, got {item!r}")
-        pairs.append((name, int(bits)))
-    return tuple(pairs)
 
 
 def _add_common(command) -> None:
@@ -162,31 +126,6 @@ def _add_config(command) -> None:
     command.add_argument("--abits", type=int, default=None, help="with --method: activation bits, 2..8 (default: 8)")
     command.add_argument("--granularity", choices=GRANULARITIES, default=None,
                          help="with --method (default: per-channel)")
-
-
-def _cell(args: argparse.Namespace) -> SweepCell | None:
-    """The sweep cell that --method, --wbits, --abits and --granularity describe (None: a preset)."""
-    if args.method is None:
-        return None
-    return SweepCell(args.method, args.granularity or "per-channel", 8 if args.wbits is None else args.wbits,
-                     8 if args.abits is None else args.abits)
-
-
-def _config(args: argparse.Namespace) -> QConfig:
-    """The preset, or the sweep cell's QConfig when --method is given (options checked first).
-    --wbits, --abits and --granularity describe a cell: with a preset they are refused, not ignored."""
-    if args.method is None:
-        given = [flag for flag, value in (("--wbits", args.wbits), ("--abits", args.abits),
-                                          ("--granularity", args.granularity)) if value is not None]
-        if given:
-            raise argparse.ArgumentTypeError(f"{', '.join(given)}: only with --method (a sweep cell); "
-                                             f"the preset {args.preset} sets its own bits and granularity")
-        return PRESETS[args.preset]
-    cell = _cell(args)
-    _range_method("--method", cell.method)
-    _bit_width("--wbits", cell.wbits)
-    _bit_width("--abits", cell.abits)  # --granularity: argparse's choices
-    return cell_config(cell)
 
 
 def _add_inspect(commands) -> None:
@@ -307,205 +246,10 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-def _existing_file(path: Path) -> Path:
-    """`path` if it is a file; the one-line 'no such file' otherwise (before any loader runs)."""
-    if not path.exists():
-        raise argparse.ArgumentTypeError(f"no such file: {path}")
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{path} is not a file")
-    return path
-
-
-def _at_least(option: str, value: int | float | None, low: int | float) -> None:
-    """Refuse `value` below `low` (or NaN/Inf); None means the option was not given."""
-    if value is not None and not (math.isfinite(value) and value >= low):
-        raise argparse.ArgumentTypeError(f"{option} must be at least {low:g}, got {value}")
-
-
-def _bit_width(option: str, value: int) -> None:
-    if not 2 <= value <= 8:
-        raise argparse.ArgumentTypeError(f"{option}: bit widths must be 2..8, got {value}")
-
-
-def _range_method(option: str, text: str) -> None:
-    try:
-        parse_range_method(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{option}: {err}") from None
-
-
-def _checkpoint_model(model: str) -> None:
-    """--model is a study model's name or a checkpoint file that must exist."""
-    if model not in MODELS:
-        _existing_file(Path(model))
-
-
-def _run(args: argparse.Namespace) -> None:
-    _at_least("--calib-samples", args.calib_samples, 1)
-    from intq.report import write_report  # reports load matplotlib: only the commands that write one
-
-    options = StudyOptions(args.data, args.out, args.cache, args.seed, args.calib_samples, args.device)
-    results = run_study(options, render=write_report)
-    print(f"\nresults written to {args.out}/ (results.json, report.html, report.md)")
-    for row in results["rows"]:
-        preset = row["preset"] or "-"
-        print(f"  {row['model']:<12} {row['stage']:<20} {preset:<12} {row['accuracy']:6.2f}%")
-    print(f"  total {results['timings_s']['total']:.1f} s")
-
-
-def _sweep(args: argparse.Namespace) -> None:
-    from intq.sweep_report import write_sweep_report
-
-    _checkpoint_model(args.model)
-    options = SweepOptions(args.model, args.data, args.out, args.cache, args.seed, args.calib_samples,
-                           _words(args.methods), _bit_widths(args.wbits), _bit_widths(args.abits),
-                           _words(args.granularity), _layer_bits(args.layer_bits), args.arch)
-    results = run_sweep(options, render=write_sweep_report)
-    print(f"\n{len(results['rows'])} cells written to {args.out}/ (sweep.json, sweep.html, sweep.md, sweep.png); "
-          f"float {results['float_accuracy']:.2f}%")
-
-
-def _sensitivity(args: argparse.Namespace) -> None:
-    from intq.sensitivity_report import write_sensitivity_report
-
-    _bit_width("--bits", args.bits)
-    _bit_width("--abits", args.abits)
-    _range_method("--method", args.method)
-    _at_least("--max-drop", args.max_drop, 0)
-    check_writable(args.out, folder=True)
-    options = SensitivityOptions(args.model, args.data, args.out, args.cache, args.seed, args.bits, args.abits,
-                                 args.method, args.max_drop)
-    results = run_sensitivity(options, render=write_sensitivity_report)
-    mixed = results["mixed"]
-    print(f"\nmixed precision {mixed['layer_bits']}: {mixed['weight_bytes'] / 1000:.1f} KB of weights; "
-          f"test accuracy {results['test_accuracy']}")
-
-
-def _inspect(args: argparse.Namespace) -> None:
-    from intq.diagnostics_report import write_inspect_report
-
-    config = _config(args)
-    _at_least("--images", args.images, 1)
-    check_writable(args.out, folder=True)
-    options = InspectOptions(args.model, args.data, args.out, args.cache, config, args.seed, args.images)
-    results = run_inspect(options, render=write_inspect_report)
-    for row in results["layers"]:
-        print(f"  {row['layer']:<8} clipped {100 * row['clipped_share']:.3f}%  SQNR fake-quant "
-              f"{row['sqnr_fake_quant_db']:.1f} dB, integer {row['sqnr_integer_db']:.1f} dB  "
-              f"|acc| {row['accumulator_observed']:,} <= {row['accumulator_bound']:,}")
-
-
-def _explain(args: argparse.Namespace) -> None:
-    try:
-        index = tuple(int(part) for part in args.index.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--index: expected integers like 2,10,5, got {args.index!r}") from None
-    model = model_file.load(_existing_file(args.model_file))
-    data = _dataset(args)
-    if not 0 <= args.image < len(data.test_images):
-        raise argparse.ArgumentTypeError(f"--image {args.image}: the test set has {len(data.test_images)} images")
-    graph = cached_float_graph(model, data, args.cache)
-    result = explain(model, data.test_images[args.image], args.layer, index, graph)
-    print(f"test image {args.image} (label {data.classes[int(data.test_labels[args.image])]}), {args.model_file}")
-    print("\n".join(result.lines))
-    if graph is None:
-        print("float model              = unavailable (its trained weights are not in the cache)")
-
-
-def _export_c(args: argparse.Namespace) -> None:
-    _at_least("--images", args.images, 1)
-    _existing_file(args.model_file)
-    check_writable(args.out, folder=True)
-    model = model_file.load(args.model_file)
-    data = _dataset(args)
-    images = checked_count("--images", args.images, len(data.test_images), "test images", GOLDEN_IMAGES)
-    written = export_c(model, data.test_images[:images], args.out)
-    print(f"wrote {', '.join(path.name for path in written)} to {args.out}/")
-    print(f"check: cd {args.out} && cc -std=c99 -O2 main.c intq_runtime.c -o check && ./check")
-
-
-def _export_onnx(args: argparse.Namespace) -> None:
-    from intq.executors.onnx_export import export_onnx
-
-    _at_least("--height", args.height, 1)
-    _at_least("--width", args.width, 1)
-    _existing_file(args.model_file)
-    check_writable(args.out)
-    model = model_file.load(args.model_file)
-    contents = export_onnx(model, torch.zeros((1, 3, args.height, args.width), dtype=torch.uint8), args.exact)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(args.out, "wb") as handle:
-        handle.write(contents)
-    print(f"wrote {args.out} ({len(contents):,} bytes)")
-
-
-def _train(args: argparse.Namespace) -> None:
-    _at_least("--epochs", args.epochs, 1)
-    _at_least("--batch-size", args.batch_size, 1)
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise argparse.ArgumentTypeError(f"--lr must be a finite number above 0, got {args.lr}")
-    out = check_writable(args.out or Path("runs") / args.arch / f"{args.arch}.npz")  # before an hour of training
-    recipe = ClassifierRecipe(args.epochs, args.batch_size, args.lr)
-    result = train_architecture(args.arch, _dataset(args), recipe, args.seed, out)
-    print(f"checkpoint {out}; {result['seconds']:.0f} s; test accuracy {result['history'][-1]['test_accuracy']:.2f}%")
-
-
-def _quantize(args: argparse.Namespace) -> None:
-    config = _config(args)
-    _at_least("--calib-samples", args.calib_samples, 1)
-    model = load_checkpoint(_existing_file(args.checkpoint), args.arch)
-    cell = _cell(args)
-    label = args.preset if cell is None else f"{cell.method}-w{cell.wbits}a{cell.abits}-{cell.granularity}"
-    out = check_writable(args.out or args.checkpoint.with_name(f"{args.checkpoint.stem}-{label}-int.npz"))
-    data = _dataset(args)
-    samples = checked_count("--calib-samples", args.calib_samples, len(data.train_images), "training images",
-                            CALIBRATION_IMAGES)
-    result = quantize_checkpoint(model, data, config, samples, args.seed, out,
-                                 {"model": args.arch, "checkpoint": str(args.checkpoint)})
-    print(f"{out}: {result['bytes']:,} bytes; float {result['float_accuracy']:.2f}%, integer-only "
-          f"{result['integer_accuracy']:.2f}% (drop {result['float_accuracy'] - result['integer_accuracy']:.2f} points)")
-
-
-def _eval(args: argparse.Namespace) -> None:
-    model = model_file.load(_existing_file(args.model_file))
-    print(f"{args.model_file}: integer-only test accuracy {integer_accuracy(model, _dataset(args)):.2f}%")
-
-
-def _verify(args: argparse.Namespace) -> None:
-    _at_least("--images", args.images, 1)
-    model = model_file.load(_existing_file(args.model_file))
-    test_images = _dataset(args).test_images
-    pixels = test_images[: checked_count("--images", args.images, len(test_images), "test images")]
-    for name, row in verify(model, pixels, _words(args.executors), args.engine).items():
-        print(f"{name}: {row['values']:,} output values on {len(pixels):,} images; differing {100 * row['differing_share']:.4f}%, "
-              f"max {row['max_lsb']} LSB ({row['max_real']:.4g} in real units); "
-              f"top-1 differs on {100 * row['top1_differing_share']:.3f}% of images")
-        for note in row["notes"]:
-            print(f"  note: {note}")
-
-
-def _compare(args: argparse.Namespace) -> None:
-    config = _config(args)
-    _at_least("--calib-samples", args.calib_samples, 1)
-    _checkpoint_model(args.model)
-    data = _dataset(args)
-    samples = checked_count("--calib-samples", args.calib_samples, len(data.train_images), "training images",
-                            COMPARE_CALIBRATION_IMAGES)
-    result = run_compare(args.model, data, args.cache, config, samples, seed=args.seed, arch=args.arch)
-    rows = result["rows"]
-    print(f"{result['model']}: {result['calibration_images']:,} calibration images for both; "
-          f"{result['test_images']:,} test images")
-    print(f"  {'executor':<34}{'accuracy':>9}{'bytes':>10}{'ms (b1)':>9}{'img/s (b256)':>14}{'top-1 = intq':>14}")
-    for row in rows:
-        print(f"  {row['executor']:<34}{row['accuracy']:>8.2f}%{row['bytes']:>10,}{row['latency_ms_b1']:>9.2f}"
-              f"{row['throughput_b256']:>14,.0f}{row['top1_agreement_with_intq']:>13.2f}%")
-    for row in rows:
-        if "note" in row:
-            print(f"  note ({row['executor']}): {row['note']}")
-
-
-COMMANDS = {"compare": _compare, "train": _train, "quantize": _quantize, "eval": _eval, "verify": _verify, "run": _run, "sweep": _sweep, "sensitivity": _sensitivity, "inspect": _inspect, "explain": _explain,
-            "export-c": _export_c, "export-onnx": _export_onnx}
+COMMANDS = {"compare": compare_command, "train": train_command, "quantize": quantize_command,
+            "eval": eval_command, "verify": verify_command, "run": run_command,
+            "sweep": sweep_command, "sensitivity": sensitivity_command, "inspect": inspect_command,
+            "explain": explain_command, "export-c": export_c_command, "export-onnx": export_onnx_command}
 
 
 class _Terminated(KeyboardInterrupt):
@@ -542,11 +286,6 @@ def interrupted_message(written: list[Path], cache: Path | None) -> str:
         return "interrupted; no output was written"
     shown = ", ".join(outputs[:3]) + (f" and {len(outputs) - 3} more" if len(outputs) > 3 else "")
     return f"interrupted; wrote {shown}; nothing else was written"
-
-
-def _dataset(args: argparse.Namespace):
-    """CIFAR-10 from --data via --cache, its progress (decoding, a corrupt cache rebuilt) on stdout."""
-    return load_cifar10(args.data, args.cache, progress=print)
 
 
 def main(argv: list[str] | None = None) -> int:
