@@ -20,15 +20,15 @@ import os
 import statistics
 import time
 import warnings
+from dataclasses import replace
 
 import torch
 
-from intq.compare import on_x86_engine, run_integer_of, torch_ao_quantize
+from intq.compare import on_x86_engine, torch_ao_quantize
 from intq.config import PRESETS
 from intq.costs import median_seconds
 from intq.data import load_cifar10, normalize
-from intq.executors.onnx_export import OnnxModel
-from intq.executors.torch_quantized import TorchQuantizedModel
+from intq.executors.registry import EXECUTORS, TorchQuantized
 from intq.pipeline import calibration_images, float_model, quantize_model
 
 
@@ -45,6 +45,18 @@ def interleaved_medians(runs: dict, repeats: int) -> dict[str, float]:
             run()
             times[label].append(time.perf_counter() - start)
     return {label: statistics.median(values) for label, values in times.items()}
+
+
+def intq_executors(threads: int) -> dict:
+    """{row label: executor} for every registered executor but `c` (a program per call: not a kernel to
+    time), torch_quantized on both engines, ONNX Runtime on `threads` threads."""
+    rows = {"reference": "intq reference", "torch_quantized": "intq on PyTorch kernels", "onnx": "intq on ONNX Runtime",
+            "onnx_exact": "intq on ONNX Runtime, exact"}
+    chosen = {rows[name]: executor for name, executor in EXECUTORS.items() if name in rows}
+    chosen["intq on PyTorch x86"] = TorchQuantized("x86")
+    for label in ("intq on ONNX Runtime", "intq on ONNX Runtime, exact"):
+        chosen[label] = replace(chosen[label], threads=threads)
+    return chosen
 
 
 def main() -> None:
@@ -65,13 +77,9 @@ def main() -> None:
     calibration = calibration_images(data.train_images, args.calib_samples, 0)
     integer = quantize_model(model, calibration, PRESETS[args.preset], example=data.train_images).integer_model
     ao_model = torch_ao_quantize(model, calibration)
-    runners = {"PyTorch float32": lambda p: model(normalize(p)),
-               "torch.ao int8 (x86)": on_x86_engine(ao_model),
-               "intq reference": run_integer_of(integer),
-               "intq on PyTorch kernels": TorchQuantizedModel(integer, "onednn"),
-               "intq on PyTorch x86": TorchQuantizedModel(integer, "x86"),
-               "intq on ONNX Runtime": OnnxModel(integer, data.test_images[:1], threads=args.threads),
-               "intq on ONNX Runtime, exact": OnnxModel(integer, data.test_images[:1], threads=args.threads, exact=True)}
+    runners = {"PyTorch float32": lambda p: model(normalize(p)), "torch.ao int8 (x86)": on_x86_engine(ao_model)}
+    for label, executor in intq_executors(args.threads).items():
+        runners[label] = executor.prepare(integer)
     batch, single = data.test_images[:256], data.test_images[:1]
     with torch.no_grad():
         seconds = interleaved_medians({label: lambda f=forward: f(batch) for label, forward in runners.items()}, args.repeats)

@@ -18,9 +18,7 @@ from intq import model_file
 from intq.config import QConfig
 from intq.costs import measured_speed
 from intq.data import Dataset, normalize
-from intq.executors.onnx_export import OnnxModel
-from intq.executors.reference import run_integer
-from intq.executors.torch_quantized import TorchQuantizedModel
+from intq.executors.registry import EXECUTORS
 from intq.integer_model import IntegerModel
 from intq.pipeline import calibration_images, float_model, quantize_model
 from intq.train import accuracy, predict
@@ -68,32 +66,29 @@ def state_bytes(module: torch.nn.Module) -> int:
     return len(buffer.getvalue())
 
 
-def run_integer_of(integer: IntegerModel):
-    return lambda pixels: run_integer(integer, pixels)
+INTQ_ROWS = {"reference": "intq reference (integer)", "torch_quantized": "intq on PyTorch kernels (onednn)",
+             "onnx": "intq on ONNX Runtime"}  # the registered executors compare times, and their rows
 
 
 def compare(model: torch.nn.Module, integer: IntegerModel, integer_bytes: int, data: Dataset,
             calibration: torch.Tensor) -> list[dict]:
-    """Rows for PyTorch float, torch.ao int8 and the intq model on each of its executors."""
+    """Rows for PyTorch float, torch.ao int8 and the intq model on each executor of INTQ_ROWS."""
     ao_model = torch_ao_quantize(model, calibration)
-    on_torch = TorchQuantizedModel(integer)  # engine onednn
-    on_onnx = OnnxModel(integer, data.test_images[:1])
-    runners = {"PyTorch float32": (lambda p: model(normalize(p)), state_bytes(model)),
-               "torch.ao int8 (x86, FX)": (on_x86_engine(ao_model), state_bytes(ao_model)),
-               "intq reference (integer)": (run_integer_of(integer), integer_bytes),
-               "intq on PyTorch kernels (onednn)": (on_torch, integer_bytes),
-               "intq on ONNX Runtime": (on_onnx, len(on_onnx.contents))}
-    reference = predict(run_integer_of(integer), data.test_images, 500)
+    runners = {"PyTorch float32": (lambda p: model(normalize(p)), state_bytes(model), []),
+               "torch.ao int8 (x86, FX)": (on_x86_engine(ao_model), state_bytes(ao_model), [])}
+    for name, label in INTQ_ROWS.items():
+        forward = EXECUTORS[name].prepare(integer)
+        size = len(forward.contents) if hasattr(forward, "contents") else integer_bytes  # an ONNX file's own size
+        runners[label] = (forward, size, EXECUTORS[name].notes(integer))
+    reference = predict(runners[INTQ_ROWS["reference"]][0], data.test_images, 500)
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name, (forward, size) in runners.items():
+        for name, (forward, size, notes) in runners.items():
             predicted = predict(forward, data.test_images, 500)
             rows.append({"executor": name, "accuracy": accuracy(predicted, data.test_labels), "bytes": size,
                          "top1_agreement_with_intq": accuracy(predicted, reference),
-                         **measured_speed(forward, data.test_images)})
-    if on_torch.saturation_note():
-        rows[3]["note"] = on_torch.saturation_note()
+                         **measured_speed(forward, data.test_images), **({"note": "; ".join(notes)} if notes else {})})
     return rows
 
 

@@ -27,7 +27,7 @@ def run_executor(name: str, model: IntegerModel, pixels: torch.Tensor, engine: s
     chosen = executor(name, engine)
     try:
         output = run(chosen.prepare(model), pixels)
-        notes, steps = chosen.notes(model), chosen.op_steps(model)
+        notes, steps = [chosen.setting] * bool(chosen.setting) + chosen.notes(model), chosen.op_steps(model)
     except EngineError as err:
         raise VerifyError(str(err)) from None
     if steps is not None:

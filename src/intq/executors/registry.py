@@ -3,7 +3,8 @@
 An executor has a `name` and `prepare(model)`, which returns a callable from uint8 pixels
 (N, C, H, W) to the model's output integers (N, outputs) int64, built once (a compiled C program, an
 ONNX Runtime session, PyTorch quantized modules) and then called on any number of batches.
-`notes(model)` says what a reader of its figures should know; an engine that requantizes in float
+`setting` names a choice it runs under (PyTorch's engine), `notes(model)` what a reader of its
+figures should know about this model (layers that may saturate); an engine that requantizes in float
 also gives `op_steps(model)`, each op alone as a step on integers, so that `intq verify` can feed
 every op the reference's own inputs. verify, compare and the benchmarks iterate over EXECUTORS.
 """
@@ -22,6 +23,7 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 
 class Executor(Protocol):
     name: str
+    setting: str | None
 
     def prepare(self, model: IntegerModel) -> Forward: ...
 
@@ -45,6 +47,7 @@ class Reference:
     """Exact integer arithmetic (executors/reference.py): the ground truth."""
 
     name: str = "reference"
+    setting: str | None = None
 
     def prepare(self, model: IntegerModel) -> Forward:
         return lambda pixels: run_integer(model, pixels)
@@ -61,6 +64,7 @@ class C:
     """The exported C99 model, compiled with the system compiler (executors/c_runner.py): bit-exact."""
 
     name: str = "c"
+    setting: str | None = None
 
     def prepare(self, model: IntegerModel) -> Forward:
         from intq.executors.c_runner import CProgram
@@ -81,6 +85,10 @@ class TorchQuantized:
     engine: str = "onednn"
     name: str = "torch_quantized"
 
+    @property
+    def setting(self) -> str:
+        return f"engine {self.engine}"
+
     def prepare(self, model: IntegerModel) -> Forward:
         from intq.executors.torch_quantized import TorchQuantizedModel
 
@@ -90,7 +98,7 @@ class TorchQuantized:
         from intq.executors.torch_quantized import TorchQuantizedModel
 
         note = TorchQuantizedModel(model, self.engine).saturation_note()
-        return [f"engine {self.engine}"] + ([note] if note else [])
+        return [note] if note else []
 
     def op_steps(self, model: IntegerModel) -> list[tuple]:
         from intq.executors.torch_quantized import TorchQuantizedModel
@@ -103,6 +111,8 @@ class Onnx:
     """ONNX Runtime: QLinearConv/QLinearAdd (within 1 LSB per op) or, `exact`, integer subgraphs (bit-exact)."""
 
     exact: bool = False
+    setting: str | None = None
+    threads: int | None = None  # ONNX Runtime's intra-op threads (None: its default)
 
     @property
     def name(self) -> str:
@@ -111,7 +121,7 @@ class Onnx:
     def prepare(self, model: IntegerModel) -> Forward:
         from intq.executors.onnx_export import OnnxModel
 
-        return OnnxModel(model, _example(model), exact=self.exact)
+        return OnnxModel(model, _example(model), threads=self.threads, exact=self.exact)
 
     def notes(self, model: IntegerModel) -> list[str]:
         return []
