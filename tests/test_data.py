@@ -21,10 +21,10 @@ import pytest
 import torch
 from PIL import Image
 
-from intq import data
-from intq.data import DataError, Dataset, batches, load_cifar10, normalize
+from intq import data_cache, data_sources
+from intq.data import CIFAR10_CLASSES, DataError, Dataset, batches, load_cifar10, normalize
 
-SORTED_CLASSES = data.CIFAR10_CLASSES  # label order: CIFAR-10's, which is alphabetical
+SORTED_CLASSES = CIFAR10_CLASSES  # label order: CIFAR-10's, which is alphabetical
 CLASSES = SORTED_CLASSES[::-1]  # folders written in reverse: labels follow the names, not the order
 SHARED_JPEG = Path("/work/shared/data/cifar10-jpeg")
 
@@ -63,13 +63,13 @@ def make_batches_folder(folder: Path, per_batch: int = 4, protocol: int = 2) -> 
     folder.mkdir(parents=True)
     rng = np.random.default_rng(7)
     written = {}
-    for name in data._TRAIN_BATCHES + ("test_batch",):
+    for name in data_sources._TRAIN_BATCHES + ("test_batch",):
         rows = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
         labels = [int(label) for label in rng.integers(0, 3, size=per_batch)]
         _pickle_batch(folder / name, {b"batch_label": b"x", b"data": rows, b"labels": labels},
                       protocol)
         written[name] = (rows, labels)
-    meta = {b"label_names": [name.encode() for name in data.CIFAR10_CLASSES], b"num_vis": 3072}
+    meta = {b"label_names": [name.encode() for name in CIFAR10_CLASSES], b"num_vis": 3072}
     _pickle_batch(folder / "batches.meta", meta, protocol)
     return written
 
@@ -176,7 +176,7 @@ def test_second_load_reads_the_cache_without_decoding(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("decoded again although the cache is valid")
 
-    monkeypatch.setattr(data, "_decode_image_folder", refuse)
+    monkeypatch.setattr(data_sources, "decode_image_folder", refuse)
     second = load_cifar10(tmp_path / "imgs", tmp_path / "cache")
     assert torch.equal(first.train_images, second.train_images)
     assert torch.equal(first.test_labels, second.test_labels)
@@ -246,7 +246,7 @@ def _reload_reports(tmp_path) -> tuple[Dataset, list[str]]:
 def test_cache_records_a_sha256_per_array(tmp_path):
     dataset, folder = _cached_once(tmp_path)
     meta = json.loads((folder / "meta.json").read_text())
-    assert sorted(meta["sha256"]) == sorted(data._CACHE_ARRAYS)
+    assert sorted(meta["sha256"]) == sorted(data_cache._CACHE_ARRAYS)
     labels = dataset.test_labels.numpy()
     expected = hashlib.sha256(f"<i8 {labels.shape}\n".encode() + labels.tobytes()).hexdigest()
     assert meta["sha256"]["test_labels"] == expected
@@ -419,7 +419,7 @@ def test_missing_class_folders_are_refused(tmp_path):
 def test_batches_folder_loads_in_chw_layout(tmp_path, protocol):
     written = make_batches_folder(tmp_path / "cifar-10-batches-py", protocol=protocol)
     dataset = load_cifar10(tmp_path, tmp_path / "cache")
-    assert dataset.classes == data.CIFAR10_CLASSES
+    assert dataset.classes == CIFAR10_CLASSES
     assert dataset.train_images.shape == (20, 3, 32, 32)
     assert dataset.test_images.shape == (4, 3, 32, 32)
     rows, labels = written["test_batch"]
@@ -431,7 +431,7 @@ def test_batches_folder_loads_in_chw_layout(tmp_path, protocol):
     assert image[0, 1, 0] == rows[1, 32]
     assert image[1, 0, 0] == rows[1, 1024]
     assert image[2, 31, 31] == rows[1, 3071]
-    expected_train = np.concatenate([written[name][0] for name in data._TRAIN_BATCHES])
+    expected_train = np.concatenate([written[name][0] for name in data_sources._TRAIN_BATCHES])
     np.testing.assert_array_equal(dataset.train_images.reshape(20, 3072).numpy(), expected_train)
 
 
@@ -440,9 +440,9 @@ def test_python2_pickles_like_the_official_download_load(tmp_path):
     written = make_batches_folder(folder)
     rows = np.random.default_rng(3).integers(0, 256, size=(4, 3072), dtype=np.uint8)
     (folder / "data_batch_2").write_bytes(py2_batch_pickle(rows, [2, 0, 1, 2]))
-    (folder / "batches.meta").write_bytes(py2_meta_pickle([name.encode() for name in data.CIFAR10_CLASSES]))
+    (folder / "batches.meta").write_bytes(py2_meta_pickle([name.encode() for name in CIFAR10_CLASSES]))
     dataset = load_cifar10(tmp_path, tmp_path / "cache")
-    assert dataset.classes == data.CIFAR10_CLASSES
+    assert dataset.classes == CIFAR10_CLASSES
     assert dataset.train_labels[4:8].tolist() == [2, 0, 1, 2]
     np.testing.assert_array_equal(dataset.train_images[4:8].reshape(4, 3072).numpy(), rows)
     np.testing.assert_array_equal(dataset.train_images[:4].reshape(4, 3072).numpy(),
@@ -511,7 +511,7 @@ def test_archive_with_matching_md5_is_extracted_and_loaded(tmp_path, monkeypatch
     archive = _make_archive(tmp_path / "build")
     (tmp_path / "data").mkdir()
     archive = archive.rename(tmp_path / "data" / archive.name)
-    monkeypatch.setattr(data, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+    monkeypatch.setattr(data_sources, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
     dataset = load_cifar10(tmp_path / "data", tmp_path / "cache")
     assert len(dataset.test_labels) == 4
     assert (tmp_path / "data" / "cifar-10-batches-py" / "data_batch_5").is_file()
@@ -529,7 +529,7 @@ def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("network unreachable")
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(data_sources.urllib.request, "urlopen", offline)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match="could not download") as caught:
         load_cifar10(None, tmp_path / "cache", download=True)
@@ -538,7 +538,7 @@ def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_download_with_wrong_md5_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(data.urllib.request, "urlopen",
+    monkeypatch.setattr(data_sources.urllib.request, "urlopen",
                         lambda *args, **kwargs: io.BytesIO(b"not the archive"))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match="corrupt"):
@@ -551,7 +551,7 @@ def _no_network(*args, **kwargs):
 
 
 def test_named_folder_that_does_not_exist_is_an_error_not_a_download(tmp_path, monkeypatch):
-    monkeypatch.setattr(data.urllib.request, "urlopen", _no_network)
+    monkeypatch.setattr(data_sources.urllib.request, "urlopen", _no_network)
     with pytest.raises(DataError, match="no such folder") as caught:
         load_cifar10(tmp_path / "typo", tmp_path / "cache", download=True)
     assert str(tmp_path / "typo") in str(caught.value)
@@ -559,7 +559,7 @@ def test_named_folder_that_does_not_exist_is_an_error_not_a_download(tmp_path, m
 
 
 def test_named_empty_folder_is_an_error_not_a_download(tmp_path, monkeypatch):
-    monkeypatch.setattr(data.urllib.request, "urlopen", _no_network)
+    monkeypatch.setattr(data_sources.urllib.request, "urlopen", _no_network)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="is empty"):
         load_cifar10(tmp_path / "empty", tmp_path / "cache", download=True)
