@@ -16,7 +16,8 @@ from intq import model_file
 from intq.config import RECOMMENDED, STUDY, X86
 from intq.convert import convert
 from intq.executors.encoding import EngineError, uint8_offset
-from intq.executors.onnx_export import OnnxModel, export_onnx, onnx_op_steps
+from intq.executors.onnx_export import export_onnx
+from intq.executors.onnx_runtime import OnnxModel, onnx_op_steps
 from intq.executors.reference import run_integer
 from intq.executors.torch_quantized import TorchQuantizedModel, to_integers, to_quantized
 from intq.models import NetWithBias

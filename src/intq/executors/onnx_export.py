@@ -3,7 +3,7 @@ ONNX Runtime's com.microsoft QLinearAdd) and run in ONNX Runtime; `onnx_exact`: 
 every conv, linear and add as an exact integer subgraph, bit for bit the reference's integers.
 
 Input: uint8 pixels (N, 3, H, W). Output: the model's output integers (uint8-encoded 8-bit values
-are decoded in Python, see `OnnxModel`). Activations travel as uint8 (encoding.py). Weights are
+are decoded in Python, see onnx_runtime.OnnxModel). Activations travel as uint8 (encoding.py). Weights are
 stored as uint8 w + 128 with zero point 128: ONNX Runtime's u8 x u8 kernels widen to int16 before
 multiplying, so its int32 accumulators are exact on every x86 CPU (its u8 x s8 kernels, like
 fbgemm's, saturate pair sums at int16 without VNNI). Requantization is the engine's float
@@ -16,17 +16,14 @@ which is round half away from zero of acc M0 / 2^s, the same integers as roundin
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 
-from intq.executors.encoding import (EngineError, encoded_zero_point, engine_runs_layer, from_codes, narrower_bounds, to_uint8,
-                                    uint8_offset, value_qparams)
+from intq.executors.encoding import EngineError, encoded_zero_point, engine_runs_layer, narrower_bounds, uint8_offset, value_qparams
 from intq.executors.reference import FLOAT32_EXACT, add_table, pixels_to_input, run_integer
 from intq.fixed_point import MANTISSA_BITS, MAX_RIGHT_SHIFT, float64_requantizer
 from intq.integer_model import IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QMaxPool, QReLU
-from intq.qparams import QParams, torch_dtype
+from intq.qparams import QParams
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -265,7 +262,7 @@ def _input(graph: _Graph, model: IntegerModel) -> tuple[str, bool]:
     return graph.node("Gather", [graph.const("input/table", table.numpy().astype(np.uint8)), pixels], "input/q"), True
 
 
-def _value_shapes(model: IntegerModel, example: torch.Tensor) -> dict[str, tuple[int, ...]]:
+def value_shapes(model: IntegerModel, example: torch.Tensor) -> dict[str, tuple[int, ...]]:
     """Shape of every value for one image, from one reference run on one example image."""
     shapes: dict[str, tuple[int, ...]] = {}
     run_integer(model, example[:1], lambda name, q: shapes.__setitem__(name, tuple(q.shape[1:])))
@@ -358,7 +355,7 @@ def export_onnx(model: IntegerModel, example: torch.Tensor, exact: bool = False)
     output type, int64 otherwise (metadata `output_offset` holds o)."""
     from onnx import TensorProto, helper
 
-    graph, qparams, shapes = _Graph(), value_qparams(model), _value_shapes(model, example)
+    graph, qparams, shapes = _Graph(), value_qparams(model), value_shapes(model, example)
     values = {model.input_name: _input(graph, model)}
     for op in model.layers:
         values[op.name] = _named_op(graph, op, model, values, qparams, shapes, exact)
@@ -388,56 +385,3 @@ def export_op_onnx(op, model: IntegerModel, shapes: dict[str, tuple[int, ...]]) 
                                                     ["N", *shapes[name]]))
     output, encoded = _named_op(graph, op, model, values, qparams, shapes, exact=False)
     return _serialised(graph, inputs, output, encoded, shapes[op.name], qparams[op.name])
-
-
-def session_options(threads: int | None):
-    """ONNX Runtime CPU session options with `threads` intra-op threads (None: its default)."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return options
-
-
-def onnx_op_steps(model: IntegerModel, example: torch.Tensor, threads: int | None = None) -> list[tuple]:
-    """[(op, step)] with step(*operand integers) -> the op's output integers, each op run alone in
-    ONNX Runtime as in the `onnx` executor (export_op_onnx)."""
-    import onnxruntime
-
-    options = session_options(threads)
-    shapes, qparams, steps = _value_shapes(model, example), value_qparams(model), []
-    for op in model.layers:
-        session = onnxruntime.InferenceSession(export_op_onnx(op, model, shapes), options, providers=["CPUExecutionProvider"])
-        steps.append((op, functools.partial(_run_op_session, session, op, qparams)))
-    return steps
-
-
-def _run_op_session(session, op, qparams: dict, *operands: torch.Tensor) -> torch.Tensor:
-    feeds = {}
-    for name, value in zip(op.inputs, operands):
-        encoded = to_uint8(value, qparams[name]) if qparams[name].dtype.bits <= 8 else value.to(torch.int64)
-        feeds[f"in/{name}"] = encoded.contiguous().numpy()
-    (output,) = session.run(["output"], feeds)
-    return from_codes(torch.from_numpy(output), _output_offset(session), torch_dtype(qparams[op.name].dtype))
-
-
-def _output_offset(session) -> int:
-    return int(session.get_modelmeta().custom_metadata_map["output_offset"])
-
-
-class OnnxModel:
-    """Callable: uint8 pixels -> the model's output integers, run in an ONNX Runtime CPU session."""
-
-    def __init__(self, model: IntegerModel, example: torch.Tensor, threads: int | None = None, exact: bool = False) -> None:
-        import onnxruntime
-
-        options = session_options(threads)
-        self.contents = export_onnx(model, example, exact)
-        self.session = onnxruntime.InferenceSession(self.contents, options, providers=["CPUExecutionProvider"])
-        out = value_qparams(model)[model.output_name]
-        self.offset, self.dtype = _output_offset(self.session), torch_dtype(out.dtype)
-
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        (output,) = self.session.run(["output"], {"pixels": pixels.contiguous().numpy()})
-        return from_codes(torch.from_numpy(output), self.offset, self.dtype)

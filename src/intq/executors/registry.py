@@ -119,7 +119,7 @@ class Onnx:
         return "onnx_exact" if self.exact else "onnx"
 
     def prepare(self, model: IntegerModel) -> Forward:
-        from intq.executors.onnx_export import OnnxModel
+        from intq.executors.onnx_runtime import OnnxModel
 
         return OnnxModel(model, _example(model), threads=self.threads, exact=self.exact)
 
@@ -127,7 +127,7 @@ class Onnx:
         return []
 
     def op_steps(self, model: IntegerModel) -> list[tuple] | None:
-        from intq.executors.onnx_export import onnx_op_steps
+        from intq.executors.onnx_runtime import onnx_op_steps
 
         return None if self.exact else onnx_op_steps(model, _example(model))
 

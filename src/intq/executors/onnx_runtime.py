@@ -1,0 +1,65 @@
+"""ONNX Runtime sessions of intq's ONNX export: the whole model (OnnxModel, the `onnx` and `onnx_exact`
+executors) and each op alone (onnx_op_steps, for checking every op on the reference's own inputs)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from intq.executors.encoding import from_codes, to_uint8, value_qparams
+from intq.executors.onnx_export import export_onnx, export_op_onnx, value_shapes
+from intq.integer_model import IntegerModel
+from intq.qparams import torch_dtype
+
+
+def session_options(threads: int | None):
+    """ONNX Runtime CPU session options with `threads` intra-op threads (None: its default)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
+def onnx_op_steps(model: IntegerModel, example: torch.Tensor, threads: int | None = None) -> list[tuple]:
+    """[(op, step)] with step(*operand integers) -> the op's output integers, each op run alone in
+    ONNX Runtime as in the `onnx` executor (export_op_onnx)."""
+    import onnxruntime
+
+    options = session_options(threads)
+    shapes, qparams, steps = value_shapes(model, example), value_qparams(model), []
+    for op in model.layers:
+        session = onnxruntime.InferenceSession(export_op_onnx(op, model, shapes), options, providers=["CPUExecutionProvider"])
+        steps.append((op, functools.partial(_run_op_session, session, op, qparams)))
+    return steps
+
+
+def _run_op_session(session, op, qparams: dict, *operands: torch.Tensor) -> torch.Tensor:
+    feeds = {}
+    for name, value in zip(op.inputs, operands):
+        encoded = to_uint8(value, qparams[name]) if qparams[name].dtype.bits <= 8 else value.to(torch.int64)
+        feeds[f"in/{name}"] = encoded.contiguous().numpy()
+    (output,) = session.run(["output"], feeds)
+    return from_codes(torch.from_numpy(output), _output_offset(session), torch_dtype(qparams[op.name].dtype))
+
+
+def _output_offset(session) -> int:
+    return int(session.get_modelmeta().custom_metadata_map["output_offset"])
+
+
+class OnnxModel:
+    """Callable: uint8 pixels -> the model's output integers, run in an ONNX Runtime CPU session."""
+
+    def __init__(self, model: IntegerModel, example: torch.Tensor, threads: int | None = None, exact: bool = False) -> None:
+        import onnxruntime
+
+        options = session_options(threads)
+        self.contents = export_onnx(model, example, exact)
+        self.session = onnxruntime.InferenceSession(self.contents, options, providers=["CPUExecutionProvider"])
+        out = value_qparams(model)[model.output_name]
+        self.offset, self.dtype = _output_offset(self.session), torch_dtype(out.dtype)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        (output,) = self.session.run(["output"], {"pixels": pixels.contiguous().numpy()})
+        return from_codes(torch.from_numpy(output), self.offset, self.dtype)
