@@ -24,12 +24,12 @@ from dataclasses import replace
 
 import torch
 
-from intq.compare import on_x86_engine, torch_ao_quantize
-from intq.config import PRESETS
-from intq.costs import median_seconds
-from intq.data import load_cifar10, normalize
+from intq.workflows.compare import on_x86_engine, torch_ao_quantize
+from intq.graph.config import PRESETS
+from intq.workflows.costs import median_seconds
+from intq.cifar.data import load_cifar10, normalize
 from intq.executors.registry import EXECUTORS, TorchQuantized
-from intq.pipeline import calibration_images, float_model, quantize_model
+from intq.workflows.pipeline import calibration_images, float_model, quantize_model
 
 
 def interleaved_medians(runs: dict, repeats: int) -> dict[str, float]:

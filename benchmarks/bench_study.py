@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from intq.capture import capture
-from intq.data import load_cifar10, normalize
-from intq.models import Net
-from intq.pipeline import statistics as calibration_statistics
-from intq.train import Recipe, train
+from intq.graph.capture import capture
+from intq.cifar.data import load_cifar10, normalize
+from intq.cifar.models import Net
+from intq.workflows.pipeline import statistics as calibration_statistics
+from intq.cifar.train import Recipe, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from intq.config import RECOMMENDED
-from intq.costs import median_seconds
-from intq.data import load_cifar10
-from intq.model_check import check_model
-from intq.model_file import _read_model, load, save
-from intq.pipeline import build, calibration_images, load_checkpoint, quantize_model
-from intq.quantize import integer_accuracy
+from intq.graph.config import RECOMMENDED
+from intq.workflows.costs import median_seconds
+from intq.cifar.data import load_cifar10
+from intq.graph.model_check import check_model
+from intq.graph.model_file import _read_model, load, save
+from intq.workflows.pipeline import build, calibration_images, load_checkpoint, quantize_model
+from intq.workflows.checkpoints import integer_accuracy
 
 
 def main() -> None:

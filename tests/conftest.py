@@ -8,10 +8,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from intq.capture import capture
-from intq.convert import collect_statistics
-from intq.data import CIFAR10_CLASSES
-from intq.models import Net, NetWithBias
+from intq.graph.capture import capture
+from intq.graph.convert import collect_statistics
+from intq.cifar.data import CIFAR10_CLASSES
+from intq.cifar.models import Net, NetWithBias
 
 
 class Strided(nn.Module):

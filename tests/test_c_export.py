@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import Residual, Strided, calibrated, make_pixels
-from intq.config import RECOMMENDED, STUDY
-from intq.convert import convert
+from intq.graph.config import RECOMMENDED, STUDY
+from intq.graph.convert import convert
 from intq.executors.c_export import export_c
-from intq.models import NetWithBias
+from intq.cifar.models import NetWithBias
 
 COMPILER = shutil.which("cc") or shutil.which("gcc")
 pytestmark = pytest.mark.skipif(COMPILER is None, reason="no C compiler")
@@ -64,7 +64,7 @@ def test_c_model_with_residual_add_and_average_pools_is_bit_exact(tmp_path, conf
 
 
 def test_verify_counts_no_difference_for_the_c_executor():
-    from intq.verify import verify
+    from intq.executors.verify import verify
 
     torch.manual_seed(0)
     pixels = make_pixels(40)
@@ -75,7 +75,7 @@ def test_verify_counts_no_difference_for_the_c_executor():
 
 
 def test_verify_names_an_unknown_executor():
-    from intq.verify import VerifyError, verify
+    from intq.executors.verify import VerifyError, verify
 
     torch.manual_seed(0)
     pixels = make_pixels(4)
@@ -133,7 +133,7 @@ def test_export_is_all_or_nothing(tmp_path, monkeypatch):
 def test_verify_reports_a_c_build_failure_in_one_line(tmp_path, monkeypatch):
     """A compiler that fails (here a stand-in that prints a diagnostic and exits 1) is one VerifyError
     carrying its first line, not a CalledProcessError traceback."""
-    from intq.verify import VerifyError, verify
+    from intq.executors.verify import VerifyError, verify
 
     compiler = tmp_path / "cc"
     compiler.write_text("#!/bin/sh\necho 'verify.c:3:5: error: stray character' >&2\nexit 1\n")

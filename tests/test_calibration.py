@@ -4,9 +4,9 @@ import re
 import pytest
 import torch
 
-from intq.calibration import MSE, Entropy, MinMax, NSigma, Percentile, parse_range_method
-from intq.observers import observe
-from intq.qparams import INT8, UINT8, IntType, Scheme, choose_qparams, dequantize, quantize
+from intq.calibrate.ranges import MSE, Entropy, MinMax, NSigma, Percentile, parse_range_method
+from intq.calibrate.observers import observe
+from intq.arith.qparams import INT8, UINT8, IntType, Scheme, choose_qparams, dequantize, quantize
 
 
 @pytest.fixture(scope="module")

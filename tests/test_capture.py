@@ -4,8 +4,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from intq.capture import CaptureError, Conv2d, capture, max_pool, run_float
-from intq.models import Net
+from intq.graph.capture import CaptureError, Conv2d, capture, max_pool, run_float
+from intq.cifar.models import Net
 
 
 def test_net_graph_reproduces_the_model(pixels):

@@ -177,8 +177,8 @@ def run_until_killed(module: str, function: str, argv: list[str], cwd: Path) -> 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from intq.models import ARCHITECTURES
-    from intq.train import save_weights
+    from intq.cifar.models import ARCHITECTURES
+    from intq.cifar.train import save_weights
 
     root = tmp_path_factory.mktemp("tiny")
     data = write_image_folder(root / "data", train_per_class=3, test_per_class=2)
@@ -192,7 +192,7 @@ def test_sigterm_mid_sweep_keeps_the_previous_report_and_leaves_no_staging(tiny,
     out.mkdir()
     (out / "sweep.json").write_text("previous report")
     (out / f".staging-{DEAD_PID}-killed").mkdir()  # a killed run's leftover
-    code, err = run_until_killed("intq.sweep_report", "write_sweep_report",
+    code, err = run_until_killed("intq.report.sweep_report", "write_sweep_report",
                                  ["sweep", "--model", str(root / "net.npz"), "--methods", "minmax", "--wbits", "8",
                                   "--abits", "8", "--out", str(out), *common], tmp_path)
     assert code == 143, err
@@ -203,7 +203,7 @@ def test_sigterm_mid_sweep_keeps_the_previous_report_and_leaves_no_staging(tiny,
 def test_sigterm_after_quantize_saved_says_what_it_wrote(tiny, tmp_path):
     root, common = tiny
     out = tmp_path / "net-int.npz"
-    code, err = run_until_killed("intq.quantize", "integer_accuracy",
+    code, err = run_until_killed("intq.workflows.checkpoints", "integer_accuracy",
                                  ["quantize", str(root / "net.npz"), "--arch", "Net", "--out", str(out), *common],
                                  tmp_path)
     assert code == 143, err

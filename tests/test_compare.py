@@ -3,11 +3,11 @@ import torch
 
 from conftest import calibrated, make_pixels, write_image_folder
 from intq.cli import main
-from intq.compare import compare, reshape_views, torch_ao_quantize
-from intq.config import RECOMMENDED
-from intq.convert import convert
-from intq.data import Dataset
-from intq.models import Net
+from intq.workflows.compare import compare, reshape_views, torch_ao_quantize
+from intq.graph.config import RECOMMENDED
+from intq.graph.convert import convert
+from intq.cifar.data import Dataset
+from intq.cifar.models import Net
 
 
 def test_view_becomes_reshape_and_computes_the_same():

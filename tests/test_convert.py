@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from conftest import calibrated
-from intq import model_file
-from intq.capture import Graph, Linear, Node, capture, with_users
-from intq.config import RECOMMENDED, STUDY
-from intq.convert import ConversionError, check_calibration_batch, collect_statistics, convert, observed_tensors
-from intq.data import normalize
+from intq.graph import model_file
+from intq.graph.capture import Graph, Linear, Node, capture, with_users
+from intq.graph.config import RECOMMENDED, STUDY
+from intq.graph.convert import ConversionError, check_calibration_batch, collect_statistics, convert, observed_tensors
+from intq.cifar.data import normalize
 from intq.executors.reference import run_integer
-from intq.models import Net, NetWithBias
-from intq.observers import observe
+from intq.cifar.models import Net, NetWithBias
+from intq.calibrate.observers import observe
 
 
 def test_observed_tensors_are_what_each_next_layer_reads(pixels):
@@ -119,8 +119,8 @@ def test_per_channel_weights_keep_small_channels_that_per_tensor_rounds_away():
     """One channel 100x larger than the rest: a per-tensor scale rounds the small channels to 0."""
     from dataclasses import replace
 
-    from intq.convert import weight_qparams
-    from intq.qparams import dequantize, quantize
+    from intq.graph.convert import weight_qparams
+    from intq.arith.qparams import dequantize, quantize
 
     torch.manual_seed(0)
     weight = torch.randn(8, 16) * 0.01

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from intq.capture import capture
-from intq.costs import ENERGY_PJ, layer_costs, mac_area_um2, model_costs
-from intq.models import Net, NetWithBias
+from intq.graph.capture import capture
+from intq.workflows.costs import ENERGY_PJ, layer_costs, mac_area_um2, model_costs
+from intq.cifar.models import Net, NetWithBias
 
 
 def test_net_macs_match_the_hand_count():

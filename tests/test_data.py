@@ -1,4 +1,4 @@
-"""Tests for intq.data: CIFAR-10 layouts, the restricted unpickler, the cache, and errors.
+"""Tests for intq.cifar.data: CIFAR-10 layouts, the restricted unpickler, the cache, and errors.
 
 Everything runs on tiny datasets built in tmp_path; only the integration test reads the shared
 CIFAR-10 copy, and it is skipped where that is absent.
@@ -21,8 +21,10 @@ import pytest
 import torch
 from PIL import Image
 
-from intq import data_cache, data_sources
-from intq.data import CIFAR10_CLASSES, DataError, Dataset, batches, load_cifar10, normalize
+from intq.cifar import data_cache
+
+from intq.cifar import data_sources
+from intq.cifar.data import CIFAR10_CLASSES, DataError, Dataset, batches, load_cifar10, normalize
 
 SORTED_CLASSES = CIFAR10_CLASSES  # label order: CIFAR-10's, which is alphabetical
 CLASSES = SORTED_CLASSES[::-1]  # folders written in reverse: labels follow the names, not the order

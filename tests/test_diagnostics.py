@@ -7,10 +7,10 @@ import torch
 
 from conftest import calibrated, make_pixels, write_image_folder
 from intq.cli import main
-from intq.config import RECOMMENDED, STUDY
-from intq.convert import convert
-from intq.diagnostics import layer_rows, sqnr_db
-from intq.models import Net
+from intq.graph.config import RECOMMENDED, STUDY
+from intq.graph.convert import convert
+from intq.workflows.inspect import layer_rows, sqnr_db
+from intq.cifar.models import Net
 
 
 def test_sqnr_worked_values():

@@ -1,11 +1,11 @@
-"""Tests for intq.document: blocks become escaped HTML and Markdown; numbers get one format."""
+"""Tests for intq.report.document: blocks become escaped HTML and Markdown; numbers get one format."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from intq.document import (Heading, Image, Paragraph, Table, delta, file_names, integer, join, num,
+from intq.report.document import (Heading, Image, Paragraph, Table, delta, file_names, integer, join, num,
                            pct, points, seconds, share, write_document)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -12,17 +12,17 @@ import torch
 
 from conftest import Residual, Strided, calibrated, make_pixels
 from intq.cli import main
-from intq import model_file
-from intq.config import RECOMMENDED, STUDY, X86
-from intq.convert import convert
+from intq.graph import model_file
+from intq.graph.config import RECOMMENDED, STUDY, X86
+from intq.graph.convert import convert
 from intq.executors.encoding import EngineError, uint8_offset
 from intq.executors.onnx_export import export_onnx
 from intq.executors.onnx_runtime import OnnxModel, onnx_op_steps
 from intq.executors.reference import run_integer
 from intq.executors.torch_quantized import TorchQuantizedModel, to_integers, to_quantized
-from intq.models import NetWithBias
-from intq.qparams import INT8, QParams
-from intq.verify import layer_differences, verify
+from intq.cifar.models import NetWithBias
+from intq.arith.qparams import INT8, QParams
+from intq.executors.verify import layer_differences, verify
 
 W3A5 = replace(X86, weights=replace(X86.weights, bits=3), activations=replace(X86.activations, bits=5))
 MODELS = {"NetWithBias": NetWithBias, "Strided": Strided, "Residual": Residual}

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from conftest import Residual, Strided, calibrated, make_pixels
-from intq.config import RECOMMENDED, STUDY
-from intq.convert import convert
+from intq.graph.config import RECOMMENDED, STUDY
+from intq.graph.convert import convert
 from intq.executors.reference import accumulate, run_integer
-from intq.explain import ExplainError, explain
-from intq.models import NetWithBias
+from intq.workflows.explain import ExplainError, explain
+from intq.cifar.models import NetWithBias
 
 
 def every_index(shape, count=40, seed=0):
@@ -69,7 +69,7 @@ def test_unknown_layer_and_index_are_named():
 def test_explain_applies_a_relu6_upper_clamp():
     """conv_a of the residual test model ends in ReLU6. Calibrated ranges never pass 6, so give its
     output a scale three times coarser: then 6 / s is about 85 codes and the clamp's upper bound binds."""
-    from intq.qparams import QParams
+    from intq.arith.qparams import QParams
 
     torch.manual_seed(0)
     pixels = make_pixels(16)

@@ -8,12 +8,13 @@ import torch
 from hypothesis import assume, given, settings, strategies as st
 
 from conftest import Residual, Strided, calibrated, make_pixels
-from intq import fixed_point, model_file
-from intq.config import PRESETS
-from intq.convert import convert
-from intq.fixed_point import (float64_requantizer, multiply_by_quantized_multiplier, quantize_multiplier, quantize_multipliers,
+from intq.arith import fixed_point
+from intq.graph import model_file
+from intq.graph.config import PRESETS
+from intq.graph.convert import convert
+from intq.arith.fixed_point import (float64_requantizer, multiply_by_quantized_multiplier, quantize_multiplier, quantize_multipliers,
                               requantize, requantize_float64, requantize_with_bias, round_half_away, rounding_right_shift)
-from intq.models import Net, NetWithBias
+from intq.cifar.models import Net, NetWithBias
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 EDGES = [0, 1, -1, INT32_MIN + 1, INT32_MIN + 2, INT32_MAX - 1, INT32_MAX, 12345, -12345]

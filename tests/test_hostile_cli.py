@@ -17,8 +17,8 @@ import torch
 
 from conftest import write_image_folder
 from hostile import Hostile, run_cli
-from intq.models import ARCHITECTURES
-from intq.train import save_weights
+from intq.cifar.models import ARCHITECTURES
+from intq.cifar.train import save_weights
 
 CASES = [
     Hostile("checkpoint-truncated", "the checkpoint .npz cut to its first 3,000 bytes",
@@ -242,8 +242,8 @@ BUILDS: dict[str, Build] = {
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Inputs:
     from intq import save
-    from intq.config import RECOMMENDED
-    from intq.convert import convert
+    from intq.graph.config import RECOMMENDED
+    from intq.graph.convert import convert
     from conftest import calibrated, make_pixels
 
     root = tmp_path_factory.mktemp("hostile-cli")

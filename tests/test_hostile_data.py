@@ -15,10 +15,10 @@ import torch
 
 from conftest import make_pixels, write_image_folder
 from hostile import Hostile, run_cli
-from intq.capture import capture
-from intq.convert import ConversionError, collect_statistics
-from intq.data import load_cifar10, normalize
-from intq.models import Net
+from intq.graph.capture import capture
+from intq.graph.convert import ConversionError, collect_statistics
+from intq.cifar.data import load_cifar10, normalize
+from intq.cifar.models import Net
 from test_data import make_batches_folder, py2_meta_pickle
 
 CASES = [

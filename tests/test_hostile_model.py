@@ -18,13 +18,13 @@ from hypothesis import strategies as st
 
 from conftest import calibrated, make_pixels, write_image_folder
 from hostile import Hostile, run_cli
-from intq.config import RECOMMENDED
-from intq.convert import convert
+from intq.graph.config import RECOMMENDED
+from intq.graph.convert import convert
 from intq.executors.c_export import c_sources
 from intq.executors.reference import run_integer
-from intq.integer_model import accumulator_bound
-from intq.model_file import ModelFileError, load, save, to_arrays
-from intq.models import NetWithBias
+from intq.graph.integer_model import accumulator_bound
+from intq.graph.model_file import ModelFileError, load, save, to_arrays
+from intq.cifar.models import NetWithBias
 
 COMPILER = shutil.which("cc") or shutil.which("gcc")
 

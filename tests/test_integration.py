@@ -26,9 +26,9 @@ def test_study_meets_the_accuracy_bars(tmp_path):
 
 def _check_executors_on_real_images(model_file: Path, cache: Path) -> None:
     """The study's integer model on 1,000 real test images: exact executors exact, engines' top-1 equal."""
-    from intq.data import load_cifar10
-    from intq.model_file import load
-    from intq.verify import verify
+    from intq.cifar.data import load_cifar10
+    from intq.graph.model_file import load
+    from intq.executors.verify import verify
 
     pixels = load_cifar10(str(DATA), cache).test_images[:1000]
     rows = verify(load(model_file), pixels, ("onnx", "onnx_exact", "torch_quantized"))

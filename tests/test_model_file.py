@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from conftest import calibrated, make_pixels
-from intq.config import RECOMMENDED
-from intq.convert import ConversionError, convert
+from intq.graph.config import RECOMMENDED
+from intq.graph.convert import ConversionError, convert
 from intq.executors.reference import run_integer
-from intq.model_check import ModelCheckError, check_model
-from intq.model_file import load, save, to_arrays, to_bytes
-from intq.models import Net, NetWithBias
-from intq.qparams import Scheme
+from intq.graph.model_check import ModelCheckError, check_model
+from intq.graph.model_file import load, save, to_arrays, to_bytes
+from intq.cifar.models import Net, NetWithBias
+from intq.arith.qparams import Scheme
 
 
 @pytest.fixture(scope="module")

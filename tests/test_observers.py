@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from intq.observers import HISTOGRAM_BINS, TensorObserver, merge_moments, observe, widened_counts
+from intq.calibrate.observers import HISTOGRAM_BINS, TensorObserver, merge_moments, observe, widened_counts
 
 
 def test_streaming_moments_equal_one_pass():

@@ -2,9 +2,13 @@
 pass): adding an op class without one fails here, naming the table and the op."""
 import pytest
 
-from intq import explain, model_check, simulate
+from intq.workflows import explain
+
+from intq.graph import model_check
+
+from intq.executors import simulate
 from intq.executors import c_export, onnx_export, reference, torch_quantized
-from intq.integer_model import OP_TYPES, QLayer, Requantizing
+from intq.graph.integer_model import OP_TYPES, QLayer, Requantizing
 
 WEIGHTED = tuple(op for op in OP_TYPES if issubclass(op, QLayer))
 REQUANTIZING = tuple(op for op in OP_TYPES if issubclass(op, Requantizing))
@@ -57,10 +61,10 @@ def test_every_registered_executor_runs_a_model_to_the_same_integers_shape():
     import torch
 
     from conftest import calibrated, make_pixels
-    from intq.config import RECOMMENDED
-    from intq.convert import convert
+    from intq.graph.config import RECOMMENDED
+    from intq.graph.convert import convert
     from intq.executors.registry import EXECUTORS, run
-    from intq.models import NetWithBias
+    from intq.cifar.models import NetWithBias
 
     torch.manual_seed(0)
     pixels = make_pixels(6)

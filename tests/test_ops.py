@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from conftest import Residual, calibrated, make_pixels
-from intq import model_file
-from intq.config import RECOMMENDED, STUDY
-from intq.convert import convert
+from intq.graph import model_file
+from intq.graph.config import RECOMMENDED, STUDY
+from intq.graph.convert import convert
 from intq.executors.reference import run_integer
-from intq.integer_model import QAdd, QAvgPool, QLayer
-from intq.simulate import layer_agreement
+from intq.graph.integer_model import QAdd, QAvgPool, QLayer
+from intq.executors.simulate import layer_agreement
 
 
 @pytest.fixture(scope="module")

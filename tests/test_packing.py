@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from intq.packing import field_bits, pack_signed, unpack_signed
+from intq.arith.packing import field_bits, pack_signed, unpack_signed
 
 
 def test_worked_example_4_bit():

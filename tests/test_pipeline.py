@@ -6,17 +6,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from intq import model_file, pipeline
-from intq.capture import capture
-from intq.config import RECOMMENDED, STUDY
-from intq.convert import collect_statistics, convert
-from intq.data import CIFAR10_CLASSES, Dataset, normalize
-from intq.models import Net, NetWithBias
-from intq.train import save_weights
+from intq.graph import model_file
 
-WORKFLOWS = ("pipeline", "study", "sweep", "sensitivity", "diagnostics", "quantize")
-REPORTS = {"intq.report", "intq.sweep_report", "intq.sensitivity_report", "intq.diagnostics_report",
-           "intq.tradeoffs_report", "intq.document", "intq.plots"}
+from intq.workflows import pipeline
+from intq.graph.capture import capture
+from intq.graph.config import RECOMMENDED, STUDY
+from intq.graph.convert import collect_statistics, convert
+from intq.cifar.data import CIFAR10_CLASSES, Dataset, normalize
+from intq.cifar.models import Net, NetWithBias
+from intq.cifar.train import save_weights
+
+WORKFLOWS = ("pipeline", "study", "sweep", "sensitivity", "inspect", "checkpoints", "compare", "explain", "costs")
+REPORTS = {"intq.report.study_report", "intq.report.sweep_report", "intq.report.sensitivity_report", "intq.report.inspect_report",
+           "intq.report.tradeoffs_report", "intq.report.document", "intq.report.plots"}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def test_calibration_images_are_a_seeded_subset_or_all_in_order(data):
 
 
 def test_quantize_command_saves_the_pipelines_model(tmp_path, network, data):
-    from intq.quantize import quantize_checkpoint
+    from intq.workflows.checkpoints import quantize_checkpoint
 
     result = quantize_checkpoint(network, data, RECOMMENDED, 20, 5, tmp_path / "q.npz", {"model": "Net"})
     pixels = pipeline.calibration_images(data.train_images, 20, 5)
@@ -75,8 +77,8 @@ def test_quantize_command_saves_the_pipelines_model(tmp_path, network, data):
 
 
 def test_sensitivity_evaluator_converts_the_pipelines_calibration(network, data):
-    from intq.sensitivity import Evaluator
-    from intq.sweep import SweepCell, cell_config
+    from intq.workflows.sensitivity import Evaluator
+    from intq.workflows.sweep import SweepCell, cell_config
 
     calibration = pipeline.calibrated(network, data.train_images[:20])
     evaluator = Evaluator(calibration, "mse", 8, data.test_images, data.test_labels)

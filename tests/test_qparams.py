@@ -8,11 +8,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from intq.calibration import MSE, MinMax, NSigma
-from intq.config import WeightConfig
-from intq.convert import weight_qparams
-from intq.integer_model import accumulator_bound
-from intq.qparams import INT8, UINT8, IntType, Scheme, choose_qparams, dequantize, quantize, round_half_away_from_zero
+from intq.calibrate.ranges import MSE, MinMax, NSigma
+from intq.graph.config import WeightConfig
+from intq.graph.convert import weight_qparams
+from intq.graph.integer_model import accumulator_bound
+from intq.arith.qparams import INT8, UINT8, IntType, Scheme, choose_qparams, dequantize, quantize, round_half_away_from_zero
 
 
 def exact_round(value: Fraction) -> int:
@@ -115,7 +115,7 @@ def test_per_channel_quantize_uses_each_channels_scale():
 def test_quantize_matches_exact_formula(value, scale, bits, signed, zero_offset):
     dtype = IntType(bits, signed)
     zero_point = dtype.qmin + zero_offset % (dtype.qmax - dtype.qmin + 1)
-    from intq.qparams import QParams
+    from intq.arith.qparams import QParams
 
     qp = QParams(np.array(scale), np.array(zero_point), dtype)
     q = quantize(torch.tensor([value], dtype=torch.float64), qp).item()

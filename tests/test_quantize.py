@@ -4,11 +4,11 @@ import torch
 
 from conftest import calibrated, make_pixels, write_image_folder
 from intq.cli import main
-from intq.config import RECOMMENDED
-from intq.convert import convert
+from intq.graph.config import RECOMMENDED
+from intq.graph.convert import convert
 from intq.executors.c_export import export_c
-from intq.models import ResNet20
-from intq.simulate import layer_agreement
+from intq.cifar.models import ResNet20
+from intq.executors.simulate import layer_agreement
 
 
 def test_train_quantize_eval_round_trip(tmp_path, capsys):
@@ -73,8 +73,8 @@ def test_resnet20_c_export_is_bit_exact(tmp_path, resnet):
 def test_quantize_with_a_sweep_cell_names_the_file_after_it(tmp_path, capsys):
     from conftest import write_image_folder
     from intq.cli import main
-    from intq.models import ARCHITECTURES
-    from intq.train import save_weights
+    from intq.cifar.models import ARCHITECTURES
+    from intq.cifar.train import save_weights
 
     torch.manual_seed(0)
     data = write_image_folder(tmp_path / "data", train_per_class=3, test_per_class=2)
@@ -85,7 +85,7 @@ def test_quantize_with_a_sweep_cell_names_the_file_after_it(tmp_path, capsys):
                  "--abits", "6", *common]) == 0
     written = tmp_path / "net-percentile(99.9)-w4a6-per-channel-int.npz"
     assert written.exists() and "integer-only" in capsys.readouterr().out
-    from intq import model_file
+    from intq.graph import model_file
 
     model = model_file.load(written)
     assert model.quantized_layers()[1].weight_qparams.dtype.bits == 4

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from conftest import calibrated
-from intq.config import RECOMMENDED, STUDY
-from intq.convert import convert
-from intq.fixed_point import float64_requantizer, requantize
+from intq.graph.config import RECOMMENDED, STUDY
+from intq.graph.convert import convert
+from intq.arith.fixed_point import float64_requantizer, requantize
 from intq.executors.reference import ExecutionError, accumulate, exact_float_dtype, pixels_to_input, run_integer
-from intq.qparams import IntType, quantize
-from intq.simulate import layer_agreement
+from intq.arith.qparams import IntType, quantize
+from intq.executors.simulate import layer_agreement
 
 
 @pytest.fixture(scope="module", params=[STUDY, RECOMMENDED], ids=lambda c: c.name)

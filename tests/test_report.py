@@ -1,4 +1,4 @@
-"""Tests for intq.report: the report renders the numbers it is given, and only those."""
+"""Tests for intq.report.study_report: the report renders the numbers it is given, and only those."""
 from __future__ import annotations
 
 import html
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from intq.report import write_report
+from intq.report.study_report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYERS = ("conv1", "fc1", "fc2")

@@ -8,7 +8,7 @@ import torch
 
 from conftest import write_image_folder
 from intq.cli import main
-from intq.sensitivity import BIT_LADDER, greedy_mixed_precision, split_indices
+from intq.workflows.sensitivity import BIT_LADDER, greedy_mixed_precision, split_indices
 
 
 @pytest.fixture(scope="module")

@@ -103,9 +103,9 @@ def test_sweep_and_run_train_identical_weights_whatever_the_thread_count(tmp_pat
     thread per worker) to 54.31%. Both paths now train on the recipe's one thread."""
     import torch
 
-    from intq.data import CIFAR10_CLASSES, Dataset
-    from intq.pipeline import float_model, trained_model
-    from intq.train import intra_op_threads
+    from intq.cifar.data import CIFAR10_CLASSES, Dataset
+    from intq.workflows.pipeline import float_model, trained_model
+    from intq.cifar.train import intra_op_threads
 
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8, generator=generator)

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import write_image_folder
 from intq.cli import main
-from intq.sweep import SweepCell, cell_config
+from intq.workflows.sweep import SweepCell, cell_config
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_sweep_takes_a_checkpoint(tmp_path):
 
 
 def test_checked_count_refuses_what_it_cannot_honour_and_defaults_to_what_there_is():
-    from intq.sweep import SweepError, checked_count
+    from intq.workflows.sweep import SweepError, checked_count
 
     assert checked_count("--images", None, 20, "test images") == 20
     assert checked_count("--calib-samples", None, 40, "training images", 10_000) == 40
@@ -75,7 +75,7 @@ def test_checked_count_refuses_what_it_cannot_honour_and_defaults_to_what_there_
 
 
 def test_failed_cells_summarises_the_errors():
-    from intq.sweep import failed_cells
+    from intq.workflows.sweep import failed_cells
 
     ok = {"method": "mse", "granularity": "per-channel", "wbits": 8, "abits": 8, "accuracy": 50.0}
     bad = {**ok, "wbits": 2, "accuracy": None, "error": "overflow"}

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from intq.models import Net
-from intq.train import (ClassifierRecipe, MomentumSGD, Recipe, accuracy, intra_op_threads, load_weights, save_weights,
+from intq.cifar.models import Net
+from intq.cifar.train import (ClassifierRecipe, MomentumSGD, Recipe, accuracy, intra_op_threads, load_weights, save_weights,
                         train, train_classifier, weights_key)
 
 
@@ -104,7 +104,7 @@ def test_an_altered_or_truncated_weights_cache_is_not_used(tmp_path):
     """The weights cache carries a SHA-256 of its arrays: a changed value or a cut file means train again."""
     import numpy as np
 
-    from intq.train import load_weights, save_weights
+    from intq.cifar.train import load_weights, save_weights
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)

@@ -6,12 +6,12 @@
     logits = run_integer(model_q, uint8_pixels)          # exact integer reference executor
     save(model_q, "model.npz"); load("model.npz")        # numpy .npz, no pickle
 """
-from intq.capture import capture
-from intq.config import RECOMMENDED, STUDY, QConfig
-from intq.convert import collect_statistics, convert
+from intq.graph.capture import capture
+from intq.graph.config import RECOMMENDED, STUDY, QConfig
+from intq.graph.convert import collect_statistics, convert
 from intq.executors.reference import run_integer
-from intq.integer_model import IntegerModel
-from intq.model_file import load, save
+from intq.graph.integer_model import IntegerModel
+from intq.graph.model_file import load, save
 
 __all__ = ["capture", "collect_statistics", "convert", "run_integer", "save", "load", "IntegerModel", "QConfig",
            "RECOMMENDED", "STUDY"]

@@ -15,25 +15,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from intq.capture import CaptureError
+from intq.graph.capture import CaptureError
 from intq.commands import (compare_command, eval_command, explain_command, export_c_command, export_onnx_command,
                            inspect_command, quantize_command, run_command, sensitivity_command, sweep_command,
                            train_command, verify_command)
-from intq.config import PRESETS
-from intq.convert import ConversionError
-from intq.data import DataError
+from intq.graph.config import PRESETS
+from intq.graph.convert import ConversionError
+from intq.cifar.data import DataError
 from intq.executors.encoding import EngineError
 from intq.executors.reference import ExecutionError
 from intq.executors.torch_quantized import ENGINES
-from intq.explain import ExplainError
+from intq.workflows.explain import ExplainError
 from intq.files import OutputError, recording_writes
-from intq.model_check import ModelCheckError
-from intq.model_file import ModelFileError
-from intq.models import ARCHITECTURES
-from intq.pipeline import CheckpointError
-from intq.study import StudyError
-from intq.sweep import ACTIVATION_BITS, GRANULARITIES, METHODS, WEIGHT_BITS, SweepError
-from intq.verify import EXECUTORS, VerifyError
+from intq.graph.model_check import ModelCheckError
+from intq.graph.model_file import ModelFileError
+from intq.cifar.models import ARCHITECTURES
+from intq.workflows.pipeline import CheckpointError
+from intq.workflows.study import StudyError
+from intq.workflows.sweep import ACTIVATION_BITS, GRANULARITIES, METHODS, WEIGHT_BITS, SweepError
+from intq.executors.verify import EXECUTORS, VerifyError
 
 USER_ERRORS = (DataError, CaptureError, ConversionError, ExecutionError, OutputError, ModelFileError, ModelCheckError, StudyError,
                SweepError, ExplainError, CheckpointError, VerifyError, EngineError, argparse.ArgumentTypeError)

@@ -12,23 +12,23 @@ from pathlib import Path
 
 import torch
 
-from intq import model_file
-from intq.calibration import parse_range_method
-from intq.compare import run_compare
-from intq.config import PRESETS, QConfig
-from intq.data import load_cifar10
-from intq.diagnostics import InspectOptions, run_inspect
+from intq.graph import model_file
+from intq.calibrate.ranges import parse_range_method
+from intq.workflows.compare import run_compare
+from intq.graph.config import PRESETS, QConfig
+from intq.cifar.data import load_cifar10
+from intq.workflows.inspect import InspectOptions, run_inspect
 from intq.executors.c_export import export_c
-from intq.explain import cached_float_graph, explain
+from intq.workflows.explain import cached_float_graph, explain
 from intq.files import atomic_write, check_writable
-from intq.models import MODELS
-from intq.pipeline import load_checkpoint
-from intq.quantize import integer_accuracy, quantize_checkpoint, train_architecture
-from intq.sensitivity import SensitivityOptions, run_sensitivity
-from intq.study import StudyOptions, run_study
-from intq.sweep import CALIBRATION_IMAGES, SweepCell, SweepOptions, cell_config, checked_count, run_sweep
-from intq.train import ClassifierRecipe
-from intq.verify import verify
+from intq.cifar.models import MODELS
+from intq.workflows.pipeline import load_checkpoint
+from intq.workflows.checkpoints import integer_accuracy, quantize_checkpoint, train_architecture
+from intq.workflows.sensitivity import SensitivityOptions, run_sensitivity
+from intq.workflows.study import StudyOptions, run_study
+from intq.workflows.sweep import CALIBRATION_IMAGES, SweepCell, SweepOptions, cell_config, checked_count, run_sweep
+from intq.cifar.train import ClassifierRecipe
+from intq.executors.verify import verify
 
 COMPARE_CALIBRATION_IMAGES = 2000  # compare's default calibration subset
 GOLDEN_IMAGES = 4  # export-c's default golden test images
@@ -122,7 +122,7 @@ def _dataset(args: argparse.Namespace):
 
 def run_command(args: argparse.Namespace) -> None:
     _at_least("--calib-samples", args.calib_samples, 1)
-    from intq.report import write_report  # reports load matplotlib: only the commands that write one
+    from intq.report.study_report import write_report  # reports load matplotlib: only the commands that write one
 
     options = StudyOptions(args.data, args.out, args.cache, args.seed, args.calib_samples, args.device)
     results = run_study(options, render=write_report)
@@ -134,7 +134,7 @@ def run_command(args: argparse.Namespace) -> None:
 
 
 def sweep_command(args: argparse.Namespace) -> None:
-    from intq.sweep_report import write_sweep_report
+    from intq.report.sweep_report import write_sweep_report
 
     _checkpoint_model(args.model)
     options = SweepOptions(args.model, args.data, args.out, args.cache, args.seed, args.calib_samples,
@@ -146,7 +146,7 @@ def sweep_command(args: argparse.Namespace) -> None:
 
 
 def sensitivity_command(args: argparse.Namespace) -> None:
-    from intq.sensitivity_report import write_sensitivity_report
+    from intq.report.sensitivity_report import write_sensitivity_report
 
     _bit_width("--bits", args.bits)
     _bit_width("--abits", args.abits)
@@ -162,7 +162,7 @@ def sensitivity_command(args: argparse.Namespace) -> None:
 
 
 def inspect_command(args: argparse.Namespace) -> None:
-    from intq.diagnostics_report import write_inspect_report
+    from intq.report.inspect_report import write_inspect_report
 
     config = _config(args)
     _at_least("--images", args.images, 1)

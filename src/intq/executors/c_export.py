@@ -19,8 +19,8 @@ import torch
 
 from intq.executors.reference import pixels_to_input, run_integer
 from intq.files import atomic_write_text, ensure_writable_dir, staged_output
-from intq.integer_model import IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QMaxPool, QReLU
-from intq.model_check import ModelCheckError, check_model
+from intq.graph.integer_model import IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QMaxPool, QReLU
+from intq.graph.model_check import ModelCheckError, check_model
 
 ARRAY_TYPES = {"weight": "int8_t", "bias": "int32_t", "mantissa": "int32_t", "shift": "int32_t"}  # op<i>_<field>
 

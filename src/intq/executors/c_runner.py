@@ -17,8 +17,8 @@ import torch
 
 from intq.executors.c_export import export_c
 from intq.executors.encoding import EngineError
-from intq.integer_model import IntegerModel
-from intq.model_check import check_model
+from intq.graph.integer_model import IntegerModel
+from intq.graph.model_check import check_model
 
 COMPILE_TIMEOUT_S = 300
 C_MACS_PER_SECOND = 2e7  # the plain C loop nest ran ResNet-20 at ~3e8 MAC/s here; 15x slack

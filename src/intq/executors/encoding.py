@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from intq.integer_model import IntegerModel, QLayer
-from intq.qparams import QParams
+from intq.graph.integer_model import IntegerModel, QLayer
+from intq.arith.qparams import QParams
 
 
 class EngineError(Exception):

@@ -21,9 +21,9 @@ import torch
 
 from intq.executors.encoding import EngineError, encoded_zero_point, engine_runs_layer, narrower_bounds, uint8_offset, value_qparams
 from intq.executors.reference import FLOAT32_EXACT, add_table, pixels_to_input, run_integer
-from intq.fixed_point import MANTISSA_BITS, MAX_RIGHT_SHIFT, float64_requantizer
-from intq.integer_model import IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QMaxPool, QReLU
-from intq.qparams import QParams
+from intq.arith.fixed_point import MANTISSA_BITS, MAX_RIGHT_SHIFT, float64_requantizer
+from intq.graph.integer_model import IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QMaxPool, QReLU
+from intq.arith.qparams import QParams
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"

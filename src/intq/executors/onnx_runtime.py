@@ -8,8 +8,8 @@ import torch
 
 from intq.executors.encoding import from_codes, to_uint8, value_qparams
 from intq.executors.onnx_export import export_onnx, export_op_onnx, value_shapes
-from intq.integer_model import IntegerModel
-from intq.qparams import torch_dtype
+from intq.graph.integer_model import IntegerModel
+from intq.arith.qparams import torch_dtype
 
 
 def session_options(threads: int | None):

@@ -16,10 +16,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from intq.capture import max_pool
-from intq.fixed_point import float64_requantizer, multiply_by_quantized_multiplier, requantize, requantize_float64, requantize_with_bias
-from intq.integer_model import IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QMaxPool, QReLU
-from intq.qparams import torch_dtype
+from intq.graph.capture import max_pool
+from intq.arith.fixed_point import float64_requantizer, multiply_by_quantized_multiplier, requantize, requantize_float64, requantize_with_bias
+from intq.graph.integer_model import IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QMaxPool, QReLU
+from intq.arith.qparams import torch_dtype
 
 CHUNK = 32  # images per pass: every intermediate of a chunk stays in cache, 1.5-2x faster at batch 256
 FLOAT32_EXACT = 2**24

@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 import torch
 
 from intq.executors.reference import run_integer
-from intq.integer_model import IntegerModel
+from intq.graph.integer_model import IntegerModel
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 

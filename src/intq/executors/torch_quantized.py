@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from intq.executors.encoding import (EngineError, encoded_zero_point, engine_runs_layer, from_codes, narrower_bounds, to_uint8,
                                     uint8_offset, value_qparams)
 from intq.executors.reference import CHUNK, pixels_to_input, run_op
-from intq.integer_model import IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QMaxPool, QReLU
-from intq.qparams import QParams, torch_dtype
+from intq.graph.integer_model import IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QMaxPool, QReLU
+from intq.arith.qparams import QParams, torch_dtype
 
 
 def to_quantized(value: torch.Tensor, qparams: QParams) -> torch.Tensor:

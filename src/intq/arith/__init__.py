@@ -1,0 +1,1 @@
+"""The integer arithmetic: the affine mapping (qparams), fixed-point requantization, sub-byte packing."""

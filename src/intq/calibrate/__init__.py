@@ -1,0 +1,1 @@
+"""Observing tensors (streaming statistics) and choosing ranges from them (minmax, n-sigma, percentile, MSE, entropy)."""

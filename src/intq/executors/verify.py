@@ -1,0 +1,84 @@
+"""`intq verify`: run executors (executors/registry.py) over a whole image set and count how far each
+is from the reference: share of output values that differ, the largest difference in LSB, and the
+share of images whose top-1 differs; for the engines that requantize in float, also each op alone on
+the reference's own inputs.
+"""
+from __future__ import annotations
+
+import torch
+
+from intq.executors.encoding import EngineError
+from intq.executors.reference import run_integer
+from intq.executors.registry import EXECUTORS as REGISTRY
+from intq.executors.registry import executor, run
+from intq.graph.integer_model import IntegerModel
+
+EXECUTORS = tuple(name for name in REGISTRY if name != "reference")  # what verify checks by default
+
+
+class VerifyError(Exception):
+    """An executor that cannot run here (names it and why)."""
+
+
+def run_executor(name: str, model: IntegerModel, pixels: torch.Tensor, engine: str = "onednn") -> tuple[torch.Tensor, list[str]]:
+    """(output integers, notes) of one registered executor on every image; `engine` is torch_quantized's
+    PyTorch backend. An executor that requantizes in float also runs each op on the reference's own
+    inputs (its op_steps, layer_differences)."""
+    chosen = executor(name, engine)
+    try:
+        output = run(chosen.prepare(model), pixels)
+        notes, steps = [chosen.setting] * bool(chosen.setting) + chosen.notes(model), chosen.op_steps(model)
+    except EngineError as err:
+        raise VerifyError(str(err)) from None
+    if steps is not None:
+        notes = notes + [per_op_note(layer_differences(model, steps, pixels))]
+    return output, notes
+
+
+def layer_differences(model: IntegerModel, steps: list[tuple], pixels: torch.Tensor, batch: int = 500) -> dict[str, dict]:
+    """Each engine step, step(*operand integers) -> integers, fed the reference's own inputs, so a
+    difference is that op's alone (not one carried from an earlier layer):
+    {op: {"values", "differing", "max_lsb"}}."""
+    totals = {op.name: {"values": 0, "differing": 0, "max_lsb": 0} for op, _ in steps}
+    for start in range(0, len(pixels), batch):
+        values = {}
+        run_integer(model, pixels[start : start + batch], visit=lambda name, q: values.__setitem__(name, q))
+        for op, step in steps:
+            difference = (step(*(values[name] for name in op.inputs)).to(torch.int64) - values[op.name].to(torch.int64)).abs()
+            row = totals[op.name]
+            row["values"] += difference.numel()
+            row["differing"] += int((difference > 0).sum())
+            row["max_lsb"] = max(row["max_lsb"], int(difference.max()))
+    return totals
+
+
+def per_op_note(layers: dict[str, dict]) -> str:
+    """One line summing layer_differences over every op."""
+    differing, values = sum(row["differing"] for row in layers.values()), sum(row["values"] for row in layers.values())
+    return (f"each op fed the reference's inputs: {differing:,} of {values:,} values differ ({100 * differing / values:.2g}%), "
+            f"max {max(row['max_lsb'] for row in layers.values())} LSB (differences above compound through the network)")
+
+
+def compare(reference: torch.Tensor, other: torch.Tensor) -> dict:
+    """Share of values that differ, largest |difference| in LSB, share of images whose argmax differs."""
+    difference = (reference - other).abs()
+    return {"values": reference.numel(), "differing_share": float((difference > 0).double().mean()),
+            "max_lsb": int(difference.max()), "top1_differing_share":
+            float((reference.argmax(dim=1) != other.argmax(dim=1)).double().mean())}
+
+
+def verify(model: IntegerModel, pixels: torch.Tensor, executors: tuple[str, ...] = EXECUTORS,
+           engine: str = "onednn") -> dict[str, dict]:
+    """Every executor against the reference on `pixels`: {executor: compare(...) + notes}; `engine`
+    is torch_quantized's PyTorch backend (TorchQuantizedModel)."""
+    unknown = [name for name in executors if name not in REGISTRY]
+    if unknown:
+        raise VerifyError(f"unknown executor {', '.join(map(repr, unknown))}; available: {', '.join(EXECUTORS)}")
+    reference = run(REGISTRY["reference"].prepare(model), pixels)
+    results = {}
+    for name in executors:
+        output, notes = run_executor(name, model, pixels, engine)
+        row = compare(reference, output)
+        results[name] = {**row, "max_real": row["max_lsb"] * float(model.output_qparams().scale), "notes": notes}
+    return results
+

@@ -1,0 +1,80 @@
+"""Quantization configurations: small frozen dataclasses, the two presets of the study, and x86.
+
+A preset is data, not a code path: the study's method and the recommended one run through the same
+observers, range methods, conversion and executors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from intq.calibrate.ranges import MSE, Entropy, MinMax, NSigma, Percentile
+from intq.arith.qparams import Scheme
+
+RangeMethod = MinMax | NSigma | Percentile | MSE | Entropy
+
+
+@dataclass(frozen=True)
+class WeightConfig:
+    method: RangeMethod
+    scheme: Scheme
+    per_channel: bool
+    bits: int = 8
+    layer_bits: tuple[tuple[str, int], ...] = ()  # mixed precision: (layer name, bits) overrides
+
+    def for_layer(self, name: str) -> "WeightConfig":
+        """This config with the layer's own bit width, when `layer_bits` names it."""
+        return replace(self, bits=dict(self.layer_bits).get(name, self.bits), layer_bits=())
+
+
+@dataclass(frozen=True)
+class ActivationConfig:
+    method: RangeMethod
+    scheme: Scheme
+    bits: int = 8
+    unsigned_after_relu: bool = True  # post-ReLU tensors use uint, all 2^b codes on values >= 0
+    output_method: RangeMethod | None = None  # the logits' range method (default: `method`)
+    output_bits: int | None = None  # the logits' width (default: `bits`); no layer consumes them
+
+
+@dataclass(frozen=True)
+class QConfig:
+    name: str
+    weights: WeightConfig
+    activations: ActivationConfig
+    fold_input: bool  # first layer reads 2p - 255 (lossless) instead of a requantized input
+    calibration_samples: int | None  # None: every training image
+    description: str = ""
+
+
+STUDY = QConfig(
+    name="study",
+    weights=WeightConfig(NSigma(3.0), Scheme.SPAN, per_channel=False),
+    activations=ActivationConfig(NSigma(3.0), Scheme.SPAN, unsigned_after_relu=False),
+    fold_input=False,
+    calibration_samples=400,
+    description="the seed study's method: per-tensor 3-sigma ranges, scale = range/255 used "
+    "symmetrically, signed int8 everywhere, 400 calibration images (without its defects)",
+)
+
+RECOMMENDED = QConfig(
+    name="recommended",
+    weights=WeightConfig(MinMax(), Scheme.SYMMETRIC, per_channel=True),
+    activations=ActivationConfig(MSE(), Scheme.ASYMMETRIC, unsigned_after_relu=True, output_method=MinMax(),
+                                 output_bits=16),
+    fold_input=True,
+    calibration_samples=None,
+    description="per-channel symmetric int8 weights (min/max), uint8 post-ReLU activations with "
+    "MSE-optimal ranges, int16 logits (min/max), normalisation folded into the first layer",
+)
+
+X86 = replace(
+    RECOMMENDED,
+    name="x86",
+    activations=replace(RECOMMENDED.activations, bits=7),
+    description="the recommended preset with 7-bit activations, for PyTorch's x86 kernels (fbgemm) on "
+    "CPUs without VNNI: their u8 x s8 pair sums saturate at int16 unless activations stay below 128 "
+    "(torch.ao's x86 qconfig does the same, reduce_range)",
+)
+
+STUDY_PRESETS = {preset.name: preset for preset in (STUDY, RECOMMENDED)}  # what `intq run` compares
+PRESETS = {preset.name: preset for preset in (STUDY, RECOMMENDED, X86)}

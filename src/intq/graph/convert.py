@@ -1,0 +1,293 @@
+"""Captured float graph + activation statistics + QConfig -> IntegerModel.
+
+Every weighted layer gets int weights, an int32 bias, its input's and output's QParams, one
+fixed-point multiplier per output channel, and a proof that its accumulator fits int32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from intq.graph.capture import (REQUANTIZING, WEIGHTED, Add, Conv2d, Flatten, Graph, Identity, MaxPool2d, Node, ReLU,
+                          run_float)
+from intq.graph.config import ActivationConfig, QConfig, WeightConfig
+from intq.arith.fixed_point import quantize_multiplier, quantize_multipliers
+from intq.graph.integer_model import (INT32_LIMIT, PIXEL_INPUT, InputSpec, IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten,
+                                QLayer, QLinear, QMaxPool, QReLU, accumulator_bound, add_multipliers, avg_pool_multiplier,
+                                input_multiplier, layer_multipliers)
+from intq.graph.model_check import ModelCheckError, check_model
+from intq.calibrate.observers import TensorObserver, TensorStats, observe
+from intq.arith.qparams import IntType, QParams, Scheme, choose_qparams, quantize, round_half_away_from_zero
+
+
+
+class ConversionError(Exception):
+    """A layer that cannot become integers (names the layer)."""
+
+
+def fused_relu(graph: Graph, node: Node) -> Node | None:
+    """The ReLU node that is the only user of `node`, if any: it becomes the requantizer's clamp."""
+    users = graph.users[node.name]
+    if len(users) == 1 and isinstance(graph.node(users[0]).op, ReLU):
+        return graph.node(users[0])
+    return None
+
+
+def quant_point(graph: Graph, name: str) -> str:
+    """Where a layer's output is observed: after the ops that commute with quantization.
+
+    Max-pool, flatten and identity commute with a monotone quantizer, so the range is read after
+    them, on the values the next layer actually consumes (what the study's hooks profiled).
+    """
+    while len(graph.users.get(name, [])) == 1:
+        user = graph.node(graph.users[name][0])
+        if not isinstance(user.op, (MaxPool2d, Flatten, Identity)):
+            break
+        name = user.name
+    return name
+
+
+def observed_tensors(graph: Graph) -> dict[str, str]:
+    """{label: tensor name}: "input", then each requantizing op's quantization point, in order."""
+    names = {"input": graph.input_name}
+    for node in (n for n in graph.nodes if isinstance(n.op, REQUANTIZING)):
+        relu = fused_relu(graph, node)
+        names[node.name] = quant_point(graph, relu.name if relu else node.name)
+    return names
+
+
+# The interim input assumption (until inputs can be specified): the first layer folds exactly
+# x = (p/255 - 0.5)/0.5 of uint8 pixels p (PIXEL_INPUT), so calibration must see such values.
+INPUT_ASSUMPTION = "values must be uint8 pixels normalised as (p/255 - 0.5)/0.5 (in [-1, 1] on a 2/255 grid)"
+PIXEL_TOLERANCE = 1e-3  # of one pixel step; float32 normalisation is within 2e-5 of the grid
+
+
+def check_calibration_batch(batch: object, index: int) -> None:
+    """Refuse a calibration batch the integer path would silently misread (interim guard).
+
+    Rule: a float32 tensor (N, C, H, W), finite, whose every value x maps to a pixel
+    p = (x * 255 + 255) / 2 = 127.5 x + 127.5 in [0, 255] within PIXEL_TOLERANCE of an integer.
+    Worked numbers: x = -0.6 -> p = 51.0, accepted; x = 0.5 -> p = 191.25, refused (off the grid);
+    mean/std-normalised CIFAR-10 reaches x = (1 - 0.4822) / 0.243 = 2.13, p = 399.2, refused. `index`
+    counts batches from 1 and is named in the ConversionError. Cost: ~2 ms per 1,000 images.
+    """
+    where = f"calibration batch {index}"
+    if not isinstance(batch, torch.Tensor) or batch.dtype != torch.float32 or batch.dim() != 4:
+        got = f"{batch.dtype} {tuple(batch.shape)}" if isinstance(batch, torch.Tensor) else type(batch).__name__
+        raise ConversionError(f"{where}: expected a float32 tensor of shape (N, C, H, W), got {got}")
+    if batch.numel() == 0:
+        return
+    batch = batch.detach()
+    lo, hi = (float(v) for v in torch.aminmax(batch))  # NaN anywhere makes both NaN
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ConversionError(f"{where}: holds NaN or Inf; {INPUT_ASSUMPTION}")
+    if lo * 127.5 + 127.5 < -PIXEL_TOLERANCE or hi * 127.5 + 127.5 > 255 + PIXEL_TOLERANCE:
+        raise ConversionError(f"{where}: {INPUT_ASSUMPTION}; got values in [{lo:.3g}, {hi:.3g}] -- "
+                              "per-channel mean/std normalisation is not supported yet")
+    # Distance of p to the nearest integer is |frac(p + 0.5) - 0.5| (p + 0.5 > 0 here); float32
+    # keeps p within 2e-5 of a step for p <= 255.
+    fraction = torch.mul(batch, 127.5).add_(128.0).frac_()
+    low, high = (float(v) for v in torch.aminmax(fraction))
+    if max(0.5 - low, high - 0.5) > PIXEL_TOLERANCE:
+        worst = int((fraction - 0.5).abs_().reshape(-1).argmax())  # (N, C, H, W) -> (N*C*H*W,)
+        value = float(batch.reshape(-1)[worst])
+        raise ConversionError(f"{where}: {INPUT_ASSUMPTION}; got {value:.6g}, which is pixel "
+                              f"{value * 127.5 + 127.5:.4f} -- other input scalings are not supported yet")
+
+
+def collect_statistics(graph: Graph, batches: Iterable[torch.Tensor]) -> dict[str, TensorStats]:
+    """One streaming pass of the float graph over `batches` (normalised float images), observing
+    the input and every layer's quantization point: the statistics `convert` needs.
+
+    Each batch is first checked against the input assumption (check_calibration_batch); a batch
+    that breaks it, no images at all, or a layer producing NaN/Inf raise ConversionError."""
+    observers = {name: TensorObserver() for name in observed_tensors(graph).values()}
+    index = 0
+
+    def visit(name: str, value: torch.Tensor) -> None:
+        if name not in observers:
+            return
+        try:
+            observers[name].update(value)
+        except ValueError as err:  # NaN or Inf from a layer: name it rather than fail deep inside
+            raise ConversionError(f"calibration batch {index}: tensor {name!r}: {err}") from None
+
+    with torch.no_grad():
+        for index, batch in enumerate(batches, 1):
+            check_calibration_batch(batch, index)
+            if batch.numel() == 0:
+                continue  # nothing to observe (and a 0-image batch cannot be flattened)
+            try:
+                run_float(graph, batch, visit)
+            except RuntimeError as err:  # e.g. 1 channel into a 3-channel conv: torch's message, one line
+                reason = " ".join(str(err).split())[:300]
+                raise ConversionError(f"calibration batch {index}: the model cannot run on a batch of shape "
+                                      f"{tuple(batch.shape)} ({reason})") from None
+    if observers[graph.input_name].count == 0:
+        raise ConversionError("calibration saw no images (every batch was empty, or there were none)")
+    return {name: observer.stats() for name, observer in observers.items()}
+
+
+def weight_qparams(weight: torch.Tensor, config: WeightConfig) -> QParams:
+    """QParams of a weight tensor: per output channel (axis 0) or per tensor, signed."""
+    dtype = IntType(config.bits, True)
+    restricted = config.scheme is Scheme.SYMMETRIC
+    if not config.per_channel:
+        lo, hi = config.method.range(observe(weight), dtype, config.scheme)
+        return choose_qparams(lo, hi, dtype, config.scheme, restricted=restricted)
+    ranges = [config.method.range(observe(channel), dtype, config.scheme) for channel in weight]
+    lo, hi = np.array([r[0] for r in ranges]), np.array([r[1] for r in ranges])
+    return choose_qparams(lo, hi, dtype, config.scheme, restricted=restricted, axis=0)
+
+
+def activation_qparams(stats: TensorStats, config: ActivationConfig, *, after_relu: bool, is_output: bool) -> QParams:
+    """QParams of an activation: unsigned after a ReLU when configured, else signed."""
+    unsigned = after_relu and config.unsigned_after_relu
+    bits = config.output_bits if is_output and config.output_bits else config.bits
+    dtype = IntType(bits, not unsigned)
+    method = config.output_method if is_output and config.output_method else config.method
+    lo, hi = method.range(stats, dtype, config.scheme)
+    return choose_qparams(lo, hi, dtype, config.scheme)
+
+
+def input_spec(stats: TensorStats, config: QConfig) -> InputSpec:
+    """Folded: the first layer reads x = 2p - 255 (scale 1/255). Else requantize x to int (eq. 14)."""
+    shape = tuple(stats.shape)  # one image: (C, H, W)
+    if config.fold_input:
+        return InputSpec(PIXEL_INPUT, shape=shape)
+    qparams = activation_qparams(stats, config.activations, after_relu=False, is_output=False)
+    mantissa, shift = quantize_multiplier(input_multiplier(qparams))
+    return InputSpec(qparams, mantissa, shift, shape)
+
+
+def _check_weight(node: Node) -> None:
+    weight = node.op.weight
+    if weight.numel() > 1 and bool((weight == weight.reshape(-1)[0]).all()):
+        raise ConversionError(f"layer {node.name!r}: weight tensor is constant (all {weight.numel()} values "
+                              f"= {float(weight.reshape(-1)[0]):g}); a trained layer never is, check the checkpoint")
+
+
+def quantized_bias(bias: torch.Tensor | None, input_qp: QParams, weight_qp: QParams, name: str) -> np.ndarray | None:
+    """q_b[c] = round(b[c] / (s_x * s_w[c])), int32, zero point 0 (eq. 15)."""
+    if bias is None:
+        return None
+    scale = torch.as_tensor(float(input_qp.scale) * np.broadcast_to(weight_qp.scale, bias.shape))
+    q = round_half_away_from_zero(bias.to(torch.float64) / scale)
+    if q.abs().max() > INT32_LIMIT:
+        raise ConversionError(f"layer {name!r}: bias does not fit int32 at scale s_x*s_w (|q_b| = {q.abs().max():.3g})")
+    return q.numpy().astype(np.int32)
+
+
+def _storage(q: torch.Tensor, dtype: IntType) -> np.ndarray:
+    return q.numpy().astype(np.int8 if dtype.signed and dtype.bits <= 8 else np.uint8 if dtype.bits <= 8 else np.int32)
+
+
+def convert_layer(node: Node, input_qp: QParams, output_qp: QParams, relu: bool, config: QConfig) -> QLayer:
+    """One Conv2d/Linear -> QLayer: integer weights and bias, multipliers, overflow proof."""
+    _check_weight(node)
+    op = node.op
+    weight = op.weight.detach().cpu()  # conversion is offline; the IntegerModel holds numpy arrays
+    weights_config = config.weights.for_layer(node.name)
+    weight_qp = weight_qparams(weight, weights_config)
+    weight_q = _storage(quantize(weight, weight_qp), weight_qp.dtype)
+    bias = None if op.bias is None else op.bias.detach().cpu()
+    bias_q = quantized_bias(bias, input_qp, weight_qp, node.name)
+    channels = op.weight.shape[0]
+    mantissa, shift = quantize_multipliers(layer_multipliers(input_qp, weight_qp, output_qp, channels))
+    bound = accumulator_bound(weight_q, bias_q, input_qp)
+    if bound > INT32_LIMIT:
+        raise ConversionError(f"layer {node.name!r}: worst-case accumulator {bound} exceeds int32 "
+                              f"({weights_config.bits}-bit weights, fan-in {op.weight[0].numel()})")
+    if isinstance(op, Conv2d):
+        geometry = {"stride": list(op.stride), "padding": list(op.padding), "dilation": list(op.dilation), "groups": op.groups}
+        return QConv2d(node.name, node.inputs, weight_q, weight_qp, bias_q, input_qp, output_qp, mantissa, shift, relu,
+                       geometry, bound)
+    return QLinear(node.name, node.inputs, weight_q, weight_qp, bias_q, input_qp, output_qp, mantissa, shift, relu,
+                   {}, bound)
+
+
+def requantized_output(graph: Graph, node: Node, stats: dict[str, TensorStats], config: QConfig):
+    """(output QParams, fused ReLU node or None) of a requantizing op, from its quantization point."""
+    relu = fused_relu(graph, node)
+    point = quant_point(graph, relu.name if relu else node.name)
+    output_qp = activation_qparams(stats[point], config.activations, after_relu=relu is not None,
+                                   is_output=point == graph.output_name)
+    return output_qp, relu
+
+
+def convert_requantizing(node: Node, inputs_qp: list[QParams], output_qp: QParams, relu: Node | None,
+                         config: QConfig, input_stats: TensorStats | None):
+    """Conv/Linear -> QLayer, Add -> QAdd, AvgPool2d -> QAvgPool, with a fused ReLU (or ReLU6)."""
+    relu_max = relu.op.upper if relu else None
+    if isinstance(node.op, WEIGHTED):
+        layer = convert_layer(node, inputs_qp[0], output_qp, relu is not None, config)
+        layer.relu_max = relu_max
+        return layer
+    if isinstance(node.op, Add):
+        if max(qp.dtype.bits for qp in inputs_qp) > 9:  # the int64 budget of eq. 17 assumes |q - z| <= 2^9
+            raise ConversionError(f"add {node.name!r}: operands wider than 9 bits are not supported")
+        mantissa, shift = quantize_multipliers(add_multipliers(inputs_qp, output_qp))
+        return QAdd(node.name, node.inputs, tuple(inputs_qp), output_qp, mantissa, shift, relu is not None, relu_max)
+    window = int(np.prod(node.op.kernel_size if node.op.kernel_size else input_stats.shape[1:]))
+    mantissa, shift = quantize_multipliers(avg_pool_multiplier(inputs_qp[0], output_qp, window))
+    stride = node.op.stride if node.op.kernel_size else None
+    return QAvgPool(node.name, node.inputs, node.op.kernel_size, stride, inputs_qp[0], output_qp, mantissa, shift,
+                    relu is not None, relu_max)
+
+
+def _transparent_op(node: Node, sources: tuple[str, ...], qparams: QParams):
+    """Max-pool, flatten and an unfused ReLU act on the integers directly, keeping their qparams."""
+    if isinstance(node.op, MaxPool2d):
+        return QMaxPool(node.name, sources, node.op.kernel_size, node.op.stride, node.op.padding)
+    if isinstance(node.op, Flatten):
+        return QFlatten(node.name, sources)
+    if node.op.upper is not None:
+        raise ConversionError(f"{node.name!r}: a clamped ReLU must directly follow a conv, linear, add or average pool")
+    return QReLU(node.name, sources, int(qparams.zero_point))
+
+
+def check_layer_names(graph: Graph, config: QConfig) -> None:
+    """Every layer named in a per-layer bit width must be a weighted layer of the graph."""
+    known = [node.name for node in graph.weighted()]
+    unknown = [name for name, _ in config.weights.layer_bits if name not in known]
+    if unknown:
+        raise ConversionError(f"per-layer bits name unknown layers {', '.join(unknown)}; layers: {', '.join(known)}")
+
+
+def convert(graph: Graph, stats: dict[str, TensorStats], config: QConfig, metadata: dict | None = None) -> IntegerModel:
+    """Build the IntegerModel; `stats` holds the observed tensors named by `observed_tensors`."""
+    check_layer_names(graph, config)
+    spec = input_spec(stats[graph.input_name], config)
+    qparams_of = {graph.input_name: spec.qparams}
+    alias = {graph.input_name: graph.input_name}
+    layers, fused = [], set()
+    for node in graph.nodes:
+        if node.name in fused:
+            continue
+        sources = tuple(alias[name] for name in node.inputs)
+        alias[node.name] = node.name
+        if isinstance(node.op, REQUANTIZING):
+            output_qp, relu = requantized_output(graph, node, stats, config)
+            inputs_qp = [qparams_of[source] for source in sources]
+            op = convert_requantizing(node, inputs_qp, output_qp, relu, config, stats.get(node.inputs[0]))
+            op.inputs = sources
+            layers.append(op)
+            if relu:
+                fused.add(relu.name)
+                alias[relu.name] = node.name
+            qparams_of[node.name] = output_qp
+        elif isinstance(node.op, (MaxPool2d, Flatten, ReLU)):
+            layers.append(_transparent_op(node, sources, qparams_of[sources[0]]))
+            qparams_of[node.name] = qparams_of[sources[0]]
+        else:
+            alias[node.name] = sources[0]
+    metadata = {"preset": config.name, **(metadata or {})}
+    model = IntegerModel(graph.input_name, spec, layers, alias[graph.output_name], metadata)
+    try:
+        check_model(model)  # what a model file must pass, the converter's output passes too
+    except ModelCheckError as err:
+        raise ConversionError(f"the converted model breaks a rule of integer models: {err}") from None
+    return model

@@ -1,0 +1,242 @@
+"""The IntegerModel: everything integer-only inference needs, as plain arrays and numbers.
+
+The ops, and the quantities each op's arithmetic derives from its parameters (the fused clamp, the
+real multipliers, the worst-case accumulator): one definition each, used by the converter that
+builds a model and by the checks that admit a model read from a file (model_check.py). The file
+format is model_file.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from intq.arith.qparams import IntType, QParams
+
+INT32_LIMIT = 2**31 - 1
+PIXEL_INPUT = QParams(np.array(1.0 / 255.0), np.array(0, np.int64), IntType(9, True))  # x = 2p - 255 (eq. 14)
+
+
+@dataclass(eq=False)
+class InputSpec:
+    """How uint8 pixels p become the integers the first layer reads.
+
+    The study's normalisation (p/255 - 0.5)/0.5 is exactly x = (2p - 255) / 255, so the integer
+    x = 2p - 255 with scale 1/255 is lossless (docs/math.md eq. 14). With `mantissa` None the first
+    layer reads x itself ("pixels": normalisation folded into the first layer); otherwise x is
+    requantized to `qparams` with (mantissa, shift) like any layer output ("quantized"). `shape` is
+    one image's (channels, height, width), the size the model was calibrated at.
+    """
+
+    qparams: QParams
+    mantissa: int | None = None
+    shift: int | None = None
+    shape: tuple[int, int, int] = (3, 32, 32)
+
+    @property
+    def folded(self) -> bool:
+        return self.mantissa is None
+
+
+class Requantizing:
+    """An op that requantizes to its own `output_qparams`, clamped by `relu` and `relu_max` (eq. 10)."""
+
+    def bounds(self) -> tuple[int, int]:
+        return output_bounds(self.output_qparams, self.relu, self.relu_max)
+
+    ARITY: ClassVar[int] = 1  # how many inputs the op reads
+
+    def output_params(self, input_params: list[QParams]) -> QParams:
+        """The QParams of this op's output integers."""
+        return self.output_qparams
+
+    def declared_input_params(self) -> list[QParams]:
+        """The QParams the op was built for, one per input (they must be its inputs' own)."""
+        return [self.input_qparams]
+
+
+class Transparent:
+    """An op that moves or clamps integers without requantizing: its output keeps its input's QParams."""
+
+    ARITY: ClassVar[int] = 1
+
+    def output_params(self, input_params: list[QParams]) -> QParams:
+        return input_params[0]
+
+    def declared_input_params(self) -> list[QParams]:
+        return []
+
+
+@dataclass(eq=False)
+class QLayer(Requantizing):
+    """A weighted layer: acc = sum q_w (q_x - z_x) + q_b; q_y = clamp(z_y + round(M acc)) (eq. 10).
+    Its kinds are the subclasses QConv2d and QLinear."""
+
+    name: str
+    inputs: tuple[str, ...]
+    weight: np.ndarray
+    weight_qparams: QParams
+    bias: np.ndarray | None
+    input_qparams: QParams
+    output_qparams: QParams
+    mantissa: np.ndarray
+    shift: np.ndarray
+    relu: bool
+    geometry: dict = field(default_factory=dict)  # QConv2d: stride, padding, dilation, groups
+    accumulator_bound: int = 0  # worst-case |acc| (eq. 11): always accumulator_bound(weight, bias, input_qparams)
+    relu_max: float | None = None  # ReLU6-style upper clamp in real units
+    LABEL: ClassVar[str] = "layer"  # how reports and explanations name the kind
+
+
+@dataclass(eq=False)
+class QConv2d(QLayer):
+    """A 2-D convolution: weight (C_out, C_in / groups, kh, kw), geometry stride, padding, dilation, groups."""
+
+    LABEL: ClassVar[str] = "conv2d"
+
+
+@dataclass(eq=False)
+class QLinear(QLayer):
+    """A fully connected layer: weight (C_out, C_in) on a flattened input."""
+
+    LABEL: ClassVar[str] = "linear"
+
+
+def output_bounds(qparams: QParams, relu: bool, relu_max: float | None = None) -> tuple[int, int]:
+    """Integer clamp of a requantized output (eq. 10): [qmin, qmax]; a fused ReLU raises the lower
+    bound to z (real 0); a ReLU6-style clamp lowers the upper bound to z + round(max / s)."""
+    zero, lower, upper = int(qparams.zero_point), qparams.dtype.qmin, qparams.dtype.qmax
+    if relu:
+        lower = max(zero, lower)
+    if relu_max is not None:
+        upper = min(upper, zero + int(np.floor(relu_max / float(qparams.scale) + 0.5)))
+    return lower, upper
+
+
+@dataclass(eq=False)
+class QAdd(Requantizing):
+    """y = a + b: each operand rescaled to a common fine scale s_i = max(s_a, s_b) / 2^20 with its
+    own fixed-point multiplier, summed exactly, then requantized to (s_y, z_y) (eq. 17)."""
+
+    name: str
+    inputs: tuple[str, ...]
+    input_qparams: tuple[QParams, QParams]
+    output_qparams: QParams
+    mantissa: np.ndarray  # (3,): operand a, operand b, output
+    shift: np.ndarray
+    relu: bool = False
+    relu_max: float | None = None
+    ARITY: ClassVar[int] = 2
+
+    def declared_input_params(self) -> list[QParams]:
+        return list(self.input_qparams)
+
+
+@dataclass(eq=False)
+class QAvgPool(Requantizing):
+    """Average pool: acc = sum over the window of (q - z_x), q_y = z_y + round(acc s_x / (N s_y)) (eq. 18);
+    kernel_size None pools the whole feature map."""
+
+    name: str
+    inputs: tuple[str, ...]
+    kernel_size: tuple[int, int] | None
+    stride: tuple[int, int] | None
+    input_qparams: QParams
+    output_qparams: QParams
+    mantissa: np.ndarray  # (1,)
+    shift: np.ndarray
+    relu: bool = False
+    relu_max: float | None = None
+
+
+@dataclass(eq=False)
+class QMaxPool(Transparent):
+    """Max pool over the integers: monotone, so it commutes with the quantizer."""
+
+    name: str
+    inputs: tuple[str, ...]
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+
+
+@dataclass(eq=False)
+class QFlatten(Transparent):
+    """(C, H, W) -> (C*H*W,): the integers unchanged."""
+
+    name: str
+    inputs: tuple[str, ...]
+
+
+@dataclass(eq=False)
+class QReLU(Transparent):
+    """A ReLU that could not be fused: clamp(q, z, qmax) on its input's own qparams."""
+
+    name: str
+    inputs: tuple[str, ...]
+    zero_point: int
+
+
+OP_TYPES = (QConv2d, QLinear, QAdd, QAvgPool, QMaxPool, QFlatten, QReLU)  # every op an IntegerModel may hold
+IntegerOp = QConv2d | QLinear | QAdd | QAvgPool | QMaxPool | QFlatten | QReLU
+
+
+@dataclass(eq=False)
+class IntegerModel:
+    input_name: str
+    input: InputSpec
+    layers: list[IntegerOp]
+    output_name: str
+    metadata: dict = field(default_factory=dict)
+
+    def layer(self, name: str) -> IntegerOp:
+        return next(op for op in self.layers if op.name == name)
+
+    def quantized_layers(self) -> list[QLayer]:
+        return [op for op in self.layers if isinstance(op, QLayer)]
+
+    def value_qparams(self) -> dict[str, QParams]:
+        """The QParams of every value: the model input and each op's output."""
+        qparams = {self.input_name: self.input.qparams}
+        for op in self.layers:
+            qparams[op.name] = op.output_params([qparams[name] for name in op.inputs])
+        return qparams
+
+    def output_qparams(self) -> QParams:
+        """QParams of the model output (the output op's, or its input's for an op that keeps them)."""
+        return self.value_qparams()[self.output_name]
+
+
+def accumulator_bound(weight_q: np.ndarray, bias_q: np.ndarray | None, input_qp: QParams) -> int:
+    """Worst |acc| = max_c (sum_k |q_w[c,k]| * max|q_x - z_x| + |q_b[c]|) (eq. 11), over every input
+    integer q_x of the input's type: derived from the weights, never taken on trust."""
+    zero = int(input_qp.zero_point)
+    x_max = max(zero - input_qp.dtype.qmin, input_qp.dtype.qmax - zero)
+    per_channel = np.abs(weight_q.astype(np.int64)).reshape(weight_q.shape[0], -1).sum(axis=1) * x_max  # (C, K) -> (C,)
+    if bias_q is not None:
+        per_channel = per_channel + np.abs(bias_q.astype(np.int64))
+    return int(per_channel.max())
+
+
+def layer_multipliers(input_qp: QParams, weight_qp: QParams, output_qp: QParams, channels: int) -> np.ndarray:
+    """M[c] = s_x s_w[c] / s_y, one real multiplier per output channel of a conv or linear (eq. 8)."""
+    return float(input_qp.scale) * np.broadcast_to(weight_qp.scale, (channels,)) / float(output_qp.scale)
+
+
+def add_multipliers(inputs_qp: tuple[QParams, ...] | list[QParams], output_qp: QParams) -> np.ndarray:
+    """(M_a, M_b, M_y) of a residual add (eq. 17): each operand to the common scale
+    s_i = max(s_a, s_b) / 2^20 (20 more bits than its grid), then s_i / s_y to the output."""
+    scales = [float(qp.scale) for qp in inputs_qp]
+    common = max(scales) / 2**20
+    return np.array([*(s / common for s in scales), common / float(output_qp.scale)])
+
+
+def avg_pool_multiplier(input_qp: QParams, output_qp: QParams, window: int) -> np.ndarray:
+    """(M,) of an average pool over `window` values: M = s_x / (N s_y) (eq. 18)."""
+    return np.array([float(input_qp.scale) / (window * float(output_qp.scale))])
+
+
+def input_multiplier(qparams: QParams) -> float:
+    """M of a quantized (not folded) input: x = 2p - 255 at scale 1/255 to `qparams` (eq. 14)."""
+    return float(PIXEL_INPUT.scale) / float(qparams.scale)

@@ -1,0 +1,275 @@
+"""The rules every IntegerModel must satisfy before any executor or code generator touches it.
+
+An integer model read from a file is input from someone else: its fields are claims. check_model
+admits a model only when each claim is either derived here (the accumulator bound, each op's input
+parameters, the fixed-point multipliers) and found equal, or inside the range that the arithmetic
+of the executors is proven for (docs/math.md eq. 8-11, 17, 18; docs/format.md lists every rule):
+
+- structure: unique printable names; each input an earlier op or the model input; 2 inputs for an
+  add, 1 otherwise; the output one of the ops;
+- types: weights signed 2..8 bits with zero point 0; activations 2..16 bits;
+  zero points inside their type; scales finite and positive;
+- consistency: an op's input parameters are those of the op that produced the input; every
+  (mantissa, shift) is exactly quantize_multiplier of the real multiplier its scales define, so
+  mantissas lie in [2^30, 2^31) or are 0 (with shift 0) and 31 + n lies in [1, 62];
+- shapes: inferred from the input shape op by op (channels, kernels, strides, groups, features);
+- overflow: the worst accumulator, recomputed from the weights, the bias and the input type, is at
+  most 2^31 - 1 (eq. 11), and equals the one the layer carries (the reference picks its exact float
+  dtype from it).
+
+The first broken rule raises ModelCheckError naming the op and the rule.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from intq.arith.fixed_point import quantize_multiplier, quantize_multipliers
+from intq.graph.integer_model import (INT32_LIMIT, PIXEL_INPUT, IntegerModel, IntegerOp, QAdd, QAvgPool, QConv2d, QFlatten,
+                                QLayer, QLinear, QMaxPool, QReLU, Requantizing, accumulator_bound, add_multipliers,
+                                avg_pool_multiplier, input_multiplier, layer_multipliers)
+from intq.arith.qparams import QParams
+
+MAX_OPS = 10_000
+MAX_CHANNELS = 1 << 16
+MAX_TENSOR_VALUES = 1 << 28  # one image's tensor between ops
+MAX_ADD_OPERAND_BITS = 9  # eq. 17's int64 budget assumes |q - z| <= 2^9
+
+
+class ModelCheckError(Exception):
+    """A broken rule: names the op (or the model input) and the rule."""
+
+
+def _fail(where: str, rule: str) -> ModelCheckError:
+    return ModelCheckError(f"{where}: {rule}")
+
+
+def check_scale(qp: QParams, where: str) -> None:
+    """Scales finite and positive, one per channel or one per tensor."""
+    scale = np.asarray(qp.scale, np.float64)
+    if scale.size == 0 or not np.all(np.isfinite(scale)) or not np.all(scale > 0):
+        raise _fail(where, f"scales must be finite and positive, got {_values(scale)}")
+    if np.any(scale < 1e-30) or np.any(scale > 1e30):
+        raise _fail(where, f"scales must lie in [1e-30, 1e30], got {_values(scale)}")
+
+
+def check_activation_type(qp: QParams, where: str) -> None:
+    """An activation: per tensor, 2..16 bits, its zero point inside the type."""
+    check_scale(qp, where)
+    bits = qp.dtype.bits
+    if qp.axis is not None or np.ndim(qp.scale) != 0:
+        raise _fail(where, "activation parameters must be per tensor")
+    if not 2 <= bits <= 16:
+        raise _fail(where, f"activation type {qp.dtype.name} (intq runs 2..16-bit activations)")
+    if not qp.dtype.qmin <= int(qp.zero_point) <= qp.dtype.qmax:
+        raise _fail(where, f"zero point {int(qp.zero_point)} outside {qp.dtype.name} [{qp.dtype.qmin}, {qp.dtype.qmax}]")
+
+
+def check_weight_type(qp: QParams, channels: int, where: str) -> None:
+    """Weights: signed 2..8 bits, symmetric (zero point 0: the executors compute sum q_w (q_x - z_x)),
+    per tensor or per output channel (axis 0, one scale per channel)."""
+    check_scale(qp, where)
+    if not qp.dtype.signed or not 2 <= qp.dtype.bits <= 8:
+        raise _fail(where, f"weight type {qp.dtype.name} (intq runs signed 2..8-bit weights)")
+    if np.any(np.asarray(qp.zero_point) != 0):
+        raise _fail(where, "weight zero points must be 0 (symmetric weights)")
+    if qp.axis is None and np.ndim(qp.scale) != 0 or qp.axis == 0 and np.shape(qp.scale) != (channels,):
+        raise _fail(where, f"per-channel weight parameters need {channels} scales, got {np.size(qp.scale)}")
+    if qp.axis not in (None, 0):
+        raise _fail(where, f"weight parameters on axis {qp.axis} (0 or per tensor)")
+
+
+def same_qparams(a: QParams, b: QParams) -> bool:
+    return (a.dtype == b.dtype and a.axis == b.axis and np.array_equal(np.asarray(a.scale), np.asarray(b.scale))
+            and np.array_equal(np.asarray(a.zero_point), np.asarray(b.zero_point)))
+
+
+def check_multipliers(mantissa: np.ndarray, shift: np.ndarray, multipliers: np.ndarray, where: str) -> None:
+    """(M0, n) must be exactly quantize_multiplier(M) of the real multipliers the scales define (eq. 8):
+    M0 in [2^30, 2^31) or 0 with n = 0, 31 + n in [1, 62]."""
+    if mantissa.shape != np.shape(multipliers) or shift.shape != np.shape(multipliers):
+        raise _fail(where, f"{np.size(multipliers)} multipliers expected, got {mantissa.size} mantissas and "
+                    f"{shift.size} shifts")
+    try:
+        expected_mantissa, expected_shift = quantize_multipliers(multipliers)
+    except ValueError as err:
+        raise _fail(where, f"its scales give an unusable multiplier ({err})") from None
+    if not np.array_equal(mantissa, expected_mantissa) or not np.array_equal(shift, expected_shift):
+        channel = int(np.flatnonzero((mantissa != expected_mantissa) | (shift != expected_shift))[0])
+        raise _fail(where, f"mantissa/shift of channel {channel} are ({int(mantissa.flat[channel])}, "
+                    f"{int(shift.flat[channel])}); its scales give ({int(expected_mantissa.flat[channel])}, "
+                    f"{int(expected_shift.flat[channel])})")
+
+
+def check_clamp(op, where: str) -> None:
+    """A fused ReLU6-style upper clamp: finite, non-negative, within int32 steps of the output scale."""
+    if op.relu_max is not None:
+        if not math.isfinite(op.relu_max) or op.relu_max < 0 or op.relu_max / float(op.output_qparams.scale) > INT32_LIMIT:
+            raise _fail(where, f"relu_max must be finite, >= 0 and within int32 steps of the scale, got {op.relu_max}")
+    lower, upper = op.bounds()
+    if lower > upper:
+        raise _fail(where, f"empty output clamp [{lower}, {upper}]")
+
+
+def _values(array) -> str:
+    flat = np.ravel(np.asarray(array))
+    shown = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in flat[:4].tolist())
+    return f"[{shown}{', ...' if flat.size > 4 else ''}]"
+
+
+def conv_output_shape(layer: QLayer, shape: tuple[int, ...], where: str) -> tuple[int, ...]:
+    """(C, H, W) -> (C_out, H_out, W_out), H_out = floor((H + 2p - d (k - 1) - 1) / s) + 1 (PyTorch's rule)."""
+    if len(shape) != 3:
+        raise _fail(where, f"a convolution needs a (C, H, W) input, got shape {shape}")
+    out_channels, per_group, kh, kw = layer.weight.shape
+    groups = layer.geometry["groups"]
+    if per_group * groups != shape[0] or out_channels % groups:
+        raise _fail(where, f"weights {tuple(layer.weight.shape)} with {groups} groups do not fit {shape[0]} input channels")
+    sizes = []
+    for size, k, s, p, d in zip(shape[1:], (kh, kw), layer.geometry["stride"], layer.geometry["padding"],
+                                layer.geometry["dilation"]):
+        sizes.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+    if min(sizes) < 1 or max(layer.geometry["padding"]) > max(kh, kw) * max(layer.geometry["dilation"]):
+        raise _fail(where, f"kernel {(kh, kw)}, stride, padding and dilation do not fit a {shape[1:]} input")
+    return (out_channels, *sizes)
+
+
+def window_output_shape(kernel, stride, padding, shape: tuple[int, ...], where: str) -> tuple[int, ...]:
+    """Pooling window over (C, H, W): H_out = floor((H + 2p - k) / s) + 1; padding at most half the kernel."""
+    if len(shape) != 3:
+        raise _fail(where, f"a pool needs a (C, H, W) input, got shape {shape}")
+    if any(2 * p > k for p, k in zip(padding, kernel)):
+        raise _fail(where, f"padding {tuple(padding)} exceeds half the kernel {tuple(kernel)}")
+    sizes = [(size + 2 * p - k) // s + 1 for size, k, s, p in zip(shape[1:], kernel, stride, padding)]
+    if min(sizes) < 1:
+        raise _fail(where, f"window {tuple(kernel)} does not fit a {shape[1:]} input")
+    return (shape[0], *sizes)
+
+
+def check_layer(layer: QLayer, shape: tuple[int, ...], where: str) -> tuple[int, ...]:
+    """A conv or linear: weight type and values, geometry, multipliers, the recomputed bound (eq. 11)."""
+    channels = layer.weight.shape[0]
+    check_weight_type(layer.weight_qparams, channels, f"{where} weights")
+    dtype = layer.weight_qparams.dtype
+    if layer.weight.dtype != np.int8 or layer.weight.size == 0 or layer.weight.min() < dtype.qmin or layer.weight.max() > dtype.qmax:
+        raise _fail(where, f"weights must be {dtype.name} values in [{dtype.qmin}, {dtype.qmax}]")
+    if layer.bias is not None and (layer.bias.dtype != np.int32 or layer.bias.shape != (channels,)):
+        raise _fail(where, f"bias must be {channels} int32 values")
+    if isinstance(layer, QConv2d):
+        out_shape = conv_output_shape(layer, shape, where)
+    elif shape != (layer.weight.shape[1],):
+        raise _fail(where, f"a linear layer with {layer.weight.shape[1]} input features reads a tensor of shape {shape}")
+    else:
+        out_shape = (channels,)
+    check_multipliers(layer.mantissa, layer.shift, layer_multipliers(layer.input_qparams, layer.weight_qparams,
+                                                                     layer.output_qparams, channels), where)
+    bound = accumulator_bound(layer.weight, layer.bias, layer.input_qparams)
+    if bound > INT32_LIMIT:
+        raise _fail(where, f"worst-case accumulator {bound:,} exceeds int32 (weights, bias and {layer.input_qparams.dtype.name} "
+                    f"inputs; eq. 11)")
+    if layer.accumulator_bound != bound:
+        raise _fail(where, f"carries accumulator bound {layer.accumulator_bound:,}; its weights give {bound:,}")
+    return out_shape
+
+
+def check_add(op: QAdd, shapes: list[tuple[int, ...]], where: str) -> tuple[int, ...]:
+    if shapes[0] != shapes[1]:
+        raise _fail(where, f"operands of shapes {shapes[0]} and {shapes[1]} (an add needs equal shapes)")
+    if max(qp.dtype.bits for qp in op.input_qparams) > MAX_ADD_OPERAND_BITS:
+        raise _fail(where, f"operands wider than {MAX_ADD_OPERAND_BITS} bits (eq. 17's budget)")
+    check_multipliers(op.mantissa, op.shift, add_multipliers(op.input_qparams, op.output_qparams), where)
+    return shapes[0]
+
+
+def check_avg_pool(op: QAvgPool, shape: tuple[int, ...], where: str) -> tuple[int, ...]:
+    if op.kernel_size is None:
+        if len(shape) != 3:
+            raise _fail(where, f"a global average pool needs a (C, H, W) input, got shape {shape}")
+        window, out_shape = shape[1] * shape[2], (shape[0], 1, 1)
+    else:
+        if op.stride is None:
+            raise _fail(where, "an average pool with a kernel needs a stride")
+        out_shape = window_output_shape(op.kernel_size, op.stride, (0, 0), shape, where)
+        window = op.kernel_size[0] * op.kernel_size[1]
+    check_multipliers(op.mantissa, op.shift, avg_pool_multiplier(op.input_qparams, op.output_qparams, window), where)
+    return out_shape
+
+
+def check_structure(model: IntegerModel) -> None:
+    """Unique printable names, inputs that are earlier ops (or the model input), the right arity."""
+    if not 1 <= len(model.layers) <= MAX_OPS:
+        raise _fail("model", f"{len(model.layers)} ops (1 to {MAX_OPS})")
+    known = {model.input_name}
+    for index, op in enumerate(model.layers):
+        where = f"op #{index} {op.name!r}"
+        if op.name in known:
+            raise _fail(where, "its name is used twice")
+        if len(op.inputs) != op.ARITY:
+            raise _fail(where, f"takes {op.ARITY} input(s), lists {len(op.inputs)}")
+        for name in op.inputs:
+            if name not in known:
+                raise _fail(where, f"input {name!r} is neither the model input nor an earlier op")
+        known.add(op.name)
+    if model.output_name not in known or model.output_name == model.input_name:
+        raise _fail("model", f"output {model.output_name!r} is not one of its ops")
+    if not model.quantized_layers():
+        raise _fail("model", "has no conv or linear layer")
+
+
+def check_input(model: IntegerModel) -> tuple[int, ...]:
+    """The pixel input: folded (x = 2p - 255 itself) or requantized with its exact multiplier (eq. 14)."""
+    spec, where = model.input, "model input"
+    channels, height, width = spec.shape
+    if not (1 <= channels <= MAX_CHANNELS and height >= 1 and width >= 1 and channels * height * width <= MAX_TENSOR_VALUES):
+        raise _fail(where, f"shape {tuple(spec.shape)}")
+    if spec.folded:
+        if spec.shift is not None or not same_qparams(spec.qparams, PIXEL_INPUT):
+            raise _fail(where, "a folded input has scale 1/255, zero point 0 and type int9 (x = 2p - 255)")
+        return tuple(spec.shape)
+    check_activation_type(spec.qparams, where)
+    multipliers = np.array([input_multiplier(spec.qparams)])
+    check_multipliers(np.array([spec.mantissa]), np.array([spec.shift if spec.shift is not None else 0]), multipliers, where)
+    return tuple(spec.shape)
+
+
+# Each op's own rules on its input shapes, returning its output shape (one image): one entry per op class.
+CHECKS = {
+    QConv2d: lambda op, shapes, where: check_layer(op, shapes[0], where),
+    QLinear: lambda op, shapes, where: check_layer(op, shapes[0], where),
+    QAdd: check_add,
+    QAvgPool: lambda op, shapes, where: check_avg_pool(op, shapes[0], where),
+    QMaxPool: lambda op, shapes, where: window_output_shape(op.kernel_size, op.stride, op.padding, shapes[0], where),
+    QFlatten: lambda op, shapes, where: (math.prod(shapes[0]),),
+    QReLU: lambda op, shapes, where: shapes[0],
+}
+
+
+def check_op(op: IntegerOp, shapes: list[tuple[int, ...]], where: str) -> tuple[int, ...]:
+    """One op's own rules on its input shapes (CHECKS); returns its output shape (one image)."""
+    if type(op) not in CHECKS:
+        raise _fail(where, f"unknown op type {type(op).__name__}")
+    return CHECKS[type(op)](op, shapes, where)
+
+
+def check_model(model: IntegerModel) -> dict[str, tuple[int, ...]]:
+    """Every rule above, op by op; returns each tensor's shape for one image ({name: shape})."""
+    check_structure(model)
+    shapes = {model.input_name: check_input(model)}
+    qparams = {model.input_name: model.input.qparams}
+    for index, op in enumerate(model.layers):
+        where = f"op #{index} {op.name!r}"
+        for name, declared in zip(op.inputs, op.declared_input_params()):
+            check_activation_type(declared, f"{where} input parameters")
+            if not same_qparams(declared, qparams[name]):
+                raise _fail(where, f"its input parameters differ from those of {name!r}, which produces its input")
+        if isinstance(op, QReLU) and op.zero_point != int(qparams[op.inputs[0]].zero_point):
+            raise _fail(where, f"clamps at {op.zero_point}, but its input's zero point is {int(qparams[op.inputs[0]].zero_point)}")
+        if isinstance(op, Requantizing):
+            check_activation_type(op.output_qparams, f"{where} output parameters")
+            check_clamp(op, where)
+        shapes[op.name] = check_op(op, [shapes[name] for name in op.inputs], where)
+        if int(np.prod(shapes[op.name])) > MAX_TENSOR_VALUES:
+            raise _fail(where, f"output of {int(np.prod(shapes[op.name])):,} values per image")
+        qparams[op.name] = op.output_params([qparams[name] for name in op.inputs])
+    return shapes

@@ -1,0 +1,1 @@
+"""Reports: read a workflow's results and render HTML, Markdown and PNG; never compute them."""

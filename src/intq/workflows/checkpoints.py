@@ -1,0 +1,51 @@
+"""`intq train`, `intq quantize` and `intq eval` for any supported architecture and checkpoint
+(`intq compare` is compare.run_compare).
+
+Checkpoints are pickle-free .npz files (train.save_weights, read by pipeline.load_checkpoint);
+integer models are IntegerModel .npz. The float -> integer steps are the pipeline's.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from intq.graph import model_file
+from intq.graph.config import QConfig
+from intq.cifar.data import Dataset, normalize
+from intq.graph.integer_model import IntegerModel
+from intq.executors.reference import run_integer
+from intq.workflows.pipeline import build, calibration_images, quantize_model
+from intq.cifar.train import ClassifierRecipe, accuracy, predict, save_weights, train_classifier
+
+
+def float_accuracy(model: torch.nn.Module, data: Dataset) -> float:
+    return accuracy(predict(lambda p: model(normalize(p)), data.test_images, 500), data.test_labels)
+
+
+def integer_accuracy(model: IntegerModel, data: Dataset) -> float:
+    return accuracy(predict(lambda p: run_integer(model, p), data.test_images, 500), data.test_labels)
+
+
+def train_architecture(arch: str, data: Dataset, recipe: ClassifierRecipe, seed: int, out: Path, log=print) -> dict:
+    """Train `arch` from a seeded initialisation, save the checkpoint, return the history."""
+    torch.manual_seed(seed)
+    model = build(arch)
+    start = time.perf_counter()
+    history = train_classifier(model, data.train_images, data.train_labels, recipe, seed, log,
+                               evaluate=lambda: float_accuracy(model, data))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(model, [(h["epoch"], 0, h["loss"]) for h in history], out)
+    return {"history": history, "seconds": time.perf_counter() - start, "checkpoint": str(out)}
+
+
+def quantize_checkpoint(model: torch.nn.Module, data: Dataset, config: QConfig, calib_samples: int, seed: int,
+                        out: Path, metadata: dict) -> dict:
+    """Calibrate on training images, convert with `config`, save the IntegerModel, measure both accuracies."""
+    pixels = calibration_images(data.train_images, calib_samples, seed)
+    integer = quantize_model(model, pixels, config, metadata=metadata, example=data.train_images).integer_model
+    size = model_file.save(integer, out)
+    return {"float_accuracy": float_accuracy(model, data), "integer_accuracy": integer_accuracy(integer, data),
+            "bytes": size, "file": str(out)}
+

@@ -1,0 +1,138 @@
+"""`intq sensitivity`: which layer loses the accuracy at a low weight bit width, and a greedy
+mixed-precision search that meets an accuracy target with the fewest weight bits.
+
+Everything is integer-only (reference executor, per-channel weights, uint8 post-ReLU activations).
+"Only layer L at b bits" keeps the other layers at 8 bits, "all but L" keeps L at 8 bits: 8-bit is
+the integer model's stand-in for float. Choices are made on validation images (training images
+not used for calibration); the test set only reports the result.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from intq.graph import model_file
+from intq.graph.capture import Graph
+from intq.cifar.data import load_cifar10, normalize
+from intq.executors.reference import run_integer
+from intq.files import check_writable, staged_output, write_json
+from intq.workflows.pipeline import Calibrated, calibrated, float_model
+from intq.workflows.sweep import SweepCell, cell_config
+from intq.cifar.train import accuracy, predict
+
+BIT_LADDER = (8, 6, 4, 3, 2)
+VALIDATION_IMAGES = 5000
+
+
+@dataclass(frozen=True)
+class SensitivityOptions:
+    model: str
+    data_dir: str | None
+    out_dir: Path
+    cache_dir: Path
+    seed: int = 0
+    bits: int = 2
+    abits: int = 8
+    method: str = "mse"
+    max_drop: float = 1.0  # the greedy search keeps validation accuracy within this of 8-bit
+    calib_samples: int = 10_000
+
+
+class Evaluator:
+    """Integer-only accuracy of one model under per-layer weight bits, on a fixed image set."""
+
+    def __init__(self, calibration: Calibrated, method: str, abits: int, pixels: torch.Tensor, labels: torch.Tensor):
+        self.calibration, self.graph, self.method, self.abits = calibration, calibration.graph, method, abits
+        self.pixels, self.labels = pixels, labels
+        self.layers = [node.name for node in self.graph.weighted()]
+
+    def model(self, layer_bits: dict[str, int]):
+        cell = SweepCell(self.method, "per-channel", 8, self.abits)
+        return self.calibration.integer_model(cell_config(cell, tuple(layer_bits.items())))
+
+    def accuracy(self, layer_bits: dict[str, int], pixels: torch.Tensor | None = None, labels=None) -> float:
+        model = self.model(layer_bits)
+        pixels = self.pixels if pixels is None else pixels
+        return accuracy(predict(lambda p: run_integer(model, p), pixels), self.labels if labels is None else labels)
+
+
+def weight_bits_total(graph: Graph, layer_bits: dict[str, int]) -> int:
+    """sum over layers of (weights x bits): the ideal size of the weights in bits."""
+    return sum(node.op.weight.numel() * layer_bits[node.name] for node in graph.weighted())
+
+
+def sensitivity_rows(evaluator: Evaluator, bits: int) -> list[dict]:
+    """Per layer: accuracy with only it at `bits`, and with all but it at `bits` (others 8-bit)."""
+    rows = []
+    for layer in evaluator.layers:
+        only = {name: bits if name == layer else 8 for name in evaluator.layers}
+        all_but = {name: 8 if name == layer else bits for name in evaluator.layers}
+        rows.append({"layer": layer, "only_this_layer": evaluator.accuracy(only),
+                     "all_but_this_layer": evaluator.accuracy(all_but)})
+    return sorted(rows, key=lambda row: row["only_this_layer"])
+
+
+def greedy_mixed_precision(evaluator: Evaluator, floor: float, log=print) -> tuple[dict[str, int], float]:
+    """Lower one layer one rung of BIT_LADDER at a time, always the move that keeps the most
+    validation accuracy (ties: the most bits saved), while accuracy stays >= floor."""
+    layer_bits = {name: BIT_LADDER[0] for name in evaluator.layers}
+    current = evaluator.accuracy(layer_bits)
+    while True:
+        moves = []
+        for layer, bits in layer_bits.items():
+            if bits == BIT_LADDER[-1]:
+                continue
+            trial = {**layer_bits, layer: BIT_LADDER[BIT_LADDER.index(bits) + 1]}
+            saved = weight_bits_total(evaluator.graph, layer_bits) - weight_bits_total(evaluator.graph, trial)
+            moves.append((evaluator.accuracy(trial), saved, trial))
+        feasible = [move for move in moves if move[0] >= floor]
+        if not feasible:
+            return layer_bits, current
+        current, _, layer_bits = max(feasible, key=lambda move: (move[0], move[1]))
+        log(f"  {', '.join(f'{k}={v}' for k, v in layer_bits.items())}: validation {current:.2f}%")
+
+
+def split_indices(count: int, calibration: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Disjoint seeded subsets of the training images: (calibration, validation)."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    validation = min(VALIDATION_IMAGES, count // 2)
+    return order[: min(calibration, count - validation)], order[count - validation :]
+
+
+def run_sensitivity(options: SensitivityOptions, log=print, render: Callable[[dict, Path], None] | None = None) -> dict:
+    """Sensitivity table, greedy mixed precision, and the chosen model, written to options.out_dir
+    with sensitivity.json; the report through `render(results, folder)` (None: no report)."""
+    start = time.perf_counter()
+    out_dir = check_writable(options.out_dir, folder=True)
+    data = load_cifar10(options.data_dir, options.cache_dir, download=True, progress=log)
+    name, model = float_model(options.model, data, options.cache_dir, seed=options.seed)
+    calibration, validation = split_indices(len(data.train_images), options.calib_samples, options.seed)
+    evaluator = Evaluator(calibrated(model, data.train_images[calibration], example=data.train_images),
+                          options.method, options.abits, data.train_images[validation], data.train_labels[validation])
+    eight_bit = {layer: 8 for layer in evaluator.layers}
+    reference = evaluator.accuracy(eight_bit)
+    log(f"{name}: W8A{options.abits} validation accuracy {reference:.2f}%; per-layer sensitivity at {options.bits} bits")
+    rows = sensitivity_rows(evaluator, options.bits)
+    log(f"greedy mixed precision: keep validation accuracy >= {reference - options.max_drop:.2f}%")
+    chosen, validation_accuracy = greedy_mixed_precision(evaluator, reference - options.max_drop, log)
+    test = {label: evaluator.accuracy(bits, data.test_images, data.test_labels)
+            for label, bits in (("8-bit", eight_bit), ("mixed", chosen),
+                                (f"all {options.bits}-bit", {layer: options.bits for layer in evaluator.layers}))}
+    float_accuracy = accuracy(predict(model, normalize(data.test_images)), data.test_labels)
+    with staged_output(out_dir) as staging:
+        model_bytes = model_file.save(evaluator.model(chosen), staging / f"{name}-mixed.npz")
+        results = {"model": name, "bits": options.bits, "abits": options.abits, "method": options.method,
+                   "validation_images": len(validation), "calibration_images": len(calibration),
+                   "validation_8bit": reference, "rows": rows, "max_drop": options.max_drop,
+                   "mixed": {"layer_bits": chosen, "validation_accuracy": validation_accuracy,
+                             "weight_bytes": weight_bits_total(evaluator.graph, chosen) / 8, "file_bytes": model_bytes},
+                   "test_accuracy": {"float": float_accuracy, **test},
+                   "timings_s": {"total": time.perf_counter() - start}}
+        if render is not None:
+            render(results, staging)
+        write_json(staging / "sensitivity.json", results)
+    return results
