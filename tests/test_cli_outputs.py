@@ -13,7 +13,7 @@ import pytest
 from conftest import write_image_folder
 from intq import files
 from intq.cli import interrupted_message
-from intq.files import (OutputError, atomic_write, atomic_write_text, check_writable, recording_writes,
+from intq.files import (OutputError, atomic_write_text, check_writable, recording_writes,
                         remove_stale_temporaries, staged_output)
 
 DEAD_PID = 2**22 + 12_345  # above Linux's largest pid_max: never a running process

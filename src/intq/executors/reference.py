@@ -281,6 +281,10 @@ def run_layer_then_pool(layer: QLayer, pool: QMaxPool, x: torch.Tensor) -> torch
     return requantize_layer(layer, max_pool(products, pool.kernel_size, pool.stride, pool.padding))
 
 
+# Op pairs the reference runs as one step when nothing else reads the first one's output (the same integers).
+FUSED = {(QConv2d, QMaxPool): run_layer_then_pool, (QLinear, QMaxPool): run_layer_then_pool}
+
+
 def _users(model: IntegerModel) -> dict[str, int]:
     counts: dict[str, int] = {}
     for op in model.layers:
@@ -319,9 +323,9 @@ def run_integer(
     with torch.no_grad():
         while index < len(ops):
             op, following = ops[index], ops[index + 1] if index + 1 < len(ops) else None
-            if (visit is None and isinstance(op, QLayer) and isinstance(following, QMaxPool)
+            if (visit is None and (type(op), type(following)) in FUSED
                     and following.inputs == (op.name,) and users.get(op.name) == 1 and op.name != model.output_name):
-                values[following.name] = run_layer_then_pool(op, following, values[op.inputs[0]])
+                values[following.name] = FUSED[type(op), type(following)](op, following, values[op.inputs[0]])
                 consumed, index = [op.inputs[0]], index + 2
             else:
                 values[op.name] = run_op(op, *(values[name] for name in op.inputs))

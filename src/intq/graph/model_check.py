@@ -25,14 +25,14 @@ import math
 
 import numpy as np
 
-from intq.arith.fixed_point import quantize_multiplier, quantize_multipliers
+from intq.arith.fixed_point import quantize_multipliers
+from intq.graph.archive import MAX_CHANNELS
 from intq.graph.integer_model import (INT32_LIMIT, PIXEL_INPUT, IntegerModel, IntegerOp, QAdd, QAvgPool, QConv2d, QFlatten,
-                                QLayer, QLinear, QMaxPool, QReLU, Requantizing, accumulator_bound, add_multipliers,
+                                QLayer, QLinear, QMaxPool, QReLU, accumulator_bound, add_multipliers,
                                 avg_pool_multiplier, input_multiplier, layer_multipliers)
 from intq.arith.qparams import QParams
 
 MAX_OPS = 10_000
-MAX_CHANNELS = 1 << 16
 MAX_TENSOR_VALUES = 1 << 28  # one image's tensor between ops
 MAX_ADD_OPERAND_BITS = 9  # eq. 17's int64 budget assumes |q - z| <= 2^9
 
@@ -147,8 +147,16 @@ def window_output_shape(kernel, stride, padding, shape: tuple[int, ...], where: 
     return (shape[0], *sizes)
 
 
-def check_layer(layer: QLayer, shape: tuple[int, ...], where: str) -> tuple[int, ...]:
-    """A conv or linear: weight type and values, geometry, multipliers, the recomputed bound (eq. 11)."""
+def linear_output_shape(layer: QLinear, shape: tuple[int, ...], where: str) -> tuple[int, ...]:
+    """(K,) -> (C_out,): a linear layer reads exactly its number of input features, flattened."""
+    if shape != (layer.weight.shape[1],):
+        raise _fail(where, f"a linear layer with {layer.weight.shape[1]} input features reads a tensor of shape {shape}")
+    return (layer.weight.shape[0],)
+
+
+def check_layer(layer: QLayer, out_shape: tuple[int, ...], where: str) -> tuple[int, ...]:
+    """A conv or linear whose output shape is `out_shape`: weight type and values, multipliers, the
+    recomputed bound (eq. 11)."""
     channels = layer.weight.shape[0]
     check_weight_type(layer.weight_qparams, channels, f"{where} weights")
     dtype = layer.weight_qparams.dtype
@@ -156,12 +164,6 @@ def check_layer(layer: QLayer, shape: tuple[int, ...], where: str) -> tuple[int,
         raise _fail(where, f"weights must be {dtype.name} values in [{dtype.qmin}, {dtype.qmax}]")
     if layer.bias is not None and (layer.bias.dtype != np.int32 or layer.bias.shape != (channels,)):
         raise _fail(where, f"bias must be {channels} int32 values")
-    if isinstance(layer, QConv2d):
-        out_shape = conv_output_shape(layer, shape, where)
-    elif shape != (layer.weight.shape[1],):
-        raise _fail(where, f"a linear layer with {layer.weight.shape[1]} input features reads a tensor of shape {shape}")
-    else:
-        out_shape = (channels,)
     check_multipliers(layer.mantissa, layer.shift, layer_multipliers(layer.input_qparams, layer.weight_qparams,
                                                                      layer.output_qparams, channels), where)
     bound = accumulator_bound(layer.weight, layer.bias, layer.input_qparams)
@@ -233,23 +235,39 @@ def check_input(model: IntegerModel) -> tuple[int, ...]:
     return tuple(spec.shape)
 
 
-# Each op's own rules on its input shapes, returning its output shape (one image): one entry per op class.
+def check_relu(op: QReLU, shapes: list, input_qparams: list[QParams], where: str) -> tuple[int, ...]:
+    """An unfused ReLU clamps at its input's zero point."""
+    if op.zero_point != int(input_qparams[0].zero_point):
+        raise _fail(where, f"clamps at {op.zero_point}, but its input's zero point is {int(input_qparams[0].zero_point)}")
+    return shapes[0]
+
+
+def _requantizing(check):
+    """A requantizing op's check: its output type and clamp first, then `check`."""
+    def checked(op, shapes: list, input_qparams: list[QParams], where: str) -> tuple[int, ...]:
+        check_activation_type(op.output_qparams, f"{where} output parameters")
+        check_clamp(op, where)
+        return check(op, shapes, where)
+    return checked
+
+
+# Each op class's own rules, (op, input shapes, input QParams, where) -> its output shape (one image).
 CHECKS = {
-    QConv2d: lambda op, shapes, where: check_layer(op, shapes[0], where),
-    QLinear: lambda op, shapes, where: check_layer(op, shapes[0], where),
-    QAdd: check_add,
-    QAvgPool: lambda op, shapes, where: check_avg_pool(op, shapes[0], where),
-    QMaxPool: lambda op, shapes, where: window_output_shape(op.kernel_size, op.stride, op.padding, shapes[0], where),
-    QFlatten: lambda op, shapes, where: (math.prod(shapes[0]),),
-    QReLU: lambda op, shapes, where: shapes[0],
+    QConv2d: _requantizing(lambda op, shapes, where: check_layer(op, conv_output_shape(op, shapes[0], where), where)),
+    QLinear: _requantizing(lambda op, shapes, where: check_layer(op, linear_output_shape(op, shapes[0], where), where)),
+    QAdd: _requantizing(check_add),
+    QAvgPool: _requantizing(lambda op, shapes, where: check_avg_pool(op, shapes[0], where)),
+    QMaxPool: lambda op, shapes, qps, where: window_output_shape(op.kernel_size, op.stride, op.padding, shapes[0], where),
+    QFlatten: lambda op, shapes, qps, where: (math.prod(shapes[0]),),
+    QReLU: check_relu,
 }
 
 
-def check_op(op: IntegerOp, shapes: list[tuple[int, ...]], where: str) -> tuple[int, ...]:
-    """One op's own rules on its input shapes (CHECKS); returns its output shape (one image)."""
+def check_op(op: IntegerOp, shapes: list[tuple[int, ...]], input_qparams: list[QParams], where: str) -> tuple[int, ...]:
+    """One op's own rules (CHECKS); returns its output shape (one image)."""
     if type(op) not in CHECKS:
         raise _fail(where, f"unknown op type {type(op).__name__}")
-    return CHECKS[type(op)](op, shapes, where)
+    return CHECKS[type(op)](op, shapes, input_qparams, where)
 
 
 def check_model(model: IntegerModel) -> dict[str, tuple[int, ...]]:
@@ -263,12 +281,7 @@ def check_model(model: IntegerModel) -> dict[str, tuple[int, ...]]:
             check_activation_type(declared, f"{where} input parameters")
             if not same_qparams(declared, qparams[name]):
                 raise _fail(where, f"its input parameters differ from those of {name!r}, which produces its input")
-        if isinstance(op, QReLU) and op.zero_point != int(qparams[op.inputs[0]].zero_point):
-            raise _fail(where, f"clamps at {op.zero_point}, but its input's zero point is {int(qparams[op.inputs[0]].zero_point)}")
-        if isinstance(op, Requantizing):
-            check_activation_type(op.output_qparams, f"{where} output parameters")
-            check_clamp(op, where)
-        shapes[op.name] = check_op(op, [shapes[name] for name in op.inputs], where)
+        shapes[op.name] = check_op(op, [shapes[name] for name in op.inputs], [qparams[name] for name in op.inputs], where)
         if int(np.prod(shapes[op.name])) > MAX_TENSOR_VALUES:
             raise _fail(where, f"output of {int(np.prod(shapes[op.name])):,} values per image")
         qparams[op.name] = op.output_params([qparams[name] for name in op.inputs])

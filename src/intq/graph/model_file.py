@@ -26,16 +26,15 @@ import numpy as np
 from intq.files import atomic_write
 from intq.graph.integer_model import (InputSpec, IntegerModel, IntegerOp, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear,
                                 QMaxPool, QReLU, accumulator_bound)
-from intq.graph.model_check import MAX_CHANNELS, MAX_OPS, ModelCheckError, check_model
+from intq.graph.archive import (MAX_ARRAY_VALUES, MAX_CHANNELS, NPY_HEADER_BYTES, ArchiveArrays, Fields, Invalid,
+                                checked_name, member, read_array, show)
+from intq.graph.model_check import MAX_OPS, ModelCheckError, check_model
 from intq.arith.packing import field_bits, pack_signed, unpack_signed
-from intq.arith.qparams import IntType, QParams
+from intq.arith.qparams import QParams
 
 FORMAT = "intq.IntegerModel"
 FORMAT_VERSION = 2
 MAX_META_BYTES = 16 << 20  # JSON of a 10,000-op model with per-channel parameters is a few MB
-MAX_ARRAY_VALUES = 1 << 28  # 268M weights in one layer: VGG-16's largest has 103M
-NPY_HEADER_BYTES = 4096  # a .npy header is at most a few hundred bytes for these arrays
-OP_TYPES = ("QLayer", "QAdd", "QAvgPool", "QMaxPool", "QFlatten", "QReLU")  # the file's tags ("QLayer" + kind)
 LAYER_KINDS = {op.LABEL: op for op in (QConv2d, QLinear)}
 
 
@@ -61,27 +60,45 @@ def _store_weight(layer: QLayer, arrays: dict) -> dict:
     return {"weight_shape": list(layer.weight.shape), "weight_packed": True}
 
 
-def _layer_meta(op: IntegerOp, arrays: dict) -> dict:
-    meta = {"name": op.name, "inputs": list(op.inputs), "type": "QLayer" if isinstance(op, QLayer) else type(op).__name__}
-    if isinstance(op, (QLayer, QAdd, QAvgPool)):
-        arrays[f"{op.name}.mantissa"] = op.mantissa.astype(np.int32)
-        arrays[f"{op.name}.shift"] = op.shift.astype(np.int8)  # n in [-30, 31] (fixed_point.py)
-        meta.update(relu=op.relu, relu_max=op.relu_max, output_qparams=_qparams_meta(op.output_qparams))
-    if isinstance(op, QLayer):
-        if op.bias is not None:
-            arrays[f"{op.name}.bias"] = op.bias.astype(np.int32)
-        meta.update(kind=op.LABEL, geometry=op.geometry, has_bias=op.bias is not None, **_store_weight(op, arrays),
-                    weight_qparams=_qparams_meta(op.weight_qparams), input_qparams=_qparams_meta(op.input_qparams))
-    elif isinstance(op, (QAdd, QAvgPool)):
-        inputs = op.input_qparams if isinstance(op, QAdd) else (op.input_qparams,)
-        meta.update(input_qparams=[_qparams_meta(qp) for qp in inputs])
-        if isinstance(op, QAvgPool):
-            meta.update(kernel_size=op.kernel_size, stride=op.stride)
-    elif isinstance(op, QMaxPool):
-        meta.update(kernel_size=op.kernel_size, stride=op.stride, padding=op.padding)
-    elif isinstance(op, QReLU):
-        meta.update(zero_point=op.zero_point)
+def _requantizing_fields(op, arrays: dict) -> dict:
+    arrays[f"{op.name}.mantissa"] = op.mantissa.astype(np.int32)
+    arrays[f"{op.name}.shift"] = op.shift.astype(np.int8)  # n in [-30, 31] (fixed_point.py)
+    return {"relu": op.relu, "relu_max": op.relu_max, "output_qparams": _qparams_meta(op.output_qparams)}
+
+
+def _layer_fields(op: QLayer, arrays: dict) -> dict:
+    meta = _requantizing_fields(op, arrays)
+    if op.bias is not None:
+        arrays[f"{op.name}.bias"] = op.bias.astype(np.int32)
+    meta.update(kind=op.LABEL, geometry=op.geometry, has_bias=op.bias is not None, **_store_weight(op, arrays),
+                weight_qparams=_qparams_meta(op.weight_qparams), input_qparams=_qparams_meta(op.input_qparams))
     return meta
+
+
+def _add_fields(op: QAdd, arrays: dict) -> dict:
+    return {**_requantizing_fields(op, arrays), "input_qparams": [_qparams_meta(qp) for qp in op.input_qparams]}
+
+
+def _avg_pool_fields(op: QAvgPool, arrays: dict) -> dict:
+    return {**_requantizing_fields(op, arrays), "input_qparams": [_qparams_meta(op.input_qparams)],
+            "kernel_size": op.kernel_size, "stride": op.stride}
+
+
+# How each op class is written: (the file's type tag, its fields; arrays go into `arrays`).
+WRITERS = {
+    QConv2d: ("QLayer", _layer_fields),
+    QLinear: ("QLayer", _layer_fields),
+    QAdd: ("QAdd", _add_fields),
+    QAvgPool: ("QAvgPool", _avg_pool_fields),
+    QMaxPool: ("QMaxPool", lambda op, arrays: {"kernel_size": op.kernel_size, "stride": op.stride, "padding": op.padding}),
+    QFlatten: ("QFlatten", lambda op, arrays: {}),
+    QReLU: ("QReLU", lambda op, arrays: {"zero_point": op.zero_point}),
+}
+
+
+def _layer_meta(op: IntegerOp, arrays: dict) -> dict:
+    tag, fields = WRITERS[type(op)]
+    return {"name": op.name, "inputs": list(op.inputs), "type": tag, **fields(op, arrays)}
 
 
 def to_arrays(model: IntegerModel) -> dict[str, np.ndarray]:
@@ -115,193 +132,50 @@ def save(model: IntegerModel, path: str | Path) -> int:
 
 # ---------------------------------------------------------------------------------------- reading
 
-class _Invalid(Exception):
-    """A rule broken inside the file; `load` adds the file name."""
-
-
-class _Fields:
-    """Typed access to one JSON object of the file; every error names `where` and the field."""
-
-    def __init__(self, value, where: str):
-        if not isinstance(value, dict):
-            raise _Invalid(f"{where}: expected a JSON object, got {type(value).__name__}")
-        self.value, self.where = value, where
-
-    def get(self, key: str, kinds: tuple[type, ...], what: str):
-        if key not in self.value:
-            raise _Invalid(f"{self.where}: missing field {key!r}")
-        value = self.value[key]
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            raise _Invalid(f"{self.where}: field {key!r} must be {what}, got {_show(value)}")
-        return value
-
-    def text(self, key: str) -> str:
-        return self.get(key, (str,), "a string")
-
-    def flag(self, key: str) -> bool:
-        return self.get(key, (bool,), "true or false")
-
-    def integer(self, key: str, low: int, high: int) -> int:
-        value = self.get(key, (int,), "an integer")
-        if not low <= value <= high:
-            raise _Invalid(f"{self.where}: field {key!r} must be in [{low}, {high}], got {value}")
-        return value
-
-    def integers(self, key: str, count: int, low: int, high: int, optional: bool = False) -> tuple[int, ...] | None:
-        if optional and self.value.get(key) is None:
-            return None
-        values = self.get(key, (list,), f"a list of {count} integers")
-        if len(values) != count or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise _Invalid(f"{self.where}: field {key!r} must be a list of {count} integers, got {_show(values)}")
-        if not all(low <= v <= high for v in values):
-            raise _Invalid(f"{self.where}: field {key!r} must hold integers in [{low}, {high}], got {values}")
-        return tuple(values)
-
-    def optional_number(self, key: str) -> float | None:
-        value = self.value.get(key)
-        if value is None:
-            return None
-        return float(self.get(key, (int, float), "a number or null"))
-
-    def qparams(self, key: str | None = None, value=None) -> QParams:
-        fields = _Fields(self.value[key] if key else value, f"{self.where} {key or 'input_qparams'}")
-        bits = fields.integer("bits", 2, 32)
-        signed = fields.flag("signed")
-        axis = fields.get("axis", (int, type(None)), "0 or null")
-        scale, zero = fields.value.get("scale"), fields.value.get("zero_point")
-        if axis is None:
-            if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-                raise _Invalid(f"{fields.where}: field 'scale' must be a number, got {_show(scale)}")
-            if not isinstance(zero, int) or isinstance(zero, bool):
-                raise _Invalid(f"{fields.where}: field 'zero_point' must be an integer, got {_show(zero)}")
-        elif axis != 0 or not _number_list(scale, float) or not _number_list(zero, int) or len(scale) != len(zero):
-            raise _Invalid(f"{fields.where}: per-channel parameters need axis 0 and equally long lists of scales "
-                           f"and integer zero points")
-        elif not 1 <= len(scale) <= MAX_CHANNELS:
-            raise _Invalid(f"{fields.where}: {len(scale)} channels (at most {MAX_CHANNELS})")
-        zero_points = np.asarray(zero, dtype=object)
-        if any(abs(int(z)) > 2**40 for z in np.ravel(zero_points)):
-            raise _Invalid(f"{fields.where}: field 'zero_point' is far outside any integer type")
-        try:
-            scales = np.asarray(scale, np.float64)
-        except OverflowError:
-            raise _Invalid(f"{fields.where}: field 'scale' is beyond float64") from None
-        return QParams(scales, zero_points.astype(np.int64), IntType(bits, signed), axis)
-
-
-def _number_list(values, kind: type) -> bool:
-    if not isinstance(values, list):
-        return False
-    allowed = (int, float) if kind is float else (int,)
-    return all(isinstance(v, allowed) and not isinstance(v, bool) for v in values)
-
-
-def _show(value) -> str:
-    """A short, printable rendering of a value from the file (never its full text)."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _name(value, where: str) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= 256 or not value.isprintable():
-        raise _Invalid(f"{where}: an op or tensor name must be 1-256 printable characters, got {_show(value)}")
-    return value
-
-
 def _read_meta(archive: zipfile.ZipFile) -> dict:
-    info = _member(archive, "__meta__")
+    info = member(archive, "__meta__")
     if info is None:
-        raise _Invalid("no __meta__ array: not an intq integer model")
+        raise Invalid("no __meta__ array: not an intq integer model")
     if info.file_size > MAX_META_BYTES + NPY_HEADER_BYTES:
-        raise _Invalid(f"__meta__ is {info.file_size:,} bytes uncompressed (at most {MAX_META_BYTES:,})")
-    raw = _read_array(archive, info, np.dtype(np.uint8), None)
+        raise Invalid(f"__meta__ is {info.file_size:,} bytes uncompressed (at most {MAX_META_BYTES:,})")
+    raw = read_array(archive, info, np.dtype(np.uint8), None)
     try:
         meta = json.loads(raw.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as err:
-        raise _Invalid(f"__meta__ is not UTF-8 JSON ({err})") from None
+        raise Invalid(f"__meta__ is not UTF-8 JSON ({err})") from None
     except RecursionError:
-        raise _Invalid("__meta__ is JSON nested too deeply") from None
-    fields = _Fields(meta, "__meta__")
+        raise Invalid("__meta__ is JSON nested too deeply") from None
+    fields = Fields(meta, "__meta__")
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise _Invalid(f"unsupported model format {_show(meta.get('format'))} v{_show(meta.get('version'))} "
+        raise Invalid(f"unsupported model format {show(meta.get('format'))} v{show(meta.get('version'))} "
                        f"(this intq reads {FORMAT} v{FORMAT_VERSION})")
     return fields.value
 
 
-def _member(archive: zipfile.ZipFile, key: str) -> zipfile.ZipInfo | None:
-    try:
-        return archive.getinfo(f"{key}.npy")
-    except KeyError:
-        return None
-
-
-def _read_array(archive: zipfile.ZipFile, info: zipfile.ZipInfo, dtype: np.dtype, shape: tuple[int, ...] | None):
-    """One .npy member, its size checked against the expected dtype and shape before decompressing,
-    its dtype and shape checked after (an exact match: no casting, no broadcasting)."""
-    key = info.filename[:-4]
-    if shape is not None:
-        expected = math.prod(shape) * dtype.itemsize
-        if not expected <= info.file_size <= expected + NPY_HEADER_BYTES:
-            raise _Invalid(f"array {key!r}: {info.file_size:,} bytes uncompressed, expected a {dtype} array of "
-                           f"shape {shape} ({expected:,} bytes)")
-    try:
-        with archive.open(info) as handle:
-            array = np.lib.format.read_array(handle, allow_pickle=False)
-    except ValueError as err:  # a malformed .npy header, or an object array (pickle refused)
-        raise _Invalid(f"array {key!r}: not a plain .npy array ({_show(str(err))[1:-1]})") from None
-    if array.dtype != dtype or (shape is not None and array.shape != shape) or (shape is None and array.ndim != 1):
-        raise _Invalid(f"array {key!r}: expected {dtype} of shape {shape or '(n,)'}, got {array.dtype} of shape "
-                       f"{array.shape}")
-    return array
-
-
-class _Arrays:
-    """The archive's arrays, each read once and only as the op that owns it expects."""
-
-    def __init__(self, archive: zipfile.ZipFile):
-        self.archive, self.claimed = archive, {"__meta__"}
-        self.members = {info.filename: info for info in archive.infolist()}
-
-    def read(self, key: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
-        if math.prod(shape) > MAX_ARRAY_VALUES:
-            raise _Invalid(f"array {key!r}: {math.prod(shape):,} values (at most {MAX_ARRAY_VALUES:,})")
-        info = self.members.get(f"{key}.npy")
-        if info is None:
-            raise _Invalid(f"missing array {key!r}")
-        self.claimed.add(key)
-        return _read_array(self.archive, info, np.dtype(dtype), shape)
-
-    def check_all_claimed(self) -> None:
-        """Every member belongs to an op: an unknown array is refused unread (never decompressed)."""
-        for name in self.members:
-            if not name.endswith(".npy") or name[:-4] not in self.claimed:
-                raise _Invalid(f"unexpected array {_show(name)} (not a field of any op)")
-
-
-def _multiplier_arrays(arrays: _Arrays, name: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+def _multiplier_arrays(arrays: ArchiveArrays, name: str, count: int) -> tuple[np.ndarray, np.ndarray]:
     return arrays.read(f"{name}.mantissa", np.int32, (count,)), arrays.read(f"{name}.shift", np.int8, (count,)).astype(np.int32)
 
 
-def _clamp_fields(fields: _Fields) -> tuple[QParams, bool, float | None]:
+def _clamp_fields(fields: Fields) -> tuple[QParams, bool, float | None]:
     return fields.qparams("output_qparams"), fields.flag("relu"), fields.optional_number("relu_max")
 
 
-def _read_layer(fields: _Fields, name: str, inputs: tuple[str, ...], arrays: _Arrays) -> QLayer:
+def _read_layer(fields: Fields, name: str, inputs: tuple[str, ...], arrays: ArchiveArrays) -> QLayer:
     kind = fields.text("kind")
     if kind not in LAYER_KINDS:
-        raise _Invalid(f"{fields.where}: field 'kind' must be 'conv2d' or 'linear', got {_show(kind)}")
+        raise Invalid(f"{fields.where}: field 'kind' must be 'conv2d' or 'linear', got {show(kind)}")
     ndim = 4 if LAYER_KINDS[kind] is QConv2d else 2
     shape = fields.integers("weight_shape", ndim, 1, MAX_CHANNELS if ndim == 2 else 1 << 16)
     weight_qp = fields.qparams("weight_qparams")
     bits = weight_qp.dtype.bits
     if not 2 <= bits <= 8:
-        raise _Invalid(f"{fields.where}: weights of {bits} bits (intq stores 2..8)")
+        raise Invalid(f"{fields.where}: weights of {bits} bits (intq stores 2..8)")
     packed = fields.flag("weight_packed")
     if packed != (field_bits(bits) != 8):
-        raise _Invalid(f"{fields.where}: {bits}-bit weights are stored {'packed' if field_bits(bits) != 8 else 'unpacked'}")
+        raise Invalid(f"{fields.where}: {bits}-bit weights are stored {'packed' if field_bits(bits) != 8 else 'unpacked'}")
     count = math.prod(shape)
     if count > MAX_ARRAY_VALUES:
-        raise _Invalid(f"{fields.where}: {count:,} weights (at most {MAX_ARRAY_VALUES:,})")
+        raise Invalid(f"{fields.where}: {count:,} weights (at most {MAX_ARRAY_VALUES:,})")
     if packed:
         per_byte = 8 // field_bits(bits)
         weight = unpack_signed(arrays.read(f"{name}.weight", np.uint8, (-(-count // per_byte),)), bits, shape)
@@ -312,7 +186,7 @@ def _read_layer(fields: _Fields, name: str, inputs: tuple[str, ...], arrays: _Ar
     mantissa, shift = _multiplier_arrays(arrays, name, channels)
     geometry = {}
     if LAYER_KINDS[kind] is QConv2d:
-        g = _Fields(fields.get("geometry", (dict,), "an object"), f"{fields.where} geometry")
+        g = Fields(fields.get("geometry", (dict,), "an object"), f"{fields.where} geometry")
         geometry = {"stride": list(g.integers("stride", 2, 1, 1 << 16)), "padding": list(g.integers("padding", 2, 0, 1 << 16)),
                     "dilation": list(g.integers("dilation", 2, 1, 1 << 16)), "groups": g.integer("groups", 1, MAX_CHANNELS)}
     input_qp = fields.qparams("input_qparams")
@@ -324,38 +198,58 @@ def _read_layer(fields: _Fields, name: str, inputs: tuple[str, ...], arrays: _Ar
     return layer
 
 
-def _read_op(meta, index: int, arrays: _Arrays) -> IntegerOp:
-    fields = _Fields(meta, f"op #{index}")
-    name = _name(fields.value.get("name"), f"op #{index}")
-    fields.where = f"op #{index} {name!r}"
-    inputs = tuple(_name(value, fields.where) for value in fields.get("inputs", (list,), "a list of names"))
-    kind = fields.text("type")
-    if kind not in OP_TYPES:
-        raise _Invalid(f"{fields.where}: unknown op type {_show(kind)} (known: {', '.join(OP_TYPES)})")
-    if kind == "QLayer":
-        return _read_layer(fields, name, inputs, arrays)
-    if kind == "QMaxPool":
-        return QMaxPool(name, inputs, fields.integers("kernel_size", 2, 1, 1 << 16), fields.integers("stride", 2, 1, 1 << 16),
-                        fields.integers("padding", 2, 0, 1 << 16))
-    if kind == "QFlatten":
-        return QFlatten(name, inputs)
-    if kind == "QReLU":
-        return QReLU(name, inputs, fields.integer("zero_point", -(2**31), 2**31 - 1))
-    listed = fields.get("input_qparams", (list,), "a list")
-    qparams = [fields.qparams(value=value) for value in listed]
-    if len(qparams) != (2 if kind == "QAdd" else 1):
-        raise _Invalid(f"{fields.where}: {kind} takes {2 if kind == 'QAdd' else 1} input_qparams, got {len(qparams)}")
-    mantissa, shift = _multiplier_arrays(arrays, name, 3 if kind == "QAdd" else 1)
+def _listed_qparams(fields: Fields, count: int) -> list[QParams]:
+    qparams = [fields.qparams(value=value) for value in fields.get("input_qparams", (list,), "a list")]
+    if len(qparams) != count:
+        raise Invalid(f"{fields.where}: takes {count} input_qparams, got {len(qparams)}")
+    return qparams
+
+
+def _read_add(fields: Fields, name: str, inputs: tuple[str, ...], arrays: ArchiveArrays) -> QAdd:
+    qparams = _listed_qparams(fields, 2)
+    mantissa, shift = _multiplier_arrays(arrays, name, 3)
     output_qp, relu, relu_max = _clamp_fields(fields)
-    if kind == "QAdd":
-        return QAdd(name, inputs, tuple(qparams), output_qp, mantissa, shift, relu, relu_max)
+    return QAdd(name, inputs, tuple(qparams), output_qp, mantissa, shift, relu, relu_max)
+
+
+def _read_avg_pool(fields: Fields, name: str, inputs: tuple[str, ...], arrays: ArchiveArrays) -> QAvgPool:
+    (qparams,) = _listed_qparams(fields, 1)
+    mantissa, shift = _multiplier_arrays(arrays, name, 1)
+    output_qp, relu, relu_max = _clamp_fields(fields)
     return QAvgPool(name, inputs, fields.integers("kernel_size", 2, 1, 1 << 16, optional=True),
-                    fields.integers("stride", 2, 1, 1 << 16, optional=True), qparams[0], output_qp, mantissa, shift,
+                    fields.integers("stride", 2, 1, 1 << 16, optional=True), qparams, output_qp, mantissa, shift,
                     relu, relu_max)
 
 
-def _read_input(meta: _Fields) -> InputSpec:
-    spec = _Fields(meta.get("input", (dict,), "an object"), "input")
+def _read_max_pool(fields: Fields, name: str, inputs: tuple[str, ...], arrays: ArchiveArrays) -> QMaxPool:
+    return QMaxPool(name, inputs, fields.integers("kernel_size", 2, 1, 1 << 16), fields.integers("stride", 2, 1, 1 << 16),
+                    fields.integers("padding", 2, 0, 1 << 16))
+
+
+# How each type tag of the file is read (WRITERS' counterpart): (fields, name, inputs, arrays) -> op.
+READERS = {
+    "QLayer": _read_layer,
+    "QAdd": _read_add,
+    "QAvgPool": _read_avg_pool,
+    "QMaxPool": _read_max_pool,
+    "QFlatten": lambda fields, name, inputs, arrays: QFlatten(name, inputs),
+    "QReLU": lambda fields, name, inputs, arrays: QReLU(name, inputs, fields.integer("zero_point", -(2**31), 2**31 - 1)),
+}
+
+
+def _read_op(meta, index: int, arrays: ArchiveArrays) -> IntegerOp:
+    fields = Fields(meta, f"op #{index}")
+    name = checked_name(fields.value.get("name"), f"op #{index}")
+    fields.where = f"op #{index} {name!r}"
+    inputs = tuple(checked_name(value, fields.where) for value in fields.get("inputs", (list,), "a list of names"))
+    kind = fields.text("type")
+    if kind not in READERS:
+        raise Invalid(f"{fields.where}: unknown op type {show(kind)} (known: {', '.join(READERS)})")
+    return READERS[kind](fields, name, inputs, arrays)
+
+
+def _read_input(meta: Fields) -> InputSpec:
+    spec = Fields(meta.get("input", (dict,), "an object"), "input")
     qparams = spec.qparams("qparams")
     folded = spec.value.get("mantissa") is None
     mantissa = None if folded else spec.integer("mantissa", 0, 2**31 - 1)
@@ -367,31 +261,31 @@ def _read_input(meta: _Fields) -> InputSpec:
 def _metadata(value: dict) -> dict:
     """Provenance (preset, model, seed, ...): at most 64 entries of short names and plain values."""
     if len(value) > 64:
-        raise _Invalid(f"metadata has {len(value)} entries (at most 64)")
+        raise Invalid(f"metadata has {len(value)} entries (at most 64)")
     for key, item in value.items():
         if len(key) > 64 or not isinstance(item, (str, int, float, bool, type(None))) or isinstance(item, str) and len(item) > 1024:
-            raise _Invalid(f"metadata entry {_show(key)}: a name of up to 64 characters and a number, boolean, null "
-                           f"or string of up to 1024 characters, got {_show(item)}")
+            raise Invalid(f"metadata entry {show(key)}: a name of up to 64 characters and a number, boolean, null "
+                           f"or string of up to 1024 characters, got {show(item)}")
     return value
 
 
 def _read_model(archive: zipfile.ZipFile) -> IntegerModel:
-    meta = _Fields(_read_meta(archive), "__meta__")
+    meta = Fields(_read_meta(archive), "__meta__")
     layers_meta = meta.get("layers", (list,), "a list of ops")
     if not 1 <= len(layers_meta) <= MAX_OPS:
-        raise _Invalid(f"{len(layers_meta)} ops (a model has 1 to {MAX_OPS})")
+        raise Invalid(f"{len(layers_meta)} ops (a model has 1 to {MAX_OPS})")
     metadata = _metadata(meta.get("metadata", (dict,), "an object"))
-    arrays = _Arrays(archive)
+    arrays = ArchiveArrays(archive)
     layers, names = [], set()
     for index, op_meta in enumerate(layers_meta):
         name = op_meta.get("name") if isinstance(op_meta, dict) else None
         if isinstance(name, str) and name in names:  # before it could read the first op's arrays
-            raise _Invalid(f"op #{index} {name!r}: its name is used twice")
+            raise Invalid(f"op #{index} {name!r}: its name is used twice")
         layers.append(_read_op(op_meta, index, arrays))
         names.add(layers[-1].name)
     arrays.check_all_claimed()
-    return IntegerModel(_name(meta.value.get("input_name"), "input_name"), _read_input(meta), layers,
-                        _name(meta.value.get("output_name"), "output_name"), metadata)
+    return IntegerModel(checked_name(meta.value.get("input_name"), "input_name"), _read_input(meta), layers,
+                        checked_name(meta.value.get("output_name"), "output_name"), metadata)
 
 
 def load(path: str | Path) -> IntegerModel:
@@ -404,10 +298,10 @@ def load(path: str | Path) -> IntegerModel:
         with zipfile.ZipFile(path) as archive:
             model = _read_model(archive)
         check_model(model)
-    except (_Invalid, ModelCheckError) as err:
+    except (Invalid, ModelCheckError) as err:
         raise ModelFileError(f"{path}: {err}") from None
     except (zipfile.BadZipFile, zlib.error, EOFError) as err:
-        raise ModelFileError(f"{path}: not a readable .npz archive ({_show(str(err))[1:-1]})") from None
+        raise ModelFileError(f"{path}: not a readable .npz archive ({show(str(err))[1:-1]})") from None
     except OSError as err:
         raise ModelFileError(f"{path}: cannot be read ({err.strerror or err})") from None
     return model
