@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from intq import __version__
+from intq.extras import MissingExtraError
 from intq.graph.capture import CaptureError
 from intq.commands import (compare_command, eval_command, explain_command, export_c_command, export_onnx_command,
                            inspect_command, quantize_command, run_command, sensitivity_command, sweep_command,
@@ -35,8 +37,9 @@ from intq.workflows.study import StudyError
 from intq.workflows.sweep import ACTIVATION_BITS, GRANULARITIES, METHODS, WEIGHT_BITS, SweepError
 from intq.executors.verify import EXECUTORS, VerifyError
 
-USER_ERRORS = (DataError, CaptureError, ConversionError, ExecutionError, OutputError, ModelFileError, ModelCheckError, StudyError,
-               SweepError, ExplainError, CheckpointError, VerifyError, EngineError, argparse.ArgumentTypeError)
+USER_ERRORS = (DataError, CaptureError, ConversionError, ExecutionError, OutputError, ModelFileError, ModelCheckError,
+               StudyError, SweepError, ExplainError, CheckpointError, VerifyError, EngineError, MissingExtraError,
+               argparse.ArgumentTypeError)
 
 
 def _add_run(commands) -> None:
@@ -233,6 +236,7 @@ def _add_compare(commands) -> None:
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="intq", description="Post-training quantization of PyTorch CNNs to integer-only inference.")
+    root.add_argument("--version", action="version", version=f"intq {__version__}")
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(commands)
     _add_sweep(commands)

@@ -20,6 +20,7 @@ from intq.cifar.data import load_cifar10
 from intq.workflows.inspect import InspectOptions, run_inspect
 from intq.executors.c_export import export_c
 from intq.workflows.explain import cached_float_graph, explain
+from intq.extras import require
 from intq.files import atomic_write, check_writable
 from intq.cifar.models import MODELS
 from intq.workflows.pipeline import load_checkpoint
@@ -122,6 +123,7 @@ def _dataset(args: argparse.Namespace):
 
 def run_command(args: argparse.Namespace) -> None:
     _at_least("--calib-samples", args.calib_samples, 1)
+    require("matplotlib", "writing the report")
     from intq.report.study_report import write_report  # reports load matplotlib: only the commands that write one
 
     options = StudyOptions(args.data, args.out, args.cache, args.seed, args.calib_samples, args.device)
@@ -134,6 +136,7 @@ def run_command(args: argparse.Namespace) -> None:
 
 
 def sweep_command(args: argparse.Namespace) -> None:
+    require("matplotlib", "writing the report")
     from intq.report.sweep_report import write_sweep_report
 
     _checkpoint_model(args.model)
@@ -146,6 +149,7 @@ def sweep_command(args: argparse.Namespace) -> None:
 
 
 def sensitivity_command(args: argparse.Namespace) -> None:
+    require("matplotlib", "writing the report")
     from intq.report.sensitivity_report import write_sensitivity_report
 
     _bit_width("--bits", args.bits)
@@ -162,6 +166,7 @@ def sensitivity_command(args: argparse.Namespace) -> None:
 
 
 def inspect_command(args: argparse.Namespace) -> None:
+    require("matplotlib", "writing the report")
     from intq.report.inspect_report import write_inspect_report
 
     config = _config(args)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from intq.extras import require
 from intq.cifar.dataset import CIFAR10_CLASSES, IMAGE_SIDE, DataError, Dataset, Progress, data_error
 
 IMAGE_FOLDER = "image folder"  # the layout's name in Dataset.source and messages
@@ -111,6 +111,8 @@ def scan_image_folder(folder: Path) -> ImageListing:
 
 def _read_image(path: str) -> np.ndarray:
     """One 32x32 image as uint8 (H, W, 3) RGB; wrong size or undecodable file names the file."""
+    from PIL import Image  # decode_image_folder checked it is installed
+
     try:
         with Image.open(path) as image:
             if image.size != (IMAGE_SIDE, IMAGE_SIDE):
@@ -145,6 +147,7 @@ def _decode_split(pool: ProcessPoolExecutor, paths: list[str], split: str,
 
 def decode_image_folder(listing: ImageListing, report: Progress) -> Dataset:
     """Decode every image of the listing with _WORKERS processes (PIL decoding is CPU-bound)."""
+    require("PIL.Image", "reading an image folder")
     pool = ProcessPoolExecutor(max_workers=_WORKERS)
     try:
         train_images = _decode_split(pool, listing.train[0], "train", report)

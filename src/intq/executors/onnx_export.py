@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from intq.extras import require
 from intq.executors.encoding import EngineError, encoded_zero_point, engine_runs_layer, narrower_bounds, uint8_offset, value_qparams
 from intq.executors.reference import FLOAT32_EXACT, add_table, pixels_to_input, run_integer
 from intq.arith.fixed_point import MANTISSA_BITS, MAX_RIGHT_SHIFT, float64_requantizer
@@ -353,6 +354,7 @@ def export_onnx(model: IntegerModel, example: torch.Tensor, exact: bool = False)
 
     Graph input `pixels` uint8 (N, C, H, W); output `output`: uint8 encoded (q + o) for an 8-bit
     output type, int64 otherwise (metadata `output_offset` holds o)."""
+    require("onnx", "exporting ONNX")
     from onnx import TensorProto, helper
 
     graph, qparams, shapes = _Graph(), value_qparams(model), value_shapes(model, example)
@@ -375,6 +377,7 @@ def export_op_onnx(op, model: IntegerModel, shapes: dict[str, tuple[int, ...]]) 
     """One op of the `onnx` executor alone, as a serialised ModelProto whose inputs are its operands
     (`in/<name>`: uint8-encoded for types of <= 8 bits, int64 otherwise), for checking each op on
     the reference's own inputs; `shapes` maps values to their per-image shapes."""
+    require("onnx", "checking ONNX ops")
     from onnx import TensorProto, helper
 
     graph, qparams, values, inputs = _Graph(), value_qparams(model), {}, []

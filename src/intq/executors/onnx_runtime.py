@@ -6,6 +6,7 @@ import functools
 
 import torch
 
+from intq.extras import require
 from intq.executors.encoding import from_codes, to_uint8, value_qparams
 from intq.executors.onnx_export import export_onnx, export_op_onnx, value_shapes
 from intq.graph.integer_model import IntegerModel
@@ -14,7 +15,7 @@ from intq.arith.qparams import torch_dtype
 
 def session_options(threads: int | None):
     """ONNX Runtime CPU session options with `threads` intra-op threads (None: its default)."""
-    import onnxruntime
+    onnxruntime = require("onnxruntime", "running ONNX Runtime")
 
     options = onnxruntime.SessionOptions()
     if threads:
@@ -25,7 +26,7 @@ def session_options(threads: int | None):
 def onnx_op_steps(model: IntegerModel, example: torch.Tensor, threads: int | None = None) -> list[tuple]:
     """[(op, step)] with step(*operand integers) -> the op's output integers, each op run alone in
     ONNX Runtime as in the `onnx` executor (export_op_onnx)."""
-    import onnxruntime
+    onnxruntime = require("onnxruntime", "running ONNX Runtime")
 
     options = session_options(threads)
     shapes, qparams, steps = value_shapes(model, example), value_qparams(model), []
@@ -52,7 +53,7 @@ class OnnxModel:
     """Callable: uint8 pixels -> the model's output integers, run in an ONNX Runtime CPU session."""
 
     def __init__(self, model: IntegerModel, example: torch.Tensor, threads: int | None = None, exact: bool = False) -> None:
-        import onnxruntime
+        onnxruntime = require("onnxruntime", "running ONNX Runtime")
 
         options = session_options(threads)
         self.contents = export_onnx(model, example, exact)
