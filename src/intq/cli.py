@@ -66,6 +66,11 @@ def _add_common(command) -> None:
                          help="decoded data and trained weights (default: $INTQ_CACHE, else .cache/intq)")
 
 
+def _add_json(command) -> None:
+    command.add_argument("--json", metavar="FILE", type=Path, default=None,
+                         help="also write the figures printed as JSON to FILE (checked writable before any work)")
+
+
 def _add_model_and_out(command, name: str, checkpoints: bool = False) -> None:
     """--model (a study model, or a checkpoint with --arch) and --out (default runs/<name>)."""
     _add_model(command, checkpoints)
@@ -205,9 +210,11 @@ def _add_train_quantize_eval(commands) -> None:
                           help="training images to calibrate on, at most all of them (default: 10000, or all when fewer)")
     quantize.add_argument("--out", metavar="MODEL.npz", type=Path, default=None, help="(default: beside the checkpoint)")
     _add_common(quantize)
+    _add_json(quantize)
     evaluate = commands.add_parser("eval", help="integer-only test accuracy of an integer model")
     evaluate.add_argument("model_file", metavar="MODEL.npz", type=Path)
     _add_common(evaluate)
+    _add_json(evaluate)
     check = commands.add_parser("verify", help="check other executors against the reference on the test set",
                                 description="Share of output values that differ from the reference executor, the "
                                 "largest difference in LSB, and the share of images whose top-1 differs.")
@@ -218,6 +225,7 @@ def _add_train_quantize_eval(commands) -> None:
     check.add_argument("--engine", choices=ENGINES, default="onednn",
                        help="torch_quantized's PyTorch quantized backend (default: onednn)")
     _add_common(check)
+    _add_json(check)
 
 
 def _add_compare(commands) -> None:
@@ -231,6 +239,7 @@ def _add_compare(commands) -> None:
     command.add_argument("--calib-samples", type=int, default=None,
                          help="calibration images for both, at most all of them (default: 2000, or all when fewer)")
     _add_common(command)
+    _add_json(command)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ from intq.workflows.inspect import InspectOptions, run_inspect
 from intq.executors.c_export import export_c
 from intq.workflows.explain import cached_float_graph, explain
 from intq.extras import require
-from intq.files import atomic_write, check_writable
+from intq.files import atomic_write, check_writable, write_json
 from intq.cifar.models import MODELS
 from intq.workflows.pipeline import load_checkpoint
 from intq.workflows.checkpoints import integer_accuracy, quantize_checkpoint, train_architecture
@@ -235,7 +235,19 @@ def train_command(args: argparse.Namespace) -> None:
     print(f"checkpoint {out}; {result['seconds']:.0f} s; test accuracy {result['history'][-1]['test_accuracy']:.2f}%")
 
 
+def _json_target(args: argparse.Namespace) -> Path | None:
+    """--json FILE, proven writable before any work; None without it."""
+    return check_writable(args.json) if args.json else None
+
+
+def _save_json(target: Path | None, figures: dict) -> None:
+    """The command's figures as JSON (atomically), when --json asked for them."""
+    if target is not None:
+        write_json(target, figures)
+
+
 def quantize_command(args: argparse.Namespace) -> None:
+    json_target = _json_target(args)
     config = _config(args)
     _at_least("--calib-samples", args.calib_samples, 1)
     model = load_checkpoint(_existing_file(args.checkpoint), args.arch)
@@ -249,27 +261,37 @@ def quantize_command(args: argparse.Namespace) -> None:
                                  {"model": args.arch, "checkpoint": str(args.checkpoint)})
     print(f"{out}: {result['bytes']:,} bytes; float {result['float_accuracy']:.2f}%, integer-only "
           f"{result['integer_accuracy']:.2f}% (drop {result['float_accuracy'] - result['integer_accuracy']:.2f} points)")
+    _save_json(json_target, {"checkpoint": str(args.checkpoint), "calibration_images": samples, **result})
 
 
 def eval_command(args: argparse.Namespace) -> None:
+    json_target = _json_target(args)
     model = model_file.load(_existing_file(args.model_file))
-    print(f"{args.model_file}: integer-only test accuracy {integer_accuracy(model, _dataset(args)):.2f}%")
+    data = _dataset(args)
+    accuracy = integer_accuracy(model, data)
+    print(f"{args.model_file}: integer-only test accuracy {accuracy:.2f}%")
+    _save_json(json_target, {"model_file": str(args.model_file), "test_images": len(data.test_images),
+                             "integer_accuracy": accuracy})
 
 
 def verify_command(args: argparse.Namespace) -> None:
+    json_target = _json_target(args)
     _at_least("--images", args.images, 1)
     model = model_file.load(_existing_file(args.model_file))
     test_images = _dataset(args).test_images
     pixels = test_images[: checked_count("--images", args.images, len(test_images), "test images")]
-    for name, row in verify(model, pixels, _words(args.executors), args.engine).items():
+    rows = verify(model, pixels, _words(args.executors), args.engine)
+    for name, row in rows.items():
         print(f"{name}: {row['values']:,} output values on {len(pixels):,} images; differing {100 * row['differing_share']:.4f}%, "
               f"max {row['max_lsb']} LSB ({row['max_real']:.4g} in real units); "
               f"top-1 differs on {100 * row['top1_differing_share']:.3f}% of images")
         for note in row["notes"]:
             print(f"  note: {note}")
+    _save_json(json_target, {"model_file": str(args.model_file), "images": len(pixels), "executors": rows})
 
 
 def compare_command(args: argparse.Namespace) -> None:
+    json_target = _json_target(args)
     config = _config(args)
     _at_least("--calib-samples", args.calib_samples, 1)
     _checkpoint_model(args.model)
@@ -287,4 +309,5 @@ def compare_command(args: argparse.Namespace) -> None:
     for row in rows:
         if "note" in row:
             print(f"  note ({row['executor']}): {row['note']}")
+    _save_json(json_target, result)
 
