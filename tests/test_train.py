@@ -8,13 +8,18 @@ from intq.cifar.train import (ClassifierRecipe, MomentumSGD, Recipe, accuracy, i
                         train, train_classifier, weights_key)
 
 
-def test_momentum_sgd_is_bit_identical_to_torch_sgd():
+@pytest.mark.parametrize("private_calls", [True, False], ids=["foreach", "without-private-calls"])
+def test_momentum_sgd_is_bit_identical_to_torch_sgd(private_calls, monkeypatch):
+    """Also where a PyTorch release lacks torch._foreach_* (MomentumSGD then runs torch.optim.SGD)."""
+    if not private_calls:
+        monkeypatch.delattr(torch, "_foreach_mul_")
     torch.manual_seed(0)
     images, labels = torch.randn(40, 3, 32, 32), torch.randint(0, 10, (40,))
     torch.manual_seed(1)
     ours, theirs = Net(), Net()
     theirs.load_state_dict(ours.state_dict())
     mine = MomentumSGD(list(ours.parameters()), lr=0.01, momentum=0.9)
+    assert (mine.public is None) == private_calls
     reference = torch.optim.SGD(theirs.parameters(), lr=0.01, momentum=0.9)
     for step in range(10):
         x, y = images[4 * step : 4 * step + 4], labels[4 * step : 4 * step + 4]
