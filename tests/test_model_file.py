@@ -70,3 +70,9 @@ def test_convert_refuses_asymmetric_weights_the_executors_do_not_run():
     config = replace(RECOMMENDED, weights=replace(RECOMMENDED.weights, scheme=Scheme.ASYMMETRIC))
     with pytest.raises(ConversionError, match="weight zero points must be 0"):
         convert(graph, stats, config)
+
+
+def test_an_input_shape_that_is_not_an_image_is_a_rule_not_a_crash(model):
+    stale = replace(model, input=replace(model.input, shape=(3, 32)))
+    with pytest.raises(ModelCheckError, match=r"model input: shape \(3, 32\) is not an image's \(C, H, W\)"):
+        check_model(stale)

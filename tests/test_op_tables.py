@@ -79,4 +79,4 @@ def test_every_registered_executor_runs_a_model_to_the_same_integers_shape():
         assert output.shape == reference.shape and output.dtype == torch.int64, name
         if name in ("reference", "c", "onnx_exact"):
             assert torch.equal(output, reference), name
-        assert (executor.op_steps(model) is None) == (name in ("reference", "c", "onnx_exact")), name
+        assert (executor.op_steps(model, executor.prepare(model)) is None) == (name in ("reference", "c", "onnx_exact")), name

@@ -123,3 +123,12 @@ def test_an_altered_or_truncated_weights_cache_is_not_used(tmp_path):
     assert load_weights(torch.nn.Linear(4, 2), path) is None
     path.write_bytes(path.read_bytes()[:100])
     assert load_weights(torch.nn.Linear(4, 2), path) is None
+
+
+def test_a_weights_cache_without_logged_losses_round_trips(tmp_path):
+    """An empty array (no loss logged yet) hashes like any other: the cache is used, not refused."""
+    from intq.cifar.train import load_weights, save_weights
+
+    torch.manual_seed(0)
+    save_weights(torch.nn.Linear(4, 2), [], tmp_path / "w.npz")
+    assert load_weights(torch.nn.Linear(4, 2), tmp_path / "w.npz") == []

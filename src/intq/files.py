@@ -11,9 +11,13 @@ leftovers there.
 Every OSError while writing (disk full, read-only folder, quota) becomes an OutputError that names
 the path. `recording_writes` collects the final paths put in place, so a command interrupted
 part-way can say exactly what it did and did not write.
+
+`array_sha256` is the one digest of a stored array (dtype, shape and bytes) that the data and
+weights caches record when they write and check when they read.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -22,6 +26,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
+
+import numpy as np
 
 
 class OutputError(Exception):
@@ -243,3 +249,16 @@ def _move_set(staging: Path, out_dir: Path) -> list[Path]:
 def write_json(path: Path, data: dict) -> None:
     """`data` as indented JSON, atomically."""
     atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+def array_sha256(array: np.ndarray) -> str:
+    """Hex SHA-256 of "<dtype> <shape>\n" followed by the array's bytes in C order.
+
+    The header makes a reinterpretation (same bytes, other dtype or shape) a different digest.
+    Cost: 0.085 s for the 50,000x3x32x32 uint8 training images (153.6 MB, ~1.8 GB/s, measured
+    on the 2-core development machine, OpenSSL 3.0), paid on every cache load.
+    """
+    digest = hashlib.sha256(f"{array.dtype.str} {tuple(array.shape)}\n".encode("ascii"))
+    if array.size:  # an empty array has no bytes (and memoryview cannot cast a zero-length shape)
+        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    return digest.hexdigest()

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from intq.cifar.data import normalize
-from intq.files import atomic_write
+from intq.files import array_sha256, atomic_write
 
 
 @dataclass(frozen=True)
@@ -156,14 +156,10 @@ def weights_key(model_name: str, recipe: Recipe, seed: int, data_fingerprint: st
 
 
 def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
-    """SHA-256 over every array's name, dtype, shape and bytes, in name order: what a cached file's
-    contents must hash to when read back."""
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name} {array.dtype.str} {array.shape}\n".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
+    """SHA-256 over every array's name and files.array_sha256 (dtype, shape, bytes), in name order:
+    what a cached file's contents must hash to when read back."""
+    lines = "".join(f"{name} {array_sha256(arrays[name])}\n" for name in sorted(arrays))
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def save_weights(model: nn.Module, losses: list, path: Path) -> None:

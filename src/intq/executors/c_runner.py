@@ -24,10 +24,13 @@ COMPILE_TIMEOUT_S = 300
 C_MACS_PER_SECOND = 2e7  # the plain C loop nest ran ResNet-20 at ~3e8 MAC/s here; 15x slack
 
 
-def run_timeout_s(model: IntegerModel, images: int) -> float:
+def macs_per_image(model: IntegerModel, shapes: dict[str, tuple[int, ...]]) -> int:
+    """Multiply-accumulates of one image: each weight once per output position."""
+    return sum(op.weight.size * int(np.prod(shapes[op.name][1:])) for op in model.quantized_layers())
+
+
+def run_timeout_s(macs: int, images: int) -> float:
     """A generous limit for the C executor on `images` images: 60 s plus the MACs at C_MACS_PER_SECOND."""
-    shapes = check_model(model)
-    macs = sum(op.weight.size * int(np.prod(shapes[op.name][1:])) for op in model.quantized_layers())
     return 60 + images * macs / C_MACS_PER_SECOND
 
 
@@ -52,7 +55,7 @@ class CProgram:
         compiler = shutil.which("cc") or shutil.which("gcc")
         if compiler is None:
             raise EngineError("executor c: no C compiler (cc or gcc) on this machine")
-        self.model = model
+        self.macs = macs_per_image(model, check_model(model))
         self._folder = tempfile.TemporaryDirectory()
         folder = Path(self._folder.name)
         export_c(model, torch.zeros((1, *model.input.shape), dtype=torch.uint8), folder)
@@ -63,7 +66,7 @@ class CProgram:
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         folder = Path(self._folder.name)
         (folder / "pixels.bin").write_bytes(pixels.contiguous().numpy().tobytes())
-        _run_step([str(folder / "verify"), str(len(pixels))], folder, run_timeout_s(self.model, len(pixels)), "the C model")
+        _run_step([str(folder / "verify"), str(len(pixels))], folder, run_timeout_s(self.macs, len(pixels)), "the C model")
         outputs = np.fromfile(folder / "outputs.bin", dtype=np.int32)
         return torch.from_numpy(outputs.astype(np.int64)).reshape(len(pixels), -1)
 

@@ -42,11 +42,6 @@ def from_codes(codes: torch.Tensor, offset: int, dtype: torch.dtype) -> torch.Te
     return (codes.to(torch.int64) - offset).to(dtype)
 
 
-def value_qparams(model: IntegerModel) -> dict[str, QParams]:
-    """QParams of every value in the model (IntegerModel.value_qparams)."""
-    return model.value_qparams()
-
-
 def engine_runs_layer(layer: QLayer, model: IntegerModel) -> bool:
     """True when a conv/linear maps onto an engine's int8 kernel (u8 activations, symmetric s8
     weights, u8 output); False when it runs as the exact integer op instead:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from intq.extras import require
-from intq.executors.encoding import EngineError, encoded_zero_point, engine_runs_layer, narrower_bounds, uint8_offset, value_qparams
+from intq.executors.encoding import EngineError, encoded_zero_point, engine_runs_layer, narrower_bounds, uint8_offset
 from intq.executors.reference import FLOAT32_EXACT, add_table, pixels_to_input, run_integer
 from intq.arith.fixed_point import MANTISSA_BITS, MAX_RIGHT_SHIFT, float64_requantizer
 from intq.graph.integer_model import IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QMaxPool, QReLU
@@ -357,7 +357,7 @@ def export_onnx(model: IntegerModel, example: torch.Tensor, exact: bool = False)
     require("onnx", "exporting ONNX")
     from onnx import TensorProto, helper
 
-    graph, qparams, shapes = _Graph(), value_qparams(model), value_shapes(model, example)
+    graph, qparams, shapes = _Graph(), model.value_qparams(), value_shapes(model, example)
     values = {model.input_name: _input(graph, model)}
     for op in model.layers:
         values[op.name] = _named_op(graph, op, model, values, qparams, shapes, exact)
@@ -380,7 +380,7 @@ def export_op_onnx(op, model: IntegerModel, shapes: dict[str, tuple[int, ...]]) 
     require("onnx", "checking ONNX ops")
     from onnx import TensorProto, helper
 
-    graph, qparams, values, inputs = _Graph(), value_qparams(model), {}, []
+    graph, qparams, values, inputs = _Graph(), model.value_qparams(), {}, []
     for name in dict.fromkeys(op.inputs):  # an add may read one value twice
         encoded = qparams[name].dtype.bits <= 8
         values[name] = (f"in/{name}", encoded)

@@ -7,7 +7,7 @@ import functools
 import torch
 
 from intq.extras import require
-from intq.executors.encoding import from_codes, to_uint8, value_qparams
+from intq.executors.encoding import from_codes, to_uint8
 from intq.executors.onnx_export import export_onnx, export_op_onnx, value_shapes
 from intq.graph.integer_model import IntegerModel
 from intq.arith.qparams import torch_dtype
@@ -29,7 +29,7 @@ def onnx_op_steps(model: IntegerModel, example: torch.Tensor, threads: int | Non
     onnxruntime = require("onnxruntime", "running ONNX Runtime")
 
     options = session_options(threads)
-    shapes, qparams, steps = value_shapes(model, example), value_qparams(model), []
+    shapes, qparams, steps = value_shapes(model, example), model.value_qparams(), []
     for op in model.layers:
         session = onnxruntime.InferenceSession(export_op_onnx(op, model, shapes), options, providers=["CPUExecutionProvider"])
         steps.append((op, functools.partial(_run_op_session, session, op, qparams)))
@@ -58,7 +58,7 @@ class OnnxModel:
         options = session_options(threads)
         self.contents = export_onnx(model, example, exact)
         self.session = onnxruntime.InferenceSession(self.contents, options, providers=["CPUExecutionProvider"])
-        out = value_qparams(model)[model.output_name]
+        out = model.value_qparams()[model.output_name]
         self.offset, self.dtype = _output_offset(self.session), torch_dtype(out.dtype)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,9 @@
 An executor has a `name` and `prepare(model)`, which returns a callable from uint8 pixels
 (N, C, H, W) to the model's output integers (N, outputs) int64, built once (a compiled C program, an
 ONNX Runtime session, PyTorch quantized modules) and then called on any number of batches.
-`setting` names a choice it runs under (PyTorch's engine), `notes(model)` what a reader of its
+`setting` names a choice it runs under (PyTorch's engine), `notes(model, forward)` what a reader of its
 figures should know about this model (layers that may saturate); an engine that requantizes in float
-also gives `op_steps(model)`, each op alone as a step on integers, so that `intq verify` can feed
+also gives `op_steps(model, forward)`, each op alone as a step on integers, so that `intq verify` can feed
 every op the reference's own inputs. verify, compare and the benchmarks iterate over EXECUTORS.
 """
 from __future__ import annotations
@@ -27,9 +27,9 @@ class Executor(Protocol):
 
     def prepare(self, model: IntegerModel) -> Forward: ...
 
-    def notes(self, model: IntegerModel) -> list[str]: ...
+    def notes(self, model: IntegerModel, forward: Forward) -> list[str]: ...
 
-    def op_steps(self, model: IntegerModel) -> list[tuple] | None: ...
+    def op_steps(self, model: IntegerModel, forward: Forward) -> list[tuple] | None: ...
 
 
 def run(forward: Forward, pixels: torch.Tensor, batch: int = 1000) -> torch.Tensor:
@@ -42,45 +42,44 @@ def _example(model: IntegerModel) -> torch.Tensor:
     return torch.zeros((1, *model.input.shape), dtype=torch.uint8)
 
 
-@dataclass(frozen=True)
-class Reference:
-    """Exact integer arithmetic (executors/reference.py): the ground truth."""
+class Exact:
+    """An executor bit-exact with the reference: nothing to note, no per-op check needed."""
 
-    name: str = "reference"
     setting: str | None = None
 
-    def prepare(self, model: IntegerModel) -> Forward:
-        return lambda pixels: run_integer(model, pixels)
-
-    def notes(self, model: IntegerModel) -> list[str]:
+    def notes(self, model: IntegerModel, forward: Forward) -> list[str]:
         return []
 
-    def op_steps(self, model: IntegerModel) -> None:
+    def op_steps(self, model: IntegerModel, forward: Forward) -> None:
         return None
 
 
 @dataclass(frozen=True)
-class C:
+class Reference(Exact):
+    """Exact integer arithmetic (executors/reference.py): the ground truth."""
+
+    name: str = "reference"
+
+    def prepare(self, model: IntegerModel) -> Forward:
+        return lambda pixels: run_integer(model, pixels)
+
+
+@dataclass(frozen=True)
+class C(Exact):
     """The exported C99 model, compiled with the system compiler (executors/c_runner.py): bit-exact."""
 
     name: str = "c"
-    setting: str | None = None
 
     def prepare(self, model: IntegerModel) -> Forward:
         from intq.executors.c_runner import CProgram
 
         return CProgram(model)
 
-    def notes(self, model: IntegerModel) -> list[str]:
-        return []
-
-    def op_steps(self, model: IntegerModel) -> None:
-        return None
-
 
 @dataclass(frozen=True)
 class TorchQuantized:
-    """PyTorch's quantized kernels on `engine` (onednn, x86, fbgemm): within 1 LSB per op."""
+    """PyTorch's quantized kernels on `engine` (onednn, x86, fbgemm): within 1 LSB per op. Its forward
+    is a TorchQuantizedModel, which also says which layers may saturate and runs each op alone."""
 
     engine: str = "onednn"
     name: str = "torch_quantized"
@@ -94,16 +93,12 @@ class TorchQuantized:
 
         return TorchQuantizedModel(model, self.engine)
 
-    def notes(self, model: IntegerModel) -> list[str]:
-        from intq.executors.torch_quantized import TorchQuantizedModel
-
-        note = TorchQuantizedModel(model, self.engine).saturation_note()
+    def notes(self, model: IntegerModel, forward) -> list[str]:
+        note = forward.saturation_note()
         return [note] if note else []
 
-    def op_steps(self, model: IntegerModel) -> list[tuple]:
-        from intq.executors.torch_quantized import TorchQuantizedModel
-
-        return TorchQuantizedModel(model, self.engine).op_steps()
+    def op_steps(self, model: IntegerModel, forward) -> list[tuple]:
+        return forward.op_steps()
 
 
 @dataclass(frozen=True)
@@ -123,13 +118,13 @@ class Onnx:
 
         return OnnxModel(model, _example(model), threads=self.threads, exact=self.exact)
 
-    def notes(self, model: IntegerModel) -> list[str]:
+    def notes(self, model: IntegerModel, forward: Forward) -> list[str]:
         return []
 
-    def op_steps(self, model: IntegerModel) -> list[tuple] | None:
+    def op_steps(self, model: IntegerModel, forward: Forward) -> list[tuple] | None:
         from intq.executors.onnx_runtime import onnx_op_steps
 
-        return None if self.exact else onnx_op_steps(model, _example(model))
+        return None if self.exact else onnx_op_steps(model, _example(model), threads=self.threads)
 
 
 EXECUTORS: dict[str, Executor] = {executor.name: executor for executor in

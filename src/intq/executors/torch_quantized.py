@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from intq.executors.encoding import (EngineError, encoded_zero_point, engine_runs_layer, from_codes, narrower_bounds, to_uint8,
-                                    uint8_offset, value_qparams)
+                                    uint8_offset)
 from intq.executors.reference import CHUNK, pixels_to_input, run_op
 from intq.graph.integer_model import IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QMaxPool, QReLU
 from intq.arith.qparams import QParams, torch_dtype
@@ -175,7 +175,7 @@ class TorchQuantizedModel:
             raise EngineError(f"torch_quantized: engine {engine!r} is not in this PyTorch build "
                               f"(supported: {', '.join(torch.backends.quantized.supported_engines)})")
         self.engine = torch.backends.quantized.engine = engine
-        self.model, self.qparams = model, value_qparams(model)
+        self.model, self.qparams = model, model.value_qparams()
         self.saturating_layers = [op.name for op in model.quantized_layers() if engine_runs_layer(op, model) and may_saturate(op)]
         self.steps = []
         with warnings.catch_warnings():

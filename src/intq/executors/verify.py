@@ -26,10 +26,13 @@ def run_executor(name: str, model: IntegerModel, pixels: torch.Tensor, engine: s
     inputs (its op_steps, layer_differences)."""
     chosen = executor(name, engine)
     try:
-        output = run(chosen.prepare(model), pixels)
-        notes, steps = [chosen.setting] * bool(chosen.setting) + chosen.notes(model), chosen.op_steps(model)
+        forward = chosen.prepare(model)
+        output = run(forward, pixels)
+        notes, steps = chosen.notes(model, forward), chosen.op_steps(model, forward)
     except EngineError as err:
         raise VerifyError(str(err)) from None
+    if chosen.setting:
+        notes = [chosen.setting] + notes
     if steps is not None:
         notes = notes + [per_op_note(layer_differences(model, steps, pixels))]
     return output, notes

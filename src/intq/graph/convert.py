@@ -198,7 +198,7 @@ def convert_layer(node: Node, input_qp: QParams, output_qp: QParams, relu: bool,
     channels = op.weight.shape[0]
     mantissa, shift = quantize_multipliers(layer_multipliers(input_qp, weight_qp, output_qp, channels))
     bound = accumulator_bound(weight_q, bias_q, input_qp)
-    if bound > INT32_LIMIT:
+    if bound > INT32_LIMIT:  # refused here, at the layer, before the layers after it are converted
         raise ConversionError(f"layer {node.name!r}: worst-case accumulator {bound} exceeds int32 "
                               f"({weights_config.bits}-bit weights, fan-in {op.weight[0].numel()})")
     if isinstance(op, Conv2d):
@@ -227,8 +227,6 @@ def convert_requantizing(node: Node, inputs_qp: list[QParams], output_qp: QParam
         layer.relu_max = relu_max
         return layer
     if isinstance(node.op, Add):
-        if max(qp.dtype.bits for qp in inputs_qp) > 9:  # the int64 budget of eq. 17 assumes |q - z| <= 2^9
-            raise ConversionError(f"add {node.name!r}: operands wider than 9 bits are not supported")
         mantissa, shift = quantize_multipliers(add_multipliers(inputs_qp, output_qp))
         return QAdd(node.name, node.inputs, tuple(inputs_qp), output_qp, mantissa, shift, relu is not None, relu_max)
     window = int(np.prod(node.op.kernel_size if node.op.kernel_size else input_stats.shape[1:]))

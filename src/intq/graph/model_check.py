@@ -168,8 +168,8 @@ def check_layer(layer: QLayer, out_shape: tuple[int, ...], where: str) -> tuple[
                                                                      layer.output_qparams, channels), where)
     bound = accumulator_bound(layer.weight, layer.bias, layer.input_qparams)
     if bound > INT32_LIMIT:
-        raise _fail(where, f"worst-case accumulator {bound:,} exceeds int32 (weights, bias and {layer.input_qparams.dtype.name} "
-                    f"inputs; eq. 11)")
+        raise _fail(where, f"worst-case accumulator {bound:,} exceeds int32 ({layer.weight_qparams.dtype.bits}-bit weights, "
+                    f"fan-in {layer.weight[0].size}, bias and {layer.input_qparams.dtype.name} inputs; eq. 11)")
     if layer.accumulator_bound != bound:
         raise _fail(where, f"carries accumulator bound {layer.accumulator_bound:,}; its weights give {bound:,}")
     return out_shape
@@ -222,6 +222,8 @@ def check_structure(model: IntegerModel) -> None:
 def check_input(model: IntegerModel) -> tuple[int, ...]:
     """The pixel input: folded (x = 2p - 255 itself) or requantized with its exact multiplier (eq. 14)."""
     spec, where = model.input, "model input"
+    if len(spec.shape) != 3:
+        raise _fail(where, f"shape {tuple(spec.shape)} is not an image's (C, H, W)")
     channels, height, width = spec.shape
     if not (1 <= channels <= MAX_CHANNELS and height >= 1 and width >= 1 and channels * height * width <= MAX_TENSOR_VALUES):
         raise _fail(where, f"shape {tuple(spec.shape)}")

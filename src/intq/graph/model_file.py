@@ -193,7 +193,7 @@ def _read_layer(fields: Fields, name: str, inputs: tuple[str, ...], arrays: Arch
     output_qp, relu, relu_max = _clamp_fields(fields)
     layer = LAYER_KINDS[kind](name, inputs, weight, weight_qp, bias, input_qp, output_qp, mantissa, shift, relu,
                               geometry, 0, relu_max)
-    if input_qp.axis is None and input_qp.dtype.bits <= 32:
+    if input_qp.axis is None:  # per-channel input parameters are refused by model_check
         layer.accumulator_bound = accumulator_bound(weight, bias, input_qp)  # derived, never read from the file
     return layer
 

@@ -79,7 +79,7 @@ def compare(model: torch.nn.Module, integer: IntegerModel, integer_bytes: int, d
     for name, label in INTQ_ROWS.items():
         forward = EXECUTORS[name].prepare(integer)
         size = len(forward.contents) if hasattr(forward, "contents") else integer_bytes  # an ONNX file's own size
-        runners[label] = (forward, size, EXECUTORS[name].notes(integer))
+        runners[label] = (forward, size, EXECUTORS[name].notes(integer, forward))
     reference = predict(runners[INTQ_ROWS["reference"]][0], data.test_images, 500)
     rows = []
     with warnings.catch_warnings():

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
-from pathlib import Path
 
 import torch
 
@@ -17,8 +16,8 @@ from intq.cifar.data import normalize
 from intq.executors.reference import run_integer
 from intq.graph.integer_model import IntegerModel, QConv2d, QLayer, QLinear
 from intq.cifar.models import MODELS
-from intq.workflows.pipeline import data_fingerprint
-from intq.cifar.train import Recipe, load_weights, weights_key
+from intq.workflows.pipeline import weights_path
+from intq.cifar.train import Recipe, load_weights
 
 
 class ExplainError(Exception):
@@ -161,8 +160,7 @@ def cached_float_graph(model: IntegerModel, data, cache_dir) -> Graph | None:
     name, seed = model.metadata.get("model"), model.metadata.get("seed")
     if name not in MODELS or seed is None:
         return None
-    key = weights_key(name, Recipe(), seed, data_fingerprint(data.train_images, data.train_labels))
     float_model = MODELS[name]()
-    if load_weights(float_model, Path(cache_dir) / "weights" / f"{name}-{key}.npz") is None:
+    if load_weights(float_model, weights_path(name, Recipe(), seed, data.train_images, data.train_labels, cache_dir)) is None:
         return None
     return capture(float_model.eval(), normalize(data.test_images[:2]))

@@ -21,13 +21,12 @@ from intq.graph.convert import fused_relu, observed_tensors
 from intq.cifar.data import load_cifar10, normalize
 from intq.executors.reference import accumulate, run_integer
 from intq.files import check_writable, staged_output, write_json
-from intq.graph.integer_model import IntegerModel
+from intq.graph.integer_model import INT32_LIMIT, IntegerModel
 from intq.arith.qparams import dequantize, quantize
 from intq.workflows.pipeline import calibration_images, float_model, quantize_model
 from intq.workflows.study import activation_summary, clip_ranges, representable_range
 from intq.workflows.sweep import checked_count
 
-INT32_LIMIT = 2**31 - 1
 DIAGNOSED_IMAGES = 1000
 
 

@@ -69,8 +69,16 @@ def data_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
     return digest.hexdigest()[:20]
 
 
-def _model_log(name: str) -> Callable[[str], None]:
+def model_log(name: str) -> Callable[[str], None]:
+    """A progress line printer prefixed with the model's name (worker processes interleave lines)."""
     return lambda line: print(f"[{name}] {line}", flush=True)
+
+
+def weights_path(name: str, recipe: Recipe, seed: int, train_images: torch.Tensor, train_labels: torch.Tensor,
+                 cache_dir: Path | str) -> Path:
+    """Where the weights cache keeps study model `name` trained with `recipe` and `seed` on this data."""
+    key = weights_key(name, recipe, seed, data_fingerprint(train_images, train_labels))
+    return Path(cache_dir) / "weights" / f"{name}-{key}.npz"
 
 
 def trained_model(name: str, train_images: torch.Tensor, train_labels: torch.Tensor, cache_dir: Path | str,
@@ -83,11 +91,10 @@ def trained_model(name: str, train_images: torch.Tensor, train_labels: torch.Ten
     command. A killed run's temporary weight files are removed before a new one is written.
     `log` (default: print with a "[name]" prefix) receives the progress lines.
     """
-    log = log or _model_log(name)
+    log = log or model_log(name)
     torch.manual_seed(seed)
     model = MODELS[name]()
-    key = weights_key(name, recipe, seed, data_fingerprint(train_images, train_labels))
-    path = Path(cache_dir) / "weights" / f"{name}-{key}.npz"
+    path = weights_path(name, recipe, seed, train_images, train_labels, cache_dir)
     losses = load_weights(model, path)
     if losses is not None:
         log(f"trained weights loaded from cache {path}")

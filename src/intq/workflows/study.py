@@ -32,7 +32,7 @@ from intq.executors.reference import run_integer
 from intq.graph.integer_model import IntegerModel, output_bounds
 from intq.cifar.models import MODELS
 from intq.calibrate.observers import TensorStats
-from intq.workflows.pipeline import Calibrated, calibrated, calibration_images, trained_model
+from intq.workflows.pipeline import Calibrated, calibrated, calibration_images, model_log, trained_model
 from intq.arith.qparams import QParams
 from intq.executors.simulate import fake_quant_weights, layer_agreement
 from intq.cifar.train import Recipe, accuracy, predict
@@ -60,10 +60,6 @@ class ModelJob:
     device: str
     calib_samples: int | None  # overrides the recommended preset's calibration set size
     recipe: Recipe = Recipe()
-
-
-def log_line(model: str, message: str) -> None:
-    print(f"[{model}] {message}", flush=True)
 
 
 def representable_range(qparams: QParams, bounds: tuple[int, int] | None = None) -> list[float]:
@@ -165,7 +161,7 @@ def run_model(job: ModelJob) -> dict:
         size = preset.calibration_samples
         if size not in by_size:
             subset = calibration_images(data.train_images, size, job.seed)
-            log_line(job.model, f"calibrating on {len(subset)} training images ({preset.name})")
+            model_log(job.model)(f"calibrating on {len(subset)} training images ({preset.name})")
             by_size[size] = calibrated(model, subset, device=job.device, example=data.train_images)
         graph = by_size[size].graph
         integer = by_size[size].integer_model(preset, {"model": job.model, "seed": job.seed,
@@ -217,7 +213,7 @@ def evaluate_preset(job: ModelJob, graph: Graph, integer: IntegerModel, preset: 
     test_images = normalize(test_pixels)
     weight_accuracy = accuracy(predict(lambda x: run_float(weights_only, x), test_images), labels)
     integer_accuracy = accuracy(predict(lambda p: run_integer(integer, p), test_pixels), labels)
-    log_line(job.model, f"{preset.name}: {weight_stage} {weight_accuracy:.2f}%, {integer_stage} {integer_accuracy:.2f}%")
+    model_log(job.model)(f"{preset.name}: {weight_stage} {weight_accuracy:.2f}%, {integer_stage} {integer_accuracy:.2f}%")
     return [{"model": job.model, "stage": weight_stage, "preset": preset.name, "accuracy": weight_accuracy},
             {"model": job.model, "stage": integer_stage, "preset": preset.name, "accuracy": integer_accuracy}]
 
