@@ -1,13 +1,15 @@
 """Optional dependencies. The core (capture, convert, the reference executor, the model file) needs
 torch and numpy only; reports need matplotlib (`intq[report]`), the ONNX paths onnx and onnxruntime
-(`intq[onnx]`), reading image folders Pillow (`intq[data]`); `intq[all]` brings everything.
+(`intq[onnx]`), reading image folders Pillow (`intq[data]`), reading a user's .safetensors weights
+safetensors (`intq[weights]`); `intq[all]` brings everything.
 `require` is called where a part first needs its extra, so a missing one is one clear line."""
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
 
-EXTRAS = {"matplotlib": "report", "onnx": "onnx", "onnxruntime": "onnx", "PIL": "data"}  # module -> extra
+EXTRAS = {"matplotlib": "report", "onnx": "onnx", "onnxruntime": "onnx", "PIL": "data",
+          "safetensors": "weights"}  # module -> extra
 
 
 class MissingExtraError(Exception):
