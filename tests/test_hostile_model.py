@@ -89,6 +89,16 @@ def _set(path: list, value):
     return edit_meta(edit)
 
 
+def _delete(path: list):
+    """edit_meta that removes meta[path...]."""
+    def edit(meta):
+        target = meta
+        for step in path[:-1]:
+            target = target[step]
+        del target[path[-1]]
+    return edit_meta(edit)
+
+
 def _without_flatten(meta):
     meta["layers"] = [op for op in meta["layers"] if op["type"] != "QFlatten"]
     layer(meta, "fc1")["inputs"] = ["pool_1"]
@@ -177,8 +187,18 @@ MODEL_CASES = [
     (Hostile("packed-flag", "8-bit weights flagged as packed", "are stored unpacked"),
      _set(["layers", "conv1", "weight_packed"], True)),
     (Hostile("no-layers", "no ops at all", "0 ops"), _set(["layers"], [])),
-    (Hostile("folded-input-scale", "a folded input whose scale is not 1/255", "a folded input has scale 1/255"),
+    (Hostile("input-scale", "an input scale that is not the one its first layer was built for",
+             "its input parameters differ from those of 'x', which produces its input"),
      _set(["input", "qparams", "scale"], 0.01)),
+    (Hostile("input-mean-count", "an input mean with 2 values for 3 channels",
+             "input: mean and std must be lists of 3 numbers (one per channel)"), _set(["input", "mean"], [0.5, 0.5])),
+    (Hostile("input-std-zero", "an input std of 0", "std must be above 0"), _set(["input", "std"], [0.5, 0.0, 0.5])),
+    (Hostile("input-mean-text", "an input mean that is text", "input: mean and std must be lists of 3 numbers"),
+     _set(["input", "mean"], ["a", "b", "c"])),
+    (Hostile("input-no-shape", "a v3 input without its shape", "input: missing field 'shape'"),
+     _delete(["input", "shape"])),
+    (Hostile("version-1", "a file of format version 1", "this intq reads intq.IntegerModel v2 and v3"),
+     _set(["version"], 1)),
     (Hostile("truncated", "a truncated .npz (half its bytes)", "not a readable .npz archive"), "truncate"),
     (Hostile("text-file", "a text file named .npz", "not a readable .npz archive"), "text"),
     (Hostile("missing-file", "a path that does not exist", "no such file"), "missing"),
@@ -299,12 +319,15 @@ def mutated_files(draw, arrays: dict) -> dict:
             arrays = with_meta(arrays, json.dumps(meta))
         elif kind == "array":
             key = draw(st.sampled_from(keys))
-            size = draw(st.sampled_from([0, 1, arrays[key].size - 1, arrays[key].size, arrays[key].size + 1, 2 * arrays[key].size]))
+            size = max(0, draw(st.sampled_from([0, 1, arrays[key].size - 1, arrays[key].size, arrays[key].size + 1,
+                                                 2 * arrays[key].size])))
             rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-            arrays[key] = rng.integers(0, 256, size * 8, dtype=np.uint8).view(draw(DTYPES))[:max(size, 0)]
+            arrays[key] = rng.integers(0, 256, size * 8, dtype=np.uint8).view(draw(DTYPES))[:size]
         elif kind == "array-values":
-            key = draw(st.sampled_from(keys))
+            key = draw(st.sampled_from([k for k in keys if arrays[k].size] or keys))
             values = arrays[key].copy()
+            if values.size == 0:
+                continue
             index = draw(st.integers(0, values.size - 1))
             info = np.iinfo(values.dtype)
             values.flat[index] = draw(st.integers(info.min, info.max))

@@ -6,6 +6,8 @@
     logits = run_integer(model_q, uint8_pixels)          # exact integer reference executor
     save(model_q, "model.npz"); load("model.npz")        # numpy .npz, no pickle
 """
+__version__ = "0.2.0"  # before the imports: the model file records it
+
 from intq.graph.capture import capture
 from intq.graph.config import RECOMMENDED, STUDY, QConfig
 from intq.graph.convert import collect_statistics, convert
@@ -15,4 +17,3 @@ from intq.graph.model_file import load, save
 
 __all__ = ["capture", "collect_statistics", "convert", "run_integer", "save", "load", "IntegerModel", "QConfig",
            "RECOMMENDED", "STUDY"]
-__version__ = "0.1.0"

@@ -179,12 +179,10 @@ def _add_export_c(commands) -> None:
 def _add_export_onnx(commands) -> None:
     command = commands.add_parser(
         "export-onnx", help="export an integer model to ONNX (QLinearConv, ONNX Runtime's QLinearAdd)",
-        description="Writes MODEL.onnx: input `pixels` uint8 (N, 3, H, W), output `output` (the model's output "
+        description="Writes MODEL.onnx: input `pixels` uint8 (N, C, H, W) of the size the model was calibrated at, output `output` (the model's output "
         "integers; uint8 values are q + output_offset, a metadata property). Run it with ONNX Runtime.")
     command.add_argument("model_file", metavar="MODEL.npz", type=Path, help="an integer model written by intq")
     command.add_argument("--out", metavar="MODEL.onnx", type=Path, required=True, help="output file")
-    command.add_argument("--height", type=int, default=32, help="input height (default: 32)")
-    command.add_argument("--width", type=int, default=32, help="input width (default: 32)")
     command.add_argument("--exact", action="store_true",
                          help="every conv, linear and add as exact integer ops (ConvInteger, int64 fixed point): "
                          "bit-exact with intq's reference, slower than QLinearConv")

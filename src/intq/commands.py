@@ -212,16 +212,15 @@ def export_c_command(args: argparse.Namespace) -> None:
 def export_onnx_command(args: argparse.Namespace) -> None:
     from intq.executors.onnx_export import export_onnx
 
-    _at_least("--height", args.height, 1)
-    _at_least("--width", args.width, 1)
     _existing_file(args.model_file)
     check_writable(args.out)
     model = model_file.load(args.model_file)
-    contents = export_onnx(model, torch.zeros((1, 3, args.height, args.width), dtype=torch.uint8), args.exact)
+    contents = export_onnx(model, exact=args.exact)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.out, "wb") as handle:
         handle.write(contents)
-    print(f"wrote {args.out} ({len(contents):,} bytes)")
+    channels, height, width = model.input.shape
+    print(f"wrote {args.out} ({len(contents):,} bytes): input `pixels` uint8 (N, {channels}, {height}, {width})")
 
 
 def train_command(args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from intq.executors.reference import pixels_to_input, run_integer
+from intq.executors.reference import run_integer
 from intq.files import atomic_write_text, ensure_writable_dir, staged_output
 from intq.graph.integer_model import IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QMaxPool, QReLU
 from intq.graph.model_check import ModelCheckError, check_model
@@ -110,9 +110,8 @@ def _op_entry(index: int, op, fields: dict[str, object]) -> str:
 
 
 def _input_lut(model: IntegerModel) -> np.ndarray:
-    """The first layer's integer input for each pixel value 0..255 (eq. 14)."""
-    every_pixel = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 1, 256)
-    return pixels_to_input(every_pixel, model).reshape(-1).to(torch.int64).numpy()
+    """The first layer's integer input for each channel and pixel value, [c * 256 + p] (eq. 27)."""
+    return model.input.table.reshape(-1).astype(np.int64)  # (C, 256) -> (C * 256,)
 
 
 def model_header(model: IntegerModel, shapes: dict[str, tuple[int, ...]]) -> str:
@@ -131,6 +130,7 @@ def model_header(model: IntegerModel, shapes: dict[str, tuple[int, ...]]) -> str
     sizes = [int(np.prod(shapes[op.name])) for op in model.layers]
     parts.append(c_array("int32_t", "INTQ_BUFFER_SIZES", sizes))
     parts.append(f"#define INTQ_OP_COUNT {len(model.layers)}\n#define INTQ_INPUT_SIZE {int(np.prod(shapes[model.input_name]))}\n"
+                 f"#define INTQ_INPUT_PLANE {int(np.prod(shapes[model.input_name][1:]))}\n"
                  f"#define INTQ_OUTPUT_OP {index_of[model.output_name]}\n")
     return "\n".join(parts)
 

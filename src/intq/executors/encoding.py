@@ -45,13 +45,9 @@ def from_codes(codes: torch.Tensor, offset: int, dtype: torch.dtype) -> torch.Te
 def engine_runs_layer(layer: QLayer, model: IntegerModel) -> bool:
     """True when a conv/linear maps onto an engine's int8 kernel (u8 activations, symmetric s8
     weights, u8 output); False when it runs as the exact integer op instead:
-    - the first layer on a folded input x = 2p - 255 (odd integers up to 255: not 8-bit; and a
-      zero point of 127.5 in pixel units, which padding cannot express),
-    - an output wider than 8 bits (int16 logits),
+    - an input or output wider than 8 bits (the folded input x = 2p - 255 is int9, eq. 23; int16 logits),
     - weights with non-zero zero points."""
     if layer.input_qparams.dtype.bits > 8 or layer.output_qparams.dtype.bits > 8:
-        return False
-    if model.input.folded and layer.inputs == (model.input_name,):
         return False
     return not np.any(np.asarray(layer.weight_qparams.zero_point))
 

@@ -2,7 +2,7 @@
 ONNX Runtime's com.microsoft QLinearAdd) and run in ONNX Runtime; `onnx_exact`: the same model with
 every conv, linear and add as an exact integer subgraph, bit for bit the reference's integers.
 
-Input: uint8 pixels (N, 3, H, W). Output: the model's output integers (uint8-encoded 8-bit values
+Input: uint8 pixels (N, C, H, W) of the calibrated size. Output: the model's output integers (uint8-encoded 8-bit values
 are decoded in Python, see onnx_runtime.OnnxModel). Activations travel as uint8 (encoding.py). Weights are
 stored as uint8 w + 128 with zero point 128: ONNX Runtime's u8 x u8 kernels widen to int16 before
 multiplying, so its int32 accumulators are exact on every x86 CPU (its u8 x s8 kernels, like
@@ -21,7 +21,7 @@ import torch
 
 from intq.extras import require
 from intq.executors.encoding import EngineError, encoded_zero_point, engine_runs_layer, narrower_bounds, uint8_offset
-from intq.executors.reference import FLOAT32_EXACT, add_table, pixels_to_input, run_integer
+from intq.executors.reference import FLOAT32_EXACT, add_table, run_integer
 from intq.arith.fixed_point import MANTISSA_BITS, MAX_RIGHT_SHIFT, float64_requantizer
 from intq.graph.integer_model import IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QMaxPool, QReLU
 from intq.arith.qparams import QParams
@@ -253,14 +253,17 @@ def _exact_add(graph: _Graph, op: QAdd, operands: list[tuple[str, bool]]) -> tup
 
 
 def _input(graph: _Graph, model: IntegerModel) -> tuple[str, bool]:
-    """The first layer's input (eq. 14): x = 2p - 255 raw in int64 when folded, else the 256-entry
-    table of the requantized input, uint8-encoded, gathered by pixel value."""
-    pixels = _int64_cast(graph, "pixels")
-    if model.input.folded:
-        doubled = graph.node("Mul", [pixels, graph.const("input/two", np.int64(2))], "input/doubled")
-        return graph.node("Sub", [doubled, graph.const("input/255", np.int64(255))], "input/x"), False
-    table = pixels_to_input(torch.arange(256, dtype=torch.uint8), model).to(torch.int16) + uint8_offset(model.input.qparams)
-    return graph.node("Gather", [graph.const("input/table", table.numpy().astype(np.uint8)), pixels], "input/q"), True
+    """The first layer's input (eq. 27): the model input's per-channel table gathered at c * 256 + p,
+    uint8-encoded (q + o) when the input is 8 bits or narrower, else raw int64 (e.g. the folded 2p - 255)."""
+    spec = model.input
+    index = graph.node("Add", [_int64_cast(graph, "pixels"),
+                               graph.const("input/channel_offsets",
+                                           (np.arange(spec.channels, dtype=np.int64) * 256).reshape(1, -1, 1, 1))],
+                       "input/index")
+    table = spec.table.reshape(-1)  # (C, 256) -> (C * 256,)
+    encoded = spec.qparams.dtype.bits <= 8
+    values = (table + uint8_offset(spec.qparams)).astype(np.uint8) if encoded else table.astype(np.int64)
+    return graph.node("Gather", [graph.const("input/table", values), index], "input/q"), encoded
 
 
 def value_shapes(model: IntegerModel, example: torch.Tensor) -> dict[str, tuple[int, ...]]:
@@ -345,8 +348,9 @@ def _serialised(graph: _Graph, inputs: list, output: str, encoded: bool, output_
     return proto.SerializeToString()
 
 
-def export_onnx(model: IntegerModel, example: torch.Tensor, exact: bool = False) -> bytes:
-    """The model as a serialised ONNX ModelProto; `example` (uint8 pixels) fixes channel counts.
+def export_onnx(model: IntegerModel, example: torch.Tensor | None = None, exact: bool = False) -> bytes:
+    """The model as a serialised ONNX ModelProto for images of the shape it was calibrated at
+    (`example`, uint8 pixels, if given, must have that shape).
 
     exact=False: QLinearConv / QLinearAdd (the engine's float requantization, deployable as is);
     exact=True: every conv, linear and add as the exact integer subgraph (ConvInteger/MatMulInteger
@@ -357,6 +361,11 @@ def export_onnx(model: IntegerModel, example: torch.Tensor, exact: bool = False)
     require("onnx", "exporting ONNX")
     from onnx import TensorProto, helper
 
+    if example is None:
+        example = torch.zeros((1, *model.input.shape), dtype=torch.uint8)
+    if tuple(example.shape[1:]) != tuple(model.input.shape):
+        raise EngineError(f"onnx: the model takes images of shape {tuple(model.input.shape)} (C, H, W), the size it "
+                          f"was calibrated at; the example has {tuple(example.shape[1:])}")
     graph, qparams, shapes = _Graph(), model.value_qparams(), value_shapes(model, example)
     values = {model.input_name: _input(graph, model)}
     for op in model.layers:

@@ -40,23 +40,14 @@ def exact_float_dtype(bound: int) -> torch.dtype:
 
 
 def pixels_to_input(pixels: torch.Tensor, model: IntegerModel) -> torch.Tensor:
-    """uint8 pixels (N, C, H, W) -> the first layer's integer input (eq. 14).
-
-    x = 2p - 255 is the normalised image times 255, exactly. Folded input: x itself (int16).
-    Otherwise q = clamp(z + round(M x)) with the input's fixed-point multiplier, evaluated once
-    for each of the 256 pixel values and applied as a lookup table (the same integers).
-    """
+    """uint8 pixels (N, C, H, W) -> the first layer's integer input: q = table[c, p] (eq. 27), the
+    model input's per-channel table of 256 integers gathered by channel and pixel value."""
     if pixels.dtype != torch.uint8:
         raise ExecutionError(f"input must be uint8 pixels, got {pixels.dtype}")
     spec = model.input
-    if spec.folded:
-        return (pixels.to(torch.int16) * 2 - 255)
-    qp = spec.qparams
-    x = torch.arange(256, dtype=torch.int64, device=pixels.device) * 2 - 255
-    mantissa = torch.tensor(spec.mantissa, dtype=torch.int64, device=x.device)
-    shift = torch.tensor(spec.shift, dtype=torch.int64, device=x.device)
-    table = requantize(x, mantissa, shift, int(qp.zero_point), qp.dtype.qmin, qp.dtype.qmax)
-    return table.to(torch_dtype(qp.dtype))[pixels.to(torch.int64)]
+    table = torch.as_tensor(spec.table, device=pixels.device).to(torch_dtype(spec.qparams.dtype))  # (C, 256)
+    offsets = torch.arange(spec.channels, device=pixels.device).reshape(1, -1, 1, 1) * 256
+    return table.reshape(-1)[pixels.to(torch.int64) + offsets]
 
 
 def exact_products(layer: QLayer, x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from intq.arith.preprocessing import STUDY_PREPROCESSING, Preprocessing, PreprocessingError
+
 
 class CaptureError(Exception):
     """The model cannot be captured; the message names every offending node."""
@@ -91,6 +93,7 @@ class Graph:
     nodes: list[Node]
     output_name: str
     users: dict[str, list[str]] = field(default_factory=dict)
+    preprocessing: Preprocessing = STUDY_PREPROCESSING  # the float input the model expects (eq. 25)
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
@@ -293,10 +296,17 @@ def run_float(graph: Graph, x: torch.Tensor, visit: Callable[[str, torch.Tensor]
     return values[graph.output_name]
 
 
-def capture(model: nn.Module, example: torch.Tensor) -> Graph:
-    """trace(model), then prove on `example` that the graph computes what the model computes."""
+def capture(model: nn.Module, example: torch.Tensor, preprocessing: Preprocessing = STUDY_PREPROCESSING) -> Graph:
+    """trace(model), then prove on `example` that the graph computes what the model computes.
+
+    `preprocessing` is how the model's float input comes from uint8 pixels (eq. 25; default: the
+    study's (p/255 - 0.5)/0.5); the graph keeps it for calibration and conversion. An `example` of
+    uint8 pixels is preprocessed with it; a float one is used as it is (it only proves the graph)."""
     model = model.eval()
+    if example.dtype == torch.uint8:
+        example = _preprocessed(preprocessing, example)
     graph = trace(model)
+    graph.preprocessing = preprocessing
     _check_weights_finite(graph)
     with torch.no_grad():
         try:
@@ -314,6 +324,13 @@ def capture(model: nn.Module, example: torch.Tensor) -> Graph:
         raise CaptureError(f"{type(model).__name__}: captured graph disagrees with the model; "
                            f"is every view/reshape a flatten of all but the batch dimension?")
     return graph
+
+
+def _preprocessed(preprocessing: Preprocessing, pixels: torch.Tensor) -> torch.Tensor:
+    try:
+        return preprocessing.apply(pixels)
+    except PreprocessingError as err:
+        raise CaptureError(f"the example input: {err}") from None
 
 
 def _check_weights_finite(graph: Graph) -> None:

@@ -5,7 +5,6 @@ fixed-point multiplier per output channel, and a proof that its accumulator fits
 """
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import numpy as np
@@ -14,10 +13,11 @@ import torch
 from intq.graph.capture import (REQUANTIZING, WEIGHTED, Add, Conv2d, Flatten, Graph, Identity, MaxPool2d, Node, ReLU,
                           run_float)
 from intq.graph.config import ActivationConfig, QConfig, WeightConfig
-from intq.arith.fixed_point import quantize_multiplier, quantize_multipliers
-from intq.graph.integer_model import (INT32_LIMIT, PIXEL_INPUT, InputSpec, IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten,
+from intq.arith.fixed_point import quantize_multipliers
+from intq.arith.preprocessing import Preprocessing, PreprocessingError
+from intq.graph.integer_model import (INT32_LIMIT, InputSpec, IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten,
                                 QLayer, QLinear, QMaxPool, QReLU, accumulator_bound, add_multipliers, avg_pool_multiplier,
-                                input_multiplier, layer_multipliers)
+                                layer_multipliers)
 from intq.graph.model_check import ModelCheckError, check_model
 from intq.calibrate.observers import TensorObserver, TensorStats, observe
 from intq.arith.qparams import IntType, QParams, Scheme, choose_qparams, quantize, round_half_away_from_zero
@@ -59,51 +59,32 @@ def observed_tensors(graph: Graph) -> dict[str, str]:
     return names
 
 
-# The interim input assumption (until inputs can be specified): the first layer folds exactly
-# x = (p/255 - 0.5)/0.5 of uint8 pixels p (PIXEL_INPUT), so calibration must see such values.
-INPUT_ASSUMPTION = "values must be uint8 pixels normalised as (p/255 - 0.5)/0.5 (in [-1, 1] on a 2/255 grid)"
-PIXEL_TOLERANCE = 1e-3  # of one pixel step; float32 normalisation is within 2e-5 of the grid
-
-
-def check_calibration_batch(batch: object, index: int) -> None:
-    """Refuse a calibration batch the integer path would silently misread (interim guard).
-
-    Rule: a float32 tensor (N, C, H, W), finite, whose every value x maps to a pixel
-    p = (x * 255 + 255) / 2 = 127.5 x + 127.5 in [0, 255] within PIXEL_TOLERANCE of an integer.
-    Worked numbers: x = -0.6 -> p = 51.0, accepted; x = 0.5 -> p = 191.25, refused (off the grid);
-    mean/std-normalised CIFAR-10 reaches x = (1 - 0.4822) / 0.243 = 2.13, p = 399.2, refused. `index`
-    counts batches from 1 and is named in the ConversionError. Cost: ~2 ms per 1,000 images.
-    """
+def calibration_batch(batch: object, index: int, preprocessing: Preprocessing) -> torch.Tensor:
+    """The float batch the model reads: uint8 pixels (N, C, H, W) preprocessed here, or float32 images
+    checked against `preprocessing` (Preprocessing.check_batch: whole pixels in 0..255 under it), so
+    data normalised otherwise than declared is refused before any statistics are gathered.
+    `index` counts batches from 1 and is named in the ConversionError."""
     where = f"calibration batch {index}"
-    if not isinstance(batch, torch.Tensor) or batch.dtype != torch.float32 or batch.dim() != 4:
+    if not isinstance(batch, torch.Tensor) or batch.dim() != 4 or batch.dtype not in (torch.uint8, torch.float32):
         got = f"{batch.dtype} {tuple(batch.shape)}" if isinstance(batch, torch.Tensor) else type(batch).__name__
-        raise ConversionError(f"{where}: expected a float32 tensor of shape (N, C, H, W), got {got}")
-    if batch.numel() == 0:
-        return
-    batch = batch.detach()
-    lo, hi = (float(v) for v in torch.aminmax(batch))  # NaN anywhere makes both NaN
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ConversionError(f"{where}: holds NaN or Inf; {INPUT_ASSUMPTION}")
-    if lo * 127.5 + 127.5 < -PIXEL_TOLERANCE or hi * 127.5 + 127.5 > 255 + PIXEL_TOLERANCE:
-        raise ConversionError(f"{where}: {INPUT_ASSUMPTION}; got values in [{lo:.3g}, {hi:.3g}] -- "
-                              "per-channel mean/std normalisation is not supported yet")
-    # Distance of p to the nearest integer is |frac(p + 0.5) - 0.5| (p + 0.5 > 0 here); float32
-    # keeps p within 2e-5 of a step for p <= 255.
-    fraction = torch.mul(batch, 127.5).add_(128.0).frac_()
-    low, high = (float(v) for v in torch.aminmax(fraction))
-    if max(0.5 - low, high - 0.5) > PIXEL_TOLERANCE:
-        worst = int((fraction - 0.5).abs_().reshape(-1).argmax())  # (N, C, H, W) -> (N*C*H*W,)
-        value = float(batch.reshape(-1)[worst])
-        raise ConversionError(f"{where}: {INPUT_ASSUMPTION}; got {value:.6g}, which is pixel "
-                              f"{value * 127.5 + 127.5:.4f} -- other input scalings are not supported yet")
+        raise ConversionError(f"{where}: expected uint8 pixels or float32 images of shape (N, C, H, W), got {got}")
+    try:
+        if batch.dtype == torch.uint8:
+            return preprocessing.apply(batch)
+        if batch.numel():
+            preprocessing.check_batch(batch, where)
+    except PreprocessingError as err:
+        raise ConversionError(str(err) if str(err).startswith(where) else f"{where}: {err}") from None
+    return batch
 
 
 def collect_statistics(graph: Graph, batches: Iterable[torch.Tensor]) -> dict[str, TensorStats]:
-    """One streaming pass of the float graph over `batches` (normalised float images), observing
-    the input and every layer's quantization point: the statistics `convert` needs.
+    """One streaming pass of the float graph over `batches`, observing the input and every layer's
+    quantization point: the statistics `convert` needs.
 
-    Each batch is first checked against the input assumption (check_calibration_batch); a batch
-    that breaks it, no images at all, or a layer producing NaN/Inf raise ConversionError."""
+    A batch is uint8 pixels (preprocessed with the graph's preprocessing) or float32 images that
+    must be what that preprocessing makes of pixels (calibration_batch); a batch that is neither, no
+    images at all, or a layer producing NaN/Inf raise ConversionError."""
     observers = {name: TensorObserver() for name in observed_tensors(graph).values()}
     index = 0
 
@@ -117,7 +98,7 @@ def collect_statistics(graph: Graph, batches: Iterable[torch.Tensor]) -> dict[st
 
     with torch.no_grad():
         for index, batch in enumerate(batches, 1):
-            check_calibration_batch(batch, index)
+            batch = calibration_batch(batch, index, graph.preprocessing)
             if batch.numel() == 0:
                 continue  # nothing to observe (and a 0-image batch cannot be flattened)
             try:
@@ -153,14 +134,24 @@ def activation_qparams(stats: TensorStats, config: ActivationConfig, *, after_re
     return choose_qparams(lo, hi, dtype, config.scheme)
 
 
-def input_spec(stats: TensorStats, config: QConfig) -> InputSpec:
-    """Folded: the first layer reads x = 2p - 255 (scale 1/255). Else requantize x to int (eq. 14)."""
+def input_spec(stats: TensorStats, config: QConfig, preprocessing: Preprocessing) -> InputSpec:
+    """The first layer's input (eqs. 26-28). With `config.fold_input`: the exact integers of the
+    preprocessing when it has an exact form (the study's x = 2p - 255), else the fine input (a quarter
+    pixel step); otherwise the input requantized to the activation QParams of its calibrated range."""
     shape = tuple(stats.shape)  # one image: (C, H, W)
+    if len(shape) != 3:
+        raise ConversionError(f"the model input has shape {shape} per example; intq takes images (C, H, W)")
+    try:
+        preprocessing = preprocessing.for_channels(shape[0])
+    except PreprocessingError as err:
+        raise ConversionError(f"model input: {err}") from None
     if config.fold_input:
-        return InputSpec(PIXEL_INPUT, shape=shape)
+        exact = preprocessing.exact_form(shape[0])
+        qparams = exact[0] if exact is not None else preprocessing.fine_qparams(shape[0])
+        if qparams is not None:
+            return InputSpec(qparams, shape, preprocessing)
     qparams = activation_qparams(stats, config.activations, after_relu=False, is_output=False)
-    mantissa, shift = quantize_multiplier(input_multiplier(qparams))
-    return InputSpec(qparams, mantissa, shift, shape)
+    return InputSpec(qparams, shape, preprocessing)
 
 
 def _check_weight(node: Node) -> None:
@@ -258,7 +249,7 @@ def check_layer_names(graph: Graph, config: QConfig) -> None:
 def convert(graph: Graph, stats: dict[str, TensorStats], config: QConfig, metadata: dict | None = None) -> IntegerModel:
     """Build the IntegerModel; `stats` holds the observed tensors named by `observed_tensors`."""
     check_layer_names(graph, config)
-    spec = input_spec(stats[graph.input_name], config)
+    spec = input_spec(stats[graph.input_name], config, graph.preprocessing)
     qparams_of = {graph.input_name: spec.qparams}
     alias = {graph.input_name: graph.input_name}
     layers, fused = [], set()

@@ -12,31 +12,47 @@ from typing import ClassVar
 
 import numpy as np
 
-from intq.arith.qparams import IntType, QParams
+from intq.arith.preprocessing import STUDY_PREPROCESSING, Preprocessing, input_table, same_input_qparams
+from intq.arith.qparams import QParams
 
 INT32_LIMIT = 2**31 - 1
-PIXEL_INPUT = QParams(np.array(1.0 / 255.0), np.array(0, np.int64), IntType(9, True))  # x = 2p - 255 (eq. 14)
 
 
 @dataclass(eq=False)
 class InputSpec:
     """How uint8 pixels p become the integers the first layer reads.
 
-    The study's normalisation (p/255 - 0.5)/0.5 is exactly x = (2p - 255) / 255, so the integer
-    x = 2p - 255 with scale 1/255 is lossless (docs/math.md eq. 14). With `mantissa` None the first
-    layer reads x itself ("pixels": normalisation folded into the first layer); otherwise x is
-    requantized to `qparams` with (mantissa, shift) like any layer output ("quantized"). `shape` is
-    one image's (channels, height, width), the size the model was calibrated at.
+    `shape` is one image's (channels, height, width), the size the model was calibrated at;
+    `preprocessing` the float input the float model expects (eq. 25), one mean and std per channel;
+    `qparams` the first layer's input integers. The integers are `table[c, p]` (eq. 27), derived from
+    the two, never stored. `folded`: the integers are the preprocessed values exactly (eq. 26: the
+    study's x = 2p - 255 at scale 1/255); otherwise they are x requantized to `qparams`.
     """
 
     qparams: QParams
-    mantissa: int | None = None
-    shift: int | None = None
     shape: tuple[int, int, int] = (3, 32, 32)
+    preprocessing: Preprocessing = STUDY_PREPROCESSING
+
+    def __post_init__(self) -> None:
+        self.preprocessing = self.preprocessing.for_channels(self.shape[0])
+        self._table: np.ndarray | None = None
+
+    @property
+    def channels(self) -> int:
+        return self.shape[0]
+
+    @property
+    def table(self) -> np.ndarray:
+        """int64 (C, 256): the first layer's input integer of every pixel value, per channel (eq. 27)."""
+        if self._table is None:
+            self._table = input_table(self.preprocessing, self.qparams, self.channels)
+        return self._table
 
     @property
     def folded(self) -> bool:
-        return self.mantissa is None
+        """True when the first layer reads the preprocessed values exactly (eq. 26)."""
+        exact = self.preprocessing.exact_form(self.channels)
+        return exact is not None and same_input_qparams(exact[0], self.qparams)
 
 
 class Requantizing:
@@ -235,8 +251,3 @@ def add_multipliers(inputs_qp: tuple[QParams, ...] | list[QParams], output_qp: Q
 def avg_pool_multiplier(input_qp: QParams, output_qp: QParams, window: int) -> np.ndarray:
     """(M,) of an average pool over `window` values: M = s_x / (N s_y) (eq. 18)."""
     return np.array([float(input_qp.scale) / (window * float(output_qp.scale))])
-
-
-def input_multiplier(qparams: QParams) -> float:
-    """M of a quantized (not folded) input: x = 2p - 255 at scale 1/255 to `qparams` (eq. 14)."""
-    return float(PIXEL_INPUT.scale) / float(qparams.scale)

@@ -23,17 +23,21 @@ from pathlib import Path
 
 import numpy as np
 
+from intq import __version__
+from intq.arith.fixed_point import quantize_multiplier
+from intq.arith.preprocessing import STUDY_PREPROCESSING, Preprocessing, PreprocessingError
 from intq.files import atomic_write
 from intq.graph.integer_model import (InputSpec, IntegerModel, IntegerOp, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear,
                                 QMaxPool, QReLU, accumulator_bound)
 from intq.graph.archive import (MAX_ARRAY_VALUES, MAX_CHANNELS, NPY_HEADER_BYTES, ArchiveArrays, Fields, Invalid,
-                                checked_name, member, read_array, show)
+                                checked_name, member, number_list, read_array, show)
 from intq.graph.model_check import MAX_OPS, ModelCheckError, check_model
 from intq.arith.packing import field_bits, pack_signed, unpack_signed
 from intq.arith.qparams import QParams
 
 FORMAT = "intq.IntegerModel"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the input's preprocessing (mean, std) and the intq version; 2 still loads
+READABLE_VERSIONS = (2, 3)
 MAX_META_BYTES = 16 << 20  # JSON of a 10,000-op model with per-channel parameters is a few MB
 LAYER_KINDS = {op.LABEL: op for op in (QConv2d, QLinear)}
 
@@ -105,10 +109,10 @@ def to_arrays(model: IntegerModel) -> dict[str, np.ndarray]:
     """The model as a flat dict of numpy arrays; `__meta__` holds the JSON structure."""
     arrays: dict[str, np.ndarray] = {}
     meta = {
-        "format": FORMAT, "version": FORMAT_VERSION,
+        "format": FORMAT, "version": FORMAT_VERSION, "intq_version": __version__,
         "input_name": model.input_name, "output_name": model.output_name, "metadata": model.metadata,
-        "input": {"qparams": _qparams_meta(model.input.qparams), "mantissa": model.input.mantissa,
-                  "shift": model.input.shift, "shape": list(model.input.shape)},
+        "input": {"qparams": _qparams_meta(model.input.qparams), "shape": list(model.input.shape),
+                  "mean": list(model.input.preprocessing.mean), "std": list(model.input.preprocessing.std)},
         "layers": [_layer_meta(op, arrays) for op in model.layers],
     }
     arrays["__meta__"] = np.frombuffer(json.dumps(meta, separators=(",", ":")).encode(), np.uint8)  # UTF-8
@@ -146,9 +150,10 @@ def _read_meta(archive: zipfile.ZipFile) -> dict:
     except RecursionError:
         raise Invalid("__meta__ is JSON nested too deeply") from None
     fields = Fields(meta, "__meta__")
-    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise Invalid(f"unsupported model format {show(meta.get('format'))} v{show(meta.get('version'))} "
-                       f"(this intq reads {FORMAT} v{FORMAT_VERSION})")
+    version = meta.get("version")
+    if meta.get("format") != FORMAT or type(version) is not int or version not in READABLE_VERSIONS:
+        raise Invalid(f"unsupported model format {show(meta.get('format'))} v{show(version)} "
+                       f"(this intq reads {FORMAT} v{' and v'.join(map(str, READABLE_VERSIONS))})")
     return fields.value
 
 
@@ -249,13 +254,36 @@ def _read_op(meta, index: int, arrays: ArchiveArrays) -> IntegerOp:
 
 
 def _read_input(meta: Fields) -> InputSpec:
+    """Version 3: qparams, shape, mean and std. Version 2 (before the preprocessing was recorded) held the
+    study's normalisation on 3 channels, and a (mantissa, shift) for a requantized input, compared here
+    with the ones derived from the QParams (eq. 27)."""
     spec = Fields(meta.get("input", (dict,), "an object"), "input")
     qparams = spec.qparams("qparams")
-    folded = spec.value.get("mantissa") is None
-    mantissa = None if folded else spec.integer("mantissa", 0, 2**31 - 1)
-    shift = None if folded else spec.integer("shift", -64, 64)
+    if meta.value["version"] == 2:
+        return _read_v2_input(spec, qparams)
+    shape = spec.integers("shape", 3, 1, 1 << 14)
+    mean, std = (spec.get(key, (list,), "a list of numbers") for key in ("mean", "std"))
+    if not (number_list(mean, float) and number_list(std, float)) or len(mean) != shape[0] or len(std) != shape[0]:
+        raise Invalid(f"input: mean and std must be lists of {shape[0]} numbers (one per channel), got "
+                      f"{show(mean)} and {show(std)}")
+    try:
+        return InputSpec(qparams, shape, Preprocessing(tuple(mean), tuple(std)))
+    except PreprocessingError as err:
+        raise Invalid(f"input: {err}") from None
+
+
+def _read_v2_input(spec: Fields, qparams: QParams) -> InputSpec:
     shape = spec.integers("shape", 3, 1, 1 << 14, optional=True) or (3, 32, 32)  # files before 0.1.1: the study's size
-    return InputSpec(qparams, mantissa, shift, shape)
+    model_input = InputSpec(qparams, shape, STUDY_PREPROCESSING)
+    if spec.value.get("mantissa") is None:
+        if not model_input.folded:
+            raise Invalid("input: a folded v2 input has scale 1/255, zero point 0 and type int9 (x = 2p - 255)")
+        return model_input
+    stored = (spec.integer("mantissa", 0, 2**31 - 1), spec.integer("shift", -64, 64))
+    derived = quantize_multiplier(float(STUDY_PREPROCESSING.exact_form(shape[0])[0].scale) / float(qparams.scale))
+    if stored != derived:
+        raise Invalid(f"input: mantissa and shift {stored} are not the input multiplier {derived} of its scale")
+    return model_input
 
 
 def _metadata(value: dict) -> dict:

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from intq.arith.preprocessing import STUDY_PREPROCESSING, Preprocessing
 from intq.graph.capture import Graph, capture
 from intq.graph.config import QConfig
 from intq.graph.convert import collect_statistics, convert
@@ -129,30 +130,34 @@ def calibration_images(images: torch.Tensor, samples: int | None, seed: int) -> 
     return images[calibration_indices(len(images), samples, seed)]
 
 
-def capture_graph(model: torch.nn.Module, pixels: torch.Tensor, device: str = "cpu") -> Graph:
-    """capture(model), its graph checked against the model on the first two uint8 `pixels`."""
-    return capture(model, normalize(pixels[:2]).to(device))
+def capture_graph(model: torch.nn.Module, pixels: torch.Tensor, device: str = "cpu",
+                  preprocessing: Preprocessing = STUDY_PREPROCESSING) -> Graph:
+    """capture(model), its graph checked against the model on the first two uint8 `pixels`,
+    preprocessed as the model expects (eq. 25)."""
+    return capture(model, pixels[:2].to(device), preprocessing)
 
 
 def statistics(graph: Graph, pixels: torch.Tensor, device: str = "cpu") -> dict[str, TensorStats]:
-    """One streaming pass over uint8 `pixels`, normalised batch by batch (collect_statistics)."""
-    batches = (normalize(pixels[start : start + CALIBRATION_BATCH]).to(device)
-               for start in range(0, len(pixels), CALIBRATION_BATCH))
+    """One streaming pass over uint8 `pixels`, preprocessed batch by batch with the graph's
+    preprocessing (collect_statistics)."""
+    batches = (pixels[start : start + CALIBRATION_BATCH].to(device) for start in range(0, len(pixels), CALIBRATION_BATCH))
     return collect_statistics(graph, batches)
 
 
 def calibrated(model: torch.nn.Module, pixels: torch.Tensor, *, device: str = "cpu",
-               example: torch.Tensor | None = None) -> Calibrated:
-    """Capture `model` and observe it on the uint8 calibration `pixels`. The capture is checked on
-    the first two of `example` (default: of `pixels`)."""
-    graph = capture_graph(model, pixels if example is None else example, device)
+               example: torch.Tensor | None = None, preprocessing: Preprocessing = STUDY_PREPROCESSING) -> Calibrated:
+    """Capture `model` and observe it on the uint8 calibration `pixels` under `preprocessing` (the
+    float input the model expects). The capture is checked on the first two of `example` (default:
+    of `pixels`)."""
+    graph = capture_graph(model, pixels if example is None else example, device, preprocessing)
     return Calibrated(graph, statistics(graph, pixels, device))
 
 
 def quantize_model(model: torch.nn.Module, pixels: torch.Tensor, config: QConfig, *, device: str = "cpu",
-             metadata: dict | None = None, example: torch.Tensor | None = None) -> Quantized:
+                   metadata: dict | None = None, example: torch.Tensor | None = None,
+                   preprocessing: Preprocessing = STUDY_PREPROCESSING) -> Quantized:
     """model -> graph -> statistics on the uint8 calibration `pixels` -> IntegerModel under `config`."""
-    calibration = calibrated(model, pixels, device=device, example=example)
+    calibration = calibrated(model, pixels, device=device, example=example, preprocessing=preprocessing)
     return Quantized(calibration.graph, calibration.stats, calibration.integer_model(config, metadata))
 
 

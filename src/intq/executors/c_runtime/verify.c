@@ -6,8 +6,8 @@
 
 int main(int argc, char **argv) {
     int32_t *buffers[INTQ_OP_COUNT];
-    int32_t input[INTQ_INPUT_SIZE];
-    unsigned char pixels[INTQ_INPUT_SIZE];
+    static int32_t input[INTQ_INPUT_SIZE]; /* static: a 3x224x224 image is 600 KB */
+    static unsigned char pixels[INTQ_INPUT_SIZE];
     long images = argc > 1 ? atol(argv[1]) : 0, image;
     int op, i;
     FILE *in = fopen("pixels.bin", "rb"), *out = fopen("outputs.bin", "wb");
@@ -20,7 +20,7 @@ int main(int argc, char **argv) {
     }
     for (image = 0; image < images; image++) {
         if (fread(pixels, 1, INTQ_INPUT_SIZE, in) != INTQ_INPUT_SIZE) { fprintf(stderr, "short read\n"); return 2; }
-        for (i = 0; i < INTQ_INPUT_SIZE; i++) input[i] = INTQ_INPUT_LUT[pixels[i]];
+        for (i = 0; i < INTQ_INPUT_SIZE; i++) input[i] = INTQ_INPUT_LUT[(i / INTQ_INPUT_PLANE) * 256 + pixels[i]];
         intq_run(INTQ_OPS, INTQ_OP_COUNT, input, buffers);
         fwrite(buffers[INTQ_OUTPUT_OP], sizeof(int32_t), (size_t)INTQ_BUFFER_SIZES[INTQ_OUTPUT_OP], out);
     }
