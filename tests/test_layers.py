@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "intq"
-LAYERS = ["arith", "calibrate", "graph", "executors", "cifar", "workflows", "report"]  # bottom to top
+LAYERS = ["arith", "calibrate", "graph", "executors", "data", "cifar", "workflows", "report"]  # bottom to top
 BASE, TOP = {"files", "extras", "__version__"}, {"cli", "commands", "__init__"}
 
 

@@ -4,17 +4,17 @@ CIFAR10_CLASSES, images sorted by file name within a class), listed with a finge
 cache and decoded across worker processes."""
 from __future__ import annotations
 
-import hashlib
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from intq.extras import require
 from intq.cifar.dataset import CIFAR10_CLASSES, IMAGE_SIDE, DataError, Dataset, Progress, data_error
+from intq.data.image_listing import Fingerprint, scan_images, subfolder_names
 
 IMAGE_FOLDER = "image folder"  # the layout's name in Dataset.source and messages
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # compared lower-cased
@@ -33,13 +33,13 @@ class ImageListing:
     fingerprint: str
 
 
-def _subfolder_names(folder: Path) -> tuple[str, ...]:
-    """Sorted names of the visible subfolders of `folder`."""
+def _listed(list_folder: Callable, folder: Path, *args) -> object:
+    """`list_folder(folder, *args)`, whose one-line DataError (a folder that cannot be listed)
+    gains CIFAR-10's hint on pointing intq at the data."""
     try:
-        return tuple(sorted(e.name for e in os.scandir(folder)
-                            if e.is_dir() and not e.name.startswith(".")))
-    except OSError as err:
-        raise data_error(f"cannot list {folder} ({err.strerror})") from None
+        return list_folder(folder, *args)
+    except DataError as err:
+        raise data_error(str(err)) from None
 
 
 def _class_folder_problem(names: tuple[str, ...]) -> str | None:
@@ -62,27 +62,21 @@ def _class_folder_problem(names: tuple[str, ...]) -> str | None:
 def _class_names(folder: Path) -> tuple[str, ...]:
     """CIFAR10_CLASSES, once train/ and test/ each hold exactly those ten class folders."""
     for split in ("train", "test"):
-        problem = _class_folder_problem(_subfolder_names(folder / split))
+        problem = _class_folder_problem(_listed(subfolder_names, folder / split))
         if problem is not None:
             raise data_error(f"class folders in {folder / split} are not CIFAR-10's ten ({problem}); "
                         f"train/ and test/ must each hold exactly {', '.join(CIFAR10_CLASSES)}")
     return CIFAR10_CLASSES
 
 
-def _scan_class(class_dir: Path) -> tuple[list[str], int, int]:
-    """Paths of the .png/.jpg/.jpeg files in a class folder sorted by name, total bytes, newest
-    mtime_ns."""
-    try:
-        entries = [e for e in os.scandir(class_dir)
-                   if e.name.lower().endswith(_IMAGE_SUFFIXES) and e.is_file()]
-        stats = [entry.stat() for entry in entries]
-    except OSError as err:
-        raise data_error(f"cannot list {class_dir} ({err.strerror})") from None
-    if not entries:
+def _scan_class(class_dir: Path, fingerprint: Fingerprint) -> list[str]:
+    """Paths of the visible .png/.jpg/.jpeg files in a class folder sorted by name, counted into
+    `fingerprint`; a class folder without any is a DataError naming it."""
+    paths, total, newest = _listed(scan_images, class_dir, _IMAGE_SUFFIXES)
+    if not paths:
         raise data_error(f"class folder {class_dir} holds no .png/.jpg/.jpeg images")
-    paths = sorted(entry.path for entry in entries)  # same folder, so sorts by file name
-    total = sum(stat.st_size for stat in stats)
-    return paths, total, max(stat.st_mtime_ns for stat in stats)
+    fingerprint.add(paths, total, newest)
+    return paths
 
 
 def scan_image_folder(folder: Path) -> ImageListing:
@@ -92,21 +86,16 @@ def scan_image_folder(folder: Path) -> ImageListing:
     added, removed, renamed, resized or rewritten file invalidates the cache.
     """
     classes = _class_names(folder)
-    names, count, total, newest = hashlib.sha256(), 0, 0, 0
+    fingerprint = Fingerprint()
     splits = {}
     for split in ("train", "test"):
         paths, labels = [], []
         for label, name in enumerate(classes):
-            class_paths, class_bytes, class_newest = _scan_class(folder / split / name)
+            class_paths = _scan_class(folder / split / name, fingerprint)
             paths += class_paths
             labels += [label] * len(class_paths)
-            names.update("\0".join(class_paths).encode("utf-8", "surrogateescape") + b"\0")
-            total, newest = total + class_bytes, max(newest, class_newest)
-        count += len(paths)
         splits[split] = (paths, labels)
-    fingerprint = (f"images files={count} bytes={total} newest_mtime_ns={newest} "
-                   f"paths_sha256={names.hexdigest()}")
-    return ImageListing(folder, classes, splits["train"], splits["test"], fingerprint)
+    return ImageListing(folder, classes, splits["train"], splits["test"], fingerprint.text())
 
 
 def _read_image(path: str) -> np.ndarray:
