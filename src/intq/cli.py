@@ -33,13 +33,15 @@ from intq.graph.model_check import ModelCheckError
 from intq.graph.model_file import ModelFileError
 from intq.cifar.models import ARCHITECTURES
 from intq.workflows.pipeline import CheckpointError
+from intq.workflows.user_model import UserModelError
+from intq.arith.preprocessing import PreprocessingError
 from intq.workflows.study import StudyError
 from intq.workflows.sweep import ACTIVATION_BITS, GRANULARITIES, METHODS, WEIGHT_BITS, SweepError
 from intq.executors.verify import EXECUTORS, VerifyError
 
 USER_ERRORS = (DataError, CaptureError, ConversionError, ExecutionError, OutputError, ModelFileError, ModelCheckError,
                StudyError, SweepError, ExplainError, CheckpointError, VerifyError, EngineError, MissingExtraError,
-               argparse.ArgumentTypeError)
+               UserModelError, PreprocessingError, argparse.ArgumentTypeError)
 
 
 def _add_run(commands) -> None:
@@ -66,26 +68,47 @@ def _add_common(command) -> None:
                          help="decoded data and trained weights (default: $INTQ_CACHE, else .cache/intq)")
 
 
+def _add_inputs(command, weights: bool = True) -> None:
+    """--size, --channels, --mean, --std (and --weights for a model file): the user's data and model."""
+    command.add_argument("--size", nargs="+", metavar="H [W]", default=None,
+                         help="resize every image to H x W (one number: square); needed for images of mixed sizes")
+    command.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                         help="convert images to 1 (grayscale) or 3 (RGB) channels")
+    command.add_argument("--mean", nargs="+", metavar="M", default=None,
+                         help="the model's preprocessing x = (p/255 - mean)/std: one mean per channel, or one for all "
+                         "(default: 0.5, the study's)")
+    command.add_argument("--std", nargs="+", metavar="S", default=None, help="with --mean: one std per channel, or one "
+                         "for all (default: 0.5)")
+    if weights:
+        command.add_argument("--weights", metavar="FILE", type=Path, default=None,
+                             help="the weights of a model file: a state_dict .pt/.pth (read with weights_only=True), "
+                             ".safetensors, or an intq train .npz")
+
+
 def _add_json(command) -> None:
     command.add_argument("--json", metavar="FILE", type=Path, default=None,
                          help="also write the figures printed as JSON to FILE (checked writable before any work)")
 
 
-def _add_model_and_out(command, name: str, checkpoints: bool = False) -> None:
-    """--model (a study model, or a checkpoint with --arch) and --out (default runs/<name>)."""
-    _add_model(command, checkpoints)
+def _add_model_and_out(command, name: str) -> None:
+    """--model and its options (_add_model) and --out (default runs/<name>)."""
+    _add_model(command)
     command.add_argument("--out", metavar="DIR", type=Path, default=Path("runs") / name,
                          help=f"output folder (default: runs/{name})")
 
 
-def _add_model(command, checkpoints: bool) -> None:
-    if checkpoints:
-        command.add_argument("--model", default="Net", metavar="Net|NetWithBias|CHECKPOINT",
-                             help="a study model, or a checkpoint written by intq train (default: Net)")
-        command.add_argument("--arch", choices=tuple(ARCHITECTURES), default="Net",
-                             help="the architecture of a CHECKPOINT (default: Net)")
-    else:
-        command.add_argument("--model", choices=("Net", "NetWithBias"), default="Net", help="the study model (default: Net)")
+MODEL_FORMS = "Net|NetWithBias|CHECKPOINT|FILE.py:factory|module:attr"
+
+
+def _add_model(command, default: str | None = "Net") -> None:
+    """--model (a study model, an intq train checkpoint with --arch, or the user's model file with
+    --weights), --arch, and the data and preprocessing options."""
+    command.add_argument("--model", default=default, metavar=MODEL_FORMS,
+                         help="a study model, a checkpoint written by intq train, or your model: a Python file and "
+                         f"the factory or module in it, with --weights (default: {default})")
+    command.add_argument("--arch", choices=tuple(ARCHITECTURES), default="Net",
+                         help="the architecture of a CHECKPOINT (default: Net)")
+    _add_inputs(command)
 
 
 def _add_sweep(commands) -> None:
@@ -95,7 +118,7 @@ def _add_sweep(commands) -> None:
         "convert and evaluate every combination integer-only on the test set. Writes sweep.json, "
         "sweep.html/sweep.md and sweep.png. Lists take spaces or commas.")
     _add_common(sweep)
-    _add_model_and_out(sweep, "sweep", checkpoints=True)
+    _add_model_and_out(sweep, "sweep")
     sweep.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
                        help="range methods: minmax nsigma nsigma(K) percentile percentile(P) mse entropy (default: all five)")
     sweep.add_argument("--wbits", nargs="+", default=[str(b) for b in WEIGHT_BITS], metavar="B", help="weight bit widths, 2..8 (default: 8 6 4 3 2)")
@@ -162,6 +185,7 @@ def _add_explain(commands) -> None:
     command.add_argument("--image", type=int, default=0, help="test image number (default: 0)")
     command.add_argument("--index", required=True, help="output element: C,Y,X for a conv, C for a linear layer")
     _add_common(command)
+    _add_inputs(command, weights=False)
 
 
 def _add_export_c(commands) -> None:
@@ -174,6 +198,7 @@ def _add_export_c(commands) -> None:
     command.add_argument("--out", metavar="DIR", type=Path, required=True, help="output folder")
     command.add_argument("--images", type=int, default=None, help="golden test images (default: 4, or all when fewer)")
     _add_common(command)
+    _add_inputs(command, weights=False)
 
 
 def _add_export_onnx(commands) -> None:
@@ -198,11 +223,14 @@ def _add_train_quantize_eval(commands) -> None:
     train.add_argument("--lr", type=float, default=0.1, help="peak learning rate (default: 0.1)")
     train.add_argument("--out", metavar="FILE", type=Path, default=None, help="checkpoint (default: runs/<arch>/<arch>.npz)")
     _add_common(train)
-    quantize = commands.add_parser("quantize", help="quantize a checkpoint to an integer model",
+    quantize = commands.add_parser("quantize", help="quantize a float model to an integer model",
                                    description="Calibrate on training images, convert to an IntegerModel (.npz), and "
-                                   "report float and integer-only test accuracy.")
-    quantize.add_argument("checkpoint", metavar="CHECKPOINT", type=Path, help="a checkpoint written by intq train")
-    quantize.add_argument("--arch", choices=tuple(ARCHITECTURES), required=True)
+                                   "report float and integer-only test accuracy (when the data has a test split). "
+                                   "The model: a checkpoint of intq train (with --arch), or --model FILE.py:factory "
+                                   "--weights W.pt with --data DIR and, where it needs them, --size, --mean, --std.")
+    quantize.add_argument("checkpoint", metavar="CHECKPOINT", type=Path, nargs="?", default=None,
+                          help="a checkpoint written by intq train (or use --model)")
+    _add_model(quantize, default=None)
     _add_config(quantize)
     quantize.add_argument("--calib-samples", type=int, default=None,
                           help="training images to calibrate on, at most all of them (default: 10000, or all when fewer)")
@@ -212,10 +240,12 @@ def _add_train_quantize_eval(commands) -> None:
     evaluate = commands.add_parser("eval", help="integer-only test accuracy of an integer model")
     evaluate.add_argument("model_file", metavar="MODEL.npz", type=Path)
     _add_common(evaluate)
+    _add_inputs(evaluate, weights=False)
     _add_json(evaluate)
     check = commands.add_parser("verify", help="check other executors against the reference on the test set",
                                 description="Share of output values that differ from the reference executor, the "
                                 "largest difference in LSB, and the share of images whose top-1 differs.")
+    _add_inputs(check, weights=False)
     check.add_argument("model_file", metavar="MODEL.npz", type=Path)
     check.add_argument("--executors", nargs="+", default=list(EXECUTORS),
                        help=f"executors to check (default: {' '.join(EXECUTORS)})")
@@ -232,7 +262,7 @@ def _add_compare(commands) -> None:
         description="Quantize the same float model with intq (a preset) and with torch.ao FX static PTQ "
         "(x86 qconfig) on the same calibration images; print accuracy, size, latency (batch 1), "
         "throughput (batch 256) and top-1 agreement with the intq reference executor.")
-    _add_model(command, checkpoints=True)
+    _add_model(command)
     _add_config(command)
     command.add_argument("--calib-samples", type=int, default=None,
                          help="calibration images for both, at most all of them (default: 2000, or all when fewer)")

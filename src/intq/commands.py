@@ -16,14 +16,15 @@ from intq.graph import model_file
 from intq.calibrate.ranges import parse_range_method
 from intq.workflows.compare import run_compare
 from intq.graph.config import PRESETS, QConfig
-from intq.cifar.data import load_cifar10
+from intq.arith.preprocessing import Preprocessing
+from intq.graph.integer_model import IntegerModel
 from intq.workflows.inspect import InspectOptions, run_inspect
 from intq.executors.c_export import export_c
 from intq.workflows.explain import cached_float_graph, explain
 from intq.extras import require
 from intq.files import atomic_write, check_writable, write_json
 from intq.cifar.models import MODELS
-from intq.workflows.pipeline import load_checkpoint
+from intq.workflows.subject import InputOptions, check_data_fits, inputs_for, load_data, load_float_model, model_name
 from intq.workflows.checkpoints import integer_accuracy, quantize_checkpoint, train_architecture
 from intq.workflows.sensitivity import SensitivityOptions, run_sensitivity
 from intq.workflows.study import StudyOptions, run_study
@@ -110,15 +111,54 @@ def _range_method(option: str, text: str) -> None:
         raise argparse.ArgumentTypeError(f"{option}: {err}") from None
 
 
-def _checkpoint_model(model: str) -> None:
-    """--model is a study model's name or a checkpoint file that must exist."""
-    if model not in MODELS:
+def _dataset(args: argparse.Namespace, inputs: InputOptions = InputOptions()):
+    """CIFAR-10 or the user's image folder from --data via --cache, its progress (decoding, a corrupt
+    cache rebuilt) on stdout."""
+    return load_data(args.data, args.cache, inputs, progress=print)
+
+
+def _numbers(option: str, words: list[str] | None, kind=float) -> tuple | None:
+    if words is None:
+        return None
+    try:
+        return tuple(kind(word) for word in _words(words))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{option} takes numbers, got {' '.join(words)}") from None
+
+
+def _inputs(args: argparse.Namespace) -> InputOptions:
+    """--size (H [W], 1..4096), --channels and --mean/--std (given together) as InputOptions."""
+    size = _numbers("--size", args.size, int)
+    if size is not None and (len(size) not in (1, 2) or not all(1 <= side <= 4096 for side in size)):
+        raise argparse.ArgumentTypeError(f"--size takes H or H W, each 1..4096, got {' '.join(args.size)}")
+    mean, std = _numbers("--mean", args.mean), _numbers("--std", args.std)
+    if (mean is None) != (std is None):
+        raise argparse.ArgumentTypeError("--mean and --std go together (the model's x = (p/255 - mean)/std)")
+    preprocessing = None if mean is None else Preprocessing(mean, std)
+    return InputOptions(None if size is None else (size[0], size[-1]), args.channels, preprocessing)
+
+
+def _float_model_inputs(args: argparse.Namespace, model: str) -> InputOptions:
+    """The InputOptions of a command on a float model. The study's models and intq train checkpoints
+    were trained on the study's normalisation: --mean/--std describe a model file's own."""
+    inputs = _inputs(args)
+    if inputs.preprocessing is not None and (model in MODELS or model.endswith(".npz")):
+        raise argparse.ArgumentTypeError(f"--mean/--std: {model} was trained on the study's (p/255 - 0.5)/0.5; they "
+                                         "describe your own model's input (--model FILE.py:factory --weights W)")
+    if model not in MODELS and ":" not in model:
         _existing_file(Path(model))
+    return inputs
 
 
-def _dataset(args: argparse.Namespace):
-    """CIFAR-10 from --data via --cache, its progress (decoding, a corrupt cache rebuilt) on stdout."""
-    return load_cifar10(args.data, args.cache, progress=print)
+def _model_data(args: argparse.Namespace, model: IntegerModel, split: str = "test") -> tuple:
+    """(dataset, images of `split`) for an integer model: images of its shape (its own size and
+    channels unless --size/--channels say otherwise); --mean/--std, which the model records, must agree."""
+    inputs = _inputs(args)
+    if inputs.preprocessing is not None and inputs.preprocessing.for_channels(model.input.channels) != model.input.preprocessing:
+        raise argparse.ArgumentTypeError(f"--mean/--std: the model records its own preprocessing "
+                                         f"({model.input.preprocessing.describe()})")
+    data = _dataset(args, inputs_for(model, inputs))
+    return data, check_data_fits(data, model, split)
 
 
 def run_command(args: argparse.Namespace) -> None:
@@ -139,10 +179,10 @@ def sweep_command(args: argparse.Namespace) -> None:
     require("matplotlib", "writing the report")
     from intq.report.sweep_report import write_sweep_report
 
-    _checkpoint_model(args.model)
+    inputs = _float_model_inputs(args, args.model)
     options = SweepOptions(args.model, args.data, args.out, args.cache, args.seed, args.calib_samples,
                            _words(args.methods), _bit_widths(args.wbits), _bit_widths(args.abits),
-                           _words(args.granularity), _layer_bits(args.layer_bits), args.arch)
+                           _words(args.granularity), _layer_bits(args.layer_bits), args.arch, args.weights, inputs)
     results = run_sweep(options, render=write_sweep_report)
     print(f"\n{len(results['rows'])} cells written to {args.out}/ (sweep.json, sweep.html, sweep.md, sweep.png); "
           f"float {results['float_accuracy']:.2f}%")
@@ -156,9 +196,10 @@ def sensitivity_command(args: argparse.Namespace) -> None:
     _bit_width("--abits", args.abits)
     _range_method("--method", args.method)
     _at_least("--max-drop", args.max_drop, 0)
+    inputs = _float_model_inputs(args, args.model)
     check_writable(args.out, folder=True)
     options = SensitivityOptions(args.model, args.data, args.out, args.cache, args.seed, args.bits, args.abits,
-                                 args.method, args.max_drop)
+                                 args.method, args.max_drop, arch=args.arch, weights=args.weights, inputs=inputs)
     results = run_sensitivity(options, render=write_sensitivity_report)
     mixed = results["mixed"]
     print(f"\nmixed precision {mixed['layer_bits']}: {mixed['weight_bytes'] / 1000:.1f} KB of weights; "
@@ -171,8 +212,10 @@ def inspect_command(args: argparse.Namespace) -> None:
 
     config = _config(args)
     _at_least("--images", args.images, 1)
+    inputs = _float_model_inputs(args, args.model)
     check_writable(args.out, folder=True)
-    options = InspectOptions(args.model, args.data, args.out, args.cache, config, args.seed, args.images)
+    options = InspectOptions(args.model, args.data, args.out, args.cache, config, args.seed, args.images,
+                             arch=args.arch, weights=args.weights, inputs=inputs)
     results = run_inspect(options, render=write_inspect_report)
     for row in results["layers"]:
         print(f"  {row['layer']:<8} clipped {100 * row['clipped_share']:.3f}%  SQNR fake-quant "
@@ -186,7 +229,7 @@ def explain_command(args: argparse.Namespace) -> None:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--index: expected integers like 2,10,5, got {args.index!r}") from None
     model = model_file.load(_existing_file(args.model_file))
-    data = _dataset(args)
+    data, _ = _model_data(args, model)
     if not 0 <= args.image < len(data.test_images):
         raise argparse.ArgumentTypeError(f"--image {args.image}: the test set has {len(data.test_images)} images")
     graph = cached_float_graph(model, data, args.cache)
@@ -202,9 +245,9 @@ def export_c_command(args: argparse.Namespace) -> None:
     _existing_file(args.model_file)
     check_writable(args.out, folder=True)
     model = model_file.load(args.model_file)
-    data = _dataset(args)
-    images = checked_count("--images", args.images, len(data.test_images), "test images", GOLDEN_IMAGES)
-    written = export_c(model, data.test_images[:images], args.out)
+    _, test_images = _model_data(args, model)
+    images = checked_count("--images", args.images, len(test_images), "test images", GOLDEN_IMAGES)
+    written = export_c(model, test_images[:images], args.out)
     print(f"wrote {', '.join(path.name for path in written)} to {args.out}/")
     print(f"check: cd {args.out} && cc -std=c99 -O2 main.c intq_runtime.c -o check && ./check")
 
@@ -249,27 +292,40 @@ def quantize_command(args: argparse.Namespace) -> None:
     json_target = _json_target(args)
     config = _config(args)
     _at_least("--calib-samples", args.calib_samples, 1)
-    model = load_checkpoint(_existing_file(args.checkpoint), args.arch)
+    if (args.checkpoint is None) == (args.model is None):
+        raise argparse.ArgumentTypeError("quantize takes a CHECKPOINT or --model (one of them)")
+    spec = args.model or str(args.checkpoint)
+    inputs = _float_model_inputs(args, spec)
     cell = _cell(args)
     label = args.preset if cell is None else f"{cell.method}-w{cell.wbits}a{cell.abits}-{cell.granularity}"
-    out = check_writable(args.out or args.checkpoint.with_name(f"{args.checkpoint.stem}-{label}-int.npz"))
-    data = _dataset(args)
+    default_out = (args.checkpoint.with_name(f"{args.checkpoint.stem}-{label}-int.npz") if args.checkpoint
+                   else Path("runs") / model_name(spec) / f"{model_name(spec)}-{label}-int.npz")
+    out = check_writable(args.out or default_out)
+    data = _dataset(args, inputs)
     samples = checked_count("--calib-samples", args.calib_samples, len(data.train_images), "training images",
                             CALIBRATION_IMAGES)
-    result = quantize_checkpoint(model, data, config, samples, args.seed, out,
-                                 {"model": args.arch, "checkpoint": str(args.checkpoint)})
-    print(f"{out}: {result['bytes']:,} bytes; float {result['float_accuracy']:.2f}%, integer-only "
-          f"{result['integer_accuracy']:.2f}% (drop {result['float_accuracy'] - result['integer_accuracy']:.2f} points)")
-    _save_json(json_target, {"checkpoint": str(args.checkpoint), "calibration_images": samples, **result})
+    name, model = load_float_model(spec, data, args.cache, seed=args.seed, arch=args.arch, weights=args.weights)
+    print(f"{name}: input {data.image_shape} images, {inputs.describe()}; calibrating on {samples:,} images")
+    metadata = ({"model": args.arch, "checkpoint": str(args.checkpoint)[:1024]} if args.checkpoint else
+                {"model": name, "seed": args.seed} if spec in MODELS else  # explain finds its cached weights
+                {"model": spec[:1024], "weights": str(args.weights)[:1024]})
+    result = quantize_checkpoint(model, data, config, samples, args.seed, out, metadata, inputs.declared)
+    if result["integer_accuracy"] is None:
+        print(f"{out}: {result['bytes']:,} bytes; no test split in {data.source}, so no accuracy measured")
+    else:
+        print(f"{out}: {result['bytes']:,} bytes; float {result['float_accuracy']:.2f}%, integer-only "
+              f"{result['integer_accuracy']:.2f}% (drop {result['float_accuracy'] - result['integer_accuracy']:.2f} "
+              f"points) on {result['test_images']:,} test images")
+    _save_json(json_target, {"model": spec, "calibration_images": samples, **result})
 
 
 def eval_command(args: argparse.Namespace) -> None:
     json_target = _json_target(args)
     model = model_file.load(_existing_file(args.model_file))
-    data = _dataset(args)
+    data, test_images = _model_data(args, model)
     accuracy = integer_accuracy(model, data)
-    print(f"{args.model_file}: integer-only test accuracy {accuracy:.2f}%")
-    _save_json(json_target, {"model_file": str(args.model_file), "test_images": len(data.test_images),
+    print(f"{args.model_file}: integer-only test accuracy {accuracy:.2f}% on {len(test_images):,} images")
+    _save_json(json_target, {"model_file": str(args.model_file), "test_images": len(test_images),
                              "integer_accuracy": accuracy})
 
 
@@ -277,7 +333,7 @@ def verify_command(args: argparse.Namespace) -> None:
     json_target = _json_target(args)
     _at_least("--images", args.images, 1)
     model = model_file.load(_existing_file(args.model_file))
-    test_images = _dataset(args).test_images
+    _, test_images = _model_data(args, model)
     pixels = test_images[: checked_count("--images", args.images, len(test_images), "test images")]
     rows = verify(model, pixels, _words(args.executors), args.engine)
     for name, row in rows.items():
@@ -293,11 +349,12 @@ def compare_command(args: argparse.Namespace) -> None:
     json_target = _json_target(args)
     config = _config(args)
     _at_least("--calib-samples", args.calib_samples, 1)
-    _checkpoint_model(args.model)
-    data = _dataset(args)
+    inputs = _float_model_inputs(args, args.model)
+    data = _dataset(args, inputs)
     samples = checked_count("--calib-samples", args.calib_samples, len(data.train_images), "training images",
                             COMPARE_CALIBRATION_IMAGES)
-    result = run_compare(args.model, data, args.cache, config, samples, seed=args.seed, arch=args.arch)
+    result = run_compare(args.model, data, args.cache, config, samples, seed=args.seed, arch=args.arch,
+                         weights=args.weights, preprocessing=inputs.declared)
     rows = result["rows"]
     print(f"{result['model']}: {result['calibration_images']:,} calibration images for both; "
           f"{result['test_images']:,} test images")

@@ -274,7 +274,10 @@ def _read_input(meta: Fields) -> InputSpec:
 
 def _read_v2_input(spec: Fields, qparams: QParams) -> InputSpec:
     shape = spec.integers("shape", 3, 1, 1 << 14, optional=True) or (3, 32, 32)  # files before 0.1.1: the study's size
-    model_input = InputSpec(qparams, shape, STUDY_PREPROCESSING)
+    try:
+        model_input = InputSpec(qparams, shape, STUDY_PREPROCESSING)
+    except PreprocessingError as err:
+        raise Invalid(f"input: {err}") from None
     if spec.value.get("mantissa") is None:
         if not model_input.folded:
             raise Invalid("input: a folded v2 input has scale 1/255, zero point 0 and type int9 (x = 2p - 255)")

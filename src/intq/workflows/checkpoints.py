@@ -13,15 +13,17 @@ import torch
 
 from intq.graph import model_file
 from intq.graph.config import QConfig
-from intq.cifar.data import Dataset, normalize
+from intq.arith.preprocessing import STUDY_PREPROCESSING, Preprocessing
+from intq.cifar.data import Dataset
 from intq.graph.integer_model import IntegerModel
 from intq.executors.reference import run_integer
 from intq.workflows.pipeline import build, calibration_images, quantize_model
 from intq.cifar.train import ClassifierRecipe, accuracy, predict, save_weights, train_classifier
 
 
-def float_accuracy(model: torch.nn.Module, data: Dataset) -> float:
-    return accuracy(predict(lambda p: model(normalize(p)), data.test_images, 500), data.test_labels)
+def float_accuracy(model: torch.nn.Module, data: Dataset, preprocessing: Preprocessing = STUDY_PREPROCESSING) -> float:
+    """Top-1 of the float model on the test images, preprocessed as it expects, 500 at a time."""
+    return accuracy(predict(lambda p: model(preprocessing.apply(p)), data.test_images, 500), data.test_labels)
 
 
 def integer_accuracy(model: IntegerModel, data: Dataset) -> float:
@@ -41,11 +43,16 @@ def train_architecture(arch: str, data: Dataset, recipe: ClassifierRecipe, seed:
 
 
 def quantize_checkpoint(model: torch.nn.Module, data: Dataset, config: QConfig, calib_samples: int, seed: int,
-                        out: Path, metadata: dict) -> dict:
-    """Calibrate on training images, convert with `config`, save the IntegerModel, measure both accuracies."""
+                        out: Path, metadata: dict, preprocessing: Preprocessing = STUDY_PREPROCESSING) -> dict:
+    """Calibrate on training images, convert with `config`, save the IntegerModel, measure both
+    accuracies on the test images (None without a test split)."""
     pixels = calibration_images(data.train_images, calib_samples, seed)
-    integer = quantize_model(model, pixels, config, metadata=metadata, example=data.train_images).integer_model
+    integer = quantize_model(model, pixels, config, metadata=metadata, example=data.train_images,
+                             preprocessing=preprocessing).integer_model
     size = model_file.save(integer, out)
-    return {"float_accuracy": float_accuracy(model, data), "integer_accuracy": integer_accuracy(integer, data),
-            "bytes": size, "file": str(out)}
+    tested = len(data.test_images) > 0
+    return {"float_accuracy": float_accuracy(model, data, preprocessing) if tested else None,
+            "integer_accuracy": integer_accuracy(integer, data) if tested else None,
+            "test_images": len(data.test_images), "bytes": size, "file": str(out), "input": integer.input.shape,
+            "preprocessing": {"mean": list(integer.input.preprocessing.mean), "std": list(integer.input.preprocessing.std)}}
 

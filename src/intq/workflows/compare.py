@@ -17,10 +17,12 @@ import torch.fx
 from intq.graph import model_file
 from intq.graph.config import QConfig
 from intq.workflows.costs import measured_speed
-from intq.cifar.data import Dataset, normalize
+from intq.arith.preprocessing import STUDY_PREPROCESSING, Preprocessing
+from intq.cifar.data import Dataset
 from intq.executors.registry import EXECUTORS
 from intq.graph.integer_model import IntegerModel
-from intq.workflows.pipeline import calibration_images, float_model, quantize_model
+from intq.workflows.pipeline import calibration_images, quantize_model
+from intq.workflows.subject import load_float_model
 from intq.cifar.train import accuracy, predict
 
 
@@ -35,7 +37,7 @@ def reshape_views(model: torch.nn.Module) -> torch.fx.GraphModule:
     return traced
 
 
-def torch_ao_quantize(model: torch.nn.Module, calibration: torch.Tensor) -> torch.nn.Module:
+def torch_ao_quantize(model: torch.nn.Module, calibration: torch.Tensor, normalize=STUDY_PREPROCESSING.apply) -> torch.nn.Module:
     """torch.ao FX post-training static quantization with the x86 qconfig, calibrated on uint8 images."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
@@ -51,7 +53,7 @@ def torch_ao_quantize(model: torch.nn.Module, calibration: torch.Tensor) -> torc
         return convert_fx(prepared)
 
 
-def on_x86_engine(ao_model: torch.nn.Module):
+def on_x86_engine(ao_model: torch.nn.Module, normalize=STUDY_PREPROCESSING.apply):
     """torch.ao's model on uint8 pixels, run under the engine it was converted for (another
     executor may have selected a different one)."""
     def forward(pixels: torch.Tensor) -> torch.Tensor:
@@ -72,10 +74,12 @@ INTQ_ROWS = {"reference": "intq reference (integer)", "torch_quantized": "intq o
 
 def compare(model: torch.nn.Module, integer: IntegerModel, integer_bytes: int, data: Dataset,
             calibration: torch.Tensor) -> list[dict]:
-    """Rows for PyTorch float, torch.ao int8 and the intq model on each executor of INTQ_ROWS."""
-    ao_model = torch_ao_quantize(model, calibration)
+    """Rows for PyTorch float, torch.ao int8 and the intq model on each executor of INTQ_ROWS; the
+    float models read the preprocessing the integer model records."""
+    normalize = integer.input.preprocessing.apply
+    ao_model = torch_ao_quantize(model, calibration, normalize)
     runners = {"PyTorch float32": (lambda p: model(normalize(p)), state_bytes(model), []),
-               "torch.ao int8 (x86, FX)": (on_x86_engine(ao_model), state_bytes(ao_model), [])}
+               "torch.ao int8 (x86, FX)": (on_x86_engine(ao_model, normalize), state_bytes(ao_model), [])}
     for name, label in INTQ_ROWS.items():
         forward = EXECUTORS[name].prepare(integer)
         size = len(forward.contents) if hasattr(forward, "contents") else integer_bytes  # an ONNX file's own size
@@ -93,11 +97,14 @@ def compare(model: torch.nn.Module, integer: IntegerModel, integer_bytes: int, d
 
 
 def run_compare(model: str, data: Dataset, cache_dir: Path, config: QConfig, calib_samples: int, *,
-                seed: int = 0, arch: str = "Net") -> dict:
-    """intq under `config` against torch.ao PTQ of the same float model (pipeline.float_model: a study
-    model or a checkpoint of `arch`) on the same `calib_samples` training images: compare's rows."""
-    name, float_net = float_model(model, data, cache_dir, seed=seed, arch=arch)
+                seed: int = 0, arch: str = "Net", weights: Path | None = None,
+                preprocessing: Preprocessing = STUDY_PREPROCESSING) -> dict:
+    """intq under `config` against torch.ao PTQ of the same float model (subject.load_float_model: a
+    study model, a checkpoint of `arch`, or a user's model with `weights`) on the same `calib_samples`
+    training images: compare's rows."""
+    name, float_net = load_float_model(model, data, cache_dir, seed=seed, arch=arch, weights=weights)
     pixels = calibration_images(data.train_images, calib_samples, seed)
-    integer = quantize_model(float_net, pixels, config, example=data.train_images).integer_model
+    integer = quantize_model(float_net, pixels, config, example=data.train_images,
+                             preprocessing=preprocessing).integer_model
     rows = compare(float_net, integer, len(model_file.to_bytes(integer)), data, pixels)
     return {"model": name, "calibration_images": len(pixels), "test_images": len(data.test_images), "rows": rows}

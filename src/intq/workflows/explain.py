@@ -12,7 +12,6 @@ import torch
 
 from intq.graph.capture import Graph, capture, run_float
 from intq.graph.convert import fused_relu
-from intq.cifar.data import normalize
 from intq.executors.reference import run_integer
 from intq.graph.integer_model import IntegerModel, QConv2d, QLayer, QLinear
 from intq.cifar.models import MODELS
@@ -124,7 +123,7 @@ def _float_value(graph: Graph, name: str, pixels: torch.Tensor, index: tuple[int
     relu = fused_relu(graph, graph.node(name))
     values = {}
     with torch.no_grad():
-        run_float(graph, normalize(pixels[None]), lambda n, v: values.__setitem__(n, v[0]))
+        run_float(graph, graph.preprocessing.apply(pixels[None]), lambda n, v: values.__setitem__(n, v[0]))
     return float(values[relu.name if relu else name][index])
 
 
@@ -163,4 +162,4 @@ def cached_float_graph(model: IntegerModel, data, cache_dir) -> Graph | None:
     float_model = MODELS[name]()
     if load_weights(float_model, weights_path(name, Recipe(), seed, data.train_images, data.train_labels, cache_dir)) is None:
         return None
-    return capture(float_model.eval(), normalize(data.test_images[:2]))
+    return capture(float_model.eval(), data.test_images[:2], model.input.preprocessing)

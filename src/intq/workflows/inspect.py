@@ -18,12 +18,12 @@ import torch
 from intq.graph.capture import Graph, run_float
 from intq.graph.config import QConfig
 from intq.graph.convert import fused_relu, observed_tensors
-from intq.cifar.data import load_cifar10, normalize
 from intq.executors.reference import accumulate, run_integer
 from intq.files import check_writable, staged_output, write_json
 from intq.graph.integer_model import INT32_LIMIT, IntegerModel
 from intq.arith.qparams import dequantize, quantize
-from intq.workflows.pipeline import calibration_images, float_model, quantize_model
+from intq.workflows.pipeline import calibration_images, quantize_model
+from intq.workflows.subject import InputOptions, load_data, load_float_model
 from intq.workflows.study import activation_summary, clip_ranges, representable_range
 from intq.workflows.sweep import checked_count
 
@@ -40,6 +40,9 @@ class InspectOptions:
     seed: int = 0
     images: int | None = None  # None: DIAGNOSED_IMAGES, or every test image when there are fewer
     calib_samples: int = 10_000  # unless the config fixes its own; at most every training image
+    arch: str = "Net"  # the architecture of `model` when it is a checkpoint file
+    weights: Path | None = None  # a user model's weights (model = FILE.py:factory or module:attr)
+    inputs: InputOptions = InputOptions()  # --size, --channels, --mean/--std
 
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
@@ -58,7 +61,7 @@ def layer_rows(graph: Graph, model: IntegerModel, pixels: torch.Tensor) -> list[
     """Diagnostics of every QLayer on `pixels`, comparing at the layer's (ReLU-fused) output."""
     floats, integers = {}, {}
     with torch.no_grad():
-        run_float(graph, normalize(pixels), lambda name, value: floats.__setitem__(name, value))
+        run_float(graph, graph.preprocessing.apply(pixels), lambda name, value: floats.__setitem__(name, value))
         run_integer(model, pixels, visit=lambda name, value: integers.__setitem__(name, value))
     rows = []
     for layer in model.quantized_layers():
@@ -90,12 +93,13 @@ def run_inspect(options: InspectOptions, log=print, render: Callable[[dict, Path
     report through `render(results, folder)` (cli: diagnostics_report.write_inspect_report)."""
     start = time.perf_counter()
     out_dir = check_writable(options.out_dir, folder=True)
-    data = load_cifar10(options.data_dir, options.cache_dir, download=True, progress=log)
+    data = load_data(options.data_dir, options.cache_dir, options.inputs, download=True, progress=log)
     images = checked_count("--images", options.images, len(data.test_images), "test images", DIAGNOSED_IMAGES)
     size = min(options.config.calibration_samples or options.calib_samples, len(data.train_images))
-    name, model = float_model(options.model, data, options.cache_dir, seed=options.seed)
+    name, model = load_float_model(options.model, data, options.cache_dir, seed=options.seed, arch=options.arch,
+                                   weights=options.weights)
     quantized = quantize_model(model, calibration_images(data.train_images, size, options.seed), options.config,
-                               example=data.train_images)
+                               example=data.train_images, preprocessing=options.inputs.declared)
     graph, stats, integer = quantized.graph, quantized.stats, quantized.integer_model
     log(f"{name} under {options.config.name}: diagnosing {images} test images")
     rows = layer_rows(graph, integer, data.test_images[:images])

@@ -17,10 +17,11 @@ import torch
 
 from intq.graph import model_file
 from intq.graph.capture import Graph
-from intq.cifar.data import load_cifar10, normalize
 from intq.executors.reference import run_integer
 from intq.files import check_writable, staged_output, write_json
-from intq.workflows.pipeline import Calibrated, calibrated, float_model
+from intq.workflows.checkpoints import float_accuracy as float_model_accuracy
+from intq.workflows.pipeline import Calibrated, calibrated
+from intq.workflows.subject import InputOptions, load_data, load_float_model
 from intq.workflows.sweep import SweepCell, cell_config
 from intq.cifar.train import accuracy, predict
 
@@ -40,6 +41,9 @@ class SensitivityOptions:
     method: str = "mse"
     max_drop: float = 1.0  # the greedy search keeps validation accuracy within this of 8-bit
     calib_samples: int = 10_000
+    arch: str = "Net"  # the architecture of `model` when it is a checkpoint file
+    weights: Path | None = None  # a user model's weights (model = FILE.py:factory or module:attr)
+    inputs: InputOptions = InputOptions()  # --size, --channels, --mean/--std
 
 
 class Evaluator:
@@ -108,10 +112,12 @@ def run_sensitivity(options: SensitivityOptions, log=print, render: Callable[[di
     with sensitivity.json; the report through `render(results, folder)` (None: no report)."""
     start = time.perf_counter()
     out_dir = check_writable(options.out_dir, folder=True)
-    data = load_cifar10(options.data_dir, options.cache_dir, download=True, progress=log)
-    name, model = float_model(options.model, data, options.cache_dir, seed=options.seed)
+    data = load_data(options.data_dir, options.cache_dir, options.inputs, download=True, progress=log)
+    name, model = load_float_model(options.model, data, options.cache_dir, seed=options.seed, arch=options.arch,
+                                   weights=options.weights)
     calibration, validation = split_indices(len(data.train_images), options.calib_samples, options.seed)
-    evaluator = Evaluator(calibrated(model, data.train_images[calibration], example=data.train_images),
+    evaluator = Evaluator(calibrated(model, data.train_images[calibration], example=data.train_images,
+                                     preprocessing=options.inputs.declared),
                           options.method, options.abits, data.train_images[validation], data.train_labels[validation])
     eight_bit = {layer: 8 for layer in evaluator.layers}
     reference = evaluator.accuracy(eight_bit)
@@ -122,7 +128,7 @@ def run_sensitivity(options: SensitivityOptions, log=print, render: Callable[[di
     test = {label: evaluator.accuracy(bits, data.test_images, data.test_labels)
             for label, bits in (("8-bit", eight_bit), ("mixed", chosen),
                                 (f"all {options.bits}-bit", {layer: options.bits for layer in evaluator.layers}))}
-    float_accuracy = accuracy(predict(model, normalize(data.test_images)), data.test_labels)
+    float_accuracy = float_model_accuracy(model, data, options.inputs.declared)
     with staged_output(out_dir) as staging:
         model_bytes = model_file.save(evaluator.model(chosen), staging / f"{name}-mixed.npz")
         results = {"model": name, "bits": options.bits, "abits": options.abits, "method": options.method,

@@ -21,12 +21,13 @@ from intq.calibrate.ranges import MSE, Entropy, MinMax, parse_range_method
 from intq.graph.capture import trace
 from intq.graph.config import ActivationConfig, QConfig, WeightConfig
 from intq.graph.convert import ConversionError, check_layer_names
-from intq.cifar.data import load_cifar10, normalize
 from intq.executors.reference import run_integer
 from intq.files import check_writable, staged_output, write_json
 from intq.arith.qparams import Scheme
 from intq.cifar.models import ARCHITECTURES, MODELS
-from intq.workflows.pipeline import Calibrated, calibrated, calibration_images, float_model
+from intq.workflows.checkpoints import float_accuracy as float_model_accuracy
+from intq.workflows.pipeline import Calibrated, calibrated, calibration_images
+from intq.workflows.subject import InputOptions, load_data, load_float_model
 from intq.cifar.train import accuracy, predict
 
 METHODS = ("minmax", "nsigma", "percentile", "mse", "entropy")
@@ -58,6 +59,8 @@ class SweepOptions:
     granularities: tuple[str, ...] = ("per-channel",)
     layer_bits: tuple[tuple[str, int], ...] = ()  # per-layer weight bits that override --wbits
     arch: str = "Net"  # the architecture of `model` when it is a checkpoint file
+    weights: Path | None = None  # a user model's weights (model = FILE.py:factory or module:attr)
+    inputs: InputOptions = InputOptions()  # --size, --channels, --mean/--std
 
 
 class SweepError(Exception):
@@ -194,14 +197,16 @@ def run_sweep(options: SweepOptions, log=print, render: Callable[[dict, Path], N
     cells = check_options(options)
     check_layer_bits(options, cells[0])
     out_dir = check_writable(options.out_dir, folder=True)
-    data = load_cifar10(options.data_dir, options.cache_dir, download=True, progress=log)
+    data = load_data(options.data_dir, options.cache_dir, options.inputs, download=True, progress=log)
     samples = checked_count("--calib-samples", options.calib_samples, len(data.train_images), "training images",
                             CALIBRATION_IMAGES)
-    name, model = float_model(options.model, data, options.cache_dir, seed=options.seed, arch=options.arch)
+    name, model = load_float_model(options.model, data, options.cache_dir, seed=options.seed, arch=options.arch,
+                                   weights=options.weights)
     subset = calibration_images(data.train_images, samples, options.seed)
-    log(f"calibrating {name} on {len(subset)} training images (one pass for every method)")
-    calibration = calibrated(model, subset, example=data.train_images)
-    float_accuracy = accuracy(predict(model, normalize(data.test_images)), data.test_labels)
+    log(f"calibrating {name} on {len(subset)} training images (one pass for every method); input "
+        f"{options.inputs.describe()}")
+    calibration = calibrated(model, subset, example=data.train_images, preprocessing=options.inputs.declared)
+    float_accuracy = float_model_accuracy(model, data, options.inputs.declared)
     rows = evaluate_cells(cells, calibration, data.test_images, data.test_labels, options.layer_bits, log)
     for row in rows:
         row["drop"] = None if row["accuracy"] is None else round(float_accuracy - row["accuracy"], 6)
