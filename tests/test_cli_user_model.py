@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hostile import run_cli
+from hostile import Hostile, run_cli
 
 pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
@@ -82,19 +82,25 @@ def test_a_flat_folder_calibrates_without_a_test_split(user, tmp_path):
     assert (tmp_path / "m.npz").is_file()
 
 
-@pytest.mark.parametrize("change, expected", [
-    ({"--model": "my_model.py:nope"}, "no 'nope' in"),
-    ({"--model": "my_model.py:rgb"}, "does not fit"),
-    ({"--weights": "pickled.pt"}, "not a plain state_dict"),
-    ({"--size": None}, "pass --size"),
-    ({"--data": "empty"}, "no images"),
-    ({"--mean": "0.5 0.5"}, "names 2 channels"),
-], ids=["missing-factory", "weights-of-another-model", "pickle", "mixed-sizes", "no-images", "mean-per-channel"])
-def test_bad_user_input_is_one_line_and_writes_nothing(user, tmp_path, change, expected):
+CASES = [
+    Hostile("user-factory-missing", "--model my_model.py:nope, a factory the file does not define", "no 'nope' in"),
+    Hostile("user-weights-other-model", "--weights of the 1-channel model given to the 3-channel factory", "does not fit"),
+    Hostile("user-weights-pickle", "--weights a whole pickled nn.Module (torch.save(model))", "not a plain state_dict"),
+    Hostile("user-mixed-sizes", "an image folder of 24x24 and 26x30 images without --size", "pass --size"),
+    Hostile("user-no-images", "--data an empty folder", "no images"),
+    Hostile("user-mean-channels", "--mean with 2 values for 1-channel images", "names 2 channels"),
+]
+CHANGES = {"user-factory-missing": {"--model": "my_model.py:nope"}, "user-weights-other-model": {"--model": "my_model.py:rgb"},
+           "user-weights-pickle": {"--weights": "pickled.pt"}, "user-mixed-sizes": {"--size": None},
+           "user-no-images": {"--data": "empty"}, "user-mean-channels": {"--mean": "0.5 0.5"}}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
+def test_bad_user_input_is_one_line_and_writes_nothing(user, tmp_path, case):
     (tmp_path / "empty").mkdir()
     torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled.pt")
     options = {"--model": "my_model.py:gray", "--weights": "my.pt", "--data": "my_images", "--size": "20",
-               "--channels": "1", "--mean": "0.45", "--std": "0.22", **change}
+               "--channels": "1", "--mean": "0.45", "--std": "0.22", **CHANGES[case.id]}
     argv = ["quantize"]
     for option, value in options.items():
         if value is None:
@@ -103,7 +109,7 @@ def test_bad_user_input_is_one_line_and_writes_nothing(user, tmp_path, change, e
         words = value.split()
         argv += [option, *(str(base / w) if option in ("--model", "--weights", "--data") else w for w in words)]
     result = run_cli([*argv, "--cache", tmp_path / "cache", "--out", tmp_path / "out" / "m.npz"])
-    assert result.code == 2 and expected in result.err, result.err
+    assert result.code == 2 and case.expected in result.err, result.err
     assert not (tmp_path / "out").exists()
 
 
