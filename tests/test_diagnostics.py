@@ -50,3 +50,17 @@ def test_inspect_command_writes_its_report(tmp_path):
     assert results["images"] == 20 and len(results["layers"]) == 5
     assert results["layers"][0]["weight_bits"] == 4
     assert {"inspect.html", "inspect.md", "inspect.png"} <= {p.name for p in out.iterdir()}
+
+
+def test_activation_summary_has_a_clip_range_for_average_pools(pixels):
+    """inspect's activation summary on a model with a global average pool (a KeyError before)."""
+    from intq.workflows.study import activation_summary, clip_ranges
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 10)).eval()
+    graph, stats = calibrated(model, pixels)
+    integer = convert(graph, stats, RECOMMENDED)
+    summary = activation_summary(graph, stats, {"recommended": clip_ranges(integer)})
+    pool = next(op for op in integer.layers if type(op).__name__ == "QAvgPool")
+    assert summary[pool.name]["clip"]["recommended"][1] > 0

@@ -212,6 +212,10 @@ class IntegerModel:
     def quantized_layers(self) -> list[QLayer]:
         return [op for op in self.layers if isinstance(op, QLayer)]
 
+    def requantizing_ops(self) -> list[Requantizing]:
+        """The ops with their own output QParams: layers, adds, average pools."""
+        return [op for op in self.layers if isinstance(op, Requantizing)]
+
     def value_qparams(self) -> dict[str, QParams]:
         """The QParams of every value: the model input and each op's output."""
         qparams = {self.input_name: self.input.qparams}

@@ -71,10 +71,11 @@ def representable_range(qparams: QParams, bounds: tuple[int, int] | None = None)
 
 
 def clip_ranges(model: IntegerModel) -> dict[str, list[float]]:
-    """{label: representable range} for the input and each layer output of an integer model."""
+    """{label: representable range} for the input and each requantizing op's output (layers, adds,
+    average pools: the tensors observed_tensors labels)."""
     ranges = {"input": representable_range(model.input.qparams)}
-    for layer in model.quantized_layers():
-        ranges[layer.name] = representable_range(layer.output_qparams, layer.bounds())
+    for op in model.requantizing_ops():
+        ranges[op.name] = representable_range(op.output_qparams, op.bounds())
     return ranges
 
 
