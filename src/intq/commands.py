@@ -303,7 +303,7 @@ def quantize_command(args: argparse.Namespace) -> None:
     out = check_writable(args.out or default_out)
     data = _dataset(args, inputs)
     samples = checked_count("--calib-samples", args.calib_samples, len(data.train_images), "training images",
-                            CALIBRATION_IMAGES)
+                            config.calibration_samples or CALIBRATION_IMAGES)  # the study preset's own 400
     name, model = load_float_model(spec, data, args.cache, seed=args.seed, arch=args.arch, weights=args.weights)
     print(f"{name}: input {data.image_shape} images, {inputs.describe()}; calibrating on {samples:,} images")
     metadata = ({"model": args.arch, "checkpoint": str(args.checkpoint)[:1024]} if args.checkpoint else
