@@ -24,7 +24,8 @@ from intq.workflows.explain import cached_float_graph, explain
 from intq.extras import require
 from intq.files import atomic_write, check_writable, write_json
 from intq.cifar.models import MODELS
-from intq.workflows.subject import InputOptions, check_data_fits, inputs_for, load_data, load_float_model, model_name
+from intq.workflows.subject import (InputOptions, check_data_fits, check_model_files, inputs_for, load_data, load_float_model,
+                                   model_name)
 from intq.workflows.checkpoints import integer_accuracy, quantize_checkpoint, train_architecture
 from intq.workflows.sensitivity import SensitivityOptions, run_sensitivity
 from intq.workflows.study import StudyOptions, run_study
@@ -145,8 +146,7 @@ def _float_model_inputs(args: argparse.Namespace, model: str) -> InputOptions:
     if inputs.preprocessing is not None and (model in MODELS or model.endswith(".npz")):
         raise argparse.ArgumentTypeError(f"--mean/--std: {model} was trained on the study's (p/255 - 0.5)/0.5; they "
                                          "describe your own model's input (--model FILE.py:factory --weights W)")
-    if model not in MODELS and ":" not in model:
-        _existing_file(Path(model))
+    check_model_files(model, getattr(args, "weights", None))
     return inputs
 
 

@@ -26,7 +26,7 @@ from intq.data.dataset import DataError, Dataset, Progress
 from intq.data.image_folder import load_image_folder
 from intq.graph.integer_model import IntegerModel
 from intq.workflows.pipeline import CheckpointError, float_model
-from intq.workflows.user_model import load_user_model
+from intq.workflows.user_model import UserModelError, load_user_model, parse_model_spec
 
 CIFAR_SIDE = 32
 CIFAR_MARKERS = ("cifar-10-batches-py", "cifar-10-python.tar.gz", "data_batch_1")  # CIFAR-10's own layouts
@@ -71,11 +71,30 @@ def load_float_model(model: str, data: Dataset, cache_dir: Path | str, *, seed: 
     is refused (their weights are their own)."""
     if _is_user_model(model):
         return model_name(model), load_user_model(model, weights)
+    check_not_user_weights(model, weights)
+    name, module = float_model(model, data, cache_dir, seed=seed, arch=arch)
+    return name, module.eval()
+
+
+def check_model_files(model: str, weights: Path | None) -> None:
+    """Before any data is read: a model file, checkpoint or weights file that does not exist is one
+    line (UserModelError or CheckpointError), and --weights belongs to a model file."""
+    if _is_user_model(model):
+        spec = parse_model_spec(model)
+        if spec.path is not None and not spec.path.is_file():
+            raise UserModelError(f"--model: no such file: {spec.path}")
+        if weights is not None and not Path(weights).is_file():
+            raise UserModelError(f"--weights: no such file: {weights}")
+        return
+    check_not_user_weights(model, weights)
+    if model not in MODELS and not Path(model).is_file():
+        raise CheckpointError(f"{model} is not a file" if Path(model).exists() else f"no such file: {model}")
+
+
+def check_not_user_weights(model: str, weights: Path | None) -> None:
     if weights is not None:
         raise CheckpointError(f"--weights {weights}: only with a model file (--model FILE.py:factory or module:attr); "
                               f"{model} brings its own weights")
-    name, module = float_model(model, data, cache_dir, seed=seed, arch=arch)
-    return name, module.eval()
 
 
 def _looks_like_cifar(folder: Path) -> bool:
@@ -94,9 +113,10 @@ def _looks_like_cifar(folder: Path) -> bool:
 
 def load_data(data_dir: str | Path | None, cache_dir: Path | str, inputs: InputOptions = InputOptions(), *,
               download: bool = False, progress: Progress | None = None) -> Dataset:
-    """The dataset of --data: CIFAR-10 when no --size/--channels is given and the folder is CIFAR-10
-    (or ./data by default); otherwise the user's image folder, converted and resized as asked."""
-    if inputs.size is None and inputs.channels is None:
+    """The dataset of --data: CIFAR-10 when the folder is CIFAR-10 (or ./data by default) and no other
+    size or channel count than its 3x32x32 is asked for; otherwise the user's image folder, converted
+    and resized as asked."""
+    if inputs.size in (None, (CIFAR_SIDE, CIFAR_SIDE)) and inputs.channels in (None, 3):  # CIFAR-10's own shape
         try:
             return load_cifar10(data_dir, cache_dir, download, progress)
         except DataError:
@@ -109,12 +129,10 @@ def load_data(data_dir: str | Path | None, cache_dir: Path | str, inputs: InputO
 
 
 def inputs_for(model: IntegerModel, inputs: InputOptions) -> InputOptions:
-    """The data options that give images of the integer model's shape: what was given, else the
-    model's own channels and size (CIFAR-10's 3x32x32 needs neither)."""
+    """The data options that give images of the integer model's shape: --size and --channels where
+    given, else the model's own size and channel count."""
     channels, height, width = model.input.shape
-    if inputs.size is not None or inputs.channels is not None or (channels, height, width) == (3, CIFAR_SIDE, CIFAR_SIDE):
-        return inputs
-    return InputOptions((height, width), channels, inputs.preprocessing)
+    return InputOptions(inputs.size or (height, width), inputs.channels or channels, inputs.preprocessing)
 
 
 def check_data_fits(data: Dataset, model: IntegerModel, split: str = "test") -> torch.Tensor:
