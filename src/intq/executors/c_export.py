@@ -19,10 +19,12 @@ import torch
 
 from intq.executors.reference import run_integer
 from intq.files import atomic_write_text, ensure_writable_dir, staged_output
-from intq.graph.integer_model import IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QMaxPool, QReLU
+from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QLookup, QMaxPool,
+                                      QReLU)
 from intq.graph.model_check import ModelCheckError, check_model
 
-ARRAY_TYPES = {"weight": "int8_t", "bias": "int32_t", "mantissa": "int32_t", "shift": "int32_t"}  # op<i>_<field>
+ARRAY_TYPES = {"weight": "int8_t", "bias": "int32_t", "mantissa": "int32_t", "shift": "int32_t",
+               "table": "int32_t"}  # op<i>_<field>
 
 
 def c_comment_label(name: str) -> str:
@@ -83,8 +85,14 @@ def _max_pool(index: int, op: QMaxPool, index_of: dict, in_shape) -> dict[str, o
             "stride_w": op.stride[1], "pad_h": op.padding[0], "pad_w": op.padding[1]}
 
 
+def _lookup(index: int, op: QLookup, index_of: dict, in_shape) -> dict[str, object]:
+    """A lookup: its derived table (eq. 29) as op<i>_table, indexed by q_x - qmin_x."""
+    return {"kind": "INTQ_LOOKUP", "table": f"op{index}_table", "table_count": len(op.table),
+            "table_first": op.input_qparams.dtype.qmin}
+
+
 # The C lowering: per op class, (index, op, index_of, input shape) -> the op's intq_op fields (numbers and
-# generated names); array fields (weight, bias, mantissa, shift) name the arrays model.h defines for them.
+# generated names); array fields (weight, bias, mantissa, shift, table) name the arrays model.h defines for them.
 LOWERING = {
     QConv2d: _conv2d,
     QLinear: lambda index, op, index_of, in_shape: _weighted_fields(index, op, "INTQ_LINEAR"),
@@ -93,6 +101,7 @@ LOWERING = {
     QMaxPool: _max_pool,
     QFlatten: lambda index, op, index_of, in_shape: {"kind": "INTQ_FLATTEN"},
     QReLU: lambda index, op, index_of, in_shape: {"kind": "INTQ_RELU", "lower": int(op.zero_point)},
+    QLookup: _lookup,
 }
 
 

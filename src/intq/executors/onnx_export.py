@@ -13,6 +13,7 @@ exact integer subgraphs: a float Conv/MatMul on integer values (exact below 2^24
 fixed-point requantizer of eq. 9 in int64:
     y = sign(acc M0) * ((|acc M0| + 2^(s-1)) div 2^s),  s = 31 + n,
 which is round half away from zero of acc M0 / 2^s, the same integers as rounding_right_shift.
+A lookup-table activation (eq. 29) is a Gather of its derived table in both graphs, exact.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from intq.extras import require
 from intq.executors.encoding import EngineError, encoded_zero_point, engine_runs_layer, narrower_bounds, uint8_offset
 from intq.executors.reference import FLOAT32_EXACT, add_table, run_integer
 from intq.arith.fixed_point import MANTISSA_BITS, MAX_RIGHT_SHIFT, float64_requantizer
-from intq.graph.integer_model import IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QMaxPool, QReLU
+from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QLookup, QMaxPool,
+                                      QReLU)
 from intq.arith.qparams import QParams
 
 OPSET = 17
@@ -99,6 +101,14 @@ def _encoded(graph: _Graph, clamped: str, qparams: QParams, prefix: str, dtype=n
         return graph.node("Cast", [clamped], f"{prefix}/int64", to=TensorProto.INT64), False
     offset = graph.const(f"{prefix}/offset", np.array(uint8_offset(qparams), dtype))
     return graph.node("Cast", [graph.node("Add", [clamped, offset], f"{prefix}/encoded")], f"{prefix}/uint8", to=TensorProto.UINT8), True
+
+
+def _encoded_table(table: np.ndarray, qparams: QParams) -> tuple[np.ndarray, bool]:
+    """A table of integers of type `qparams` as a Gather reads it: uint8 q + o for a type of <= 8 bits
+    (encoding.py), else int64; returns (values, encoded)."""
+    if qparams.dtype.bits <= 8:
+        return (np.asarray(table, np.int64) + uint8_offset(qparams)).astype(np.uint8), True
+    return np.asarray(table, np.int64), False
 
 
 def _conv_attributes(layer: QConv2d) -> dict:
@@ -238,11 +248,8 @@ def _exact_add(graph: _Graph, op: QAdd, operands: list[tuple[str, bool]]) -> tup
         a32, b32 = (graph.node("Cast", [v], f"{op.name}/{name}/int32", to=TensorProto.INT32) for name, v in (("a", a), ("b", b)))
         row = graph.node("Mul", [a32, graph.const(f"{op.name}/codes_b", np.int32(codes_b))], f"{op.name}/row")
         index = graph.node("Add", [row, b32], f"{op.name}/index")
-        out = op.output_qparams
-        table = add_table(op).to(torch.int64)
-        encoded = out.dtype.bits <= 8
-        values = (table + uint8_offset(out)).to(torch.uint8) if encoded else table
-        return graph.node("Gather", [graph.const(f"{op.name}/table", values.numpy()), index], op.name), encoded
+        values, encoded = _encoded_table(add_table(op).numpy(), op.output_qparams)
+        return graph.node("Gather", [graph.const(f"{op.name}/table", values), index], op.name), encoded
     terms = []
     for index, ((value, encoded), qparams) in enumerate(zip(operands, op.input_qparams)):
         prefix = f"{op.name}/{'ab'[index]}"
@@ -260,9 +267,7 @@ def _input(graph: _Graph, model: IntegerModel) -> tuple[str, bool]:
                                graph.const("input/channel_offsets",
                                            (np.arange(spec.channels, dtype=np.int64) * 256).reshape(1, -1, 1, 1))],
                        "input/index")
-    table = spec.table.reshape(-1)  # (C, 256) -> (C * 256,)
-    encoded = spec.qparams.dtype.bits <= 8
-    values = (table + uint8_offset(spec.qparams)).astype(np.uint8) if encoded else table.astype(np.int64)
+    values, encoded = _encoded_table(spec.table.reshape(-1), spec.qparams)  # (C, 256) -> (C * 256,)
     return graph.node("Gather", [graph.const("input/table", values), index], "input/q"), encoded
 
 
@@ -310,6 +315,16 @@ def _relu(graph: _Graph, op: QReLU, model, operands: list, qparams: dict, shapes
     return _clip(graph, _encoded_input(op, operands, qparams), (zero, 255), op.name), True
 
 
+def _lookup(graph: _Graph, op: QLookup, model, operands: list, qparams: dict, shapes: dict, exact: bool):
+    """eq. 29 in both graphs, exactly: the encoded input code q + o = q - qmin indexes the op's derived
+    table (Gather), whose values travel encoded like any output."""
+    from onnx import TensorProto
+
+    index = graph.node("Cast", [_encoded_input(op, operands, qparams)], f"{op.name}/index", to=TensorProto.INT32)
+    values, encoded = _encoded_table(op.table, op.output_qparams)
+    return graph.node("Gather", [graph.const(f"{op.name}/table", values), index], op.name), encoded
+
+
 # The ONNX lowering: per op class, (graph, op, model, operands [(tensor, uint8-encoded?)], value qparams,
 # shapes, exact) -> (output tensor, uint8-encoded?).
 LOWERING = {
@@ -322,6 +337,7 @@ LOWERING = {
     QFlatten: lambda graph, op, model, operands, qparams, shapes, exact: (
         graph.node("Flatten", [operands[0][0]], op.name, axis=1), operands[0][1]),
     QReLU: _relu,
+    QLookup: _lookup,
 }
 
 

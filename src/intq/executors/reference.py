@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from intq.graph.capture import max_pool
 from intq.arith.fixed_point import float64_requantizer, multiply_by_quantized_multiplier, requantize, requantize_float64, requantize_with_bias
-from intq.graph.integer_model import IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QMaxPool, QReLU
+from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QLookup, QMaxPool,
+                                      QReLU)
 from intq.arith.qparams import torch_dtype
 
 CHUNK = 32  # images per pass: every intermediate of a chunk stays in cache, 1.5-2x faster at batch 256
@@ -234,6 +235,12 @@ def avg_pool(op: QAvgPool, x: torch.Tensor) -> torch.Tensor:
     return y.to(torch_dtype(op.output_qparams.dtype))
 
 
+def lookup(op: QLookup, x: torch.Tensor) -> torch.Tensor:
+    """q_y = table[q_x - qmin_x] (eq. 29): one gather of the op's derived table (2^b_x entries)."""
+    table = torch.as_tensor(op.table, device=x.device).to(torch_dtype(op.output_qparams.dtype))
+    return torch.take(table, x.to(torch.int64) - op.input_qparams.dtype.qmin)
+
+
 def _weighted(layer: QLayer, x: torch.Tensor) -> torch.Tensor:
     return requantize_layer(layer, exact_products(layer, x))
 
@@ -251,6 +258,7 @@ LOWERING = {
     QMaxPool: lambda op, x: max_pool(x, op.kernel_size, op.stride, op.padding),
     QFlatten: _flatten,
     QReLU: lambda op, x: x.clamp(min=op.zero_point),
+    QLookup: lookup,
 }
 
 

@@ -14,7 +14,8 @@ from intq.graph.capture import Graph
 from intq.graph.config import WeightConfig
 from intq.graph.convert import weight_qparams
 from intq.executors.reference import pixels_to_input, run_op
-from intq.graph.integer_model import IntegerModel, QAdd, QAvgPool, QConv2d, QLayer, QLinear
+from intq.arith.lookup import activation
+from intq.graph.integer_model import IntegerModel, QAdd, QAvgPool, QConv2d, QLayer, QLinear, QLookup
 from intq.arith.qparams import dequantize, quantize
 
 
@@ -71,9 +72,15 @@ def _simulate_avg_pool(op: QAvgPool, x: torch.Tensor) -> torch.Tensor:
     return _requantized(op, F.avg_pool2d(real_x, op.kernel_size, op.stride))
 
 
+def _simulate_lookup(op: QLookup, x: torch.Tensor) -> torch.Tensor:
+    """quantize(f(dequantize(q_x))) through the activation's own float64 function (eq. 29 without the table)."""
+    return _requantized(op, activation(op.kind, op.params, dequantize(x, op.input_qparams, torch.float64)))
+
+
 # The simulation's lowering: the requantizing op classes (the others move integers exactly, and run
 # as the reference runs them).
-SIMULATED = {QConv2d: simulate_layer, QLinear: simulate_layer, QAdd: _simulate_add, QAvgPool: _simulate_avg_pool}
+SIMULATED = {QConv2d: simulate_layer, QLinear: simulate_layer, QAdd: _simulate_add, QAvgPool: _simulate_avg_pool,
+             QLookup: _simulate_lookup}
 
 
 def simulate_op(op, *xs: torch.Tensor) -> torch.Tensor:

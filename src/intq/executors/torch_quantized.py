@@ -9,8 +9,8 @@ away from zero (eq. 9), so an output can differ from the reference by 1 LSB near
 `intq verify` counts how often. On CPUs without VNNI (AVX2) the kernels also saturate pair sums of
 products at int16 unless activations have at most 7 bits (`may_saturate`; the x86 preset). Ops the
 kernels cannot express with intq's types (encoding.py: a folded first layer, int16 logits, average
-pools with their own output scale) run as the reference executor's exact integer ops, converted to
-and from quint8 without loss.
+pools with their own output scale, lookup-table activations) run as the reference executor's exact
+integer ops, converted to and from quint8 without loss.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from intq.executors.encoding import (EngineError, encoded_zero_point, engine_runs_layer, from_codes, narrower_bounds, to_uint8,
                                     uint8_offset)
 from intq.executors.reference import CHUNK, pixels_to_input, run_op
-from intq.graph.integer_model import IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QMaxPool, QReLU
+from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QLookup, QMaxPool,
+                                      QReLU)
 from intq.arith.qparams import QParams, torch_dtype
 
 
@@ -141,7 +142,7 @@ def _add_step(op: QAdd, model: IntegerModel, in_qparams: list[QParams]) -> Calla
 
 # The PyTorch-kernel lowering: per op class, (op, model, input qparams) -> a step on quantized tensors
 # (or on integers: the exact op where the kernels cannot express it; average pools are exact and
-# cheap on the small pooled maps).
+# cheap on the small pooled maps; a lookup table is one gather, which no quantized kernel does).
 LOWERING = {
     QConv2d: _layer_step,
     QLinear: _layer_step,
@@ -151,6 +152,7 @@ LOWERING = {
                                                 if x.is_quantized else run_op(op, x)),
     QFlatten: lambda op, model, qps: lambda x: torch.flatten(x, 1),
     QReLU: lambda op, model, qps: lambda x: torch.relu(x) if x.is_quantized else run_op(op, x),
+    QLookup: _integer_step,
 }
 
 

@@ -15,7 +15,10 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from intq.arith.lookup import activation
 from intq.arith.preprocessing import STUDY_PREPROCESSING, Preprocessing, PreprocessingError
+from intq.graph.capture_activations import (ACTIVATION_FUNCTIONS, ELEMENTWISE_MODULES, Activation, ReLU, activation_call,
+                                            activation_module, clamp_call)
 
 
 class CaptureError(Exception):
@@ -36,13 +39,6 @@ class Conv2d:
 class Linear:
     weight: torch.Tensor
     bias: torch.Tensor | None
-
-
-@dataclass(frozen=True)
-class ReLU:
-    """max(x, 0), or min(max(x, 0), upper) for ReLU6 / clamp(0, upper) / hardtanh(0, upper)."""
-
-    upper: float | None = None
 
 
 @dataclass(frozen=True)
@@ -75,7 +71,7 @@ class Identity:
     """Dropout in eval mode and nn.Identity."""
 
 
-Op = Conv2d | Linear | ReLU | MaxPool2d | AvgPool2d | Add | Flatten | Identity
+Op = Conv2d | Linear | ReLU | Activation | MaxPool2d | AvgPool2d | Add | Flatten | Identity
 WEIGHTED = (Conv2d, Linear)
 REQUANTIZING = (Conv2d, Linear, Add, AvgPool2d)  # ops whose output needs its own quantization
 
@@ -115,12 +111,8 @@ def _from_module(module: nn.Module) -> Op | None:
     if isinstance(module, nn.Linear):
         bias = None if module.bias is None else module.bias.detach().clone()
         return Linear(module.weight.detach().clone(), bias)
-    if isinstance(module, nn.ReLU):
-        return ReLU()
-    if isinstance(module, nn.ReLU6):
-        return ReLU(6.0)
-    if isinstance(module, nn.Hardtanh) and module.min_val == 0 and module.max_val > 0:
-        return ReLU(float(module.max_val))
+    if isinstance(module, ELEMENTWISE_MODULES):
+        return activation_module(module)
     if isinstance(module, nn.AvgPool2d) and module.padding in (0, (0, 0)) and not module.ceil_mode:
         kernel = _pair(module.kernel_size)
         return AvgPool2d(kernel, _pair(module.stride) if module.stride is not None else kernel)
@@ -144,9 +136,9 @@ def _from_call(node: torch.fx.Node) -> Op | None:
     if target is F.relu6:
         return ReLU(6.0)
     if target in (torch.clamp, "clamp", F.hardtanh):
-        low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min", node.kwargs.get("min_val"))
-        high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max", node.kwargs.get("max_val"))
-        return ReLU(float(high)) if low == 0 and isinstance(high, (int, float)) and high > 0 else None
+        return clamp_call(node)
+    if target in ACTIVATION_FUNCTIONS:
+        return activation_call(node)
     if target in (operator.add, operator.iadd, torch.add, "add", "add_") and len(node.args) == 2 \
             and all(isinstance(a, torch.fx.Node) for a in node.args) and not node.kwargs:
         return Add()
@@ -277,6 +269,8 @@ def apply_op(op: Op, x: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
         return F.linear(x, op.weight, op.bias)
     if isinstance(op, ReLU):
         return F.relu(x) if op.upper is None else x.clamp(0.0, op.upper)
+    if isinstance(op, Activation):
+        return activation(op.kind, op.params, x)
     if isinstance(op, MaxPool2d):
         return max_pool(x, op.kernel_size, op.stride, op.padding)
     if isinstance(op, Flatten):

@@ -10,14 +10,15 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from intq.graph.capture import (REQUANTIZING, WEIGHTED, Add, Conv2d, Flatten, Graph, Identity, MaxPool2d, Node, ReLU,
-                          run_float)
+from intq.graph.capture import (REQUANTIZING, WEIGHTED, Activation, Add, Conv2d, Flatten, Graph, Identity, MaxPool2d, Node,
+                                ReLU, run_float)
 from intq.graph.config import ActivationConfig, QConfig, WeightConfig
 from intq.arith.fixed_point import quantize_multipliers
+from intq.arith.lookup import MAX_LOOKUP_INPUT_BITS, nonnegative
 from intq.arith.preprocessing import Preprocessing, PreprocessingError
 from intq.graph.integer_model import (INT32_LIMIT, InputSpec, IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten,
-                                QLayer, QLinear, QMaxPool, QReLU, accumulator_bound, add_multipliers, avg_pool_multiplier,
-                                layer_multipliers)
+                                QLayer, QLinear, QLookup, QMaxPool, QReLU, accumulator_bound, add_multipliers,
+                                avg_pool_multiplier, layer_multipliers)
 from intq.graph.model_check import ModelCheckError, check_model
 from intq.calibrate.observers import TensorObserver, TensorStats, observe
 from intq.arith.qparams import IntType, QParams, Scheme, choose_qparams, quantize, round_half_away_from_zero
@@ -36,6 +37,17 @@ def fused_relu(graph: Graph, node: Node) -> Node | None:
     return None
 
 
+def is_lookup(graph: Graph, node: Node) -> bool:
+    """True when the node becomes a lookup table (eq. 29): an Activation, or a clamped ReLU (ReLU6)
+    that its producer cannot take as its requantizer's clamp (it follows a max pool, say)."""
+    if isinstance(node.op, Activation):
+        return True
+    if not isinstance(node.op, ReLU) or node.op.upper is None:
+        return False
+    producer = next((n for n in graph.nodes if n.name == node.inputs[0]), None)  # None: the model input
+    return producer is None or not (isinstance(producer.op, REQUANTIZING) and fused_relu(graph, producer) is node)
+
+
 def quant_point(graph: Graph, name: str) -> str:
     """Where a layer's output is observed: after the ops that commute with quantization.
 
@@ -51,11 +63,14 @@ def quant_point(graph: Graph, name: str) -> str:
 
 
 def observed_tensors(graph: Graph) -> dict[str, str]:
-    """{label: tensor name}: "input", then each requantizing op's quantization point, in order."""
+    """{label: tensor name}: "input", then each requantizing op's and lookup's quantization point, in order."""
     names = {"input": graph.input_name}
-    for node in (n for n in graph.nodes if isinstance(n.op, REQUANTIZING)):
-        relu = fused_relu(graph, node)
-        names[node.name] = quant_point(graph, relu.name if relu else node.name)
+    for node in graph.nodes:
+        if isinstance(node.op, REQUANTIZING):
+            relu = fused_relu(graph, node)
+            names[node.name] = quant_point(graph, relu.name if relu else node.name)
+        elif is_lookup(graph, node):
+            names[node.name] = quant_point(graph, node.name)
     return names
 
 
@@ -233,9 +248,24 @@ def _transparent_op(node: Node, sources: tuple[str, ...], qparams: QParams):
         return QMaxPool(node.name, sources, node.op.kernel_size, node.op.stride, node.op.padding)
     if isinstance(node.op, Flatten):
         return QFlatten(node.name, sources)
-    if node.op.upper is not None:
-        raise ConversionError(f"{node.name!r}: a clamped ReLU must directly follow a conv, linear, add or average pool")
     return QReLU(node.name, sources, int(qparams.zero_point))
+
+
+def convert_lookup(graph: Graph, node: Node, sources: tuple[str, ...], input_qp: QParams,
+                   stats: dict[str, TensorStats], config: QConfig) -> QLookup:
+    """An activation (or an unfusable ReLU6, hardtanh(0, max)) -> QLookup: its input QParams are its
+    producer's, its output a new quantization point with the config's activation QParams (eq. 29)."""
+    if isinstance(node.op, ReLU):
+        kind, params = "hardtanh", {"min": 0.0, "max": node.op.upper}
+    else:
+        kind, params = node.op.kind, dict(node.op.params)
+    if input_qp.dtype.bits > MAX_LOOKUP_INPUT_BITS:
+        raise ConversionError(f"{node.name!r}: lookup tables take inputs of at most {MAX_LOOKUP_INPUT_BITS} bits; "
+                              f"its input {sources[0]!r} is {input_qp.dtype.name}")
+    point = quant_point(graph, node.name)
+    output_qp = activation_qparams(stats[point], config.activations, after_relu=nonnegative(kind, params),
+                                   is_output=point == graph.output_name)
+    return QLookup(node.name, sources, kind, params, input_qp, output_qp)
 
 
 def check_layer_names(graph: Graph, config: QConfig) -> None:
@@ -268,6 +298,9 @@ def convert(graph: Graph, stats: dict[str, TensorStats], config: QConfig, metada
                 fused.add(relu.name)
                 alias[relu.name] = node.name
             qparams_of[node.name] = output_qp
+        elif is_lookup(graph, node):
+            layers.append(convert_lookup(graph, node, sources, qparams_of[sources[0]], stats, config))
+            qparams_of[node.name] = layers[-1].output_qparams
         elif isinstance(node.op, (MaxPool2d, Flatten, ReLU)):
             layers.append(_transparent_op(node, sources, qparams_of[sources[0]]))
             qparams_of[node.name] = qparams_of[sources[0]]

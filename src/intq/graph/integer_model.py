@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from intq.arith.lookup import lookup_table
 from intq.arith.preprocessing import STUDY_PREPROCESSING, Preprocessing, input_table, same_input_qparams
 from intq.arith.qparams import QParams
 
@@ -194,8 +195,29 @@ class QReLU(Transparent):
     zero_point: int
 
 
-OP_TYPES = (QConv2d, QLinear, QAdd, QAvgPool, QMaxPool, QFlatten, QReLU)  # every op an IntegerModel may hold
-IntegerOp = QConv2d | QLinear | QAdd | QAvgPool | QMaxPool | QFlatten | QReLU
+@dataclass(eq=False)
+class QLookup(Requantizing):
+    """An activation as a table of every input code (inputs of at most 8 bits): q_y = table[q_x - qmin_x],
+    table = clamp(z_y + round(f(s_x (q - z_x)) / s_y)) (eq. 29). `kind` names f (arith/lookup.py
+    ACTIVATIONS), `params` its parameters; the table is derived from them and the two QParams, never stored."""
+
+    name: str
+    inputs: tuple[str, ...]
+    kind: str
+    params: dict
+    input_qparams: QParams
+    output_qparams: QParams
+    relu: ClassVar[bool] = False  # the table holds the clamp (eq. 10's is the output type's)
+    relu_max: ClassVar[float | None] = None
+
+    @property
+    def table(self) -> np.ndarray:
+        """int64 (2^b_x,): the output code of every input code, qmin_x first (eq. 29)."""
+        return lookup_table(self.kind, self.params, self.input_qparams, self.output_qparams)
+
+
+OP_TYPES = (QConv2d, QLinear, QAdd, QAvgPool, QMaxPool, QFlatten, QReLU, QLookup)  # every op an IntegerModel may hold
+IntegerOp = QConv2d | QLinear | QAdd | QAvgPool | QMaxPool | QFlatten | QReLU | QLookup
 
 
 @dataclass(eq=False)
@@ -213,7 +235,7 @@ class IntegerModel:
         return [op for op in self.layers if isinstance(op, QLayer)]
 
     def requantizing_ops(self) -> list[Requantizing]:
-        """The ops with their own output QParams: layers, adds, average pools."""
+        """The ops with their own output QParams: layers, adds, average pools, lookups."""
         return [op for op in self.layers if isinstance(op, Requantizing)]
 
     def value_qparams(self) -> dict[str, QParams]:

@@ -7,11 +7,12 @@ of the executors is proven for (docs/math.md eq. 8-11, 17, 18; docs/format.md li
 
 - structure: unique printable names; each input an earlier op or the model input; 2 inputs for an
   add, 1 otherwise; the output one of the ops;
-- types: weights signed 2..8 bits with zero point 0; activations 2..16 bits;
+- types: weights signed 2..8 bits with zero point 0; activations 2..16 bits, lookup inputs at most 8;
   zero points inside their type; scales finite and positive;
 - consistency: an op's input parameters are those of the op that produced the input; every
   (mantissa, shift) is exactly quantize_multiplier of the real multiplier its scales define, so
-  mantissas lie in [2^30, 2^31) or are 0 (with shift 0) and 31 + n lies in [1, 62];
+  mantissas lie in [2^30, 2^31) or are 0 (with shift 0) and 31 + n lies in [1, 62]; a lookup's
+  table is computed here from its known kind, its parameters and its QParams (eq. 29), never read;
 - shapes: inferred from the input shape op by op (channels, kernels, strides, groups, features);
 - overflow: the worst accumulator, recomputed from the weights, the bias and the input type, is at
   most 2^31 - 1 (eq. 11), and equals the one the layer carries (the reference picks its exact float
@@ -26,9 +27,10 @@ import math
 import numpy as np
 
 from intq.arith.fixed_point import quantize_multipliers
+from intq.arith.lookup import MAX_LOOKUP_INPUT_BITS, lookup_problem
 from intq.graph.archive import MAX_CHANNELS
 from intq.graph.integer_model import (INT32_LIMIT, IntegerModel, IntegerOp, QAdd, QAvgPool, QConv2d, QFlatten,
-                                QLayer, QLinear, QMaxPool, QReLU, accumulator_bound, add_multipliers,
+                                QLayer, QLinear, QLookup, QMaxPool, QReLU, accumulator_bound, add_multipliers,
                                 avg_pool_multiplier, layer_multipliers)
 from intq.arith.qparams import QParams
 
@@ -198,6 +200,21 @@ def check_avg_pool(op: QAvgPool, shape: tuple[int, ...], where: str) -> tuple[in
     return out_shape
 
 
+def check_lookup(op: QLookup, shapes: list[tuple[int, ...]], where: str) -> tuple[int, ...]:
+    """A lookup-table activation (eq. 29): a known kind with its parameters in range, an input of at
+    most 8 bits; its table is recomputed from them (never read), one code of the output type per input code."""
+    problem = lookup_problem(op.kind, op.params)
+    if problem is not None:
+        raise _fail(where, problem)
+    if op.input_qparams.dtype.bits > MAX_LOOKUP_INPUT_BITS:
+        raise _fail(where, f"lookup tables take inputs of at most {MAX_LOOKUP_INPUT_BITS} bits, got "
+                    f"{op.input_qparams.dtype.name}")
+    table, out = op.table, op.output_qparams.dtype
+    if table.shape != (1 << op.input_qparams.dtype.bits,) or table.min() < out.qmin or table.max() > out.qmax:
+        raise _fail(where, f"its table is not one {out.name} code per input code")
+    return shapes[0]
+
+
 def check_structure(model: IntegerModel) -> None:
     """Unique printable names, inputs that are earlier ops (or the model input), the right arity."""
     if not 1 <= len(model.layers) <= MAX_OPS:
@@ -259,6 +276,7 @@ CHECKS = {
     QMaxPool: lambda op, shapes, qps, where: window_output_shape(op.kernel_size, op.stride, op.padding, shapes[0], where),
     QFlatten: lambda op, shapes, qps, where: (math.prod(shapes[0]),),
     QReLU: check_relu,
+    QLookup: _requantizing(check_lookup),
 }
 
 

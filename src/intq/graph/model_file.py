@@ -28,7 +28,7 @@ from intq.arith.fixed_point import quantize_multiplier
 from intq.arith.preprocessing import STUDY_PREPROCESSING, Preprocessing, PreprocessingError
 from intq.files import atomic_write
 from intq.graph.integer_model import (InputSpec, IntegerModel, IntegerOp, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear,
-                                QMaxPool, QReLU, accumulator_bound)
+                                QLookup, QMaxPool, QReLU, accumulator_bound)
 from intq.graph.archive import (MAX_ARRAY_VALUES, MAX_CHANNELS, NPY_HEADER_BYTES, ArchiveArrays, Fields, Invalid,
                                 checked_name, member, number_list, read_array, show)
 from intq.graph.model_check import MAX_OPS, ModelCheckError, check_model
@@ -88,6 +88,12 @@ def _avg_pool_fields(op: QAvgPool, arrays: dict) -> dict:
             "kernel_size": op.kernel_size, "stride": op.stride}
 
 
+def _lookup_fields(op: QLookup, arrays: dict) -> dict:
+    """kind, params and both QParams: the table is derived from them (eq. 29), never written."""
+    return {"kind": op.kind, "params": dict(op.params), "input_qparams": _qparams_meta(op.input_qparams),
+            "output_qparams": _qparams_meta(op.output_qparams)}
+
+
 # How each op class is written: (the file's type tag, its fields; arrays go into `arrays`).
 WRITERS = {
     QConv2d: ("QLayer", _layer_fields),
@@ -97,6 +103,7 @@ WRITERS = {
     QMaxPool: ("QMaxPool", lambda op, arrays: {"kernel_size": op.kernel_size, "stride": op.stride, "padding": op.padding}),
     QFlatten: ("QFlatten", lambda op, arrays: {}),
     QReLU: ("QReLU", lambda op, arrays: {"zero_point": op.zero_point}),
+    QLookup: ("QLookup", _lookup_fields),
 }
 
 
@@ -231,6 +238,16 @@ def _read_max_pool(fields: Fields, name: str, inputs: tuple[str, ...], arrays: A
                     fields.integers("padding", 2, 0, 1 << 16))
 
 
+def _read_lookup(fields: Fields, name: str, inputs: tuple[str, ...], arrays: ArchiveArrays) -> QLookup:
+    """A lookup's kind, params (an object of numbers) and QParams; check_model refuses an unknown kind,
+    parameters out of range and an input wider than 8 bits, and derives the table."""
+    params = fields.get("params", (dict,), "an object of numbers")
+    if len(params) > 4 or not number_list(list(params.values()), float):
+        raise Invalid(f"{fields.where}: field 'params' must be an object of at most 4 numbers, got {show(params)}")
+    return QLookup(name, inputs, fields.text("kind"), params, fields.qparams("input_qparams"),
+                   fields.qparams("output_qparams"))
+
+
 # How each type tag of the file is read (WRITERS' counterpart): (fields, name, inputs, arrays) -> op.
 READERS = {
     "QLayer": _read_layer,
@@ -239,6 +256,7 @@ READERS = {
     "QMaxPool": _read_max_pool,
     "QFlatten": lambda fields, name, inputs, arrays: QFlatten(name, inputs),
     "QReLU": lambda fields, name, inputs, arrays: QReLU(name, inputs, fields.integer("zero_point", -(2**31), 2**31 - 1)),
+    "QLookup": _read_lookup,
 }
 
 

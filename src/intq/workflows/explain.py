@@ -91,7 +91,9 @@ def explain(model: IntegerModel, pixels: torch.Tensor, layer_name: str, index: t
     layer = next((op for op in model.quantized_layers() if op.name == layer_name), None)
     if layer is None:
         names = ", ".join(op.name for op in model.quantized_layers())
-        raise ExplainError(f"no conv/linear layer {layer_name!r} in the model; layers: {names}")
+        other = next((op for op in model.layers if op.name == layer_name), None)
+        kind = f" ({layer_name!r} is a {type(other).__name__}: explain derives conv and linear outputs)" if other else ""
+        raise ExplainError(f"no conv/linear layer {layer_name!r} in the model{kind}; layers: {names}")
     values = {}
     run_integer(model, pixels[None], visit=lambda name, value: values.__setitem__(name, value[0]))
     output = values[layer.name]

@@ -110,6 +110,16 @@ static int window_fits(int n, int out, int k, int s, int p, int d) {
     return n >= 1 && out >= 1 && k >= 1 && s >= 1 && d >= 1 && p >= 0 && (long)(out - 1) * s + (long)d * (k - 1) + 1 <= (long)n + 2L * p;
 }
 
+/* q_y = table[q_x - table_first] (eq. 29). Every input code of the producer's type has an entry; an
+ * integer outside the type reads the nearest end, so no input can index outside the table. */
+static void lookup(const intq_op *op, const int32_t *x, int32_t *y) {
+    long n, i;
+    for (n = 0; n < volume(op->out_c, op->out_h, op->out_w); n++) {
+        i = (long)x[n] - op->table_first;
+        y[n] = op->table[i < 0 ? 0 : i >= op->table_count ? op->table_count - 1 : i];
+    }
+}
+
 static int shift_ok(const intq_op *op) {
     long i;
     for (i = 0; i < op->multiplier_count; i++)
@@ -146,6 +156,8 @@ static int op_ok(const intq_op *op, int index, const int32_t *sizes, long input_
     case INTQ_FLATTEN:
     case INTQ_RELU:
         return out_size == in_size;
+    case INTQ_LOOKUP:
+        return out_size == in_size && op->table != 0 && op->table_count >= 1 && op->table_count <= 256;
     }
     return 0;
 }
@@ -171,6 +183,7 @@ void intq_run(const intq_op *ops, int count, const int32_t *input, int32_t **buf
         case INTQ_MAXPOOL: maxpool(op, x, y); break;
         case INTQ_ADD: add(op, x, op->input2 < 0 ? input : buffers[op->input2], y); break;
         case INTQ_AVGPOOL: avgpool(op, x, y); break;
+        case INTQ_LOOKUP: lookup(op, x, y); break;
         case INTQ_FLATTEN:
         case INTQ_RELU:  /* flatten copies; relu clamps at the zero point */
             for (n = 0; n < op->out_c * op->out_h * op->out_w; n++)

@@ -1,6 +1,6 @@
 /* intq C99 runtime: integer-only inference of an intq IntegerModel (generated model.h).
  * Every value is an integer; the only wide type is int64_t for the requantization product.
- * Arithmetic contract: docs/math.md eq. 7-11, 17, 18. Rounding: half away from zero.
+ * Arithmetic contract: docs/math.md eq. 7-11, 17, 18, 29. Rounding: half away from zero.
  * intq_check verifies, before anything runs, that every index an op will compute stays inside the
  * arrays and buffers it names (their lengths are in the op table), so a wrong table is refused
  * instead of read out of bounds. */
@@ -15,7 +15,8 @@ typedef enum {
     INTQ_FLATTEN = 3,
     INTQ_RELU = 4,
     INTQ_ADD = 5,
-    INTQ_AVGPOOL = 6
+    INTQ_AVGPOOL = 6,
+    INTQ_LOOKUP = 7
 } intq_kind;
 
 typedef struct {
@@ -33,6 +34,9 @@ typedef struct {
     const int32_t *shift;     /* n, M = M0 * 2^-(31 + n). add: [operand a, operand b, output]; avgpool: [output] */
     long multiplier_count;
     int32_t input_zero, input2_zero, output_zero, lower, upper;  /* lower = output_zero under a fused ReLU */
+    const int32_t *table;     /* lookup: the output code of every input code (eq. 29), or 0 */
+    long table_count;         /* 2^b entries for a b-bit input */
+    int32_t table_first;      /* lookup: the input code of table[0], the input type's qmin */
 } intq_op;
 
 int64_t intq_multiply(int64_t value, int32_t mantissa, int32_t shift);
