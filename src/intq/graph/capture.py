@@ -19,6 +19,9 @@ from intq.arith.lookup import activation
 from intq.arith.preprocessing import STUDY_PREPROCESSING, Preprocessing, PreprocessingError
 from intq.graph.capture_activations import (ACTIVATION_FUNCTIONS, ELEMENTWISE_MODULES, Activation, ReLU, activation_call,
                                             activation_module, clamp_call)
+from intq.graph.capture_rewrites import (DROPOUT_FUNCTIONS, AdaptiveAvgPool2d, Refused, Tracer, adaptive_pool,
+                                         conv_padding, dropout_call, flatten_call, flatten_dims, identity_module,
+                                         mean_call, pool_window)
 
 
 class CaptureError(Exception):
@@ -72,6 +75,7 @@ class Identity:
 
 
 Op = Conv2d | Linear | ReLU | Activation | MaxPool2d | AvgPool2d | Add | Flatten | Identity
+# (an AdaptiveAvgPool2d between trace and capture, which turns it into an AvgPool2d)
 WEIGHTED = (Conv2d, Linear)
 REQUANTIZING = (Conv2d, Linear, Add, AvgPool2d)  # ops whose output needs its own quantization
 
@@ -102,11 +106,14 @@ def _pair(value) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
-def _from_module(module: nn.Module) -> Op | None:
-    """The captured op of a leaf module, or None when unsupported."""
-    if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+def _from_module(module: nn.Module) -> Op | Refused | None:
+    """The captured op of a leaf module, Refused(why) or None when unsupported."""
+    if isinstance(module, nn.Conv2d):
+        padding = conv_padding(module)
+        if isinstance(padding, Refused):
+            return padding
         bias = None if module.bias is None else module.bias.detach().clone()
-        return Conv2d(module.weight.detach().clone(), bias, _pair(module.stride), _pair(module.padding),
+        return Conv2d(module.weight.detach().clone(), bias, _pair(module.stride), _pair(padding),
                       _pair(module.dilation), module.groups)
     if isinstance(module, nn.Linear):
         bias = None if module.bias is None else module.bias.detach().clone()
@@ -116,20 +123,25 @@ def _from_module(module: nn.Module) -> Op | None:
     if isinstance(module, nn.AvgPool2d) and module.padding in (0, (0, 0)) and not module.ceil_mode:
         kernel = _pair(module.kernel_size)
         return AvgPool2d(kernel, _pair(module.stride) if module.stride is not None else kernel)
-    if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1)):
-        return AvgPool2d(None)
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        return AvgPool2d(None) if module.output_size in (1, (1, 1)) else adaptive_pool(module.output_size)
+    if isinstance(module, nn.MaxPool2d) and module.ceil_mode:
+        return Refused("ceil_mode=True (windows past the edge are not supported; use ceil_mode=False or padding)")
     if isinstance(module, nn.MaxPool2d) and not module.ceil_mode and module.dilation in (1, (1, 1)):
         stride = module.stride if module.stride is not None else module.kernel_size
         return MaxPool2d(_pair(module.kernel_size), _pair(stride), _pair(module.padding))
-    if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
-        return Flatten()
-    if isinstance(module, (nn.Dropout, nn.Identity)):
+    if isinstance(module, nn.Flatten):
+        return flatten_dims(module.start_dim, module.end_dim) or Flatten()
+    if isinstance(module, nn.Identity):
         return Identity()
+    identity = identity_module(module)
+    if identity:
+        return Identity() if identity is True else identity
     return None
 
 
-def _from_call(node: torch.fx.Node) -> Op | None:
-    """The captured op of a call_function / call_method node, or None when unsupported."""
+def _from_call(node: torch.fx.Node) -> Op | tuple[Op, ...] | Refused | None:
+    """The captured op(s) of a call_function / call_method node, Refused(why) or None when unsupported."""
     target = node.target
     if target in (F.relu, torch.relu, "relu") and not node.kwargs.get("inplace", False):
         return ReLU()
@@ -142,24 +154,34 @@ def _from_call(node: torch.fx.Node) -> Op | None:
     if target in (operator.add, operator.iadd, torch.add, "add", "add_") and len(node.args) == 2 \
             and all(isinstance(a, torch.fx.Node) for a in node.args) and not node.kwargs:
         return Add()
-    if target is F.adaptive_avg_pool2d and node.args[1:] in ((1,), ((1, 1),)):
-        return AvgPool2d(None)
+    if target is F.adaptive_avg_pool2d:
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        return AvgPool2d(None) if size in (1, (1, 1)) else adaptive_pool(size)
+    if target in (torch.mean, "mean"):
+        return _from_mean(node)
     if target is F.avg_pool2d and len(node.args) >= 2 and not node.kwargs:
         kernel = _pair(node.args[1])
         return AvgPool2d(kernel, _pair(node.args[2]) if len(node.args) > 2 else kernel)
     if target in (torch.flatten, "flatten"):
-        start_dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-        end_dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-        return Flatten() if (start_dim, end_dim) == (1, -1) else None
+        return flatten_call(node) or Flatten()
     if target in ("view", "reshape"):
         return Flatten()  # checked against the real shape when the capture is verified
     if target is F.max_pool2d:
         kernel = _pair(node.args[1] if len(node.args) > 1 else node.kwargs["kernel_size"])
         stride = node.args[2] if len(node.args) > 2 else node.kwargs.get("stride")
         return MaxPool2d(kernel, _pair(stride) if stride else kernel)
-    if target is F.dropout:
-        return Identity()
+    if target in DROPOUT_FUNCTIONS:
+        identity = dropout_call(node)
+        return Identity() if identity is True else identity
     return None
+
+
+def _from_mean(node: torch.fx.Node) -> tuple[Op, ...] | Refused:
+    """A mean over (H, W): a global average pool, then a flatten to (N, C) when keepdim=False."""
+    form = mean_call(node)
+    if isinstance(form, Refused):
+        return form
+    return (AvgPool2d(None),) if form == "keepdim" else (AvgPool2d(None), Flatten())
 
 
 def _describe(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -172,7 +194,7 @@ def _describe(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
 def trace(model: nn.Module) -> Graph:
     """Symbolically trace `model` into a Graph; BatchNorm2d after a Conv2d is folded into it."""
     try:
-        traced = torch.fx.symbolic_trace(model)
+        traced = torch.fx.GraphModule(model, Tracer().trace(model))
     except Exception as err:  # fx raises many types; the user needs the reason and the model
         raise CaptureError(f"{type(model).__name__} is not traceable by torch.fx: {err}") from None
     modules = dict(traced.named_modules())
@@ -195,15 +217,39 @@ def trace(model: nn.Module) -> Graph:
             continue
         op = _from_module(modules[fx_node.target]) if fx_node.op == "call_module" else (
             _from_call(fx_node) if fx_node.op in ("call_function", "call_method") else None)
-        if op is None:
-            unsupported.append(_describe(fx_node, modules))
+        if op is None or isinstance(op, Refused):
+            unsupported.append(_describe(fx_node, modules) + (f": {op.reason}" if op else ""))
             continue
         sources = tuple(aliases.get(a.name, a.name) for a in fx_node.args if isinstance(a, torch.fx.Node))
-        inputs = sources if isinstance(op, Add) else sources[:1]
-        nodes.append(Node(fx_node.name, op, inputs))
+        _append(nodes, fx_node.name, op, sources if isinstance(op, Add) else sources[:1])
     if unsupported:
         raise CaptureError(f"{type(model).__name__}: unsupported operations: " + "; ".join(unsupported))
     return with_users(Graph(input_name, nodes, output_name))
+
+
+def _append(nodes: list[Node], name: str, op: Op | tuple[Op, ...], inputs: tuple[str, ...]) -> None:
+    """One node, or a chain of them for a rewrite into several ops (the last one keeps the fx name)."""
+    ops = op if isinstance(op, tuple) else (op,)
+    for index, step in enumerate(ops):
+        step_name = name if index == len(ops) - 1 else f"{name}_{type(step).__name__.lower()}"
+        nodes.append(Node(step_name, step, inputs))
+        inputs = (step_name,)
+
+
+def resolve_adaptive_pools(graph: Graph, example: torch.Tensor, model_name: str) -> None:
+    """Turn each AdaptiveAvgPool2d into AvgPool2d(kernel = stride = in/out) at the example's sizes (the
+    first place they are known), or refuse naming the node and both sizes."""
+    if not any(isinstance(node.op, AdaptiveAvgPool2d) for node in graph.nodes):
+        return
+    values = {graph.input_name: example}
+    for node in graph.nodes:
+        inputs = [values[name] for name in node.inputs]
+        if isinstance(node.op, AdaptiveAvgPool2d):
+            window = pool_window(node.op, inputs[0].shape)
+            if isinstance(window, str):
+                raise CaptureError(f"{model_name}: {node.name} (AdaptiveAvgPool2d): {window}")
+            node.op = AvgPool2d(window, window)
+        values[node.name] = apply_op(node.op, *inputs)
 
 
 def _fold_batchnorm(nodes: list[Node], fx_node: torch.fx.Node, bn: nn.BatchNorm2d) -> bool:
@@ -310,6 +356,7 @@ def capture(model: nn.Module, example: torch.Tensor, preprocessing: Preprocessin
             raise CaptureError(f"{type(model).__name__} fails on input of shape {tuple(example.shape)}: "
                                f"{_first_line(err)}") from None
         try:
+            resolve_adaptive_pools(graph, example, type(model).__name__)
             got = run_float(graph, example)
         except RuntimeError as err:
             raise CaptureError(f"{type(model).__name__}: captured graph fails on the example input ({err}); "
