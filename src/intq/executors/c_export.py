@@ -19,12 +19,13 @@ import torch
 
 from intq.executors.reference import run_integer
 from intq.files import atomic_write_text, ensure_writable_dir, staged_output
-from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QLookup, QMaxPool,
+from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QConcat, QConv2d, QFlatten, QLayer, QLinear, QLookup, QMaxPool,
                                       QReLU)
 from intq.graph.model_check import ModelCheckError, check_model
 
 ARRAY_TYPES = {"weight": "int8_t", "bias": "int32_t", "mantissa": "int32_t", "shift": "int32_t",
-               "table": "int32_t"}  # op<i>_<field>
+               "table": "int32_t", "sources": "int32_t", "source_zeros": "int32_t",
+               "source_channels": "int32_t"}  # op<i>_<field>
 
 
 def c_comment_label(name: str) -> str:
@@ -74,6 +75,21 @@ def _add(index: int, op: QAdd, index_of: dict, in_shape) -> dict[str, object]:
             **_multiplier_fields(index, op), **_clamp_fields(op, int(op.input_qparams[0].zero_point))}
 
 
+def _concat(index: int, op: QConcat, index_of: dict, in_shape) -> dict[str, object]:
+    """A concatenation: its inputs' buffer indices, zero points and channel counts as op<i>_sources,
+    op<i>_source_zeros and op<i>_source_channels (concat_arrays), one multiplier each (eq. 30)."""
+    return {"kind": "INTQ_CONCAT", "sources": f"op{index}_sources", "source_zeros": f"op{index}_source_zeros",
+            "source_channels": f"op{index}_source_channels", "source_count": len(op.inputs),
+            **_multiplier_fields(index, op), **_clamp_fields(op, int(op.input_qparams[0].zero_point))}
+
+
+def concat_arrays(op: QConcat, index_of: dict[str, int], shapes: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
+    """The values of a concatenation's source arrays: buffer index (-1: the model input), zero point, channels."""
+    return {"sources": [index_of[name] for name in op.inputs],
+            "source_zeros": [int(qp.zero_point) for qp in op.input_qparams],
+            "source_channels": [_shape3(shapes[name])[0] for name in op.inputs]}
+
+
 def _avg_pool(index: int, op: QAvgPool, index_of: dict, in_shape: tuple[int, int, int]) -> dict[str, object]:
     kernel, stride = op.kernel_size or in_shape[1:], op.stride or (1, 1)
     return {"kind": "INTQ_AVGPOOL", "k_h": kernel[0], "k_w": kernel[1], "stride_h": stride[0], "stride_w": stride[1],
@@ -92,11 +108,12 @@ def _lookup(index: int, op: QLookup, index_of: dict, in_shape) -> dict[str, obje
 
 
 # The C lowering: per op class, (index, op, index_of, input shape) -> the op's intq_op fields (numbers and
-# generated names); array fields (weight, bias, mantissa, shift, table) name the arrays model.h defines for them.
+# generated names); array fields (weight, bias, mantissa, shift, table, sources...) name the arrays model.h defines for them.
 LOWERING = {
     QConv2d: _conv2d,
     QLinear: lambda index, op, index_of, in_shape: _weighted_fields(index, op, "INTQ_LINEAR"),
     QAdd: _add,
+    QConcat: _concat,
     QAvgPool: _avg_pool,
     QMaxPool: _max_pool,
     QFlatten: lambda index, op, index_of, in_shape: {"kind": "INTQ_FLATTEN"},
@@ -132,7 +149,9 @@ def model_header(model: IntegerModel, shapes: dict[str, tuple[int, ...]]) -> str
     entries = []
     for index, op in enumerate(model.layers):
         fields = _op_fields(index, op, index_of, shapes[op.inputs[0]], shapes[op.name])
-        parts += [c_array(ctype, fields[key], getattr(op, key)) for key, ctype in ARRAY_TYPES.items() if key in fields]
+        values = concat_arrays(op, index_of, shapes) if isinstance(op, QConcat) else {}
+        parts += [c_array(ctype, fields[key], values[key] if key in values else getattr(op, key))
+                  for key, ctype in ARRAY_TYPES.items() if key in fields]
         entries.append(_op_entry(index, op, fields))
     parts.append(c_array("int32_t", "INTQ_INPUT_LUT", _input_lut(model)))
     parts.append("static const intq_op INTQ_OPS[] = {\n" + "\n".join(entries) + "\n};\n")

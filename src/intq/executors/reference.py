@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from intq.graph.capture import max_pool
 from intq.arith.fixed_point import float64_requantizer, multiply_by_quantized_multiplier, requantize, requantize_float64, requantize_with_bias
-from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QLookup, QMaxPool,
+from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QConcat, QConv2d, QFlatten, QLayer, QLinear, QLookup, QMaxPool,
                                       QReLU)
 from intq.arith.qparams import torch_dtype
 
@@ -221,6 +221,17 @@ def add(op: QAdd, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.take(_add_table(op, _state(op), a.device), index)
 
 
+def concat(op: QConcat, *xs: torch.Tensor) -> torch.Tensor:
+    """cat along channels of q_y = clamp(z_y + round(M_i (q_i - z_i))), each input on the output's grid
+    (eq. 30), int64 inside. Budget: |q_i - z_i| < 2^16 (activations of at most 16 bits) times M0 < 2^31
+    stays below 2^47 in int64 (below 2^40 for inputs of at most 9 bits)."""
+    lower, upper = op.bounds()
+    parts = [requantize(x.to(torch.int64) - int(qp.zero_point), *_multiplier(op, index, x.device),
+                        int(op.output_qparams.zero_point), lower, upper)
+             for index, (x, qp) in enumerate(zip(xs, op.input_qparams))]
+    return torch.cat(parts, dim=1).to(torch_dtype(op.output_qparams.dtype))  # (N, C_i, H, W) -> (N, sum C_i, H, W)
+
+
 def avg_pool(op: QAvgPool, x: torch.Tensor) -> torch.Tensor:
     """acc = sum over the window of (q_x - z_x) (exact int64), q_y = clamp(z_y + round(M acc)),
     M = s_x / (N s_y) with N the window size (eq. 18)."""
@@ -254,6 +265,7 @@ LOWERING = {
     QConv2d: _weighted,
     QLinear: _weighted,
     QAdd: add,
+    QConcat: concat,
     QAvgPool: avg_pool,
     QMaxPool: lambda op, x: max_pool(x, op.kernel_size, op.stride, op.padding),
     QFlatten: _flatten,

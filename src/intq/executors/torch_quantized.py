@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from intq.executors.encoding import (EngineError, encoded_zero_point, engine_runs_layer, from_codes, narrower_bounds, to_uint8,
                                     uint8_offset)
 from intq.executors.reference import CHUNK, pixels_to_input, run_op
-from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear, QLookup, QMaxPool,
+from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QConcat, QConv2d, QFlatten, QLayer, QLinear, QLookup, QMaxPool,
                                       QReLU)
 from intq.arith.qparams import QParams, torch_dtype
 
@@ -140,6 +140,18 @@ def _add_step(op: QAdd, model: IntegerModel, in_qparams: list[QParams]) -> Calla
     return _clamped(run, narrower_bounds(*op.bounds(), out, op.relu), out)
 
 
+def _concat_step(op: QConcat, model: IntegerModel, in_qparams: list[QParams]) -> Callable:
+    """torch.ops.quantized.cat onto the output's QParams (inputs of at most 8 bits, an 8-bit output),
+    else the exact step (eq. 30)."""
+    out = op.output_qparams
+    if max(qp.dtype.bits for qp in (*in_qparams, out)) > 8:
+        return _integer_step(op, model, in_qparams)
+    scale, zero = float(out.scale), encoded_zero_point(out)
+    run = lambda *xs: torch.ops.quantized.cat([to_quantized(x, qp) for x, qp in zip(xs, in_qparams)],  # noqa: E731
+                                              1, scale, zero)
+    return _clamped(run, narrower_bounds(*op.bounds(), out, False), out)
+
+
 # The PyTorch-kernel lowering: per op class, (op, model, input qparams) -> a step on quantized tensors
 # (or on integers: the exact op where the kernels cannot express it; average pools are exact and
 # cheap on the small pooled maps; a lookup table is one gather, which no quantized kernel does).
@@ -147,6 +159,7 @@ LOWERING = {
     QConv2d: _layer_step,
     QLinear: _layer_step,
     QAdd: _add_step,
+    QConcat: _concat_step,
     QAvgPool: _integer_step,
     QMaxPool: lambda op, model, qps: lambda x: (F.max_pool2d(x, op.kernel_size, op.stride, op.padding)
                                                 if x.is_quantized else run_op(op, x)),

@@ -22,6 +22,7 @@ from intq.graph.capture_activations import (ACTIVATION_FUNCTIONS, ELEMENTWISE_MO
 from intq.graph.capture_rewrites import (DROPOUT_FUNCTIONS, AdaptiveAvgPool2d, Refused, Tracer, adaptive_pool,
                                          conv_padding, dropout_call, flatten_call, flatten_dims, identity_module,
                                          mean_call, pool_window)
+from intq.graph.capture_joins import Add, Concat, concat_call, operand_nodes
 
 
 class CaptureError(Exception):
@@ -42,11 +43,6 @@ class Conv2d:
 class Linear:
     weight: torch.Tensor
     bias: torch.Tensor | None
-
-
-@dataclass(frozen=True)
-class Add:
-    """Elementwise sum of two tensors (a residual connection)."""
 
 
 @dataclass(frozen=True)
@@ -74,10 +70,10 @@ class Identity:
     """Dropout in eval mode and nn.Identity."""
 
 
-Op = Conv2d | Linear | ReLU | Activation | MaxPool2d | AvgPool2d | Add | Flatten | Identity
+Op = Conv2d | Linear | ReLU | Activation | MaxPool2d | AvgPool2d | Add | Concat | Flatten | Identity
 # (an AdaptiveAvgPool2d between trace and capture, which turns it into an AvgPool2d)
 WEIGHTED = (Conv2d, Linear)
-REQUANTIZING = (Conv2d, Linear, Add, AvgPool2d)  # ops whose output needs its own quantization
+REQUANTIZING = (Conv2d, Linear, Add, Concat, AvgPool2d)  # ops whose output needs its own quantization
 
 
 @dataclass(eq=False)
@@ -154,6 +150,8 @@ def _from_call(node: torch.fx.Node) -> Op | tuple[Op, ...] | Refused | None:
     if target in (operator.add, operator.iadd, torch.add, "add", "add_") and len(node.args) == 2 \
             and all(isinstance(a, torch.fx.Node) for a in node.args) and not node.kwargs:
         return Add()
+    if target is torch.cat:
+        return concat_call(node)
     if target is F.adaptive_avg_pool2d:
         size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
         return AvgPool2d(None) if size in (1, (1, 1)) else adaptive_pool(size)
@@ -220,8 +218,8 @@ def trace(model: nn.Module) -> Graph:
         if op is None or isinstance(op, Refused):
             unsupported.append(_describe(fx_node, modules) + (f": {op.reason}" if op else ""))
             continue
-        sources = tuple(aliases.get(a.name, a.name) for a in fx_node.args if isinstance(a, torch.fx.Node))
-        _append(nodes, fx_node.name, op, sources if isinstance(op, Add) else sources[:1])
+        sources = tuple(aliases.get(a.name, a.name) for a in operand_nodes(fx_node))
+        _append(nodes, fx_node.name, op, sources if isinstance(op, (Add, Concat)) else sources[:1])
     if unsupported:
         raise CaptureError(f"{type(model).__name__}: unsupported operations: " + "; ".join(unsupported))
     return with_users(Graph(input_name, nodes, output_name))
@@ -302,9 +300,11 @@ def max_pool(x: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, i
 
 
 def apply_op(op: Op, x: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
-    """Run one captured op in float (`others`: the second operand of an Add)."""
+    """Run one captured op in float (`others`: the second operand of an Add, the rest of a Concat's)."""
     if isinstance(op, Add):
         return x + others[0]
+    if isinstance(op, Concat):
+        return op.apply(x, *others)
     if isinstance(op, AvgPool2d):
         if op.kernel_size is None:
             return x.mean(dim=(2, 3), keepdim=True)

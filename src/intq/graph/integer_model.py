@@ -62,7 +62,7 @@ class Requantizing:
     def bounds(self) -> tuple[int, int]:
         return output_bounds(self.output_qparams, self.relu, self.relu_max)
 
-    ARITY: ClassVar[int] = 1  # how many inputs the op reads
+    ARITY: ClassVar[int | None] = 1  # how many inputs the op reads (None: two or more)
 
     def output_params(self, input_params: list[QParams]) -> QParams:
         """The QParams of this op's output integers."""
@@ -151,6 +151,26 @@ class QAdd(Requantizing):
 
 
 @dataclass(eq=False)
+class QConcat(Requantizing):
+    """y = cat(x_1, ..., x_k) along channels, k >= 2: each input requantized to the output's own
+    (s_y, z_y) with its multiplier M_i = s_i / s_y, q_y = clamp(z_y + round(M_i (q_i - z_i))) (eq. 30);
+    an input that already has the output's QParams has M_i = 1 and passes unchanged."""
+
+    name: str
+    inputs: tuple[str, ...]
+    input_qparams: tuple[QParams, ...]
+    output_qparams: QParams
+    mantissa: np.ndarray  # (k,): one per input
+    shift: np.ndarray
+    relu: bool = False
+    relu_max: float | None = None
+    ARITY: ClassVar[int | None] = None  # any number >= 2, one input_qparams and one multiplier each
+
+    def declared_input_params(self) -> list[QParams]:
+        return list(self.input_qparams)
+
+
+@dataclass(eq=False)
 class QAvgPool(Requantizing):
     """Average pool: acc = sum over the window of (q - z_x), q_y = z_y + round(acc s_x / (N s_y)) (eq. 18);
     kernel_size None pools the whole feature map."""
@@ -216,8 +236,8 @@ class QLookup(Requantizing):
         return lookup_table(self.kind, self.params, self.input_qparams, self.output_qparams)
 
 
-OP_TYPES = (QConv2d, QLinear, QAdd, QAvgPool, QMaxPool, QFlatten, QReLU, QLookup)  # every op an IntegerModel may hold
-IntegerOp = QConv2d | QLinear | QAdd | QAvgPool | QMaxPool | QFlatten | QReLU | QLookup
+OP_TYPES = (QConv2d, QLinear, QAdd, QConcat, QAvgPool, QMaxPool, QFlatten, QReLU, QLookup)  # every op an IntegerModel may hold
+IntegerOp = QConv2d | QLinear | QAdd | QConcat | QAvgPool | QMaxPool | QFlatten | QReLU | QLookup
 
 
 @dataclass(eq=False)
@@ -272,6 +292,12 @@ def add_multipliers(inputs_qp: tuple[QParams, ...] | list[QParams], output_qp: Q
     scales = [float(qp.scale) for qp in inputs_qp]
     common = max(scales) / 2**20
     return np.array([*(s / common for s in scales), common / float(output_qp.scale)])
+
+
+def concat_multipliers(inputs_qp: tuple[QParams, ...] | list[QParams], output_qp: QParams) -> np.ndarray:
+    """(M_1, ..., M_k) of a concatenation: M_i = s_i / s_y, each input to the output's grid (eq. 30);
+    exactly 1 (mantissa 2^30, shift -1) for an input whose scale is the output's."""
+    return np.array([float(qp.scale) / float(output_qp.scale) for qp in inputs_qp])
 
 
 def avg_pool_multiplier(input_qp: QParams, output_qp: QParams, window: int) -> np.ndarray:

@@ -29,9 +29,9 @@ import numpy as np
 from intq.arith.fixed_point import quantize_multipliers
 from intq.arith.lookup import MAX_LOOKUP_INPUT_BITS, lookup_problem
 from intq.graph.archive import MAX_CHANNELS
-from intq.graph.integer_model import (INT32_LIMIT, IntegerModel, IntegerOp, QAdd, QAvgPool, QConv2d, QFlatten,
+from intq.graph.integer_model import (INT32_LIMIT, IntegerModel, IntegerOp, QAdd, QAvgPool, QConcat, QConv2d, QFlatten,
                                 QLayer, QLinear, QLookup, QMaxPool, QReLU, accumulator_bound, add_multipliers,
-                                avg_pool_multiplier, layer_multipliers)
+                                avg_pool_multiplier, concat_multipliers, layer_multipliers)
 from intq.arith.qparams import QParams
 
 MAX_OPS = 10_000
@@ -186,6 +186,17 @@ def check_add(op: QAdd, shapes: list[tuple[int, ...]], where: str) -> tuple[int,
     return shapes[0]
 
 
+def check_concat(op: QConcat, shapes: list[tuple[int, ...]], where: str) -> tuple[int, ...]:
+    """Inputs (C_i, H, W) of one H and W; output (sum C_i, H, W); M_i = s_i / s_y recomputed (eq. 30)."""
+    if len(op.input_qparams) != len(op.inputs):
+        raise _fail(where, f"{len(op.input_qparams)} input parameters for {len(op.inputs)} inputs")
+    if any(len(shape) != 3 for shape in shapes) or len({shape[1:] for shape in shapes}) != 1:
+        raise _fail(where, f"inputs of shapes {', '.join(map(str, shapes))} (a concatenation along channels "
+                    f"needs (C, H, W) inputs of one H and W)")
+    check_multipliers(op.mantissa, op.shift, concat_multipliers(op.input_qparams, op.output_qparams), where)
+    return (sum(shape[0] for shape in shapes), *shapes[0][1:])
+
+
 def check_avg_pool(op: QAvgPool, shape: tuple[int, ...], where: str) -> tuple[int, ...]:
     if op.kernel_size is None:
         if len(shape) != 3:
@@ -224,7 +235,9 @@ def check_structure(model: IntegerModel) -> None:
         where = f"op #{index} {op.name!r}"
         if op.name in known:
             raise _fail(where, "its name is used twice")
-        if len(op.inputs) != op.ARITY:
+        if op.ARITY is None and len(op.inputs) < 2:
+            raise _fail(where, f"takes two or more inputs, lists {len(op.inputs)}")
+        if op.ARITY is not None and len(op.inputs) != op.ARITY:
             raise _fail(where, f"takes {op.ARITY} input(s), lists {len(op.inputs)}")
         for name in op.inputs:
             if name not in known:
@@ -272,6 +285,7 @@ CHECKS = {
     QConv2d: _requantizing(lambda op, shapes, where: check_layer(op, conv_output_shape(op, shapes[0], where), where)),
     QLinear: _requantizing(lambda op, shapes, where: check_layer(op, linear_output_shape(op, shapes[0], where), where)),
     QAdd: _requantizing(check_add),
+    QConcat: _requantizing(check_concat),
     QAvgPool: _requantizing(lambda op, shapes, where: check_avg_pool(op, shapes[0], where)),
     QMaxPool: lambda op, shapes, qps, where: window_output_shape(op.kernel_size, op.stride, op.padding, shapes[0], where),
     QFlatten: lambda op, shapes, qps, where: (math.prod(shapes[0]),),

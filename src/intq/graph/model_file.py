@@ -27,7 +27,7 @@ from intq import __version__
 from intq.arith.fixed_point import quantize_multiplier
 from intq.arith.preprocessing import STUDY_PREPROCESSING, Preprocessing, PreprocessingError
 from intq.files import atomic_write
-from intq.graph.integer_model import (InputSpec, IntegerModel, IntegerOp, QAdd, QAvgPool, QConv2d, QFlatten, QLayer, QLinear,
+from intq.graph.integer_model import (InputSpec, IntegerModel, IntegerOp, QAdd, QAvgPool, QConcat, QConv2d, QFlatten, QLayer, QLinear,
                                 QLookup, QMaxPool, QReLU, accumulator_bound)
 from intq.graph.archive import (MAX_ARRAY_VALUES, MAX_CHANNELS, NPY_HEADER_BYTES, ArchiveArrays, Fields, Invalid,
                                 checked_name, member, number_list, read_array, show)
@@ -79,7 +79,7 @@ def _layer_fields(op: QLayer, arrays: dict) -> dict:
     return meta
 
 
-def _add_fields(op: QAdd, arrays: dict) -> dict:
+def _add_fields(op: QAdd | QConcat, arrays: dict) -> dict:
     return {**_requantizing_fields(op, arrays), "input_qparams": [_qparams_meta(qp) for qp in op.input_qparams]}
 
 
@@ -99,6 +99,7 @@ WRITERS = {
     QConv2d: ("QLayer", _layer_fields),
     QLinear: ("QLayer", _layer_fields),
     QAdd: ("QAdd", _add_fields),
+    QConcat: ("QConcat", _add_fields),  # mantissa/shift: one per input
     QAvgPool: ("QAvgPool", _avg_pool_fields),
     QMaxPool: ("QMaxPool", lambda op, arrays: {"kernel_size": op.kernel_size, "stride": op.stride, "padding": op.padding}),
     QFlatten: ("QFlatten", lambda op, arrays: {}),
@@ -224,6 +225,14 @@ def _read_add(fields: Fields, name: str, inputs: tuple[str, ...], arrays: Archiv
     return QAdd(name, inputs, tuple(qparams), output_qp, mantissa, shift, relu, relu_max)
 
 
+def _read_concat(fields: Fields, name: str, inputs: tuple[str, ...], arrays: ArchiveArrays) -> QConcat:
+    """One input_qparams and one (mantissa, shift) per input; check_model refuses fewer than two inputs."""
+    qparams = _listed_qparams(fields, len(inputs))
+    mantissa, shift = _multiplier_arrays(arrays, name, len(inputs))
+    output_qp, relu, relu_max = _clamp_fields(fields)
+    return QConcat(name, inputs, tuple(qparams), output_qp, mantissa, shift, relu, relu_max)
+
+
 def _read_avg_pool(fields: Fields, name: str, inputs: tuple[str, ...], arrays: ArchiveArrays) -> QAvgPool:
     (qparams,) = _listed_qparams(fields, 1)
     mantissa, shift = _multiplier_arrays(arrays, name, 1)
@@ -252,6 +261,7 @@ def _read_lookup(fields: Fields, name: str, inputs: tuple[str, ...], arrays: Arc
 READERS = {
     "QLayer": _read_layer,
     "QAdd": _read_add,
+    "QConcat": _read_concat,
     "QAvgPool": _read_avg_pool,
     "QMaxPool": _read_max_pool,
     "QFlatten": lambda fields, name, inputs, arrays: QFlatten(name, inputs),

@@ -32,6 +32,19 @@ static void add(const intq_op *op, const int32_t *a, const int32_t *b, int32_t *
     }
 }
 
+/* eq. 30: each input requantized to the output's grid, q_y = clamp(z_y + round(M_i (q_i - z_i))),
+ * its channels after those of the inputs before it. Budget: |q - z| < 2^16 times M0 < 2^31 < 2^47. */
+static void concat(const intq_op *op, const int32_t *input, int32_t *const *buffers, int32_t *y) {
+    long k, i, plane = (long)op->out_h * op->out_w, offset = 0;
+    for (k = 0; k < op->source_count; k++) {
+        const int32_t *x = op->sources[k] < 0 ? input : buffers[op->sources[k]];
+        for (i = 0; i < op->source_channels[k] * plane; i++)
+            y[offset + i] = intq_requantize(x[i] - op->source_zeros[k], op->mantissa[k], op->shift[k],
+                                            op->output_zero, op->lower, op->upper);
+        offset += op->source_channels[k] * plane;
+    }
+}
+
 /* eq. 18: the window sum of (q - z_x), requantized with M = s_x / (N s_y). */
 static void avgpool(const intq_op *op, const int32_t *x, int32_t *y) {
     int c, oy, ox, ky, kx;
@@ -127,6 +140,23 @@ static int shift_ok(const intq_op *op) {
     return 1;
 }
 
+/* A concatenation: >= 2 earlier sources, one multiplier each, each source's buffer exactly its
+ * channels times the output plane, the channels summing to out_c. */
+static int concat_ok(const intq_op *op, int index, const int32_t *sizes, long input_size) {
+    long k, channels = 0, plane = (long)op->out_h * op->out_w;
+    if (!op->sources || !op->source_zeros || !op->source_channels || op->source_count < 2 ||
+        op->multiplier_count != op->source_count || op->sources[0] != op->input)
+        return 0;
+    for (k = 0; k < op->source_count; k++) {
+        int source = op->sources[k];
+        if (source < -1 || source >= index || op->source_channels[k] < 1 ||
+            (source < 0 ? input_size : sizes[source]) != op->source_channels[k] * plane)
+            return 0;
+        channels += op->source_channels[k];
+    }
+    return channels == op->out_c;
+}
+
 static int op_ok(const intq_op *op, int index, const int32_t *sizes, long input_size) {
     long in_size = op->input < 0 ? input_size : sizes[op->input], out_size = volume(op->out_c, op->out_h, op->out_w);
     if (op->input < -1 || op->input >= index || in_size != volume(op->in_c, op->in_h, op->in_w) || out_size != sizes[index])
@@ -158,6 +188,8 @@ static int op_ok(const intq_op *op, int index, const int32_t *sizes, long input_
         return out_size == in_size;
     case INTQ_LOOKUP:
         return out_size == in_size && op->table != 0 && op->table_count >= 1 && op->table_count <= 256;
+    case INTQ_CONCAT:
+        return concat_ok(op, index, sizes, input_size);
     }
     return 0;
 }
@@ -184,6 +216,7 @@ void intq_run(const intq_op *ops, int count, const int32_t *input, int32_t **buf
         case INTQ_ADD: add(op, x, op->input2 < 0 ? input : buffers[op->input2], y); break;
         case INTQ_AVGPOOL: avgpool(op, x, y); break;
         case INTQ_LOOKUP: lookup(op, x, y); break;
+        case INTQ_CONCAT: concat(op, input, buffers, y); break;
         case INTQ_FLATTEN:
         case INTQ_RELU:  /* flatten copies; relu clamps at the zero point */
             for (n = 0; n < op->out_c * op->out_h * op->out_w; n++)
