@@ -91,3 +91,16 @@ def write_image_folder(root: Path, train_per_class: int, test_per_class: int, cl
                 image = np.clip(base + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(image).save(folder / f"{index:04d}.png")
     return root
+
+
+def round_tripped(model, pixels: torch.Tensor, folder: Path):
+    """`model` saved to and loaded from folder/m.npz: the same bytes and the same integers on `pixels`."""
+    from intq.executors.reference import run_integer
+    from intq.graph.model_file import load, save, to_bytes
+
+    save(model, folder / "m.npz")
+    loaded = load(folder / "m.npz")
+    assert to_bytes(loaded) == to_bytes(model)
+    assert torch.equal(run_integer(loaded, pixels), run_integer(model, pixels))
+    return loaded
+

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import make_pixels
+from conftest import make_pixels, round_tripped
 from intq.arith.fixed_point import quantize_multipliers
 from intq.arith.qparams import dequantize
 from intq.executors.reference import run_integer
@@ -17,7 +17,7 @@ from intq.graph.capture import CaptureError, capture, run_float
 from intq.graph.config import RECOMMENDED
 from intq.graph.integer_model import QConcat, concat_multipliers
 from intq.graph.model_check import ModelCheckError, check_model, same_qparams
-from intq.graph.model_file import load, save, to_arrays, to_bytes
+from intq.graph.model_file import to_arrays
 from test_lookup import _edited, at_bits, converted, exact_and_close
 
 MAX_OUTPUT_STEPS = {8: 4, 4: 3}  # the model output's error from the float model, in its own steps
@@ -153,10 +153,7 @@ def cat_model():
 
 def test_the_model_file_round_trips(tmp_path, cat_model):
     model, pixels = cat_model
-    save(model, tmp_path / "m.npz")
-    loaded = load(tmp_path / "m.npz")
-    assert to_bytes(loaded) == to_bytes(model)
-    assert torch.equal(run_integer(loaded, pixels), run_integer(model, pixels))
+    round_tripped(model, pixels, tmp_path)
     arrays = to_arrays(model)
     assert arrays["cat.mantissa"].shape == arrays["cat.shift"].shape == (2,)
 
