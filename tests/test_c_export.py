@@ -69,9 +69,11 @@ def test_verify_counts_no_difference_for_the_c_executor():
     torch.manual_seed(0)
     pixels = make_pixels(40)
     graph, stats = calibrated(NetWithBias().eval(), pixels)
-    row = verify(convert(graph, stats, RECOMMENDED), pixels, ("c",))["c"]
+    model = convert(graph, stats, RECOMMENDED)
+    row = verify(model, pixels, ("c",))["c"]
+    ops = {op.name: {"type": type(op).__name__, "path": "exact integers (generated C)"} for op in model.layers}
     assert row == {"values": 400, "differing_share": 0.0, "max_lsb": 0, "top1_differing_share": 0.0, "max_real": 0.0,
-                   "notes": []}
+                   "notes": [], "ops": ops}
 
 
 def test_verify_names_an_unknown_executor():

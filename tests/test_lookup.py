@@ -264,3 +264,22 @@ def test_explain_says_it_derives_conv_and_linear_outputs_not_a_lookup(leaky_mode
     model, pixels = leaky_model
     with pytest.raises(ExplainError, match="'act' is a QLookup: explain derives conv and linear outputs"):
         explain(model, pixels[0], "act", (0, 0, 0))
+
+
+def test_verify_names_the_path_each_op_took():
+    """The lookup has no kernel in either engine: verify says it ran as exact integers there, the
+    8-bit convolutions as the engines' kernels, and every op of the exact executors as exact."""
+    from intq.executors.verify import path_summary, verify
+
+    _, model, pixels = converted(Gated(nn.Hardswish()), RECOMMENDED, count=8)
+    rows = verify(model, pixels, ("torch_quantized", "onnx", "onnx_exact"))
+    onnx, torch_ops = rows["onnx"]["ops"], rows["torch_quantized"]["ops"]
+    assert onnx["act"]["type"] == "QLookup" and onnx["act"]["path"].startswith("exact integer subgraph")
+    assert "Gather" in onnx["act"]["path"]
+    assert onnx["conv2"]["path"] == "ONNX Runtime kernel QLinearConv"
+    assert torch_ops["act"]["path"] == "exact integers (no PyTorch kernel)"
+    assert torch_ops["conv2"]["path"] == "PyTorch quantized kernel (onednn)"
+    assert all(row["values"] > 0 and row["max_lsb"] <= 1 for row in onnx.values())
+    assert path_summary(rows["onnx_exact"]["ops"]) == [f"all {len(model.layers)} ops: exact integer subgraph (ONNX Runtime)"]
+    lines = path_summary(onnx)
+    assert any(line.startswith("1 x QLookup: exact integer subgraph") for line in lines), lines

@@ -244,7 +244,9 @@ def _add_train_quantize_eval(commands) -> None:
     _add_json(evaluate)
     check = commands.add_parser("verify", help="check other executors against the reference on the test set",
                                 description="Share of output values that differ from the reference executor, the "
-                                "largest difference in LSB, and the share of images whose top-1 differs.")
+                                "largest difference in LSB, and the share of images whose top-1 differs; then, "
+                                "per op type, the path each op took (a kernel of the engine, or exact integers) "
+                                "and, for the engines, its own differences on the reference's inputs.")
     _add_inputs(check, weights=False)
     check.add_argument("model_file", metavar="MODEL.npz", type=Path)
     check.add_argument("--executors", nargs="+", default=list(EXECUTORS),

@@ -31,7 +31,7 @@ from intq.workflows.sensitivity import SensitivityOptions, run_sensitivity
 from intq.workflows.study import StudyOptions, run_study
 from intq.workflows.sweep import CALIBRATION_IMAGES, SweepCell, SweepOptions, cell_config, checked_count, run_sweep
 from intq.cifar.train import ClassifierRecipe
-from intq.executors.verify import verify
+from intq.executors.verify import path_summary, verify
 
 COMPARE_CALIBRATION_IMAGES = 2000  # compare's default calibration subset
 GOLDEN_IMAGES = 4  # export-c's default golden test images
@@ -342,6 +342,8 @@ def verify_command(args: argparse.Namespace) -> None:
               f"top-1 differs on {100 * row['top1_differing_share']:.3f}% of images")
         for note in row["notes"]:
             print(f"  note: {note}")
+        for line in path_summary(row["ops"]):
+            print(f"  ops: {line}")
     _save_json(json_target, {"model_file": str(args.model_file), "images": len(pixels), "executors": rows})
 
 

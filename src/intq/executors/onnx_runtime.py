@@ -31,9 +31,27 @@ def onnx_op_steps(model: IntegerModel, example: torch.Tensor, threads: int | Non
     options = session_options(threads)
     shapes, qparams, steps = value_shapes(model, example), model.value_qparams(), []
     for op in model.layers:
-        session = onnxruntime.InferenceSession(export_op_onnx(op, model, shapes), options, providers=["CPUExecutionProvider"])
-        steps.append((op, functools.partial(_run_op_session, session, op, qparams)))
+        contents = export_op_onnx(op, model, shapes)
+        session = onnxruntime.InferenceSession(contents, options, providers=["CPUExecutionProvider"])
+        step = functools.partial(_run_op_session, session, op, qparams)
+        step.path = onnx_path(contents)
+        steps.append((op, step))
     return steps
+
+
+def onnx_path(contents: bytes) -> str:
+    """How `intq verify` says one op ran in ONNX Runtime, from the node types it was exported as: its
+    quantized kernels (QLinearConv, QLinearAdd, ...; MaxPool, Concat, Flatten on the uint8 codes), or
+    an exact integer subgraph (Cast, Mul, Gather, ...; values wider than 8 bits, lookups, pools)."""
+    onnx = require("onnx", "checking ONNX ops")
+    kinds = list(dict.fromkeys(node.op_type for node in onnx.load_from_string(contents).graph.node
+                                if node.op_type != "Identity"))  # the output's name
+    kernels = [kind for kind in kinds if kind.startswith("QLinear")]
+    if kernels:
+        return "ONNX Runtime kernel " + " + ".join(kernels)
+    if "Cast" not in kinds:
+        return "ONNX Runtime " + " + ".join(kinds) + " on the integer codes"
+    return f"exact integer subgraph ({len(kinds)} node types: {', '.join(kinds[:4])}{', ...' if len(kinds) > 4 else ''})"
 
 
 def _run_op_session(session, op, qparams: dict, *operands: torch.Tensor) -> torch.Tensor:

@@ -117,7 +117,16 @@ def _integer_step(op, model: IntegerModel, in_qparams: list[QParams]) -> Callabl
         integers = [to_integers(x, qp) for x, qp in zip(xs, in_qparams)]
         chunks = zip(*(x.split(CHUNK) for x in integers))
         return torch.cat([run_op(op, *chunk) for chunk in chunks])
+    run.exact = True
     return run
+
+
+def step_path(op, step: Callable, engine: str) -> str:
+    """How `intq verify` says an op ran on this executor: the exact integer step (no quantized kernel
+    expresses it, or its values are wider than 8 bits) or PyTorch's quantized kernel on `engine`."""
+    if getattr(step, "exact", False):
+        return "exact integers (no PyTorch kernel)"
+    return f"PyTorch quantized kernel ({engine})"
 
 
 def _layer_step(op: QLayer, model: IntegerModel, in_qparams: list[QParams]) -> Callable:
@@ -211,13 +220,19 @@ class TorchQuantizedModel:
                 "quantize with --preset x86 (7-bit activations) for this engine")
 
     def op_steps(self) -> list[tuple]:
-        """[(op, step)] with step(*operand integers) -> the op's output integers, on this engine."""
+        """[(op, step)] with step(*operand integers) -> the op's output integers, on this engine;
+        each step's `path` says how the op ran (step_path)."""
         def integers_of(op, step, *operands: torch.Tensor) -> torch.Tensor:
             torch.backends.quantized.engine = self.engine
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 return to_integers(step(*operands), self.qparams[op.name])
-        return [(op, functools.partial(integers_of, op, step)) for op, step in self.steps]
+        steps = []
+        for op, step in self.steps:
+            checked = functools.partial(integers_of, op, step)
+            checked.path = step_path(op, step, self.engine)
+            steps.append((op, checked))
+        return steps
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         torch.backends.quantized.engine = self.engine

@@ -20,10 +20,10 @@ class VerifyError(Exception):
     """An executor that cannot run here (names it and why)."""
 
 
-def run_executor(name: str, model: IntegerModel, pixels: torch.Tensor, engine: str = "onednn") -> tuple[torch.Tensor, list[str]]:
-    """(output integers, notes) of one registered executor on every image; `engine` is torch_quantized's
-    PyTorch backend. An executor that requantizes in float also runs each op on the reference's own
-    inputs (its op_steps, layer_differences)."""
+def run_executor(name: str, model: IntegerModel, pixels: torch.Tensor, engine: str = "onednn"):
+    """(output integers, notes, per-op rows) of one executor: the rows are layer_differences' for an
+    engine, and for an exact executor one row per op with the path it takes (EXACT_PATHS) and no
+    per-op counts (its whole output is compared instead)."""
     chosen = executor(name, engine)
     try:
         forward = chosen.prepare(model)
@@ -33,16 +33,44 @@ def run_executor(name: str, model: IntegerModel, pixels: torch.Tensor, engine: s
         raise VerifyError(str(err)) from None
     if chosen.setting:
         notes = [chosen.setting] + notes
-    if steps is not None:
-        notes = notes + [per_op_note(layer_differences(model, steps, pixels))]
-    return output, notes
+    if steps is None:
+        return output, notes, {op.name: {"type": type(op).__name__, "path": EXACT_PATHS.get(name, "exact integers")} for op in model.layers}
+    rows = layer_differences(model, steps, pixels)
+    return output, notes + [per_op_note(rows)], rows
+
+
+# The path every op takes on an executor that is bit-exact by construction.
+EXACT_PATHS = {"reference": "exact integers (the reference)", "c": "exact integers (generated C)",
+               "onnx_exact": "exact integer subgraph (ONNX Runtime)"}
+
+
+def path_summary(rows: dict[str, dict]) -> list[str]:
+    """One line per (op type, path) pair, in first-seen order: how many ops took it and, for an
+    engine's rows, how many of their values differ from the reference and by how much."""
+    paths = {row["path"] for row in rows.values()}
+    if len(paths) == 1 and not any("values" in row for row in rows.values()):
+        return [f"all {len(rows)} ops: {paths.pop()}"]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows.values():
+        groups.setdefault((row["type"], row["path"]), []).append(row)
+    lines = []
+    for (kind, path), members in groups.items():
+        line = f"{len(members)} x {kind}: {path}"
+        if "values" in members[0]:
+            values, differing = sum(m["values"] for m in members), sum(m["differing"] for m in members)
+            line += (f"; {differing:,} of {values:,} values differ"
+                     + (f", max {max(m['max_lsb'] for m in members)} LSB" if differing else ""))
+        lines.append(line)
+    return lines
 
 
 def layer_differences(model: IntegerModel, steps: list[tuple], pixels: torch.Tensor, batch: int = 500) -> dict[str, dict]:
     """Each engine step, step(*operand integers) -> integers, fed the reference's own inputs, so a
     difference is that op's alone (not one carried from an earlier layer):
-    {op: {"values", "differing", "max_lsb"}}."""
-    totals = {op.name: {"values": 0, "differing": 0, "max_lsb": 0} for op, _ in steps}
+    {op: {"type", "path", "values", "differing", "max_lsb"}}, `path` being how the op ran (the
+    step's own `path`: a kernel, or the exact integers where the engine has none)."""
+    totals = {op.name: {"type": type(op).__name__, "path": getattr(step, "path", "engine"),
+                        "values": 0, "differing": 0, "max_lsb": 0} for op, step in steps}
     for start in range(0, len(pixels), batch):
         values = {}
         run_integer(model, pixels[start : start + batch], visit=lambda name, q: values.__setitem__(name, q))
@@ -80,8 +108,9 @@ def verify(model: IntegerModel, pixels: torch.Tensor, executors: tuple[str, ...]
     reference = run(REGISTRY["reference"].prepare(model), pixels)
     results = {}
     for name in executors:
-        output, notes = run_executor(name, model, pixels, engine)
+        output, notes, ops = run_executor(name, model, pixels, engine)
         row = compare(reference, output)
-        results[name] = {**row, "max_real": row["max_lsb"] * float(model.output_qparams().scale), "notes": notes}
+        results[name] = {**row, "max_real": row["max_lsb"] * float(model.output_qparams().scale), "notes": notes,
+                         "ops": ops}
     return results
 
