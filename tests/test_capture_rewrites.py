@@ -145,7 +145,8 @@ def test_refusals_name_the_node_the_attribute_and_the_value():
                      refusal(Single(nn.Conv2d(4, 4, 4, padding="same"))))
     assert "layer (Conv2d): padding_mode='reflect'" in refusal(Single(nn.Conv2d(4, 4, 3, padding=1,
                                                                                 padding_mode="reflect")))
-    assert "layer (MaxPool2d): ceil_mode=True" in refusal(Single(nn.MaxPool2d(2, ceil_mode=True)))
+    assert "layer (MaxPool2d): dilation=2, return_indices=False (only dilation 1" in refusal(
+        Single(nn.MaxPool2d(2, dilation=2)))
     assert "layer (Flatten): flatten with start_dim=2" in refusal(Single(nn.Flatten(start_dim=2)))
     assert "layer (AdaptiveAvgPool2d): output size (7, 7) does not divide the input size (30, 30)" in refusal(
         Single(nn.AdaptiveAvgPool2d(7)))
@@ -166,6 +167,8 @@ def test_call_refusals():
     assert "mean over dim=(2,)" in refusal(Calls(lambda x: torch.mean(x, (2,))))
     assert "flatten with start_dim=0" in refusal(Calls(lambda x: torch.flatten(x)))
     assert "training=True (only training=False" in refusal(Calls(lambda x: F.dropout(x, 0.5)))
+    assert "max_pool2d (call_function max_pool2d): dilation=2, return_indices=False (only dilation 1" in refusal(
+        Calls(lambda x: F.max_pool2d(x, 2, dilation=2)))
     assert "output size (4, 4) does not divide the input size (30, 30)" in refusal(
         Calls(lambda x: F.adaptive_avg_pool2d(x, 4)))
 

@@ -98,7 +98,7 @@ def _avg_pool(index: int, op: QAvgPool, index_of: dict, in_shape: tuple[int, int
 
 def _max_pool(index: int, op: QMaxPool, index_of: dict, in_shape) -> dict[str, object]:
     return {"kind": "INTQ_MAXPOOL", "k_h": op.kernel_size[0], "k_w": op.kernel_size[1], "stride_h": op.stride[0],
-            "stride_w": op.stride[1], "pad_h": op.padding[0], "pad_w": op.padding[1]}
+            "stride_w": op.stride[1], "pad_h": op.padding[0], "pad_w": op.padding[1], "ceil_mode": int(op.ceil_mode)}
 
 
 def _lookup(index: int, op: QLookup, index_of: dict, in_shape) -> dict[str, object]:

@@ -237,7 +237,7 @@ def _concat(graph: _Graph, op: QConcat, model, operands: list, qparams: dict, sh
 
 def _max_pool(graph: _Graph, op: QMaxPool, model, operands: list, qparams: dict, shapes: dict, exact: bool):
     return graph.node("MaxPool", [_encoded_input(op, operands, qparams)], op.name, kernel_shape=list(op.kernel_size),
-                      strides=list(op.stride), pads=list(op.padding) * 2), True
+                      strides=list(op.stride), pads=list(op.padding) * 2, ceil_mode=int(op.ceil_mode)), True
 
 
 def _relu(graph: _Graph, op: QReLU, model, operands: list, qparams: dict, shapes: dict, exact: bool):

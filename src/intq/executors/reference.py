@@ -267,7 +267,7 @@ LOWERING = {
     QAdd: add,
     QConcat: concat,
     QAvgPool: avg_pool,
-    QMaxPool: lambda op, x: max_pool(x, op.kernel_size, op.stride, op.padding),
+    QMaxPool: lambda op, x: max_pool(x, op.kernel_size, op.stride, op.padding, op.ceil_mode),
     QFlatten: _flatten,
     QReLU: lambda op, x: x.clamp(min=op.zero_point),
     QLookup: lookup,
@@ -289,7 +289,7 @@ def run_layer_then_pool(layer: QLayer, pool: QMaxPool, x: torch.Tensor) -> torch
     products (padding -inf never wins); the per-channel bias is a constant inside each window.
     """
     products = exact_products(layer, x)
-    return requantize_layer(layer, max_pool(products, pool.kernel_size, pool.stride, pool.padding))
+    return requantize_layer(layer, max_pool(products, pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode))
 
 
 # Op pairs the reference runs as one step when nothing else reads the first one's output (the same integers).

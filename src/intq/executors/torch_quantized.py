@@ -170,7 +170,7 @@ LOWERING = {
     QAdd: _add_step,
     QConcat: _concat_step,
     QAvgPool: _integer_step,
-    QMaxPool: lambda op, model, qps: lambda x: (F.max_pool2d(x, op.kernel_size, op.stride, op.padding)
+    QMaxPool: lambda op, model, qps: lambda x: (F.max_pool2d(x, op.kernel_size, op.stride, op.padding, ceil_mode=op.ceil_mode)
                                                 if x.is_quantized else run_op(op, x)),
     QFlatten: lambda op, model, qps: lambda x: torch.flatten(x, 1),
     QReLU: lambda op, model, qps: lambda x: torch.relu(x) if x.is_quantized else run_op(op, x),

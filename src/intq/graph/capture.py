@@ -1,101 +1,33 @@
-"""torch.fx trace -> a flat graph of the ops intq supports, with BatchNorm folded into its conv.
+"""torch.fx trace -> a flat graph of the ops intq supports, with BatchNorm folded into its conv (or a layer).
 
-The captured graph is plain data: a list of `Node(name, op, inputs)` in execution order, ops being
-small dataclasses that hold float weights. `run_float` executes it; `capture` checks that it
-reproduces the original module on an example input, so a mis-captured model fails loudly.
+The captured graph (captured_graph.py, its names re-exported here) is plain data: a list of
+`Node(name, op, inputs)` in execution order, ops being small dataclasses that hold float weights.
+`run_float` executes it; `capture` checks that it reproduces the original module on an example input,
+so a mis-captured model fails loudly.
 """
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from intq.arith.lookup import activation
 from intq.arith.preprocessing import STUDY_PREPROCESSING, Preprocessing, PreprocessingError
-from intq.graph.capture_activations import (ACTIVATION_FUNCTIONS, ELEMENTWISE_MODULES, Activation, ReLU, activation_call,
-                                            activation_module, clamp_call)
+from intq.graph.capture_activations import (ACTIVATION_FUNCTIONS, ELEMENTWISE_MODULES, INPLACE_CLAMPS, INPLACE_RELUS,
+                                            Activation, ReLU, activation_call, activation_module, clamp_call,
+                                            is_inplace)
 from intq.graph.capture_rewrites import (DROPOUT_FUNCTIONS, AdaptiveAvgPool2d, Refused, Tracer, adaptive_pool,
-                                         conv_padding, dropout_call, flatten_call, flatten_dims, identity_module,
-                                         mean_call, pool_window)
+                                         batchnorm_affine, conv_padding, dropout_call, flatten_call, flatten_dims,
+                                         fold_replication, identity_module, mean_call, pool_window, replication_factor)
 from intq.graph.capture_joins import Add, Concat, concat_call, operand_nodes
+from intq.graph.captured_graph import (REQUANTIZING, WEIGHTED, AvgPool2d, Conv2d, Flatten, Graph, Identity,  # noqa: F401
+                                       Linear, MaxPool2d, Node, Op, apply_op, max_pool, run_float, with_users)
 
 
 class CaptureError(Exception):
     """The model cannot be captured; the message names every offending node."""
-
-
-@dataclass(eq=False)
-class Conv2d:
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    groups: int = 1
-
-
-@dataclass(eq=False)
-class Linear:
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-
-
-@dataclass(frozen=True)
-class AvgPool2d:
-    """Average over k x k windows (no padding); kernel_size None: over the whole feature map."""
-
-    kernel_size: tuple[int, int] | None
-    stride: tuple[int, int] | None = None
-
-
-@dataclass(frozen=True)
-class MaxPool2d:
-    kernel_size: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int] = (0, 0)
-
-
-@dataclass(frozen=True)
-class Flatten:
-    """(N, ...) -> (N, prod(...)): flatten, view and reshape that keep the batch dimension."""
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Dropout in eval mode and nn.Identity."""
-
-
-Op = Conv2d | Linear | ReLU | Activation | MaxPool2d | AvgPool2d | Add | Concat | Flatten | Identity
-# (an AdaptiveAvgPool2d between trace and capture, which turns it into an AvgPool2d)
-WEIGHTED = (Conv2d, Linear)
-REQUANTIZING = (Conv2d, Linear, Add, Concat, AvgPool2d)  # ops whose output needs its own quantization
-
-
-@dataclass(eq=False)
-class Node:
-    name: str
-    op: Op
-    inputs: tuple[str, ...]
-
-
-@dataclass(eq=False)
-class Graph:
-    input_name: str
-    nodes: list[Node]
-    output_name: str
-    users: dict[str, list[str]] = field(default_factory=dict)
-    preprocessing: Preprocessing = STUDY_PREPROCESSING  # the float input the model expects (eq. 25)
-
-    def node(self, name: str) -> Node:
-        return next(n for n in self.nodes if n.name == name)
-
-    def weighted(self) -> list[Node]:
-        return [n for n in self.nodes if isinstance(n.op, WEIGHTED)]
 
 
 def _pair(value) -> tuple[int, int]:
@@ -121,11 +53,12 @@ def _from_module(module: nn.Module) -> Op | Refused | None:
         return AvgPool2d(kernel, _pair(module.stride) if module.stride is not None else kernel)
     if isinstance(module, nn.AdaptiveAvgPool2d):
         return AvgPool2d(None) if module.output_size in (1, (1, 1)) else adaptive_pool(module.output_size)
-    if isinstance(module, nn.MaxPool2d) and module.ceil_mode:
-        return Refused("ceil_mode=True (windows past the edge are not supported; use ceil_mode=False or padding)")
-    if isinstance(module, nn.MaxPool2d) and not module.ceil_mode and module.dilation in (1, (1, 1)):
+    if isinstance(module, nn.MaxPool2d) and (module.dilation not in (1, (1, 1)) or module.return_indices):
+        return Refused(f"dilation={module.dilation}, return_indices={module.return_indices} "
+                       f"(only dilation 1 without indices)")
+    if isinstance(module, nn.MaxPool2d):
         stride = module.stride if module.stride is not None else module.kernel_size
-        return MaxPool2d(_pair(module.kernel_size), _pair(stride), _pair(module.padding))
+        return MaxPool2d(_pair(module.kernel_size), _pair(stride), _pair(module.padding), bool(module.ceil_mode))
     if isinstance(module, nn.Flatten):
         return flatten_dims(module.start_dim, module.end_dim) or Flatten()
     if isinstance(module, nn.Identity):
@@ -139,11 +72,11 @@ def _from_module(module: nn.Module) -> Op | Refused | None:
 def _from_call(node: torch.fx.Node) -> Op | tuple[Op, ...] | Refused | None:
     """The captured op(s) of a call_function / call_method node, Refused(why) or None when unsupported."""
     target = node.target
-    if target in (F.relu, torch.relu, "relu") and not node.kwargs.get("inplace", False):
+    if target in (F.relu, torch.relu, "relu", *INPLACE_RELUS):
         return ReLU()
     if target is F.relu6:
         return ReLU(6.0)
-    if target in (torch.clamp, "clamp", F.hardtanh):
+    if target in (torch.clamp, "clamp", F.hardtanh, *INPLACE_CLAMPS):
         return clamp_call(node)
     if target in ACTIVATION_FUNCTIONS:
         return activation_call(node)
@@ -165,13 +98,25 @@ def _from_call(node: torch.fx.Node) -> Op | tuple[Op, ...] | Refused | None:
     if target in ("view", "reshape"):
         return Flatten()  # checked against the real shape when the capture is verified
     if target is F.max_pool2d:
-        kernel = _pair(node.args[1] if len(node.args) > 1 else node.kwargs["kernel_size"])
-        stride = node.args[2] if len(node.args) > 2 else node.kwargs.get("stride")
-        return MaxPool2d(kernel, _pair(stride) if stride else kernel)
+        return max_pool_call(node)
     if target in DROPOUT_FUNCTIONS:
         identity = dropout_call(node)
         return Identity() if identity is True else identity
     return None
+
+
+def max_pool_call(node: torch.fx.Node) -> MaxPool2d | Refused:
+    """F.max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False), by position or keyword."""
+    values = dict(zip(("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+                      node.args))
+    values.update(node.kwargs)
+    if values.get("dilation", 1) not in (1, (1, 1)) or values.get("return_indices"):
+        return Refused(f"dilation={values.get('dilation', 1)}, return_indices={values.get('return_indices', False)} "
+                       f"(only dilation 1 without indices)")
+    kernel = _pair(values["kernel_size"])
+    stride = values.get("stride")
+    return MaxPool2d(kernel, _pair(stride) if stride else kernel, _pair(values.get("padding", 0)),
+                     bool(values.get("ceil_mode", False)))
 
 
 def _from_mean(node: torch.fx.Node) -> tuple[Op, ...] | Refused:
@@ -190,7 +135,8 @@ def _describe(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
 
 
 def trace(model: nn.Module) -> Graph:
-    """Symbolically trace `model` into a Graph; BatchNorm2d after a Conv2d is folded into it."""
+    """Symbolically trace `model` into a Graph; BatchNorm2d after a Conv2d (BatchNorm1d after a Linear) is
+    folded into it, any other as a depthwise 1x1 Conv2d (a diagonal Linear) of its own."""
     try:
         traced = torch.fx.GraphModule(model, Tracer().trace(model))
     except Exception as err:  # fx raises many types; the user needs the reason and the model
@@ -207,19 +153,25 @@ def trace(model: nn.Module) -> Graph:
             continue
         if fx_node.op == "call_method" and fx_node.target == "size" or fx_node.target is operator.getitem:
             continue  # shape arithmetic for view(x.size(0), -1)
-        if fx_node.op == "call_module" and isinstance(modules[fx_node.target], nn.BatchNorm2d):
-            if _fold_batchnorm(nodes, fx_node, modules[fx_node.target]):
-                aliases[fx_node.name] = fx_node.args[0].name
-                continue
-            unsupported.append(f"{_describe(fx_node, modules)}: BatchNorm2d must directly follow a Conv2d")
+        bn = modules.get(fx_node.target) if fx_node.op == "call_module" else None
+        affine = batchnorm_affine(bn) if isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) else None
+        if isinstance(affine, tuple) and _fold_batchnorm(nodes, fx_node, affine,
+                                                         Conv2d if isinstance(bn, nn.BatchNorm2d) else Linear):
+            aliases[fx_node.name] = aliases.get(fx_node.args[0].name, fx_node.args[0].name)
             continue
-        op = _from_module(modules[fx_node.target]) if fx_node.op == "call_module" else (
-            _from_call(fx_node) if fx_node.op in ("call_function", "call_method") else None)
+        if affine is not None:
+            op = affine if isinstance(affine, Refused) else _batchnorm_layer(bn, affine)
+        else:
+            op = _from_module(modules[fx_node.target]) if fx_node.op == "call_module" else (
+                _from_call(fx_node) if fx_node.op in ("call_function", "call_method") else None)
         if op is None or isinstance(op, Refused):
             unsupported.append(_describe(fx_node, modules) + (f": {op.reason}" if op else ""))
             continue
-        sources = tuple(aliases.get(a.name, a.name) for a in operand_nodes(fx_node))
+        operands = operand_nodes(fx_node)
+        sources = tuple(aliases.get(a.name, a.name) for a in operands)
         _append(nodes, fx_node.name, op, sources if isinstance(op, (Add, Concat)) else sources[:1])
+        if operands and is_inplace(fx_node, modules):  # later readers of the overwritten operand read this node
+            aliases[operands[0].name] = fx_node.name
     if unsupported:
         raise CaptureError(f"{type(model).__name__}: unsupported operations: " + "; ".join(unsupported))
     return with_users(Graph(input_name, nodes, output_name))
@@ -236,7 +188,8 @@ def _append(nodes: list[Node], name: str, op: Op | tuple[Op, ...], inputs: tuple
 
 def resolve_adaptive_pools(graph: Graph, example: torch.Tensor, model_name: str) -> None:
     """Turn each AdaptiveAvgPool2d into AvgPool2d(kernel = stride = in/out) at the example's sizes (the
-    first place they are known), or refuse naming the node and both sizes."""
+    first place they are known), or, for an output size a multiple of the input's, into an identity whose
+    replication is folded into the flatten + Linear reading it (eq. 32); else refuse naming both sizes."""
     if not any(isinstance(node.op, AdaptiveAvgPool2d) for node in graph.nodes):
         return
     values = {graph.input_name: example}
@@ -244,96 +197,58 @@ def resolve_adaptive_pools(graph: Graph, example: torch.Tensor, model_name: str)
         inputs = [values[name] for name in node.inputs]
         if isinstance(node.op, AdaptiveAvgPool2d):
             window = pool_window(node.op, inputs[0].shape)
-            if isinstance(window, str):
+            factor = replication_factor(node.op, inputs[0].shape) if isinstance(window, str) else None
+            if factor is not None:
+                _fold_replication(graph, node, tuple(inputs[0].shape[1:]), factor, model_name)
+            elif isinstance(window, str):
                 raise CaptureError(f"{model_name}: {node.name} (AdaptiveAvgPool2d): {window}")
-            node.op = AvgPool2d(window, window)
+            node.op = Identity() if factor is not None else AvgPool2d(window, window)
         values[node.name] = apply_op(node.op, *inputs)
 
 
-def _fold_batchnorm(nodes: list[Node], fx_node: torch.fx.Node, bn: nn.BatchNorm2d) -> bool:
-    """Fold BN into the conv that produced its input (eq. 13); the conv keeps its name.
+def _fold_replication(graph: Graph, node: Node, shape: tuple[int, int, int], factor: tuple[int, int],
+                      model_name: str) -> None:
+    """Fold the replication of `node` (an AdaptiveAvgPool2d to a multiple of its (C, H, W) input) into the
+    Linear after its flatten (and any identities): its weight's replicated columns summed (eq. 32)."""
+    chain, reader = [], node.name
+    while len(graph.users[reader]) == 1 and isinstance(graph.node(graph.users[reader][0]).op, (Flatten, Identity)):
+        reader = graph.users[reader][0]
+        chain.append(graph.node(reader).op)
+    users = graph.users[reader]
+    if not any(isinstance(op, Flatten) for op in chain) or len(users) != 1 or \
+            not isinstance(graph.node(users[0]).op, Linear):
+        sizes = tuple(size * f for size, f in zip(shape[1:], factor))
+        raise CaptureError(f"{model_name}: {node.name} (AdaptiveAvgPool2d): output size {sizes} is a multiple of the "
+                           f"input size {shape[1:]}, a replication intq folds only into a flatten then one Linear; "
+                           f"here it is read by {', '.join(users) or 'the output'}")
+    linear = graph.node(users[0]).op
+    linear.weight = fold_replication(linear.weight, shape[0], shape[1:], factor)
 
-    w' = w * gamma / sqrt(var + eps) per output channel; b' = (b - mean) * gamma / sqrt(var + eps) + beta.
-    """
+
+def _fold_batchnorm(nodes: list[Node], fx_node: torch.fx.Node, affine: tuple[torch.Tensor, torch.Tensor],
+                    layer: type) -> bool:
+    """Fold BN (y = a x + b, eq. 13) into the `layer` (Conv2d for BatchNorm2d, Linear for BatchNorm1d) that
+    produced its input and nothing else; the layer keeps its name. w' = a w per output channel, b' = a b + b_bn."""
     source = fx_node.args[0]
-    conv = next((n for n in nodes if n.name == source.name), None)
-    if conv is None or not isinstance(conv.op, Conv2d) or len(source.users) != 1:
+    producer = next((n for n in nodes if n.name == source.name), None)
+    if producer is None or not isinstance(producer.op, layer) or len(source.users) != 1:
         return False
-    gamma = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_mean)
-    beta = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_mean)
-    factor = gamma / torch.sqrt(bn.running_var + bn.eps)
-    bias = conv.op.bias if conv.op.bias is not None else torch.zeros_like(bn.running_mean)
-    conv.op.weight = conv.op.weight * factor.reshape(-1, 1, 1, 1)  # (C_out,) -> (C_out, 1, 1, 1)
-    conv.op.bias = (bias - bn.running_mean) * factor + beta
+    factor, shift = affine
+    weight = producer.op.weight
+    bias = producer.op.bias if producer.op.bias is not None else torch.zeros_like(factor)
+    producer.op.weight = weight * factor.reshape(-1, *([1] * (weight.dim() - 1)))  # (C_out,) -> (C_out, 1, ...)
+    producer.op.bias = bias * factor + shift
     return True
 
 
-def with_users(graph: Graph) -> Graph:
-    graph.users = {n.name: [] for n in graph.nodes}
-    graph.users[graph.input_name] = []
-    for node in graph.nodes:
-        for source in node.inputs:
-            graph.users[source].append(node.name)
-    return graph
-
-
-def max_pool(x: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],
-             padding: tuple[int, int] = (0, 0)) -> torch.Tensor:
-    """Max-pool of a float or integer (N, C, H, W) tensor.
-
-    Without padding: the elementwise maximum of the kh*kw strided views, one per window offset;
-    several times faster than F.max_pool2d on CPU, and it works on integer dtypes.
-    """
-    if any(padding):
-        if x.is_floating_point():
-            return F.max_pool2d(x, kernel_size, stride, padding)
-        ph, pw = padding
-        x = F.pad(x.to(torch.int32), (pw, pw, ph, ph), value=torch.iinfo(x.dtype).min).to(x.dtype)
-    (kh, kw), (sh, sw) = kernel_size, stride
-    out_h, out_w = (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
-    result = None
-    for i in range(kh):
-        for j in range(kw):
-            view = x[:, :, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw]
-            result = view if result is None else torch.maximum(result, view)
-    return result
-
-
-def apply_op(op: Op, x: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
-    """Run one captured op in float (`others`: the second operand of an Add, the rest of a Concat's)."""
-    if isinstance(op, Add):
-        return x + others[0]
-    if isinstance(op, Concat):
-        return op.apply(x, *others)
-    if isinstance(op, AvgPool2d):
-        if op.kernel_size is None:
-            return x.mean(dim=(2, 3), keepdim=True)
-        return F.avg_pool2d(x, op.kernel_size, op.stride)
-    if isinstance(op, Conv2d):
-        return F.conv2d(x, op.weight, op.bias, op.stride, op.padding, op.dilation, op.groups)
-    if isinstance(op, Linear):
-        return F.linear(x, op.weight, op.bias)
-    if isinstance(op, ReLU):
-        return F.relu(x) if op.upper is None else x.clamp(0.0, op.upper)
-    if isinstance(op, Activation):
-        return activation(op.kind, op.params, x)
-    if isinstance(op, MaxPool2d):
-        return max_pool(x, op.kernel_size, op.stride, op.padding)
-    if isinstance(op, Flatten):
-        return x.reshape(x.shape[0], -1)  # (N, C, H, W) -> (N, C*H*W)
-    return x
-
-
-def run_float(graph: Graph, x: torch.Tensor, visit: Callable[[str, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Execute the graph in float; `visit(name, value)` sees the input and every node's output."""
-    values = {graph.input_name: x}
-    if visit:
-        visit(graph.input_name, x)
-    for node in graph.nodes:
-        values[node.name] = apply_op(node.op, *(values[name] for name in node.inputs))
-        if visit:
-            visit(node.name, values[node.name])
-    return values[graph.output_name]
+def _batchnorm_layer(bn: nn.Module, affine: tuple[torch.Tensor, torch.Tensor]) -> Conv2d | Linear:
+    """A BatchNorm with no layer to fold into, as the exact float layer computing y = a x + b (eq. 13):
+    BatchNorm2d a depthwise 1x1 Conv2d (weight a as (C, 1, 1, 1), groups C), BatchNorm1d a Linear with
+    the diagonal weight diag(a)."""
+    factor, shift = affine
+    if isinstance(bn, nn.BatchNorm2d):
+        return Conv2d(factor.reshape(-1, 1, 1, 1).clone(), shift.clone(), groups=factor.numel())
+    return Linear(torch.diag(factor), shift.clone())
 
 
 def capture(model: nn.Module, example: torch.Tensor, preprocessing: Preprocessing = STUDY_PREPROCESSING) -> Graph:

@@ -3,6 +3,7 @@ where they can be) and the functions that become lookup tables (Activation, docs
 modules, functions and methods, inplace forms included (the capture's check proves the graph equal)."""
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -81,10 +82,34 @@ def _argument(node: torch.fx.Node, position: int, names: tuple[str, ...], defaul
     return next((node.kwargs[name] for name in names if name in node.kwargs), default)
 
 
+INPLACE_RELUS = (F.relu_, torch.relu_, "relu_")  # Tensor.relu_() and friends: max(x, 0) in place
+INPLACE_CLAMPS = (torch.clamp_, "clamp_", F.hardtanh_)
+# The position of `inplace` in the functions that take it (after the input, and their own parameters).
+INPLACE_POSITION = {F.relu: 1, F.relu6: 1, F.hardsigmoid: 1, F.hardswish: 1, F.silu: 1, F.leaky_relu: 2,
+                    F.hardtanh: 3, F.dropout: 3, F.dropout2d: 3}
+
+
+def is_inplace(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """True when the node overwrites its first operand: a module with inplace=True, a call with inplace=True
+    (by keyword, or F.relu/hardtanh/... by position), or a method or function whose name ends in "_"
+    (relu_, clamp_, add_). Capture then runs the out-of-place op and lets later readers of the operand read
+    its result, which is what they see in PyTorch."""
+    if node.op == "call_module":
+        return getattr(modules[node.target], "inplace", False) is True
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.target is operator.iadd:  # x += y on a tensor adds into x
+        return True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    position = INPLACE_POSITION.get(node.target)
+    return name.endswith("_") and not name.startswith("__") or (
+        position is not None and len(node.args) > position and node.args[position] is True)
+
+
 def clamp_call(node: torch.fx.Node) -> ReLU | Activation | None:
     """clamp/hardtanh(x, low, high): a ReLU clamp for low = 0 < high (fused into the requantizer when it
     can be), a hardtanh table for other numeric bounds (F.hardtanh's default bounds are -1 and 1)."""
-    default = -1.0 if node.target is F.hardtanh else None
+    default = -1.0 if node.target in (F.hardtanh, F.hardtanh_) else None
     low = _bound(_argument(node, 1, ("min", "min_val"), default))
     high = _bound(_argument(node, 2, ("max", "max_val"), None if default is None else 1.0))
     if low is None or high is None:

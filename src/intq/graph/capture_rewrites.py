@@ -1,7 +1,9 @@
 """Capture-level rewrites onto the ops intq already has (issue 13, part 4), so every executor runs them
 unchanged: Conv2d(padding="same"/"valid") -> explicit symmetric padding; a mean over (H, W) -> a global
 average pool (and a flatten when keepdim=False); AdaptiveAvgPool2d to a size dividing the input -> an
-AvgPool2d(in/out, in/out), resolved where the input size is first known (capture's example);
+AvgPool2d(in/out, in/out), resolved where the input size is first known (capture's example), and to a
+multiple of the input (a replication) folded into the flatten + Linear that reads it; BatchNorm as
+y = a x + b (folded or a layer of its own, in capture.py);
 flatten from dim 1 (or -3); Dropout, Dropout2d, F.dropout(training=False) and StochasticDepth in eval
 -> identity. What cannot be rewritten is a `Refused(reason)` naming the attribute and its value."""
 from __future__ import annotations
@@ -91,6 +93,37 @@ def pool_window(op: AdaptiveAvgPool2d, shape: torch.Size) -> tuple[int, int] | s
     if any(out <= 0 or size % out for size, out in zip(sizes, outputs)):
         return f"output size {outputs} does not divide the input size {sizes}"
     return tuple(size // out for size, out in zip(sizes, outputs))
+
+
+def batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor] | Refused:
+    """An eval BatchNorm as y = a x + b per channel (eq. 13): a = gamma / sqrt(var + eps),
+    b = beta - mean a; refused in training mode or without running statistics (batch statistics)."""
+    if bn.training:
+        return Refused("in training mode (call model.eval())")
+    if bn.running_mean is None or bn.running_var is None:
+        return Refused("track_running_stats=False (it normalizes by each batch's statistics)")
+    gamma = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_mean)
+    beta = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_mean)
+    factor = gamma / torch.sqrt(bn.running_var + bn.eps)
+    return factor, beta - bn.running_mean * factor
+
+
+def replication_factor(op: AdaptiveAvgPool2d, shape: torch.Size) -> tuple[int, int] | None:
+    """out/in per axis when each output size is a multiple of the input size (an axis may keep its size):
+    each output cell (i, j) then averages the one input cell (i // f_h, j // f_w) (eq. 32); else None."""
+    sizes = tuple(shape[2:])
+    outputs = tuple(size if out is None else out for size, out in zip(sizes, op.output_size))
+    if len(shape) != 4 or any(out <= 0 or out % size for size, out in zip(sizes, outputs)):
+        return None
+    return tuple(out // size for size, out in zip(sizes, outputs))
+
+
+def fold_replication(weight: torch.Tensor, channels: int, sizes: tuple[int, int], factor: tuple[int, int]) -> torch.Tensor:
+    """The weight of a Linear that reads flatten(replicate(x)) rewritten to read flatten(x) (eq. 32):
+    W'[o, c, a, b] = sum over r < f_h, t < f_w of W[o, c, a f_h + r, b f_w + t]; exact in real numbers."""
+    (height, width), (fh, fw) = sizes, factor
+    blocks = weight.reshape(weight.shape[0], channels, height, fh, width, fw)  # (O, C*H*f_h*W*f_w) -> (O, C, H, f_h, W, f_w)
+    return blocks.sum(dim=(3, 5)).reshape(weight.shape[0], channels * height * width)
 
 
 def flatten_dims(start_dim, end_dim) -> Refused | None:

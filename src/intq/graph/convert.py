@@ -248,7 +248,7 @@ def convert_requantizing(node: Node, inputs_qp: list[QParams], output_qp: QParam
 def _transparent_op(node: Node, sources: tuple[str, ...], qparams: QParams):
     """Max-pool, flatten and an unfused ReLU act on the integers directly, keeping their qparams."""
     if isinstance(node.op, MaxPool2d):
-        return QMaxPool(node.name, sources, node.op.kernel_size, node.op.stride, node.op.padding)
+        return QMaxPool(node.name, sources, node.op.kernel_size, node.op.stride, node.op.padding, node.op.ceil_mode)
     if isinstance(node.op, Flatten):
         return QFlatten(node.name, sources)
     return QReLU(node.name, sources, int(qparams.zero_point))

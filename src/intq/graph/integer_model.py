@@ -189,13 +189,15 @@ class QAvgPool(Requantizing):
 
 @dataclass(eq=False)
 class QMaxPool(Transparent):
-    """Max pool over the integers: monotone, so it commutes with the quantizer."""
+    """Max pool over the integers: monotone, so it commutes with the quantizer. `ceil_mode`: PyTorch's
+    ceil_mode=True output size (eq. 31), the last windows taking the maximum over their part inside."""
 
     name: str
     inputs: tuple[str, ...]
     kernel_size: tuple[int, int]
     stride: tuple[int, int]
     padding: tuple[int, int]
+    ceil_mode: bool = False
 
 
 @dataclass(eq=False)
@@ -268,6 +270,16 @@ class IntegerModel:
     def output_qparams(self) -> QParams:
         """QParams of the model output (the output op's, or its input's for an op that keeps them)."""
         return self.value_qparams()[self.output_name]
+
+
+def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool = False) -> int:
+    """Windows along one axis (eq. 31): floor((n + 2p - k) / s) + 1; with ceil_mode, ceil instead of floor,
+    less one when the last window would start past the input and its left padding ((out - 1) s >= n + p)."""
+    span = size + 2 * padding - kernel
+    if not ceil_mode:
+        return span // stride + 1
+    out = -(-span // stride) + 1
+    return out - 1 if (out - 1) * stride >= size + padding else out
 
 
 def accumulator_bound(weight_q: np.ndarray, bias_q: np.ndarray | None, input_qp: QParams) -> int:

@@ -31,7 +31,7 @@ from intq.arith.lookup import MAX_LOOKUP_INPUT_BITS, lookup_problem
 from intq.graph.archive import MAX_CHANNELS
 from intq.graph.integer_model import (INT32_LIMIT, IntegerModel, IntegerOp, QAdd, QAvgPool, QConcat, QConv2d, QFlatten,
                                 QLayer, QLinear, QLookup, QMaxPool, QReLU, accumulator_bound, add_multipliers,
-                                avg_pool_multiplier, concat_multipliers, layer_multipliers)
+                                avg_pool_multiplier, concat_multipliers, layer_multipliers, pool_output_size)
 from intq.arith.qparams import QParams
 
 MAX_OPS = 10_000
@@ -137,14 +137,16 @@ def conv_output_shape(layer: QLayer, shape: tuple[int, ...], where: str) -> tupl
     return (out_channels, *sizes)
 
 
-def window_output_shape(kernel, stride, padding, shape: tuple[int, ...], where: str) -> tuple[int, ...]:
-    """Pooling window over (C, H, W): H_out = floor((H + 2p - k) / s) + 1; padding at most half the kernel."""
+def window_output_shape(kernel, stride, padding, shape: tuple[int, ...], where: str,
+                        ceil_mode: bool = False) -> tuple[int, ...]:
+    """Pooling window over (C, H, W): H_out = floor((H + 2p - k) / s) + 1, or eq. 31's ceil_mode size;
+    padding at most half the kernel."""
     if len(shape) != 3:
         raise _fail(where, f"a pool needs a (C, H, W) input, got shape {shape}")
     if any(2 * p > k for p, k in zip(padding, kernel)):
         raise _fail(where, f"padding {tuple(padding)} exceeds half the kernel {tuple(kernel)}")
-    sizes = [(size + 2 * p - k) // s + 1 for size, k, s, p in zip(shape[1:], kernel, stride, padding)]
-    if min(sizes) < 1:
+    sizes = [pool_output_size(size, k, s, p, ceil_mode) for size, k, s, p in zip(shape[1:], kernel, stride, padding)]
+    if min(sizes) < 1 or any(size + 2 * p < k for size, k, p in zip(shape[1:], kernel, padding)):
         raise _fail(where, f"window {tuple(kernel)} does not fit a {shape[1:]} input")
     return (shape[0], *sizes)
 
@@ -287,7 +289,8 @@ CHECKS = {
     QAdd: _requantizing(check_add),
     QConcat: _requantizing(check_concat),
     QAvgPool: _requantizing(lambda op, shapes, where: check_avg_pool(op, shapes[0], where)),
-    QMaxPool: lambda op, shapes, qps, where: window_output_shape(op.kernel_size, op.stride, op.padding, shapes[0], where),
+    QMaxPool: lambda op, shapes, qps, where: window_output_shape(op.kernel_size, op.stride, op.padding, shapes[0], where,
+                                                                 op.ceil_mode),
     QFlatten: lambda op, shapes, qps, where: (math.prod(shapes[0]),),
     QReLU: check_relu,
     QLookup: _requantizing(check_lookup),

@@ -88,6 +88,12 @@ def _avg_pool_fields(op: QAvgPool, arrays: dict) -> dict:
             "kernel_size": op.kernel_size, "stride": op.stride}
 
 
+def _max_pool_fields(op: QMaxPool) -> dict:
+    """ceil_mode is written only when true: a file without it (every file before it existed) means floor."""
+    return {"kernel_size": op.kernel_size, "stride": op.stride, "padding": op.padding,
+            **({"ceil_mode": True} if op.ceil_mode else {})}
+
+
 def _lookup_fields(op: QLookup, arrays: dict) -> dict:
     """kind, params and both QParams: the table is derived from them (eq. 29), never written."""
     return {"kind": op.kind, "params": dict(op.params), "input_qparams": _qparams_meta(op.input_qparams),
@@ -101,7 +107,7 @@ WRITERS = {
     QAdd: ("QAdd", _add_fields),
     QConcat: ("QConcat", _add_fields),  # mantissa/shift: one per input
     QAvgPool: ("QAvgPool", _avg_pool_fields),
-    QMaxPool: ("QMaxPool", lambda op, arrays: {"kernel_size": op.kernel_size, "stride": op.stride, "padding": op.padding}),
+    QMaxPool: ("QMaxPool", lambda op, arrays: _max_pool_fields(op)),
     QFlatten: ("QFlatten", lambda op, arrays: {}),
     QReLU: ("QReLU", lambda op, arrays: {"zero_point": op.zero_point}),
     QLookup: ("QLookup", _lookup_fields),
@@ -244,7 +250,8 @@ def _read_avg_pool(fields: Fields, name: str, inputs: tuple[str, ...], arrays: A
 
 def _read_max_pool(fields: Fields, name: str, inputs: tuple[str, ...], arrays: ArchiveArrays) -> QMaxPool:
     return QMaxPool(name, inputs, fields.integers("kernel_size", 2, 1, 1 << 16), fields.integers("stride", 2, 1, 1 << 16),
-                    fields.integers("padding", 2, 0, 1 << 16))
+                    fields.integers("padding", 2, 0, 1 << 16),
+                    fields.flag("ceil_mode") if "ceil_mode" in fields.value else False)
 
 
 def _read_lookup(fields: Fields, name: str, inputs: tuple[str, ...], arrays: ArchiveArrays) -> QLookup:

@@ -134,7 +134,7 @@ def check_layer_bits(options: SweepOptions, cell: SweepCell) -> None:
         return
     architecture = ARCHITECTURES[options.model if options.model in MODELS else options.arch]
     try:
-        check_layer_names(trace(architecture()), cell_config(cell, options.layer_bits))
+        check_layer_names(trace(architecture().eval()), cell_config(cell, options.layer_bits))
     except ConversionError as err:
         raise SweepError(f"--layer-bits: {err}") from None
 

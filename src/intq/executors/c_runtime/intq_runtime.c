@@ -123,6 +123,15 @@ static int window_fits(int n, int out, int k, int s, int p, int d) {
     return n >= 1 && out >= 1 && k >= 1 && s >= 1 && d >= 1 && p >= 0 && (long)(out - 1) * s + (long)d * (k - 1) + 1 <= (long)n + 2L * p;
 }
 
+/* A pool's output extent over n values (eq. 31): floor windows must fit inside the padded input; ceil_mode
+ * ones may reach past it (the loop reads only the part inside) but must start inside the input or its left
+ * padding, and be the ceil count: at most ceil((n + 2p - k) / s) + 1. */
+static int pool_fits(int n, int out, int k, int s, int p, int ceil_mode) {
+    if (!ceil_mode) return window_fits(n, out, k, s, p, 1);
+    return n >= 1 && out >= 1 && k >= 1 && s >= 1 && p >= 0 && 2L * p <= k && (long)k <= (long)n + 2L * p &&
+           (long)(out - 1) * s < (long)n + p && (long)(out - 1) * s + k <= (long)n + 2L * p + s - 1;
+}
+
 /* q_y = table[q_x - table_first] (eq. 29). Every input code of the producer's type has an entry; an
  * integer outside the type reads the nearest end, so no input can index outside the table. */
 static void lookup(const intq_op *op, const int32_t *x, int32_t *y) {
@@ -174,8 +183,8 @@ static int op_ok(const intq_op *op, int index, const int32_t *sizes, long input_
                op->weight_count == (long)op->out_c * op->in_c && (!op->bias || op->bias_count == op->out_c) &&
                op->multiplier_count == op->out_c;
     case INTQ_MAXPOOL:
-        return op->out_c == op->in_c && window_fits(op->in_h, op->out_h, op->k_h, op->stride_h, op->pad_h, 1) &&
-               window_fits(op->in_w, op->out_w, op->k_w, op->stride_w, op->pad_w, 1);
+        return op->out_c == op->in_c && pool_fits(op->in_h, op->out_h, op->k_h, op->stride_h, op->pad_h, op->ceil_mode) &&
+               pool_fits(op->in_w, op->out_w, op->k_w, op->stride_w, op->pad_w, op->ceil_mode);
     case INTQ_AVGPOOL:
         return op->out_c == op->in_c && op->multiplier_count == 1 && op->pad_h == 0 && op->pad_w == 0 &&
                window_fits(op->in_h, op->out_h, op->k_h, op->stride_h, 0, 1) &&

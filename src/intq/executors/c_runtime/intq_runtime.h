@@ -1,6 +1,6 @@
 /* intq C99 runtime: integer-only inference of an intq IntegerModel (generated model.h).
  * Every value is an integer; the only wide type is int64_t for the requantization product.
- * Arithmetic contract: docs/math.md eq. 7-11, 17, 18, 29, 30. Rounding: half away from zero.
+ * Arithmetic contract: docs/math.md eq. 7-11, 17, 18, 29, 30, 31. Rounding: half away from zero.
  * intq_check verifies, before anything runs, that every index an op will compute stays inside the
  * arrays and buffers it names (their lengths are in the op table), so a wrong table is refused
  * instead of read out of bounds. */
@@ -27,6 +27,7 @@ typedef struct {
     int in_c, in_h, in_w;     /* input shape (linear: in_c = features, in_h = in_w = 1) */
     int out_c, out_h, out_w;  /* output shape */
     int k_h, k_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups;
+    int ceil_mode;            /* maxpool: 1 for PyTorch's ceil_mode output size (eq. 31), the last windows clipped */
     const int8_t *weight;     /* (out_c, in_c/groups, k_h, k_w) or (out_c, in_c) */
     long weight_count;
     const int32_t *bias;      /* out_c values, or 0 */
