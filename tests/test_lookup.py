@@ -76,6 +76,14 @@ def converted(module: nn.Module, config, count: int = 32):
     return graph, convert(graph, collect_statistics(graph, [pixels]), config), pixels
 
 
+def output_steps(graph, model, pixels: torch.Tensor, reference: torch.Tensor) -> float:
+    """The model output's largest distance from the float graph's, in output steps: max |s (q - z) - f| / s."""
+    output_qp = model.output_qparams()
+    with torch.no_grad():
+        float_output = run_float(graph, graph.preprocessing.apply(pixels)).double()
+    return float((dequantize(reference, output_qp, torch.float64) - float_output).abs().max()) / float(output_qp.scale)
+
+
 def independent_table(kind: str, params: dict, input_qp: QParams, output_qp: QParams) -> np.ndarray:
     """clamp(z_y + round(f(s_x (q - z_x)) / s_y)), half away from zero, code by code in Python floats."""
     codes = range(input_qp.dtype.qmin, input_qp.dtype.qmax + 1)
@@ -105,11 +113,7 @@ def test_every_kind_end_to_end(kind, bits):
     expected = ACTIVATIONS[kind][1](real_in, **op.params).clamp(lower, upper)
     error = (dequantize(values["act"], op.output_qparams, torch.float64) - expected).abs().max()
     assert error <= float(op.output_qparams.scale) / 2 + 1e-12
-    # the model output against the float model: within a few output steps
-    output_qp = model.output_qparams()
-    with torch.no_grad():
-        float_output = run_float(graph, graph.preprocessing.apply(pixels)).double()
-    steps = float((dequantize(reference, output_qp, torch.float64) - float_output).abs().max()) / float(output_qp.scale)
+    steps = output_steps(graph, model, pixels, reference)  # the model output against the float model
     assert steps <= MAX_OUTPUT_STEPS[bits], steps
     exact_and_close(model, pixels[:12])
 

@@ -19,13 +19,13 @@ import torch
 
 from intq.executors.reference import run_integer
 from intq.files import atomic_write_text, ensure_writable_dir, staged_output
-from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QConcat, QConv2d, QFlatten, QLayer, QLinear, QLookup, QMaxPool,
+from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QChannelGather, QConcat, QConv2d, QFlatten, QLayer, QLinear, QLookup, QMaxPool,
                                       QReLU)
 from intq.graph.model_check import ModelCheckError, check_model
 
 ARRAY_TYPES = {"weight": "int8_t", "bias": "int32_t", "mantissa": "int32_t", "shift": "int32_t",
                "table": "int32_t", "sources": "int32_t", "source_zeros": "int32_t",
-               "source_channels": "int32_t"}  # op<i>_<field>
+               "source_channels": "int32_t", "indices": "int32_t"}  # op<i>_<field>
 
 
 def c_comment_label(name: str) -> str:
@@ -119,6 +119,8 @@ LOWERING = {
     QFlatten: lambda index, op, index_of, in_shape: {"kind": "INTQ_FLATTEN"},
     QReLU: lambda index, op, index_of, in_shape: {"kind": "INTQ_RELU", "lower": int(op.zero_point)},
     QLookup: _lookup,
+    QChannelGather: lambda index, op, index_of, in_shape: {"kind": "INTQ_GATHER", "indices": f"op{index}_indices",
+                                                           "index_count": len(op.indices)},
 }
 
 

@@ -24,7 +24,7 @@ from intq.extras import require
 from intq.executors.encoding import EngineError, encoded_zero_point, engine_runs_layer, narrower_bounds, uint8_offset
 from intq.executors.reference import FLOAT32_EXACT, add_table, run_integer
 from intq.arith.fixed_point import float64_requantizer
-from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QConcat, QConv2d, QFlatten, QLayer, QLinear, QLookup, QMaxPool,
+from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QChannelGather, QConcat, QConv2d, QFlatten, QLayer, QLinear, QLookup, QMaxPool,
                                       QReLU)
 from intq.arith.qparams import QParams
 from intq.executors.onnx_graph import (_centred, _clip, _encoded, _encoded_table, _fixed_point_product, _Graph, _int64_cast,
@@ -255,6 +255,13 @@ def _lookup(graph: _Graph, op: QLookup, model, operands: list, qparams: dict, sh
     return graph.node("Gather", [graph.const(f"{op.name}/table", values), index], op.name), encoded
 
 
+def _channel_gather(graph: _Graph, op: QChannelGather, model, operands: list, qparams: dict, shapes: dict, exact: bool):
+    """eq. 33 in both graphs: Gather on axis 1 with int64 indices moves uint8 and int64 values alike."""
+    value, encoded = operands[0]
+    indices = graph.const(f"{op.name}/indices", np.asarray(op.indices, np.int64))
+    return graph.node("Gather", [value, indices], op.name, axis=1), encoded
+
+
 # The ONNX lowering: per op class, (graph, op, model, operands [(tensor, uint8-encoded?)], value qparams,
 # shapes, exact) -> (output tensor, uint8-encoded?).
 LOWERING = {
@@ -269,6 +276,7 @@ LOWERING = {
         graph.node("Flatten", [operands[0][0]], op.name, axis=1), operands[0][1]),
     QReLU: _relu,
     QLookup: _lookup,
+    QChannelGather: _channel_gather,
 }
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from intq.graph.capture import max_pool
 from intq.arith.fixed_point import float64_requantizer, multiply_by_quantized_multiplier, requantize, requantize_float64, requantize_with_bias
-from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QConcat, QConv2d, QFlatten, QLayer, QLinear, QLookup, QMaxPool,
+from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QChannelGather, QConcat, QConv2d, QFlatten, QLayer, QLinear, QLookup, QMaxPool,
                                       QReLU)
 from intq.arith.qparams import torch_dtype
 
@@ -260,6 +260,11 @@ def _flatten(op: QFlatten, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1)  # (N, C, H, W) -> (N, C*H*W)
 
 
+def channel_gather(op: QChannelGather, x: torch.Tensor) -> torch.Tensor:
+    """y[:, k] = x[:, indices[k]] (eq. 33): (N, C, H, W) -> (N, K, H, W), the integers unchanged."""
+    return x.index_select(1, torch.tensor(op.indices, dtype=torch.long, device=x.device))
+
+
 # The reference's lowering: one function per op class, op(op, *integer inputs) -> integers.
 LOWERING = {
     QConv2d: _weighted,
@@ -271,6 +276,7 @@ LOWERING = {
     QFlatten: _flatten,
     QReLU: lambda op, x: x.clamp(min=op.zero_point),
     QLookup: lookup,
+    QChannelGather: channel_gather,
 }
 
 

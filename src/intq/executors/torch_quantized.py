@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from intq.executors.encoding import (EngineError, encoded_zero_point, engine_runs_layer, from_codes, narrower_bounds, to_uint8,
                                     uint8_offset)
 from intq.executors.reference import CHUNK, pixels_to_input, run_op
-from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QConcat, QConv2d, QFlatten, QLayer, QLinear, QLookup, QMaxPool,
+from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QChannelGather, QConcat, QConv2d, QFlatten, QLayer, QLinear, QLookup, QMaxPool,
                                       QReLU)
 from intq.arith.qparams import QParams, torch_dtype
 
@@ -175,6 +175,8 @@ LOWERING = {
     QFlatten: lambda op, model, qps: lambda x: torch.flatten(x, 1),
     QReLU: lambda op, model, qps: lambda x: torch.relu(x) if x.is_quantized else run_op(op, x),
     QLookup: _integer_step,
+    QChannelGather: lambda op, model, qps: lambda x: (  # index_select keeps a quantized tensor's QParams (eq. 33)
+        x.index_select(1, torch.tensor(op.indices, dtype=torch.long)) if x.is_quantized else run_op(op, x)),
 }
 
 

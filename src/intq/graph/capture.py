@@ -21,7 +21,8 @@ from intq.graph.capture_activations import (ACTIVATION_FUNCTIONS, ELEMENTWISE_MO
 from intq.graph.capture_rewrites import (DROPOUT_FUNCTIONS, AdaptiveAvgPool2d, Refused, Tracer, adaptive_pool,
                                          batchnorm_affine, conv_padding, dropout_call, flatten_call, flatten_dims,
                                          fold_replication, identity_module, mean_call, pool_window, replication_factor)
-from intq.graph.capture_joins import Add, Concat, concat_call, operand_nodes
+from intq.graph.capture_joins import CONCATS, Add, Concat, concat_call, operand_nodes
+from intq.graph.capture_channels import ChannelGather, ChannelMoves  # noqa: F401 (ChannelGather: for convert)
 from intq.graph.captured_graph import (REQUANTIZING, WEIGHTED, AvgPool2d, Conv2d, Flatten, Graph, Identity,  # noqa: F401
                                        Linear, MaxPool2d, Node, Op, apply_op, max_pool, run_float, with_users)
 
@@ -83,7 +84,7 @@ def _from_call(node: torch.fx.Node) -> Op | tuple[Op, ...] | Refused | None:
     if target in (operator.add, operator.iadd, torch.add, "add", "add_") and len(node.args) == 2 \
             and all(isinstance(a, torch.fx.Node) for a in node.args) and not node.kwargs:
         return Add()
-    if target is torch.cat:
+    if target in CONCATS:
         return concat_call(node)
     if target is F.adaptive_avg_pool2d:
         size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
@@ -96,7 +97,7 @@ def _from_call(node: torch.fx.Node) -> Op | tuple[Op, ...] | Refused | None:
     if target in (torch.flatten, "flatten"):
         return flatten_call(node) or Flatten()
     if target in ("view", "reshape"):
-        return Flatten()  # checked against the real shape when the capture is verified
+        return Flatten()  # without an example (trace alone): checked when the capture is verified
     if target is F.max_pool2d:
         return max_pool_call(node)
     if target in DROPOUT_FUNCTIONS:
@@ -134,25 +135,29 @@ def _describe(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
     return f"{node.name} ({node.op} {target})"
 
 
-def trace(model: nn.Module) -> Graph:
+def trace(model: nn.Module, example: torch.Tensor | None = None) -> Graph:
     """Symbolically trace `model` into a Graph; BatchNorm2d after a Conv2d (BatchNorm1d after a Linear) is
-    folded into it, any other as a depthwise 1x1 Conv2d (a diagonal Linear) of its own."""
+    folded into it, any other as a depthwise 1x1 Conv2d (a diagonal Linear) of its own. With an `example`
+    input, shape arithmetic and channel chains are resolved on it (capture_channels.py)."""
     try:
         traced = torch.fx.GraphModule(model, Tracer().trace(model))
     except Exception as err:  # fx raises many types; the user needs the reason and the model
         raise CaptureError(f"{type(model).__name__} is not traceable by torch.fx: {err}") from None
     modules = dict(traced.named_modules())
+    moves = ChannelMoves(traced, example) if example is not None else None
     nodes, unsupported, input_name, output_name = [], [], None, None
-    aliases: dict[str, str] = {}  # a folded BatchNorm's output is its conv's output
+    aliases: dict[str, str] = {}  # a folded BatchNorm's output is its conv's output; an identity chain its start
     for fx_node in traced.graph.nodes:
         if fx_node.op == "placeholder":
             input_name = fx_node.name
             continue
         if fx_node.op == "output":
+            unsupported += _chain_ends(moves, [fx_node.args[0]], nodes, aliases, modules)
             output_name = aliases.get(fx_node.args[0].name, fx_node.args[0].name)
             continue
-        if fx_node.op == "call_method" and fx_node.target == "size" or fx_node.target is operator.getitem:
-            continue  # shape arithmetic for view(x.size(0), -1)
+        if moves.is_step(fx_node) if moves else (
+                fx_node.op == "call_method" and fx_node.target == "size" or fx_node.target is operator.getitem):
+            continue  # shape arithmetic (x.size(0), c // g) or a step of a channel chain
         bn = modules.get(fx_node.target) if fx_node.op == "call_module" else None
         affine = batchnorm_affine(bn) if isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) else None
         if isinstance(affine, tuple) and _fold_batchnorm(nodes, fx_node, affine,
@@ -168,6 +173,7 @@ def trace(model: nn.Module) -> Graph:
             unsupported.append(_describe(fx_node, modules) + (f": {op.reason}" if op else ""))
             continue
         operands = operand_nodes(fx_node)
+        unsupported += _chain_ends(moves, operands, nodes, aliases, modules)
         sources = tuple(aliases.get(a.name, a.name) for a in operands)
         _append(nodes, fx_node.name, op, sources if isinstance(op, (Add, Concat)) else sources[:1])
         if operands and is_inplace(fx_node, modules):  # later readers of the overwritten operand read this node
@@ -175,6 +181,21 @@ def trace(model: nn.Module) -> Graph:
     if unsupported:
         raise CaptureError(f"{type(model).__name__}: unsupported operations: " + "; ".join(unsupported))
     return with_users(Graph(input_name, nodes, output_name))
+
+
+def _chain_ends(moves: ChannelMoves | None, operands: list[torch.fx.Node], nodes: list[Node], aliases: dict[str, str],
+                modules: dict[str, nn.Module]) -> list[str]:
+    """Capture each channel chain an op reads (capture_channels.py): an identity is an alias of its first
+    tensor, a flatten or a move of channels a node under its last name; returns the refusals."""
+    refusals = []
+    for end, root, move in moves.ends(operands) if moves else ():
+        if isinstance(move, Refused):
+            refusals.append(f"{_describe(end, modules)}: {move.reason}")
+        elif move == "identity":
+            aliases[end.name] = aliases.get(root, root)
+        else:
+            nodes.append(Node(end.name, Flatten() if move == "flatten" else move, (aliases.get(root, root),)))
+    return refusals
 
 
 def _append(nodes: list[Node], name: str, op: Op | tuple[Op, ...], inputs: tuple[str, ...]) -> None:
@@ -260,16 +281,17 @@ def capture(model: nn.Module, example: torch.Tensor, preprocessing: Preprocessin
     model = model.eval()
     if example.dtype == torch.uint8:
         example = _preprocessed(preprocessing, example)
-    graph = trace(model)
-    graph.preprocessing = preprocessing
-    _check_weights_finite(graph)
     with torch.no_grad():
         try:
             expected = model(example)
         except RuntimeError as err:  # a wrong input shape: name the layer, what it expects and what it got
-            _check_input_shape(graph, example, type(model).__name__)
+            _check_input_shape(trace(model), example, type(model).__name__)
             raise CaptureError(f"{type(model).__name__} fails on input of shape {tuple(example.shape)}: "
                                f"{_first_line(err)}") from None
+    graph = trace(model, example)  # shape arithmetic and channel chains resolved on the example
+    graph.preprocessing = preprocessing
+    _check_weights_finite(graph)
+    with torch.no_grad():
         try:
             resolve_adaptive_pools(graph, example, type(model).__name__)
             got = run_float(graph, example)

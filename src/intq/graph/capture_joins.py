@@ -1,5 +1,5 @@
-"""The captured ops that join several tensors: the residual Add (-> QAdd, eq. 17) and torch.cat along
-channels (issue 13, part 1; -> QConcat, eq. 30), any other dim being a `Refused(reason)` naming it;
+"""The captured ops that join several tensors: the residual Add (-> QAdd, eq. 17) and torch.cat (or
+torch.concat, torch.concatenate) along channels (issue 13, part 1; -> QConcat, eq. 30), any other dim being a `Refused(reason)` naming it;
 and which fx nodes each captured op reads."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch.fx
 from intq.graph.capture_rewrites import Refused
 
 CHANNEL_DIMS = (1, -3)  # NCHW
+CONCATS = (torch.cat, torch.concat, torch.concatenate)  # one function, three spellings
 
 
 @dataclass(frozen=True)
@@ -44,5 +45,5 @@ def concat_call(node: torch.fx.Node) -> Concat | Refused:
 
 def operand_nodes(node: torch.fx.Node) -> list[torch.fx.Node]:
     """The fx nodes an op reads: a cat's list of tensors, else the node's own tensor arguments."""
-    args = _tensors(node) if node.target is torch.cat else node.args
+    args = _tensors(node) if node.target in CONCATS else node.args
     return [a for a in args if isinstance(a, torch.fx.Node)]

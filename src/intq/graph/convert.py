@@ -10,13 +10,13 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from intq.graph.capture import (REQUANTIZING, WEIGHTED, Activation, Add, Concat, Conv2d, Flatten, Graph, Identity, MaxPool2d, Node,
-                                ReLU, run_float)
+from intq.graph.capture import (REQUANTIZING, WEIGHTED, Activation, Add, ChannelGather, Concat, Conv2d, Flatten, Graph, Identity,
+                                MaxPool2d, Node, ReLU, run_float)
 from intq.graph.config import ActivationConfig, QConfig, WeightConfig
 from intq.arith.fixed_point import quantize_multipliers
 from intq.arith.lookup import MAX_LOOKUP_INPUT_BITS, nonnegative
 from intq.arith.preprocessing import Preprocessing, PreprocessingError
-from intq.graph.integer_model import (INT32_LIMIT, InputSpec, IntegerModel, QAdd, QAvgPool, QConcat, QConv2d, QFlatten,
+from intq.graph.integer_model import (INT32_LIMIT, InputSpec, IntegerModel, QAdd, QAvgPool, QChannelGather, QConcat, QConv2d, QFlatten,
                                 QLayer, QLinear, QLookup, QMaxPool, QReLU, accumulator_bound, add_multipliers, concat_multipliers,
                                 avg_pool_multiplier, layer_multipliers)
 from intq.graph.model_check import ModelCheckError, check_model
@@ -51,12 +51,12 @@ def is_lookup(graph: Graph, node: Node) -> bool:
 def quant_point(graph: Graph, name: str) -> str:
     """Where a layer's output is observed: after the ops that commute with quantization.
 
-    Max-pool, flatten and identity commute with a monotone quantizer, so the range is read after
-    them, on the values the next layer actually consumes (what the study's hooks profiled).
+    Max-pool, flatten, identity and a channel gather commute with a monotone per-tensor quantizer, so the
+    range is read after them, on the values the next layer actually consumes (what the study's hooks profiled).
     """
     while len(graph.users.get(name, [])) == 1:
         user = graph.node(graph.users[name][0])
-        if not isinstance(user.op, (MaxPool2d, Flatten, Identity)):
+        if not isinstance(user.op, (MaxPool2d, Flatten, Identity, ChannelGather)):
             break
         name = user.name
     return name
@@ -246,7 +246,9 @@ def convert_requantizing(node: Node, inputs_qp: list[QParams], output_qp: QParam
 
 
 def _transparent_op(node: Node, sources: tuple[str, ...], qparams: QParams):
-    """Max-pool, flatten and an unfused ReLU act on the integers directly, keeping their qparams."""
+    """Max-pool, flatten, a channel gather and an unfused ReLU act on the integers directly, keeping their qparams."""
+    if isinstance(node.op, ChannelGather):
+        return QChannelGather(node.name, sources, node.op.indices)
     if isinstance(node.op, MaxPool2d):
         return QMaxPool(node.name, sources, node.op.kernel_size, node.op.stride, node.op.padding, node.op.ceil_mode)
     if isinstance(node.op, Flatten):
@@ -304,7 +306,7 @@ def convert(graph: Graph, stats: dict[str, TensorStats], config: QConfig, metada
         elif is_lookup(graph, node):
             layers.append(convert_lookup(graph, node, sources, qparams_of[sources[0]], stats, config))
             qparams_of[node.name] = layers[-1].output_qparams
-        elif isinstance(node.op, (MaxPool2d, Flatten, ReLU)):
+        elif isinstance(node.op, (MaxPool2d, Flatten, ReLU, ChannelGather)):
             layers.append(_transparent_op(node, sources, qparams_of[sources[0]]))
             qparams_of[node.name] = qparams_of[sources[0]]
         else:

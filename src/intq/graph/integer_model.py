@@ -209,6 +209,16 @@ class QFlatten(Transparent):
 
 
 @dataclass(eq=False)
+class QChannelGather(Transparent):
+    """(C, H, W) -> (K, H, W): output channel k is input channel indices[k], the integers unchanged (eq. 33);
+    a channel shuffle, a channel slice (chunk, split, x[:, a:b]) or both."""
+
+    name: str
+    inputs: tuple[str, ...]
+    indices: tuple[int, ...]
+
+
+@dataclass(eq=False)
 class QReLU(Transparent):
     """A ReLU that could not be fused: clamp(q, z, qmax) on its input's own qparams."""
 
@@ -238,8 +248,8 @@ class QLookup(Requantizing):
         return lookup_table(self.kind, self.params, self.input_qparams, self.output_qparams)
 
 
-OP_TYPES = (QConv2d, QLinear, QAdd, QConcat, QAvgPool, QMaxPool, QFlatten, QReLU, QLookup)  # every op an IntegerModel may hold
-IntegerOp = QConv2d | QLinear | QAdd | QConcat | QAvgPool | QMaxPool | QFlatten | QReLU | QLookup
+OP_TYPES = (QConv2d, QLinear, QAdd, QConcat, QAvgPool, QMaxPool, QFlatten, QReLU, QLookup, QChannelGather)  # every op an IntegerModel may hold
+IntegerOp = QConv2d | QLinear | QAdd | QConcat | QAvgPool | QMaxPool | QFlatten | QReLU | QLookup | QChannelGather
 
 
 @dataclass(eq=False)

@@ -29,7 +29,7 @@ import numpy as np
 from intq.arith.fixed_point import quantize_multipliers
 from intq.arith.lookup import MAX_LOOKUP_INPUT_BITS, lookup_problem
 from intq.graph.archive import MAX_CHANNELS
-from intq.graph.integer_model import (INT32_LIMIT, IntegerModel, IntegerOp, QAdd, QAvgPool, QConcat, QConv2d, QFlatten,
+from intq.graph.integer_model import (INT32_LIMIT, IntegerModel, IntegerOp, QAdd, QAvgPool, QChannelGather, QConcat, QConv2d, QFlatten,
                                 QLayer, QLinear, QLookup, QMaxPool, QReLU, accumulator_bound, add_multipliers,
                                 avg_pool_multiplier, concat_multipliers, layer_multipliers, pool_output_size)
 from intq.arith.qparams import QParams
@@ -266,6 +266,19 @@ def check_input(model: IntegerModel) -> tuple[int, ...]:
     return tuple(spec.shape)
 
 
+def check_channel_gather(op: QChannelGather, shapes: list, input_qparams: list[QParams], where: str) -> tuple[int, ...]:
+    """A gather reads a (C, H, W) input; 1..MAX_CHANNELS indices, each a channel in [0, C) (eq. 33)."""
+    if len(shapes[0]) != 3:
+        raise _fail(where, f"gathers channels of a (C, H, W) input, got {tuple(shapes[0])}")
+    channels = shapes[0][0]
+    if not 1 <= len(op.indices) <= MAX_CHANNELS:
+        raise _fail(where, f"{len(op.indices)} indices (1 to {MAX_CHANNELS})")
+    outside = [int(i) for i in op.indices if not 0 <= int(i) < channels]
+    if outside:
+        raise _fail(where, f"index {outside[0]} is not a channel of its input ({channels} channels)")
+    return (len(op.indices), *shapes[0][1:])
+
+
 def check_relu(op: QReLU, shapes: list, input_qparams: list[QParams], where: str) -> tuple[int, ...]:
     """An unfused ReLU clamps at its input's zero point."""
     if op.zero_point != int(input_qparams[0].zero_point):
@@ -294,6 +307,7 @@ CHECKS = {
     QFlatten: lambda op, shapes, qps, where: (math.prod(shapes[0]),),
     QReLU: check_relu,
     QLookup: _requantizing(check_lookup),
+    QChannelGather: check_channel_gather,
 }
 
 

@@ -27,8 +27,8 @@ from intq import __version__
 from intq.arith.fixed_point import quantize_multiplier
 from intq.arith.preprocessing import STUDY_PREPROCESSING, Preprocessing, PreprocessingError
 from intq.files import atomic_write
-from intq.graph.integer_model import (InputSpec, IntegerModel, IntegerOp, QAdd, QAvgPool, QConcat, QConv2d, QFlatten, QLayer, QLinear,
-                                QLookup, QMaxPool, QReLU, accumulator_bound)
+from intq.graph.integer_model import (InputSpec, IntegerModel, IntegerOp, QAdd, QAvgPool, QChannelGather, QConcat, QConv2d, QFlatten,
+                                QLayer, QLinear, QLookup, QMaxPool, QReLU, accumulator_bound)
 from intq.graph.archive import (MAX_ARRAY_VALUES, MAX_CHANNELS, NPY_HEADER_BYTES, ArchiveArrays, Fields, Invalid,
                                 checked_name, member, number_list, read_array, show)
 from intq.graph.model_check import MAX_OPS, ModelCheckError, check_model
@@ -100,6 +100,12 @@ def _lookup_fields(op: QLookup, arrays: dict) -> dict:
             "output_qparams": _qparams_meta(op.output_qparams)}
 
 
+def _gather_fields(op: QChannelGather, arrays: dict) -> dict:
+    """The count in the JSON, the indices as the int32 array <name>.indices."""
+    arrays[f"{op.name}.indices"] = np.asarray(op.indices, np.int32)
+    return {"channels": len(op.indices)}
+
+
 # How each op class is written: (the file's type tag, its fields; arrays go into `arrays`).
 WRITERS = {
     QConv2d: ("QLayer", _layer_fields),
@@ -111,6 +117,7 @@ WRITERS = {
     QFlatten: ("QFlatten", lambda op, arrays: {}),
     QReLU: ("QReLU", lambda op, arrays: {"zero_point": op.zero_point}),
     QLookup: ("QLookup", _lookup_fields),
+    QChannelGather: ("QChannelGather", _gather_fields),
 }
 
 
@@ -264,6 +271,15 @@ def _read_lookup(fields: Fields, name: str, inputs: tuple[str, ...], arrays: Arc
                    fields.qparams("output_qparams"))
 
 
+def _read_channel_gather(fields: Fields, name: str, inputs: tuple[str, ...], arrays: ArchiveArrays) -> QChannelGather:
+    """`channels` indices in [0, MAX_CHANNELS); check_model compares each with its input's channels."""
+    indices = arrays.read(f"{name}.indices", np.int32, (fields.integer("channels", 1, MAX_CHANNELS),))
+    if not ((indices >= 0) & (indices < MAX_CHANNELS)).all():
+        bad = int(indices[(indices < 0) | (indices >= MAX_CHANNELS)][0])
+        raise Invalid(f"{fields.where}: array 'indices' holds {bad}, not a channel index in [0, {MAX_CHANNELS})")
+    return QChannelGather(name, inputs, tuple(int(i) for i in indices))
+
+
 # How each type tag of the file is read (WRITERS' counterpart): (fields, name, inputs, arrays) -> op.
 READERS = {
     "QLayer": _read_layer,
@@ -274,6 +290,7 @@ READERS = {
     "QFlatten": lambda fields, name, inputs, arrays: QFlatten(name, inputs),
     "QReLU": lambda fields, name, inputs, arrays: QReLU(name, inputs, fields.integer("zero_point", -(2**31), 2**31 - 1)),
     "QLookup": _read_lookup,
+    "QChannelGather": _read_channel_gather,
 }
 
 

@@ -166,6 +166,22 @@ static int concat_ok(const intq_op *op, int index, const int32_t *sizes, long in
     return channels == op->out_c;
 }
 
+/* y[k] = x[indices[k]], plane by plane (eq. 33). */
+static void gather(const intq_op *op, const int32_t *x, int32_t *y) {
+    long k, n, plane = (long)op->out_h * op->out_w;
+    for (k = 0; k < op->out_c; k++)
+        for (n = 0; n < plane; n++) y[k * plane + n] = x[op->indices[k] * plane + n];
+}
+
+/* A gather: one index per output channel, each a channel of the input, the same plane. */
+static int gather_ok(const intq_op *op) {
+    long k;
+    if (!op->indices || op->index_count != op->out_c || op->in_h != op->out_h || op->in_w != op->out_w) return 0;
+    for (k = 0; k < op->index_count; k++)
+        if (op->indices[k] < 0 || op->indices[k] >= op->in_c) return 0;
+    return 1;
+}
+
 static int op_ok(const intq_op *op, int index, const int32_t *sizes, long input_size) {
     long in_size = op->input < 0 ? input_size : sizes[op->input], out_size = volume(op->out_c, op->out_h, op->out_w);
     if (op->input < -1 || op->input >= index || in_size != volume(op->in_c, op->in_h, op->in_w) || out_size != sizes[index])
@@ -199,6 +215,8 @@ static int op_ok(const intq_op *op, int index, const int32_t *sizes, long input_
         return out_size == in_size && op->table != 0 && op->table_count >= 1 && op->table_count <= 256;
     case INTQ_CONCAT:
         return concat_ok(op, index, sizes, input_size);
+    case INTQ_GATHER:
+        return gather_ok(op);
     }
     return 0;
 }
@@ -226,6 +244,7 @@ void intq_run(const intq_op *ops, int count, const int32_t *input, int32_t **buf
         case INTQ_AVGPOOL: avgpool(op, x, y); break;
         case INTQ_LOOKUP: lookup(op, x, y); break;
         case INTQ_CONCAT: concat(op, input, buffers, y); break;
+        case INTQ_GATHER: gather(op, x, y); break;
         case INTQ_FLATTEN:
         case INTQ_RELU:  /* flatten copies; relu clamps at the zero point */
             for (n = 0; n < op->out_c * op->out_h * op->out_w; n++)

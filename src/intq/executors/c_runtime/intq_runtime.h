@@ -1,6 +1,6 @@
 /* intq C99 runtime: integer-only inference of an intq IntegerModel (generated model.h).
  * Every value is an integer; the only wide type is int64_t for the requantization product.
- * Arithmetic contract: docs/math.md eq. 7-11, 17, 18, 29, 30, 31. Rounding: half away from zero.
+ * Arithmetic contract: docs/math.md eq. 7-11, 17, 18, 29, 30, 31, 33. Rounding: half away from zero.
  * intq_check verifies, before anything runs, that every index an op will compute stays inside the
  * arrays and buffers it names (their lengths are in the op table), so a wrong table is refused
  * instead of read out of bounds. */
@@ -17,7 +17,8 @@ typedef enum {
     INTQ_ADD = 5,
     INTQ_AVGPOOL = 6,
     INTQ_LOOKUP = 7,
-    INTQ_CONCAT = 8
+    INTQ_CONCAT = 8,
+    INTQ_GATHER = 9
 } intq_kind;
 
 typedef struct {
@@ -43,6 +44,8 @@ typedef struct {
     const int32_t *source_zeros;     /* concat: each input's zero point */
     const int32_t *source_channels;  /* concat: each input's channels (same in_h, in_w), summing to out_c */
     long source_count;        /* concat: how many inputs (>= 2); one multiplier each */
+    const int32_t *indices;   /* gather: output channel k is input channel indices[k] (eq. 33), or 0 */
+    long index_count;         /* gather: out_c */
 } intq_op;
 
 int64_t intq_multiply(int64_t value, int32_t mantissa, int32_t shift);
