@@ -19,8 +19,8 @@ import torch
 
 from intq.executors.reference import run_integer
 from intq.files import atomic_write_text, ensure_writable_dir, staged_output
-from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QChannelGather, QConcat, QConv2d, QFlatten, QLayer, QLinear, QLookup, QMaxPool,
-                                      QReLU)
+from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QChannelGather, QConcat, QConv2d, QFlatten,
+                                      QLayer, QLinear, QLookup, QMaxPool, QMul, QReLU)
 from intq.graph.model_check import ModelCheckError, check_model
 
 ARRAY_TYPES = {"weight": "int8_t", "bias": "int32_t", "mantissa": "int32_t", "shift": "int32_t",
@@ -83,6 +83,19 @@ def _concat(index: int, op: QConcat, index_of: dict, in_shape) -> dict[str, obje
             **_multiplier_fields(index, op), **_clamp_fields(op, int(op.input_qparams[0].zero_point))}
 
 
+def _mul(index: int, op: QMul, index_of: dict, in_shape) -> dict[str, object]:
+    """A product (eq. 34): the second operand's buffer and zero point, one multiplier; its shape is
+    mul_operand_shape's."""
+    return {"kind": "INTQ_MUL", "input2": index_of[op.inputs[1]], "input2_zero": int(op.input_qparams[1].zero_point),
+            **_multiplier_fields(index, op), **_clamp_fields(op, int(op.input_qparams[0].zero_point))}
+
+
+def mul_operand_shape(op: QMul, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """The second operand's (C, H, W) as in2_c, in2_h, in2_w (1 x 1 for a squeeze-excite gate)."""
+    channels, height, width = _shape3(shapes[op.inputs[1]])
+    return {"in2_c": channels, "in2_h": height, "in2_w": width}
+
+
 def concat_arrays(op: QConcat, index_of: dict[str, int], shapes: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
     """The values of a concatenation's source arrays: buffer index (-1: the model input), zero point, channels."""
     return {"sources": [index_of[name] for name in op.inputs],
@@ -114,6 +127,7 @@ LOWERING = {
     QLinear: lambda index, op, index_of, in_shape: _weighted_fields(index, op, "INTQ_LINEAR"),
     QAdd: _add,
     QConcat: _concat,
+    QMul: _mul,
     QAvgPool: _avg_pool,
     QMaxPool: _max_pool,
     QFlatten: lambda index, op, index_of, in_shape: {"kind": "INTQ_FLATTEN"},
@@ -151,6 +165,8 @@ def model_header(model: IntegerModel, shapes: dict[str, tuple[int, ...]]) -> str
     entries = []
     for index, op in enumerate(model.layers):
         fields = _op_fields(index, op, index_of, shapes[op.inputs[0]], shapes[op.name])
+        if isinstance(op, QMul):
+            fields.update(mul_operand_shape(op, shapes))
         values = concat_arrays(op, index_of, shapes) if isinstance(op, QConcat) else {}
         parts += [c_array(ctype, fields[key], values[key] if key in values else getattr(op, key))
                   for key, ctype in ARRAY_TYPES.items() if key in fields]

@@ -1,6 +1,6 @@
 """The `onnx` executor: an IntegerModel exported to standard ONNX (QLinearConv, MaxPool, Clip, with
-ONNX Runtime's com.microsoft QLinearAdd) and run in ONNX Runtime; `onnx_exact`: the same model with
-every conv, linear and add as an exact integer subgraph, bit for bit the reference's integers.
+ONNX Runtime's com.microsoft QLinearAdd, QLinearConcat, QLinearMul) and run in ONNX Runtime; `onnx_exact`:
+the same model with every conv, linear, add, concat and product as an exact integer subgraph, bit for bit the reference's integers.
 
 Input: uint8 pixels (N, C, H, W) of the calibrated size. Output: the model's output integers (uint8-encoded 8-bit values
 are decoded in Python, see onnx_runtime.OnnxModel). Activations travel as uint8 (encoding.py). Weights are
@@ -24,8 +24,8 @@ from intq.extras import require
 from intq.executors.encoding import EngineError, encoded_zero_point, engine_runs_layer, narrower_bounds, uint8_offset
 from intq.executors.reference import FLOAT32_EXACT, add_table, run_integer
 from intq.arith.fixed_point import float64_requantizer
-from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QChannelGather, QConcat, QConv2d, QFlatten, QLayer, QLinear, QLookup, QMaxPool,
-                                      QReLU)
+from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QChannelGather, QConcat, QConv2d, QFlatten,
+                                      QLayer, QLinear, QLookup, QMaxPool, QMul, QReLU)
 from intq.arith.qparams import QParams
 from intq.executors.onnx_graph import (_centred, _clip, _encoded, _encoded_table, _fixed_point_product, _Graph, _int64_cast,
                                        _requantized, _scale)
@@ -235,6 +235,22 @@ def _concat(graph: _Graph, op: QConcat, model, operands: list, qparams: dict, sh
     return graph.node("Concat", [name for name, _ in parts], op.name, axis=1), parts[0][1]
 
 
+def _mul(graph: _Graph, op: QMul, model, operands: list, qparams: dict, shapes: dict, exact: bool):
+    """The engine graph: com.microsoft QLinearMul (ONNX Runtime's float requantization, broadcasting a
+    (N, C, 1, 1) gate) when every value is uint8-encoded; otherwise, and in the exact graph, eq. 34
+    exactly: (q_a - z_a)(q_b - z_b) in int64 (Mul broadcasts), then clamp(z_y + round(M product))."""
+    if not exact and op.output_qparams.dtype.bits <= 8 and all(encoded for _, encoded in operands):
+        (a, _), (b, _) = operands
+        inputs = [a, *_scale(graph, f"{op.name}/a", op.input_qparams[0]), b, *_scale(graph, f"{op.name}/b", op.input_qparams[1]),
+                  *_scale(graph, f"{op.name}/y", op.output_qparams)]
+        y = graph.node("QLinearMul", inputs, f"{op.name}/qlinear", domain=MS_DOMAIN)
+        return _clip(graph, y, narrower_bounds(*op.bounds(), op.output_qparams, relu_fused=False), op.name), True
+    centred = [_centred(graph, value, encoded, qp, f"{op.name}/{'ab'[index]}")
+               for index, ((value, encoded), qp) in enumerate(zip(operands, op.input_qparams))]
+    product = graph.node("Mul", centred, f"{op.name}/ab")
+    return _requantized(graph, product, op.mantissa, op.shift, op.output_qparams, op.bounds(), (), op.name)
+
+
 def _max_pool(graph: _Graph, op: QMaxPool, model, operands: list, qparams: dict, shapes: dict, exact: bool):
     return graph.node("MaxPool", [_encoded_input(op, operands, qparams)], op.name, kernel_shape=list(op.kernel_size),
                       strides=list(op.stride), pads=list(op.padding) * 2, ceil_mode=int(op.ceil_mode)), True
@@ -269,6 +285,7 @@ LOWERING = {
     QLinear: _layer,
     QAdd: _add,
     QConcat: _concat,
+    QMul: _mul,
     QAvgPool: lambda graph, op, model, operands, qparams, shapes, exact: _avg_pool(graph, op, *operands[0],
                                                                                    shapes[op.inputs[0]][0]),
     QMaxPool: _max_pool,

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from intq.graph.capture import max_pool
 from intq.arith.fixed_point import float64_requantizer, multiply_by_quantized_multiplier, requantize, requantize_float64, requantize_with_bias
-from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QChannelGather, QConcat, QConv2d, QFlatten, QLayer, QLinear, QLookup, QMaxPool,
-                                      QReLU)
+from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QChannelGather, QConcat, QConv2d, QFlatten,
+                                      QLayer, QLinear, QLookup, QMaxPool, QMul, QReLU)
 from intq.arith.qparams import torch_dtype
 
 CHUNK = 32  # images per pass: every intermediate of a chunk stays in cache, 1.5-2x faster at batch 256
@@ -232,6 +232,16 @@ def concat(op: QConcat, *xs: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=1).to(torch_dtype(op.output_qparams.dtype))  # (N, C_i, H, W) -> (N, sum C_i, H, W)
 
 
+def mul(op: QMul, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """q_y = clamp(z_y + round(M (q_a - z_a)(q_b - z_b))), M = s_a s_b / s_y (eq. 34), int64 inside; a
+    (N, C, 1, 1) operand broadcasts over (N, C, H, W). Budget: |product| <= product_bound <= 2^31 - 1
+    (model_check), times M0 < 2^31 below 2^62."""
+    product = (a.to(torch.int64) - int(op.input_qparams[0].zero_point)) * (b.to(torch.int64) - int(op.input_qparams[1].zero_point))
+    lower, upper = op.bounds()
+    y = requantize(product, *_multiplier(op, 0, a.device), int(op.output_qparams.zero_point), lower, upper)
+    return y.to(torch_dtype(op.output_qparams.dtype))
+
+
 def avg_pool(op: QAvgPool, x: torch.Tensor) -> torch.Tensor:
     """acc = sum over the window of (q_x - z_x) (exact int64), q_y = clamp(z_y + round(M acc)),
     M = s_x / (N s_y) with N the window size (eq. 18)."""
@@ -271,6 +281,7 @@ LOWERING = {
     QLinear: _weighted,
     QAdd: add,
     QConcat: concat,
+    QMul: mul,
     QAvgPool: avg_pool,
     QMaxPool: lambda op, x: max_pool(x, op.kernel_size, op.stride, op.padding, op.ceil_mode),
     QFlatten: _flatten,

@@ -15,7 +15,7 @@ from intq.graph.config import WeightConfig
 from intq.graph.convert import weight_qparams
 from intq.executors.reference import pixels_to_input, run_op
 from intq.arith.lookup import activation
-from intq.graph.integer_model import IntegerModel, QAdd, QAvgPool, QConcat, QConv2d, QLayer, QLinear, QLookup
+from intq.graph.integer_model import IntegerModel, QAdd, QAvgPool, QConcat, QConv2d, QLayer, QLinear, QLookup, QMul
 from intq.arith.qparams import dequantize, quantize
 
 
@@ -71,6 +71,12 @@ def _simulate_concat(op: QConcat, *xs: torch.Tensor) -> torch.Tensor:
     return _requantized(op, torch.cat(real, dim=1))  # (N, C_i, H, W) -> (N, sum C_i, H, W)
 
 
+def _simulate_mul(op: QMul, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """quantize(dequantize(q_a) * dequantize(q_b)) to the output's QParams, in float64 (eq. 34 with the exact M)."""
+    real_a, real_b = (dequantize(x, qp, torch.float64) for x, qp in zip((a, b), op.input_qparams))
+    return _requantized(op, real_a * real_b)  # (N, C, 1, 1) broadcasts over (N, C, H, W)
+
+
 def _simulate_avg_pool(op: QAvgPool, x: torch.Tensor) -> torch.Tensor:
     real_x = dequantize(x, op.input_qparams, torch.float64)
     if op.kernel_size is None:
@@ -85,7 +91,7 @@ def _simulate_lookup(op: QLookup, x: torch.Tensor) -> torch.Tensor:
 
 # The simulation's lowering: the requantizing op classes (the others move integers exactly, and run
 # as the reference runs them).
-SIMULATED = {QConv2d: simulate_layer, QLinear: simulate_layer, QAdd: _simulate_add, QConcat: _simulate_concat,
+SIMULATED = {QConv2d: simulate_layer, QLinear: simulate_layer, QAdd: _simulate_add, QConcat: _simulate_concat, QMul: _simulate_mul,
              QAvgPool: _simulate_avg_pool,
              QLookup: _simulate_lookup}
 

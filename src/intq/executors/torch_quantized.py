@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from intq.executors.encoding import (EngineError, encoded_zero_point, engine_runs_layer, from_codes, narrower_bounds, to_uint8,
                                     uint8_offset)
 from intq.executors.reference import CHUNK, pixels_to_input, run_op
-from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QChannelGather, QConcat, QConv2d, QFlatten, QLayer, QLinear, QLookup, QMaxPool,
-                                      QReLU)
+from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QChannelGather, QConcat, QConv2d, QFlatten,
+                                      QLayer, QLinear, QLookup, QMaxPool, QMul, QReLU)
 from intq.arith.qparams import QParams, torch_dtype
 
 
@@ -161,6 +161,18 @@ def _concat_step(op: QConcat, model: IntegerModel, in_qparams: list[QParams]) ->
     return _clamped(run, narrower_bounds(*op.bounds(), out, False), out)
 
 
+def _mul_step(op: QMul, model: IntegerModel, in_qparams: list[QParams]) -> Callable:
+    """torch.ops.quantized.mul (mul_relu under a fused ReLU), which broadcasts a (N, C, 1, 1) gate, onto
+    the output's QParams (operands of at most 8 bits, an 8-bit output), else the exact step (eq. 34)."""
+    out = op.output_qparams
+    if max(qp.dtype.bits for qp in (*in_qparams, out)) > 8:
+        return _integer_step(op, model, in_qparams)
+    kernel = torch.ops.quantized.mul_relu if op.relu else torch.ops.quantized.mul
+    scale, zero = float(out.scale), encoded_zero_point(out)
+    run = lambda a, b: kernel(to_quantized(a, in_qparams[0]), to_quantized(b, in_qparams[1]), scale, zero)  # noqa: E731
+    return _clamped(run, narrower_bounds(*op.bounds(), out, op.relu), out)
+
+
 # The PyTorch-kernel lowering: per op class, (op, model, input qparams) -> a step on quantized tensors
 # (or on integers: the exact op where the kernels cannot express it; average pools are exact and
 # cheap on the small pooled maps; a lookup table is one gather, which no quantized kernel does).
@@ -169,6 +181,7 @@ LOWERING = {
     QLinear: _layer_step,
     QAdd: _add_step,
     QConcat: _concat_step,
+    QMul: _mul_step,
     QAvgPool: _integer_step,
     QMaxPool: lambda op, model, qps: lambda x: (F.max_pool2d(x, op.kernel_size, op.stride, op.padding, ceil_mode=op.ceil_mode)
                                                 if x.is_quantized else run_op(op, x)),

@@ -21,7 +21,7 @@ from intq.graph.capture_activations import (ACTIVATION_FUNCTIONS, ELEMENTWISE_MO
 from intq.graph.capture_rewrites import (DROPOUT_FUNCTIONS, AdaptiveAvgPool2d, Refused, Tracer, adaptive_pool,
                                          batchnorm_affine, conv_padding, dropout_call, flatten_call, flatten_dims,
                                          fold_replication, identity_module, mean_call, pool_window, replication_factor)
-from intq.graph.capture_joins import CONCATS, Add, Concat, concat_call, operand_nodes
+from intq.graph.capture_joins import JOINS, Add, Concat, Mul, join_call, operand_nodes  # noqa: F401
 from intq.graph.capture_channels import ChannelGather, ChannelMoves  # noqa: F401 (ChannelGather: for convert)
 from intq.graph.captured_graph import (REQUANTIZING, WEIGHTED, AvgPool2d, Conv2d, Flatten, Graph, Identity,  # noqa: F401
                                        Linear, MaxPool2d, Node, Op, apply_op, max_pool, run_float, with_users)
@@ -81,11 +81,9 @@ def _from_call(node: torch.fx.Node) -> Op | tuple[Op, ...] | Refused | None:
         return clamp_call(node)
     if target in ACTIVATION_FUNCTIONS:
         return activation_call(node)
-    if target in (operator.add, operator.iadd, torch.add, "add", "add_") and len(node.args) == 2 \
-            and all(isinstance(a, torch.fx.Node) for a in node.args) and not node.kwargs:
-        return Add()
-    if target in CONCATS:
-        return concat_call(node)
+    joined = join_call(node)  # add, cat, mul (capture_joins)
+    if joined is not None:
+        return joined
     if target is F.adaptive_avg_pool2d:
         size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
         return AvgPool2d(None) if size in (1, (1, 1)) else adaptive_pool(size)
@@ -175,7 +173,7 @@ def trace(model: nn.Module, example: torch.Tensor | None = None) -> Graph:
         operands = operand_nodes(fx_node)
         unsupported += _chain_ends(moves, operands, nodes, aliases, modules)
         sources = tuple(aliases.get(a.name, a.name) for a in operands)
-        _append(nodes, fx_node.name, op, sources if isinstance(op, (Add, Concat)) else sources[:1])
+        _append(nodes, fx_node.name, op, sources if isinstance(op, JOINS) else sources[:1])
         if operands and is_inplace(fx_node, modules):  # later readers of the overwritten operand read this node
             aliases[operands[0].name] = fx_node.name
     if unsupported:
@@ -210,11 +208,14 @@ def _append(nodes: list[Node], name: str, op: Op | tuple[Op, ...], inputs: tuple
 def resolve_adaptive_pools(graph: Graph, example: torch.Tensor, model_name: str) -> None:
     """Turn each AdaptiveAvgPool2d into AvgPool2d(kernel = stride = in/out) at the example's sizes (the
     first place they are known), or, for an output size a multiple of the input's, into an identity whose
-    replication is folded into the flatten + Linear reading it (eq. 32); else refuse naming both sizes."""
-    if not any(isinstance(node.op, AdaptiveAvgPool2d) for node in graph.nodes):
+    replication is folded into the flatten + Linear reading it (eq. 32); else refuse naming both sizes.
+    Likewise refuse a product of operand shapes intq does not multiply (Mul.shape_problem)."""
+    if not any(isinstance(node.op, (AdaptiveAvgPool2d, Mul)) for node in graph.nodes):
         return
     values = {graph.input_name: example}
     for node in graph.nodes:
+        if isinstance(node.op, Mul) and (problem := node.op.shape_problem(*(values[name].shape for name in node.inputs))):
+            raise CaptureError(f"{model_name}: {node.name} (mul): {problem}")
         inputs = [values[name] for name in node.inputs]
         if isinstance(node.op, AdaptiveAvgPool2d):
             window = pool_window(node.op, inputs[0].shape)

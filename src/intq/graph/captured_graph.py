@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from intq.arith.lookup import activation
 from intq.arith.preprocessing import STUDY_PREPROCESSING, Preprocessing
 from intq.graph.capture_activations import Activation, ReLU
-from intq.graph.capture_joins import Add, Concat
+from intq.graph.capture_joins import JOINS, Add, Concat, Mul
 from intq.graph.capture_channels import ChannelGather
 from intq.graph.integer_model import pool_output_size
 
@@ -61,11 +61,11 @@ class Identity:
     """Dropout in eval mode and nn.Identity."""
 
 
-Op = Conv2d | Linear | ReLU | Activation | MaxPool2d | AvgPool2d | Add | Concat | Flatten | Identity | ChannelGather
+Op = Conv2d | Linear | ReLU | Activation | MaxPool2d | AvgPool2d | Add | Concat | Mul | Flatten | Identity | ChannelGather
 # (an AdaptiveAvgPool2d between trace and capture, which turns it into an AvgPool2d, or an Identity whose
 # replication it folds into the Linear after it)
 WEIGHTED = (Conv2d, Linear)
-REQUANTIZING = (Conv2d, Linear, Add, Concat, AvgPool2d)  # ops whose output needs its own quantization
+REQUANTIZING = (Conv2d, Linear, Add, Concat, Mul, AvgPool2d)  # ops whose output needs its own quantization
 
 
 @dataclass(eq=False)
@@ -127,10 +127,8 @@ def max_pool(x: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, i
 
 
 def apply_op(op: Op, x: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
-    """Run one captured op in float (`others`: the second operand of an Add, the rest of a Concat's)."""
-    if isinstance(op, Add):
-        return x + others[0]
-    if isinstance(op, (Concat, ChannelGather)):
+    """Run one captured op in float (`others`: the second operand of an Add or Mul, the rest of a Concat's)."""
+    if isinstance(op, (*JOINS, ChannelGather)):
         return op.apply(x, *others)
     if isinstance(op, AvgPool2d):
         if op.kernel_size is None:

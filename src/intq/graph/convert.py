@@ -10,14 +10,15 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from intq.graph.capture import (REQUANTIZING, WEIGHTED, Activation, Add, ChannelGather, Concat, Conv2d, Flatten, Graph, Identity,
-                                MaxPool2d, Node, ReLU, run_float)
+from intq.graph.capture import (Activation, Add, ChannelGather, Concat, Conv2d, Flatten, Graph, Identity, MaxPool2d,
+                                Mul, Node, REQUANTIZING, ReLU, WEIGHTED, run_float)
 from intq.graph.config import ActivationConfig, QConfig, WeightConfig
 from intq.arith.fixed_point import quantize_multipliers
 from intq.arith.lookup import MAX_LOOKUP_INPUT_BITS, nonnegative
 from intq.arith.preprocessing import Preprocessing, PreprocessingError
-from intq.graph.integer_model import (INT32_LIMIT, InputSpec, IntegerModel, QAdd, QAvgPool, QChannelGather, QConcat, QConv2d, QFlatten,
-                                QLayer, QLinear, QLookup, QMaxPool, QReLU, accumulator_bound, add_multipliers, concat_multipliers,
+from intq.graph.integer_model import (INT32_LIMIT, InputSpec, IntegerModel, QAdd, QAvgPool, QChannelGather, QConcat, QConv2d,
+                                QFlatten, QLayer, QLinear, QLookup, QMaxPool, QMul, QReLU, accumulator_bound, add_multipliers,
+                                concat_multipliers, mul_multiplier,
                                 avg_pool_multiplier, layer_multipliers)
 from intq.graph.model_check import ModelCheckError, check_model
 from intq.calibrate.observers import TensorObserver, TensorStats, observe
@@ -224,20 +225,25 @@ def requantized_output(graph: Graph, node: Node, stats: dict[str, TensorStats], 
     return output_qp, relu
 
 
+# The joins: captured op -> (integer op, its real multipliers from the input and output QParams):
+# the add's two operands to a common grid and the sum to the output (eq. 17), each concatenated input
+# to the output's own QParams (eq. 30), the product's M = s_a s_b / s_y (eq. 34).
+JOINED = {Add: (QAdd, add_multipliers), Concat: (QConcat, concat_multipliers), Mul: (QMul, mul_multiplier)}
+
+
 def convert_requantizing(node: Node, inputs_qp: list[QParams], output_qp: QParams, relu: Node | None,
                          config: QConfig, input_stats: TensorStats | None):
-    """Conv/Linear -> QLayer, Add -> QAdd, Concat -> QConcat, AvgPool2d -> QAvgPool, with a fused ReLU (or ReLU6)."""
+    """Conv/Linear -> QLayer, Add -> QAdd, Concat -> QConcat, Mul -> QMul, AvgPool2d -> QAvgPool, with a
+    fused ReLU (or ReLU6)."""
     relu_max = relu.op.upper if relu else None
     if isinstance(node.op, WEIGHTED):
         layer = convert_layer(node, inputs_qp[0], output_qp, relu is not None, config)
         layer.relu_max = relu_max
         return layer
-    if isinstance(node.op, Add):
-        mantissa, shift = quantize_multipliers(add_multipliers(inputs_qp, output_qp))
-        return QAdd(node.name, node.inputs, tuple(inputs_qp), output_qp, mantissa, shift, relu is not None, relu_max)
-    if isinstance(node.op, Concat):  # each input requantized to the output's own QParams (eq. 30)
-        mantissa, shift = quantize_multipliers(concat_multipliers(inputs_qp, output_qp))
-        return QConcat(node.name, node.inputs, tuple(inputs_qp), output_qp, mantissa, shift, relu is not None, relu_max)
+    if type(node.op) in JOINED:
+        op_class, multipliers = JOINED[type(node.op)]
+        mantissa, shift = quantize_multipliers(multipliers(inputs_qp, output_qp))
+        return op_class(node.name, node.inputs, tuple(inputs_qp), output_qp, mantissa, shift, relu is not None, relu_max)
     window = int(np.prod(node.op.kernel_size if node.op.kernel_size else input_stats.shape[1:]))
     mantissa, shift = quantize_multipliers(avg_pool_multiplier(inputs_qp[0], output_qp, window))
     stride = node.op.stride if node.op.kernel_size else None

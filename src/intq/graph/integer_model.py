@@ -171,6 +171,26 @@ class QConcat(Requantizing):
 
 
 @dataclass(eq=False)
+class QMul(Requantizing):
+    """y = a * b elementwise (a squeeze-excite gate), of equal shapes or one operand (C, 1, 1) against
+    (C, H, W) in either order: q_y = clamp(z_y + round(M (q_a - z_a)(q_b - z_b))), M = s_a s_b / s_y
+    (eq. 34); the product is exact in int64, at most product_bound(...) <= 2^31 - 1 in magnitude."""
+
+    name: str
+    inputs: tuple[str, ...]
+    input_qparams: tuple[QParams, QParams]
+    output_qparams: QParams
+    mantissa: np.ndarray  # (1,): M
+    shift: np.ndarray
+    relu: bool = False
+    relu_max: float | None = None
+    ARITY: ClassVar[int] = 2
+
+    def declared_input_params(self) -> list[QParams]:
+        return list(self.input_qparams)
+
+
+@dataclass(eq=False)
 class QAvgPool(Requantizing):
     """Average pool: acc = sum over the window of (q - z_x), q_y = z_y + round(acc s_x / (N s_y)) (eq. 18);
     kernel_size None pools the whole feature map."""
@@ -248,8 +268,8 @@ class QLookup(Requantizing):
         return lookup_table(self.kind, self.params, self.input_qparams, self.output_qparams)
 
 
-OP_TYPES = (QConv2d, QLinear, QAdd, QConcat, QAvgPool, QMaxPool, QFlatten, QReLU, QLookup, QChannelGather)  # every op an IntegerModel may hold
-IntegerOp = QConv2d | QLinear | QAdd | QConcat | QAvgPool | QMaxPool | QFlatten | QReLU | QLookup | QChannelGather
+OP_TYPES = (QConv2d, QLinear, QAdd, QConcat, QMul, QAvgPool, QMaxPool, QFlatten, QReLU, QLookup, QChannelGather)  # every op an IntegerModel may hold
+IntegerOp = QConv2d | QLinear | QAdd | QConcat | QMul | QAvgPool | QMaxPool | QFlatten | QReLU | QLookup | QChannelGather
 
 
 @dataclass(eq=False)
@@ -295,9 +315,7 @@ def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mod
 def accumulator_bound(weight_q: np.ndarray, bias_q: np.ndarray | None, input_qp: QParams) -> int:
     """Worst |acc| = max_c (sum_k |q_w[c,k]| * max|q_x - z_x| + |q_b[c]|) (eq. 11), over every input
     integer q_x of the input's type: derived from the weights, never taken on trust."""
-    zero = int(input_qp.zero_point)
-    x_max = max(zero - input_qp.dtype.qmin, input_qp.dtype.qmax - zero)
-    per_channel = np.abs(weight_q.astype(np.int64)).reshape(weight_q.shape[0], -1).sum(axis=1) * x_max  # (C, K) -> (C,)
+    per_channel = np.abs(weight_q.astype(np.int64)).reshape(weight_q.shape[0], -1).sum(axis=1) * centred_bound(input_qp)  # (C, K) -> (C,)
     if bias_q is not None:
         per_channel = per_channel + np.abs(bias_q.astype(np.int64))
     return int(per_channel.max())
@@ -320,6 +338,23 @@ def concat_multipliers(inputs_qp: tuple[QParams, ...] | list[QParams], output_qp
     """(M_1, ..., M_k) of a concatenation: M_i = s_i / s_y, each input to the output's grid (eq. 30);
     exactly 1 (mantissa 2^30, shift -1) for an input whose scale is the output's."""
     return np.array([float(qp.scale) / float(output_qp.scale) for qp in inputs_qp])
+
+
+def mul_multiplier(inputs_qp: tuple[QParams, ...] | list[QParams], output_qp: QParams) -> np.ndarray:
+    """(M,) of an elementwise product: M = s_a s_b / s_y (eq. 34)."""
+    return np.array([float(inputs_qp[0].scale) * float(inputs_qp[1].scale) / float(output_qp.scale)])
+
+
+def centred_bound(qp: QParams) -> int:
+    """max |q - z| over every integer q of the type: max(z - qmin, qmax - z)."""
+    zero = int(qp.zero_point)
+    return max(zero - qp.dtype.qmin, qp.dtype.qmax - zero)
+
+
+def product_bound(inputs_qp: tuple[QParams, ...] | list[QParams]) -> int:
+    """Worst |(q_a - z_a)(q_b - z_b)| of an elementwise product over every integer of both types (eq. 34):
+    derived from the types and zero points; at most 2^31 - 1 keeps |p M0| < 2^62 in int64."""
+    return centred_bound(inputs_qp[0]) * centred_bound(inputs_qp[1])
 
 
 def avg_pool_multiplier(input_qp: QParams, output_qp: QParams, window: int) -> np.ndarray:

@@ -6,7 +6,7 @@ parameters, the fixed-point multipliers) and found equal, or inside the range th
 of the executors is proven for (docs/math.md eq. 8-11, 17, 18; docs/format.md lists every rule):
 
 - structure: unique printable names; each input an earlier op or the model input; 2 inputs for an
-  add, 1 otherwise; the output one of the ops;
+  add or a product, two or more for a concatenation, 1 otherwise; the output one of the ops;
 - types: weights signed 2..8 bits with zero point 0; activations 2..16 bits, lookup inputs at most 8;
   zero points inside their type; scales finite and positive;
 - consistency: an op's input parameters are those of the op that produced the input; every
@@ -16,7 +16,7 @@ of the executors is proven for (docs/math.md eq. 8-11, 17, 18; docs/format.md li
 - shapes: inferred from the input shape op by op (channels, kernels, strides, groups, features);
 - overflow: the worst accumulator, recomputed from the weights, the bias and the input type, is at
   most 2^31 - 1 (eq. 11), and equals the one the layer carries (the reference picks its exact float
-  dtype from it).
+  dtype from it); a product's worst |(q_a - z_a)(q_b - z_b)|, from both types, is too (eq. 34).
 
 The first broken rule raises ModelCheckError naming the op and the rule.
 """
@@ -29,9 +29,10 @@ import numpy as np
 from intq.arith.fixed_point import quantize_multipliers
 from intq.arith.lookup import MAX_LOOKUP_INPUT_BITS, lookup_problem
 from intq.graph.archive import MAX_CHANNELS
-from intq.graph.integer_model import (INT32_LIMIT, IntegerModel, IntegerOp, QAdd, QAvgPool, QChannelGather, QConcat, QConv2d, QFlatten,
-                                QLayer, QLinear, QLookup, QMaxPool, QReLU, accumulator_bound, add_multipliers,
-                                avg_pool_multiplier, concat_multipliers, layer_multipliers, pool_output_size)
+from intq.graph.integer_model import (INT32_LIMIT, IntegerModel, IntegerOp, QAdd, QAvgPool, QChannelGather, QConcat,
+                                      QConv2d, QFlatten, QLayer, QLinear, QLookup, QMaxPool, QMul, QReLU,
+                                      accumulator_bound, add_multipliers, avg_pool_multiplier, concat_multipliers,
+                                      layer_multipliers, mul_multiplier, pool_output_size, product_bound)
 from intq.arith.qparams import QParams
 
 MAX_OPS = 10_000
@@ -199,6 +200,31 @@ def check_concat(op: QConcat, shapes: list[tuple[int, ...]], where: str) -> tupl
     return (sum(shape[0] for shape in shapes), *shapes[0][1:])
 
 
+def mul_output_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape of a * b for the broadcasts intq runs: equal shapes, or (C, 1, 1) against (C, H, W)
+    in either order (a squeeze-excite gate); None for any other pair."""
+    if a == b:
+        return a
+    if len(a) == 3 and len(b) == 3 and a[0] == b[0] and (a[1:] == (1, 1) or b[1:] == (1, 1)):
+        return a if b[1:] == (1, 1) else b
+    return None
+
+
+def check_mul(op: QMul, shapes: list[tuple[int, ...]], where: str) -> tuple[int, ...]:
+    """Operands of equal shapes or a (C, 1, 1) gate against (C, H, W); the worst product, derived from
+    both types and zero points, at most 2^31 - 1 (eq. 34); M = s_a s_b / s_y recomputed."""
+    shape = mul_output_shape(*shapes)
+    if shape is None:
+        raise _fail(where, f"operands of shapes {shapes[0]} and {shapes[1]} (a product needs equal shapes, or "
+                    f"(C, 1, 1) against (C, H, W))")
+    bound = product_bound(op.input_qparams)
+    if bound > INT32_LIMIT:
+        names = " and ".join(f"{qp.dtype.name} (zero point {int(qp.zero_point)})" for qp in op.input_qparams)
+        raise _fail(where, f"worst-case product {bound:,} of {names} operands exceeds int32 (eq. 34's budget)")
+    check_multipliers(op.mantissa, op.shift, mul_multiplier(op.input_qparams, op.output_qparams), where)
+    return shape
+
+
 def check_avg_pool(op: QAvgPool, shape: tuple[int, ...], where: str) -> tuple[int, ...]:
     if op.kernel_size is None:
         if len(shape) != 3:
@@ -301,6 +327,7 @@ CHECKS = {
     QLinear: _requantizing(lambda op, shapes, where: check_layer(op, linear_output_shape(op, shapes[0], where), where)),
     QAdd: _requantizing(check_add),
     QConcat: _requantizing(check_concat),
+    QMul: _requantizing(check_mul),
     QAvgPool: _requantizing(lambda op, shapes, where: check_avg_pool(op, shapes[0], where)),
     QMaxPool: lambda op, shapes, qps, where: window_output_shape(op.kernel_size, op.stride, op.padding, shapes[0], where,
                                                                  op.ceil_mode),

@@ -27,8 +27,9 @@ from intq import __version__
 from intq.arith.fixed_point import quantize_multiplier
 from intq.arith.preprocessing import STUDY_PREPROCESSING, Preprocessing, PreprocessingError
 from intq.files import atomic_write
-from intq.graph.integer_model import (InputSpec, IntegerModel, IntegerOp, QAdd, QAvgPool, QChannelGather, QConcat, QConv2d, QFlatten,
-                                QLayer, QLinear, QLookup, QMaxPool, QReLU, accumulator_bound)
+from intq.graph.integer_model import (InputSpec, IntegerModel, IntegerOp, QAdd, QAvgPool, QChannelGather, QConcat,
+                                      QConv2d, QFlatten, QLayer, QLinear, QLookup, QMaxPool, QMul, QReLU,
+                                      accumulator_bound)
 from intq.graph.archive import (MAX_ARRAY_VALUES, MAX_CHANNELS, NPY_HEADER_BYTES, ArchiveArrays, Fields, Invalid,
                                 checked_name, member, number_list, read_array, show)
 from intq.graph.model_check import MAX_OPS, ModelCheckError, check_model
@@ -79,7 +80,7 @@ def _layer_fields(op: QLayer, arrays: dict) -> dict:
     return meta
 
 
-def _add_fields(op: QAdd | QConcat, arrays: dict) -> dict:
+def _add_fields(op: QAdd | QConcat | QMul, arrays: dict) -> dict:
     return {**_requantizing_fields(op, arrays), "input_qparams": [_qparams_meta(qp) for qp in op.input_qparams]}
 
 
@@ -112,6 +113,7 @@ WRITERS = {
     QLinear: ("QLayer", _layer_fields),
     QAdd: ("QAdd", _add_fields),
     QConcat: ("QConcat", _add_fields),  # mantissa/shift: one per input
+    QMul: ("QMul", _add_fields),  # mantissa/shift: (1,)
     QAvgPool: ("QAvgPool", _avg_pool_fields),
     QMaxPool: ("QMaxPool", lambda op, arrays: _max_pool_fields(op)),
     QFlatten: ("QFlatten", lambda op, arrays: {}),
@@ -231,19 +233,16 @@ def _listed_qparams(fields: Fields, count: int) -> list[QParams]:
     return qparams
 
 
-def _read_add(fields: Fields, name: str, inputs: tuple[str, ...], arrays: ArchiveArrays) -> QAdd:
-    qparams = _listed_qparams(fields, 2)
-    mantissa, shift = _multiplier_arrays(arrays, name, 3)
-    output_qp, relu, relu_max = _clamp_fields(fields)
-    return QAdd(name, inputs, tuple(qparams), output_qp, mantissa, shift, relu, relu_max)
-
-
-def _read_concat(fields: Fields, name: str, inputs: tuple[str, ...], arrays: ArchiveArrays) -> QConcat:
-    """One input_qparams and one (mantissa, shift) per input; check_model refuses fewer than two inputs."""
-    qparams = _listed_qparams(fields, len(inputs))
-    mantissa, shift = _multiplier_arrays(arrays, name, len(inputs))
-    output_qp, relu, relu_max = _clamp_fields(fields)
-    return QConcat(name, inputs, tuple(qparams), output_qp, mantissa, shift, relu, relu_max)
+def _joined_reader(op_class, operands: int | None, multipliers: int | None):
+    """The reader of an op over several inputs (QAdd, QConcat, QMul): a list of input_qparams and the
+    (mantissa, shift) arrays, `operands` and `multipliers` long (None: one per listed input; check_model
+    refuses fewer than two inputs), then output_qparams, relu and relu_max."""
+    def read(fields: Fields, name: str, inputs: tuple[str, ...], arrays: ArchiveArrays):
+        qparams = _listed_qparams(fields, len(inputs) if operands is None else operands)
+        mantissa, shift = _multiplier_arrays(arrays, name, len(inputs) if multipliers is None else multipliers)
+        output_qp, relu, relu_max = _clamp_fields(fields)
+        return op_class(name, inputs, tuple(qparams), output_qp, mantissa, shift, relu, relu_max)
+    return read
 
 
 def _read_avg_pool(fields: Fields, name: str, inputs: tuple[str, ...], arrays: ArchiveArrays) -> QAvgPool:
@@ -283,8 +282,9 @@ def _read_channel_gather(fields: Fields, name: str, inputs: tuple[str, ...], arr
 # How each type tag of the file is read (WRITERS' counterpart): (fields, name, inputs, arrays) -> op.
 READERS = {
     "QLayer": _read_layer,
-    "QAdd": _read_add,
-    "QConcat": _read_concat,
+    "QAdd": _joined_reader(QAdd, 2, 3),  # M_a, M_b, M_y (eq. 17)
+    "QConcat": _joined_reader(QConcat, None, None),  # one M_i per input (eq. 30)
+    "QMul": _joined_reader(QMul, 2, 1),  # M = s_a s_b / s_y (eq. 34)
     "QAvgPool": _read_avg_pool,
     "QMaxPool": _read_max_pool,
     "QFlatten": lambda fields, name, inputs, arrays: QFlatten(name, inputs),

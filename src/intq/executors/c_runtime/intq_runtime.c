@@ -45,6 +45,20 @@ static void concat(const intq_op *op, const int32_t *input, int32_t *const *buff
     }
 }
 
+/* eq. 34: q_y = clamp(z_y + round(M (q_a - z_a)(q_b - z_b))), M = s_a s_b / s_y; an operand of one value
+ * per channel (a 1 x 1 plane, the squeeze-excite gate) is read at its channel for the whole plane.
+ * Budget: |(q_a - z_a)(q_b - z_b)| <= 2^31 - 1 (model_check, from both types) times M0 < 2^31 < 2^62. */
+static void mul(const intq_op *op, const int32_t *a, const int32_t *b, int32_t *y) {
+    long c, p, plane = (long)op->out_h * op->out_w;
+    long a_plane = (long)op->in_h * op->in_w, b_plane = (long)op->in2_h * op->in2_w;
+    for (c = 0; c < op->out_c; c++)
+        for (p = 0; p < plane; p++) {
+            int64_t product = (int64_t)(a[c * a_plane + (a_plane == 1 ? 0 : p)] - op->input_zero)
+                            * (b[c * b_plane + (b_plane == 1 ? 0 : p)] - op->input2_zero);
+            y[c * plane + p] = intq_requantize(product, op->mantissa[0], op->shift[0], op->output_zero, op->lower, op->upper);
+        }
+}
+
 /* eq. 18: the window sum of (q - z_x), requantized with M = s_x / (N s_y). */
 static void avgpool(const intq_op *op, const int32_t *x, int32_t *y) {
     int c, oy, ox, ky, kx;
@@ -182,6 +196,17 @@ static int gather_ok(const intq_op *op) {
     return 1;
 }
 
+/* A product: an earlier second operand, one multiplier, both operands of out_c channels whose plane
+ * is the output's or 1 x 1, the second operand's buffer exactly its shape. */
+static int mul_ok(const intq_op *op, int index, const int32_t *sizes, long input_size) {
+    long plane = (long)op->out_h * op->out_w;
+    return op->input2 >= -1 && op->input2 < index && op->multiplier_count == 1 &&
+           op->in_c == op->out_c && op->in2_c == op->out_c &&
+           ((long)op->in_h * op->in_w == 1 || (op->in_h == op->out_h && op->in_w == op->out_w)) &&
+           ((long)op->in2_h * op->in2_w == 1 || (op->in2_h == op->out_h && op->in2_w == op->out_w)) &&
+           (op->input2 < 0 ? input_size : sizes[op->input2]) == volume(op->in2_c, op->in2_h, op->in2_w) && plane >= 1;
+}
+
 static int op_ok(const intq_op *op, int index, const int32_t *sizes, long input_size) {
     long in_size = op->input < 0 ? input_size : sizes[op->input], out_size = volume(op->out_c, op->out_h, op->out_w);
     if (op->input < -1 || op->input >= index || in_size != volume(op->in_c, op->in_h, op->in_w) || out_size != sizes[index])
@@ -217,6 +242,8 @@ static int op_ok(const intq_op *op, int index, const int32_t *sizes, long input_
         return concat_ok(op, index, sizes, input_size);
     case INTQ_GATHER:
         return gather_ok(op);
+    case INTQ_MUL:
+        return mul_ok(op, index, sizes, input_size);
     }
     return 0;
 }
@@ -245,6 +272,7 @@ void intq_run(const intq_op *ops, int count, const int32_t *input, int32_t **buf
         case INTQ_LOOKUP: lookup(op, x, y); break;
         case INTQ_CONCAT: concat(op, input, buffers, y); break;
         case INTQ_GATHER: gather(op, x, y); break;
+        case INTQ_MUL: mul(op, x, op->input2 < 0 ? input : buffers[op->input2], y); break;
         case INTQ_FLATTEN:
         case INTQ_RELU:  /* flatten copies; relu clamps at the zero point */
             for (n = 0; n < op->out_c * op->out_h * op->out_w; n++)
