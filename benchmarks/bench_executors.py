@@ -1,4 +1,5 @@
-"""Throughput of every executor of one intq integer model against PyTorch float and torch.ao int8,
+"""Throughput of every executor of one intq integer model against PyTorch float and PyTorch's int8
+(torchao pt2e compiled to int8 kernels, torch.ao FX where pt2e cannot run: workflows/peer.py),
 at batch 256, the executors timed in turn round after round so that the machine's drifting speed
 reaches every row alike, and latency at batch 1 (each executor's calls in a row: at that size the
 switch between frameworks would dominate), measured in one run. Run by hand:
@@ -8,7 +9,7 @@ switch between frameworks would dominate), measured in one run. Run by hand:
 
 --model is a study model name (Net, NetWithBias) or a checkpoint from `intq train` with --arch. The
 integer model is converted here from --calib-samples training images, with the same images as
-torch.ao's calibration. "intq on PyTorch kernels" uses the onednn engine (the default), "x86" the
+PyTorch's calibration. "intq on PyTorch kernels" uses the onednn engine (the default), "x86" the
 engine torch.ao's x86 qconfig uses. Prints the median seconds per batch, images per second and the ratio to
 PyTorch float, and the bars of issue 5 (reference >= 0.5x float; PyTorch kernels >= 2x float).
 """
@@ -24,7 +25,7 @@ from dataclasses import replace
 
 import torch
 
-from intq.workflows.compare import on_x86_engine, torch_ao_quantize
+from intq.workflows.peer import peer_quantize
 from intq.graph.config import PRESETS
 from intq.workflows.costs import median_seconds
 from intq.cifar.data import load_cifar10, normalize
@@ -76,8 +77,9 @@ def main() -> None:
     name, model = float_model(args.model, data, args.cache, arch=args.arch)
     calibration = calibration_images(data.train_images, args.calib_samples, 0)
     integer = quantize_model(model, calibration, PRESETS[args.preset], example=data.train_images).integer_model
-    ao_model = torch_ao_quantize(model, calibration)
-    runners = {"PyTorch float32": lambda p: model(normalize(p)), "torch.ao int8 (x86)": on_x86_engine(ao_model)}
+    peer = peer_quantize(model, calibration, normalize, (1, 256))
+    print(f"{peer.row}: {'; '.join(peer.notes)}")
+    runners = {"PyTorch float32": lambda p: model(normalize(p)), peer.row: peer.forward}
     for label, executor in intq_executors(args.threads).items():
         runners[label] = executor.prepare(integer)
     batch, single = data.test_images[:256], data.test_images[:1]
@@ -88,10 +90,10 @@ def main() -> None:
                     "latency_ms_b1": latency[label] * 1e3} for label in runners}
     float_rate = rows["PyTorch float32"]["images_per_s"]
     print(f"{name}, preset {args.preset}, {args.threads} threads, batch 256, median of {args.repeats}")
-    print(f"  {'executor':<26}{'s/batch':>9}{'img/s':>9}{'x float':>9}{'ms (b1)':>9}")
+    print(f"  {'executor':<37}{'s/batch':>9}{'img/s':>9}{'x float':>9}{'ms (b1)':>9}")
     for label, row in rows.items():
         row["ratio_to_float"] = row["images_per_s"] / float_rate
-        print(f"  {label:<26}{row['batch256_s']:>9.3f}{row['images_per_s']:>9.0f}{row['ratio_to_float']:>9.2f}"
+        print(f"  {label:<37}{row['batch256_s']:>9.3f}{row['images_per_s']:>9.0f}{row['ratio_to_float']:>9.2f}"
               f"{row['latency_ms_b1']:>9.2f}")
     print(f"bars: reference >= 0.5x float: {rows['intq reference']['ratio_to_float']:.2f}; "
           f"PyTorch kernels >= 2x float: {rows['intq on PyTorch kernels']['ratio_to_float']:.2f}")

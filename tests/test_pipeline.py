@@ -16,7 +16,8 @@ from intq.cifar.data import CIFAR10_CLASSES, Dataset, normalize
 from intq.cifar.models import Net, NetWithBias
 from intq.cifar.train import save_weights
 
-WORKFLOWS = ("pipeline", "study", "sweep", "sensitivity", "inspect", "checkpoints", "compare", "explain", "costs")
+WORKFLOWS = ("pipeline", "study", "sweep", "sensitivity", "inspect", "checkpoints", "compare", "peer", "explain",
+             "costs")
 REPORTS = {"intq.report.study_report", "intq.report.sweep_report", "intq.report.sensitivity_report", "intq.report.inspect_report",
            "intq.report.tradeoffs_report", "intq.report.document", "intq.report.plots"}
 

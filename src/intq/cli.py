@@ -34,6 +34,7 @@ from intq.graph.model_file import ModelFileError
 from intq.cifar.models import ARCHITECTURES
 from intq.workflows.pipeline import CheckpointError
 from intq.workflows.user_model import UserModelError
+from intq.workflows.peer import PeerError
 from intq.arith.preprocessing import PreprocessingError
 from intq.workflows.study import StudyError
 from intq.workflows.sweep import ACTIVATION_BITS, GRANULARITIES, METHODS, WEIGHT_BITS, SweepError
@@ -41,7 +42,7 @@ from intq.executors.verify import EXECUTORS, VerifyError
 
 USER_ERRORS = (DataError, CaptureError, ConversionError, ExecutionError, OutputError, ModelFileError, ModelCheckError,
                StudyError, SweepError, ExplainError, CheckpointError, VerifyError, EngineError, MissingExtraError,
-               UserModelError, PreprocessingError, argparse.ArgumentTypeError)
+               UserModelError, PreprocessingError, PeerError, argparse.ArgumentTypeError)
 
 
 def _add_run(commands) -> None:
@@ -260,14 +261,19 @@ def _add_train_quantize_eval(commands) -> None:
 
 def _add_compare(commands) -> None:
     command = commands.add_parser(
-        "compare", help="intq against PyTorch's own post-training quantization (torch.ao)",
-        description="Quantize the same float model with intq (a preset) and with torch.ao FX static PTQ "
-        "(x86 qconfig) on the same calibration images; print accuracy, size, latency (batch 1), "
-        "throughput (batch 256) and top-1 agreement with the intq reference executor.")
+        "compare", help="intq against PyTorch's own post-training quantization (torchao pt2e)",
+        description="Quantize the same float model with intq (a preset) and with PyTorch's static PTQ, "
+        "torchao pt2e (X86InductorQuantizer, compiled to int8 kernels by torch.compile; torch.ao FX with "
+        "the x86 qconfig only where pt2e cannot run, said so), on the same calibration images; print "
+        "accuracy, size, latency (batch 1), throughput (batch 256) and top-1 agreement with the intq "
+        "reference executor.")
     _add_model(command)
     _add_config(command)
     command.add_argument("--calib-samples", type=int, default=None,
                          help="calibration images for both, at most all of them (default: 2000, or all when fewer)")
+    command.add_argument("--peer-eager", action="store_true",
+                         help="run the pt2e model without torch.compile: no compile time, but quantize/dequantize "
+                         "around float ops (int8 simulated: its speed is not int8 speed)")
     _add_common(command)
     _add_json(command)
 

@@ -356,13 +356,14 @@ def compare_command(args: argparse.Namespace) -> None:
     samples = checked_count("--calib-samples", args.calib_samples, len(data.train_images), "training images",
                             COMPARE_CALIBRATION_IMAGES)
     result = run_compare(args.model, data, args.cache, config, samples, seed=args.seed, arch=args.arch,
-                         weights=args.weights, preprocessing=inputs.declared)
+                         weights=args.weights, preprocessing=inputs.declared,
+                         compile_peer=not args.peer_eager)
     rows = result["rows"]
     print(f"{result['model']}: {result['calibration_images']:,} calibration images for both; "
           f"{result['test_images']:,} test images")
-    print(f"  {'executor':<34}{'accuracy':>9}{'bytes':>10}{'ms (b1)':>9}{'img/s (b256)':>14}{'top-1 = intq':>14}")
+    print(f"  {'executor':<37}{'accuracy':>9}{'bytes':>10}{'ms (b1)':>9}{'img/s (b256)':>14}{'top-1 = intq':>14}")
     for row in rows:
-        print(f"  {row['executor']:<34}{row['accuracy']:>8.2f}%{row['bytes']:>10,}{row['latency_ms_b1']:>9.2f}"
+        print(f"  {row['executor']:<37}{row['accuracy']:>8.2f}%{row['bytes']:>10,}{row['latency_ms_b1']:>9.2f}"
               f"{row['throughput_b256']:>14,.0f}{row['top1_agreement_with_intq']:>13.2f}%")
     for row in rows:
         if "note" in row:
