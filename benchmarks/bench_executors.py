@@ -52,10 +52,10 @@ def intq_executors(threads: int) -> dict:
     """{row label: executor} for every registered executor but `c` (a program per call: not a kernel to
     time), torch_quantized on both engines, ONNX Runtime on `threads` threads."""
     rows = {"reference": "intq reference", "torch_quantized": "intq on PyTorch kernels", "onnx": "intq on ONNX Runtime",
-            "onnx_exact": "intq on ONNX Runtime, exact"}
+            "onnx_exact": "intq on ONNX Runtime, exact", "onnx_qdq": "intq QDQ on ONNX Runtime"}
     chosen = {rows[name]: executor for name, executor in EXECUTORS.items() if name in rows}
     chosen["intq on PyTorch x86"] = TorchQuantized("x86")
-    for label in ("intq on ONNX Runtime", "intq on ONNX Runtime, exact"):
+    for label in ("intq on ONNX Runtime", "intq on ONNX Runtime, exact", "intq QDQ on ONNX Runtime"):
         chosen[label] = replace(chosen[label], threads=threads)
     return chosen
 

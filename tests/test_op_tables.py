@@ -7,7 +7,7 @@ from intq.workflows import explain
 from intq.graph import model_check
 
 from intq.executors import simulate
-from intq.executors import c_export, onnx_export, reference, torch_quantized
+from intq.executors import c_export, onnx_export, onnx_qdq, reference, torch_quantized
 from intq.graph.integer_model import OP_TYPES, QLayer, Requantizing
 
 WEIGHTED = tuple(op for op in OP_TYPES if issubclass(op, QLayer))
@@ -18,6 +18,7 @@ TABLES = {
     "reference.LOWERING": (reference.LOWERING, OP_TYPES),
     "c_export.LOWERING": (c_export.LOWERING, OP_TYPES),
     "onnx_export.LOWERING": (onnx_export.LOWERING, OP_TYPES),
+    "onnx_qdq.LOWERING": (onnx_qdq.LOWERING, OP_TYPES),
     "torch_quantized.LOWERING": (torch_quantized.LOWERING, OP_TYPES),
     "model_check.CHECKS": (model_check.CHECKS, OP_TYPES),
     "simulate.SIMULATED": (simulate.SIMULATED, REQUANTIZING),
@@ -71,7 +72,7 @@ def test_every_registered_executor_runs_a_model_to_the_same_integers_shape():
     graph, stats = calibrated(NetWithBias().eval(), pixels)
     model = convert(graph, stats, RECOMMENDED)
     reference = run(EXECUTORS["reference"].prepare(model), pixels)
-    assert set(EXECUTORS) == {"reference", "c", "torch_quantized", "onnx", "onnx_exact"}
+    assert set(EXECUTORS) == {"reference", "c", "torch_quantized", "onnx", "onnx_exact", "onnx_qdq"}
     for name, executor in EXECUTORS.items():
         if name == "c" and not (shutil.which("cc") or shutil.which("gcc")):
             continue
@@ -79,4 +80,4 @@ def test_every_registered_executor_runs_a_model_to_the_same_integers_shape():
         assert output.shape == reference.shape and output.dtype == torch.int64, name
         if name in ("reference", "c", "onnx_exact"):
             assert torch.equal(output, reference), name
-        assert (executor.op_steps(model, executor.prepare(model)) is None) == (name in ("reference", "c", "onnx_exact")), name
+        assert (executor.op_steps(model, executor.prepare(model)) is None) == (name in ("reference", "c", "onnx_exact", "onnx_qdq")), name

@@ -209,9 +209,14 @@ def _add_export_onnx(commands) -> None:
         "integers; uint8 values are q + output_offset, a metadata property). Run it with ONNX Runtime.")
     command.add_argument("model_file", metavar="MODEL.npz", type=Path, help="an integer model written by intq")
     command.add_argument("--out", metavar="MODEL.onnx", type=Path, required=True, help="output file")
+    command.add_argument("--format", choices=("qoperator", "qdq"), default="qoperator",
+                         help="qoperator (default): uint8 pixels in, QLinearConv and ONNX Runtime's QLinear ops, the "
+                         "output integers out; qdq: float input preprocessed with the model's mean/std, float ops between "
+                         "QuantizeLinear/DequantizeLinear with intq's scales and zero points (what TensorRT, OpenVINO and "
+                         "ONNX Runtime's tooling consume), float logits out")
     command.add_argument("--exact", action="store_true",
                          help="every conv, linear and add as exact integer ops (ConvInteger, int64 fixed point): "
-                         "bit-exact with intq's reference, slower than QLinearConv")
+                         "bit-exact with intq's reference, slower than QLinearConv (qoperator format only)")
 
 
 def _add_train_quantize_eval(commands) -> None:

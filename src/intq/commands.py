@@ -257,13 +257,22 @@ def export_onnx_command(args: argparse.Namespace) -> None:
 
     _existing_file(args.model_file)
     check_writable(args.out)
+    qdq = getattr(args, "format", "qoperator") == "qdq"
+    if qdq and args.exact:
+        raise argparse.ArgumentTypeError("--exact applies to --format qoperator only (a QDQ graph requantizes in float)")
     model = model_file.load(args.model_file)
-    contents = export_onnx(model, exact=args.exact)
+    if qdq:
+        from intq.executors.onnx_qdq import export_qdq, input_note
+
+        contents = export_qdq(model)
+    else:
+        contents = export_onnx(model, exact=args.exact)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.out, "wb") as handle:
         handle.write(contents)
     channels, height, width = model.input.shape
-    print(f"wrote {args.out} ({len(contents):,} bytes): input `pixels` uint8 (N, {channels}, {height}, {width})")
+    described = input_note(model) if qdq else f"input `pixels` uint8 (N, {channels}, {height}, {width})"
+    print(f"wrote {args.out} ({len(contents):,} bytes): {described}")
 
 
 def train_command(args: argparse.Namespace) -> None:

@@ -127,8 +127,30 @@ class Onnx:
         return None if self.exact else onnx_op_steps(model, _example(model), threads=self.threads)
 
 
+@dataclass(frozen=True)
+class OnnxQdq:
+    """ONNX Runtime on the QDQ export (executors/onnx_qdq.py): float ops between QuantizeLinear and
+    DequantizeLinear, fused by ONNX Runtime into its QLinear kernels; requantizes in float, so not
+    bit-exact. No per-op steps: its ops read float values, so verify compares the whole model only."""
+
+    name: str = "onnx_qdq"
+    setting: str | None = None
+    threads: int | None = None  # ONNX Runtime's intra-op threads (None: its default)
+
+    def prepare(self, model: IntegerModel) -> Forward:
+        from intq.executors.onnx_qdq import QdqModel
+
+        return QdqModel(model, threads=self.threads)
+
+    def notes(self, model: IntegerModel, forward: Forward) -> list[str]:
+        return ["QDQ graph: float ops requantized by QuantizeLinear (round half to even), whole model compared only"]
+
+    def op_steps(self, model: IntegerModel, forward: Forward) -> None:
+        return None
+
+
 EXECUTORS: dict[str, Executor] = {executor.name: executor for executor in
-                                  (Reference(), C(), TorchQuantized(), Onnx(), Onnx(exact=True))}
+                                  (Reference(), C(), TorchQuantized(), Onnx(), Onnx(exact=True), OnnxQdq())}
 
 
 def executor(name: str, engine: str = "onednn") -> Executor:

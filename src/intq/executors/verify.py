@@ -39,9 +39,11 @@ def run_executor(name: str, model: IntegerModel, pixels: torch.Tensor, engine: s
     return output, notes + [per_op_note(rows)], rows
 
 
-# The path every op takes on an executor that is bit-exact by construction.
+# The path every op takes on an executor without per-op steps: bit-exact by construction, or (onnx_qdq)
+# float ops whose inputs are dequantized values, so only its whole output is compared.
 EXACT_PATHS = {"reference": "exact integers (the reference)", "c": "exact integers (generated C)",
-               "onnx_exact": "exact integer subgraph (ONNX Runtime)"}
+               "onnx_exact": "exact integer subgraph (ONNX Runtime)",
+               "onnx_qdq": "QDQ node unit (ONNX Runtime; whole model compared, no per-op check)"}
 
 
 def path_summary(rows: dict[str, dict]) -> list[str]:
