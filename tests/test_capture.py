@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from intq.graph.capture import CaptureError, Conv2d, capture, max_pool, run_float
+from intq.graph.capture import CaptureError, Conv2d, capture, graph_agrees, max_pool, run_float
 from intq.cifar.models import Net
 
 
@@ -86,6 +86,17 @@ def test_view_that_is_not_a_flatten_is_caught():
 
     with pytest.raises(CaptureError, match="BadView.*view/reshape"):
         capture(BadView(), torch.randn(2, 1, 4, 8))
+
+
+def test_graph_agreement_allows_rounding_in_proportion_to_the_output_and_nothing_more():
+    expected = torch.tensor([[1.6, -0.3, 0.0], [0.9, 0.2, -1.1]])
+    assert graph_agrees(expected + 2.3e-4, expected)  # ResNet-50's folded BatchNorm, random weights: 2.3e-4 on 1.6
+    assert not graph_agrees(expected + 0.01, expected)  # a share of the range: a wrong op or view
+    assert not graph_agrees(expected.flip(0), expected)  # rows swapped: the batch mixed up
+    assert not graph_agrees(expected[:, :2], expected)
+    assert not graph_agrees(torch.full_like(expected, float("nan")), expected)
+    tiny = expected * 1e-3  # small logits: the absolute floor, 1e-4, still holds
+    assert graph_agrees(tiny + 5e-5, tiny) and not graph_agrees(tiny + 3e-4, tiny)
 
 
 @pytest.mark.parametrize("kernel, stride, padding", [((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 2), (0, 0)),

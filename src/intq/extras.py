@@ -1,8 +1,8 @@
 """Optional dependencies. The core (capture, convert, the reference executor, the model file) needs
 torch and numpy only; reports need matplotlib (`intq[report]`), the ONNX paths onnx and onnxruntime
 (`intq[onnx]`), reading image folders Pillow (`intq[data]`), reading a user's .safetensors weights
-safetensors (`intq[weights]`), `intq compare`'s torchao pt2e row torchao (`intq[peer]`);
-`intq[all]` brings everything.
+safetensors (`intq[weights]`), `intq compare`'s torchao pt2e row torchao (`intq[peer]`), the model zoo
+torchvision (`intq[zoo]`); `intq[all]` brings everything.
 `require` is called where a part first needs its extra, so a missing one is one clear line."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import importlib
 from types import ModuleType
 
 EXTRAS = {"matplotlib": "report", "onnx": "onnx", "onnxruntime": "onnx", "PIL": "data",
-          "safetensors": "weights", "torchao": "peer"}  # module -> extra
+          "safetensors": "weights", "torchao": "peer", "torchvision": "zoo"}  # module -> extra
 
 
 class MissingExtraError(Exception):

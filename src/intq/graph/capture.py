@@ -299,10 +299,22 @@ def capture(model: nn.Module, example: torch.Tensor, preprocessing: Preprocessin
         except RuntimeError as err:
             raise CaptureError(f"{type(model).__name__}: captured graph fails on the example input ({err}); "
                                f"is every view/reshape a flatten of all but the batch dimension?") from None
-    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
+    if not graph_agrees(got, expected):
         raise CaptureError(f"{type(model).__name__}: captured graph disagrees with the model; "
                            f"is every view/reshape a flatten of all but the batch dimension?")
     return graph
+
+
+def graph_agrees(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Whether the captured graph's float output is the model's up to float32 rounding: the same shape
+    and |got - expected| <= 1e-4 + 1e-4 |expected| + 1e-3 max|expected| elementwise. The last term
+    scales with the output: folding BatchNorm reorders float32 sums, and a deep network amplifies those
+    differences (ResNet-50 with random weights: 2.3e-4 on logits of magnitude 1.6), while a wrong
+    view, op or wiring moves the output by a share of its range, far beyond 1e-3 of it."""
+    if got.shape != expected.shape:
+        return False
+    tolerance = 1e-4 + 1e-4 * expected.abs() + 1e-3 * expected.abs().max()
+    return bool(((got - expected).abs() <= tolerance).all())
 
 
 def _preprocessed(preprocessing: Preprocessing, pixels: torch.Tensor) -> torch.Tensor:
