@@ -25,7 +25,10 @@ except ImportError:
     raise ImportError("tests/test_zoo.py needs torchvision: pip install 'intq[zoo]' (make installs it), or set "
                       "INTQ_ZOO_OPTIONAL=1 to skip the model zoo's tests") from None
 
-from intq.workflows.zoo import EXACT_EXECUTORS, ZOO, measure_zoo_model, zoo_images
+import torch
+import torch.nn as nn
+
+from intq.workflows.zoo import EXACT_EXECUTORS, ZOO, measure_zoo_model, warm_batchnorm, zoo_images
 
 TEST_C_MAX_WEIGHTS = 12_000_000  # ResNet-18's 11 M are compiled; ResNet-50's and VGG's C run in benchmarks/zoo.py
 
@@ -61,3 +64,20 @@ def test_zoo_model_runs_integer_only_bit_exact_on_c_and_onnx_exact(name, images,
         assert "error" not in result, result["error"]
         assert (result["values"], result["differing_share"], result["max_lsb"]) == (2 * 10, 0.0, 0), (executor, result)
     assert row["top1_agreement"] >= row["noise_top1_agreement"] - 0.2, row
+
+
+def test_batchnorm_is_warmed_to_the_average_of_the_batches_statistics_in_eval_mode_otherwise():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 1)
+    model = nn.Sequential(conv, nn.BatchNorm2d(4), nn.Dropout(0.5))
+    batches = [torch.randn(5, 3, 6, 6) * scale + scale for scale in (1.0, 2.0, 3.0)]
+    seen = []
+    model[2].register_forward_hook(lambda module, inputs, output: seen.append(module.training))
+    warm_batchnorm(model, batches)
+    with torch.no_grad():
+        outputs = [conv(batch) for batch in batches]
+    mean = torch.stack([out.mean(dim=(0, 2, 3)) for out in outputs]).mean(dim=0)
+    variance = torch.stack([out.var(dim=(0, 2, 3), unbiased=True) for out in outputs]).mean(dim=0)
+    assert torch.allclose(model[1].running_mean, mean, atol=1e-5)
+    assert torch.allclose(model[1].running_var, variance, rtol=1e-5)
+    assert seen == [False] * 3 and not model.training and not model[1].training  # dropout never on

@@ -26,7 +26,7 @@ from intq.arith.preprocessing import Preprocessing
 from intq.arith.qparams import dequantize
 from intq.executors.encoding import EngineError
 from intq.executors.registry import executor, run
-from intq.executors.verify import compare, layer_differences
+from intq.executors.verify import compare, layer_differences, path_summary
 from intq.extras import require
 from intq.files import ensure_writable_dir
 from intq.graph.capture import CaptureError, capture
@@ -184,8 +184,8 @@ def exact_check(model: IntegerModel, name: str, pixels: torch.Tensor, reference:
 
 def engine_check(model: IntegerModel, name: str, pixels: torch.Tensor, reference: torch.Tensor) -> dict:
     """An engine that requantizes in float, as `intq verify` checks it: each op fed the reference's own
-    inputs (layer_differences; per_op_max_lsb 1 at most near rounding ties), and the whole output
-    (compare); {"error": its one line} when it cannot run here."""
+    inputs (layer_differences; per_op_max_lsb 1 at most near rounding ties; the path each op type took,
+    path_summary), and the whole output (compare); {"error": its one line} when it cannot run here."""
     chosen = executor(name)
     try:
         forward = chosen.prepare(model)
@@ -196,7 +196,7 @@ def engine_check(model: IntegerModel, name: str, pixels: torch.Tensor, reference
     values = sum(row["values"] for row in layers.values())
     return {**compare(reference, output), "per_op_values": values,
             "per_op_differing": sum(row["differing"] for row in layers.values()),
-            "per_op_max_lsb": max(row["max_lsb"] for row in layers.values())}
+            "per_op_max_lsb": max(row["max_lsb"] for row in layers.values()), "paths": path_summary(layers)}
 
 
 def measure_zoo_model(name: str, images: ZooImages, *, out_dir: Path, num_classes: int = 1000, seed: int = 0,
@@ -209,7 +209,8 @@ def measure_zoo_model(name: str, images: ZooImages, *, out_dir: Path, num_classe
     and each of `executors` against the reference on images.exact (exact_check for c and onnx_exact,
     engine_check for the engines; `c` only up to `c_max_weights`). A capture or conversion intq refuses gives {"model", "refused": one line}."""
     size = tuple(images.calibration.shape[2:])
-    row: dict = {"model": name, "input": [3, *size], "num_classes": num_classes}
+    row: dict = {"model": name, "input": [3, *size], "num_classes": num_classes,
+                 "calibration_images": len(images.calibration)}
     model = zoo_model(name, num_classes=num_classes, seed=seed)
     row["float_parameters"] = sum(parameter.numel() for parameter in model.parameters())
     warm_batchnorm(model, float_batches(images.calibration, IMAGENET))
