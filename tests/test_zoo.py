@@ -38,8 +38,6 @@ NEEDS = {  # architecture -> the op intq does not capture yet
     "efficientnet_b0": "QMul (squeeze-and-excitation)",
     "regnet_y_400mf": "QMul (squeeze-and-excitation)",
     "shufflenet_v2_x1_0": "chunk and channel shuffle",
-    "squeezenet1_1": "MaxPool2d(ceil_mode=True)",
-    "vgg11_bn": "AdaptiveAvgPool2d from 1x1 to 7x7",
 }
 MODELS = [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=f"needs {NEEDS[name]} (issue 13)"))
           if name in NEEDS else name for name in ZOO]
