@@ -117,15 +117,20 @@ def main() -> None:
                       "total_s": time.perf_counter() - started,
                       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
         print(f"{name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-    ordered = [rows[name] for name in ZOO if name in rows]
+        table = write_results(out, [rows[model] for model in ZOO if model in rows], images, args)  # after each model
+    print(table)
+
+
+def write_results(out: Path, rows: list[dict], images, args: argparse.Namespace) -> str:
+    """OUT/zoo.json and OUT/zoo.md for `rows`; returns the Markdown table."""
     summary = {"command": "benchmarks/zoo.py " + shlex.join(sys.argv[1:]), "machine": machine(),
                "images": images.source, "size": args.size, "calibration_images": len(images.calibration),
-               "evaluation_images": len(images.evaluation), "executor_images": len(images.exact), "rows": ordered}
-    table = markdown_table(ordered)
+               "evaluation_images": len(images.evaluation), "executor_images": len(images.exact), "rows": rows}
+    table = markdown_table(rows)
     write_json(out / "zoo.json", summary)
     atomic_write_text(out / "zoo.md", f"{summary['command']}\n\n{summary['machine']}; {summary['images']}, "
                                       f"{args.size}x{args.size}\n\n{table}")
-    print(table)
+    return table
 
 
 if __name__ == "__main__":
