@@ -30,7 +30,8 @@ class CliResult:
 
 def run_cli(argv: list[str]) -> CliResult:
     """Run the real `intq` entry point in-process; asserts the answer is never a traceback and that
-    a failure is exactly one line on stderr starting with 'intq: error:'."""
+    a failure is exactly one line on stderr starting with 'intq: error:', the last one (progress
+    messages logged before it share stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -41,5 +42,6 @@ def run_cli(argv: list[str]) -> CliResult:
     assert "Traceback" not in result.err and "Traceback" not in result.out, result.err
     if code != 0 and "usage:" not in result.err:
         lines = [line for line in result.err.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("intq: error:"), result.err
+        errors = [line for line in lines if line.startswith("intq: error:")]
+        assert len(errors) == 1 and lines[-1] == errors[0], result.err
     return result

@@ -192,8 +192,9 @@ def test_sigterm_mid_sweep_keeps_the_previous_report_and_leaves_no_staging(tiny,
     out.mkdir()
     (out / "sweep.json").write_text("previous report")
     (out / f".staging-{DEAD_PID}-killed").mkdir()  # a killed run's leftover
+    # -q: stderr holds only the errors
     code, err = run_until_killed("intq.report.sweep_report", "write_sweep_report",
-                                 ["sweep", "--model", str(root / "net.npz"), "--methods", "minmax", "--wbits", "8",
+                                 ["-q", "sweep", "--model", str(root / "net.npz"), "--methods", "minmax", "--wbits", "8",
                                   "--abits", "8", "--out", str(out), *common], tmp_path)
     assert code == 143, err
     assert err.strip().splitlines() == ["intq: interrupted; no output was written"]
@@ -204,7 +205,7 @@ def test_sigterm_after_quantize_saved_says_what_it_wrote(tiny, tmp_path):
     root, common = tiny
     out = tmp_path / "net-int.npz"
     code, err = run_until_killed("intq.workflows.checkpoints", "integer_accuracy",
-                                 ["quantize", str(root / "net.npz"), "--arch", "Net", "--out", str(out), *common],
+                                 ["-q", "quantize", str(root / "net.npz"), "--arch", "Net", "--out", str(out), *common],
                                  tmp_path)
     assert code == 143, err
     assert err.strip().splitlines() == [f"intq: interrupted; wrote {out}; nothing else was written"]

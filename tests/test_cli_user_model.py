@@ -56,7 +56,7 @@ def test_quantize_eval_verify_export_on_a_user_model_and_folder(user, tmp_path):
     out = tmp_path / "m.npz"
     result = _quantize(user, "--out", out, "--json", tmp_path / "q.json")
     assert result.code == 0, result.err
-    assert "x = (p/255 - mean)/std, mean 0.45, std 0.22" in result.out and "on 16 test images" in result.out
+    assert "x = (p/255 - mean)/std, mean 0.45, std 0.22" in result.err and "on 16 test images" in result.out
     from intq.graph.model_file import load
     model = load(out)
     assert model.input.shape == (1, 20, 20) and model.input.preprocessing.mean == (0.45,)

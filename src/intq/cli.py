@@ -8,9 +8,11 @@ one workflow and prints its results) and turns what escapes into an exit status 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -187,6 +189,7 @@ def _add_explain(commands) -> None:
     command.add_argument("--index", required=True, help="output element: C,Y,X for a conv, C for a linear layer")
     _add_common(command)
     _add_inputs(command, weights=False)
+    _add_json(command)
 
 
 def _add_export_c(commands) -> None:
@@ -229,6 +232,7 @@ def _add_train_quantize_eval(commands) -> None:
     train.add_argument("--lr", type=float, default=0.1, help="peak learning rate (default: 0.1)")
     train.add_argument("--out", metavar="FILE", type=Path, default=None, help="checkpoint (default: runs/<arch>/<arch>.npz)")
     _add_common(train)
+    _add_json(train)
     quantize = commands.add_parser("quantize", help="quantize a float model to an integer model",
                                    description="Calibrate on training images, convert to an IntegerModel (.npz), and "
                                    "report float and integer-only test accuracy (when the data has a test split). "
@@ -283,10 +287,22 @@ def _add_compare(commands) -> None:
     _add_json(command)
 
 
+def _add_verbosity(command, default) -> None:
+    """-v/--verbose and -q/--quiet. The root parser holds the defaults; each command takes them too
+    (default SUPPRESS, so that `intq -q eval ...` is not undone by eval's own default)."""
+    group = command.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", default=default(False),
+                       help="also show debug detail: timings, file paths")
+    group.add_argument("-q", "--quiet", action="store_true", default=default(False),
+                       help="show only the results and errors: no progress messages, no progress bars")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
-        prog="intq", description="Post-training quantization of PyTorch CNNs to integer-only inference.")
+        prog="intq", description="Post-training quantization of PyTorch CNNs to integer-only inference. "
+        "Results go to stdout; progress messages and bars (on a terminal) to stderr.")
     root.add_argument("--version", action="version", version=f"intq {__version__}")
+    _add_verbosity(root, lambda value: value)
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(commands)
     _add_sweep(commands)
@@ -297,6 +313,8 @@ def parser() -> argparse.ArgumentParser:
     _add_export_onnx(commands)
     _add_train_quantize_eval(commands)
     _add_compare(commands)
+    for command in commands.choices.values():
+        _add_verbosity(command, lambda value: argparse.SUPPRESS)
     return root
 
 
@@ -342,12 +360,39 @@ def interrupted_message(written: list[Path], cache: Path | None) -> str:
     return f"interrupted; wrote {shown}; nothing else was written"
 
 
+class _MessageFormat(logging.Formatter):
+    """Progress messages as they are; warnings as 'intq: warning: ...'; debug detail as 'debug: ...'."""
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"intq: warning: {message}"
+        return f"debug: {message}" if record.levelno < logging.INFO else message
+
+
+@contextmanager
+def _logging_to_stderr(args: argparse.Namespace) -> Iterator[None]:
+    """While a command runs, the `intq` logger writes to stderr: INFO (progress messages, and bars
+    on a terminal), DEBUG under -v, WARNING under -q. The previous setup is restored after."""
+    logger = logging.getLogger("intq")
+    level, handlers, propagate = logger.level, logger.handlers[:], logger.propagate
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_MessageFormat())
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.setLevel(level)  # setLevel, not .level =: it clears the loggers' cached isEnabledFor answers
+        logger.handlers[:], logger.propagate = handlers, propagate
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit status: 0 done; 2 a user error (one line naming the file, option or
     layer); 130 interrupted by SIGINT, 143 by SIGTERM (both clean up alike and say what was
     written); 1 an internal error (one line; INTQ_DEBUG=1 re-raises it with its traceback)."""
-    args = parser().parse_args(argv)
-    with recording_writes() as written:
+    args, start = parser().parse_args(argv), time.perf_counter()
+    with _logging_to_stderr(args), recording_writes() as written:
         try:
             with _sigterm_as_interrupt():
                 COMMANDS[args.command](args)
@@ -364,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"intq: internal error: {type(err).__name__}: {first} (please report; INTQ_DEBUG=1 shows "
                   "the traceback)", file=sys.stderr)
             return 1
+        logging.getLogger("intq.cli").debug(f"intq {args.command} took {time.perf_counter() - start:.2f} s")
     return 0
 
 

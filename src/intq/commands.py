@@ -7,6 +7,7 @@ the results. A bad argument is an argparse.ArgumentTypeError: one line, exit sta
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from intq.workflows.sweep import CALIBRATION_IMAGES, SweepCell, SweepOptions, ce
 from intq.cifar.train import ClassifierRecipe
 from intq.executors.verify import path_summary, verify
 
+_log = logging.getLogger(__name__)  # progress messages and debug detail; results are printed to stdout
 COMPARE_CALIBRATION_IMAGES = 2000  # compare's default calibration subset
 GOLDEN_IMAGES = 4  # export-c's default golden test images
 
@@ -114,8 +116,11 @@ def _range_method(option: str, text: str) -> None:
 
 def _dataset(args: argparse.Namespace, inputs: InputOptions = InputOptions()):
     """CIFAR-10 or the user's image folder from --data via --cache, its progress (decoding, a corrupt
-    cache rebuilt) on stdout."""
-    return load_data(args.data, args.cache, inputs, progress=print)
+    cache rebuilt) logged."""
+    _log.debug(f"data {args.data or './data'}, cache {args.cache}")
+    data = load_data(args.data, args.cache, inputs, progress=_log.info)
+    _log.debug(f"data: {len(data.train_images):,} training and {len(data.test_images):,} test images from {data.source}")
+    return data
 
 
 def _numbers(option: str, words: list[str] | None, kind=float) -> tuple | None:
@@ -159,6 +164,13 @@ def _model_data(args: argparse.Namespace, model: IntegerModel, split: str = "tes
                                          f"({model.input.preprocessing.describe()})")
     data = _dataset(args, inputs_for(model, inputs))
     return data, check_data_fits(data, model, split)
+
+
+def _load_model(path: Path) -> IntegerModel:
+    """The integer model in `path` ('no such file' when there is none)."""
+    model = model_file.load(_existing_file(path))
+    _log.debug(f"integer model {path}: {len(model.layers)} ops, input {model.input.shape}")
+    return model
 
 
 def run_command(args: argparse.Namespace) -> None:
@@ -224,27 +236,32 @@ def inspect_command(args: argparse.Namespace) -> None:
 
 
 def explain_command(args: argparse.Namespace) -> None:
+    json_target = _json_target(args)
     try:
         index = tuple(int(part) for part in args.index.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--index: expected integers like 2,10,5, got {args.index!r}") from None
-    model = model_file.load(_existing_file(args.model_file))
+    model = _load_model(args.model_file)
     data, _ = _model_data(args, model)
     if not 0 <= args.image < len(data.test_images):
         raise argparse.ArgumentTypeError(f"--image {args.image}: the test set has {len(data.test_images)} images")
     graph = cached_float_graph(model, data, args.cache)
     result = explain(model, data.test_images[args.image], args.layer, index, graph)
-    print(f"test image {args.image} (label {data.classes[int(data.test_labels[args.image])]}), {args.model_file}")
+    label = data.classes[int(data.test_labels[args.image])]
+    print(f"test image {args.image} (label {label}), {args.model_file}")
     print("\n".join(result.lines))
     if graph is None:
         print("float model              = unavailable (its trained weights are not in the cache)")
+    _save_json(json_target, {"model_file": str(args.model_file), "layer": args.layer, "index": list(index),
+                             "image": args.image, "label": label, "lines": result.lines,
+                             "float_model": graph is not None})
 
 
 def export_c_command(args: argparse.Namespace) -> None:
     _at_least("--images", args.images, 1)
     _existing_file(args.model_file)
     check_writable(args.out, folder=True)
-    model = model_file.load(args.model_file)
+    model = _load_model(args.model_file)
     _, test_images = _model_data(args, model)
     images = checked_count("--images", args.images, len(test_images), "test images", GOLDEN_IMAGES)
     written = export_c(model, test_images[:images], args.out)
@@ -260,7 +277,7 @@ def export_onnx_command(args: argparse.Namespace) -> None:
     qdq = getattr(args, "format", "qoperator") == "qdq"
     if qdq and args.exact:
         raise argparse.ArgumentTypeError("--exact applies to --format qoperator only (a QDQ graph requantizes in float)")
-    model = model_file.load(args.model_file)
+    model = _load_model(args.model_file)
     if qdq:
         from intq.executors.onnx_qdq import export_qdq, input_note
 
@@ -281,9 +298,12 @@ def train_command(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise argparse.ArgumentTypeError(f"--lr must be a finite number above 0, got {args.lr}")
     out = check_writable(args.out or Path("runs") / args.arch / f"{args.arch}.npz")  # before an hour of training
+    json_target = _json_target(args)
     recipe = ClassifierRecipe(args.epochs, args.batch_size, args.lr)
-    result = train_architecture(args.arch, _dataset(args), recipe, args.seed, out)
+    result = train_architecture(args.arch, _dataset(args), recipe, args.seed, out, log=_log.info)
     print(f"checkpoint {out}; {result['seconds']:.0f} s; test accuracy {result['history'][-1]['test_accuracy']:.2f}%")
+    _save_json(json_target, {"arch": args.arch, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                             "seed": args.seed, **result})
 
 
 def _json_target(args: argparse.Namespace) -> Path | None:
@@ -295,6 +315,7 @@ def _save_json(target: Path | None, figures: dict) -> None:
     """The command's figures as JSON (atomically), when --json asked for them."""
     if target is not None:
         write_json(target, figures)
+        _log.debug(f"figures written to {target}")
 
 
 def quantize_command(args: argparse.Namespace) -> None:
@@ -314,7 +335,7 @@ def quantize_command(args: argparse.Namespace) -> None:
     samples = checked_count("--calib-samples", args.calib_samples, len(data.train_images), "training images",
                             config.calibration_samples or CALIBRATION_IMAGES)  # the study preset's own 400
     name, model = load_float_model(spec, data, args.cache, seed=args.seed, arch=args.arch, weights=args.weights)
-    print(f"{name}: input {data.image_shape} images, {inputs.describe()}; calibrating on {samples:,} images")
+    _log.info(f"{name}: input {data.image_shape} images, {inputs.describe()}; calibrating on {samples:,} images")
     metadata = ({"model": args.arch, "checkpoint": str(args.checkpoint)[:1024]} if args.checkpoint else
                 {"model": name, "seed": args.seed} if spec in MODELS else  # explain finds its cached weights
                 {"model": spec[:1024], "weights": str(args.weights)[:1024]})
@@ -330,7 +351,7 @@ def quantize_command(args: argparse.Namespace) -> None:
 
 def eval_command(args: argparse.Namespace) -> None:
     json_target = _json_target(args)
-    model = model_file.load(_existing_file(args.model_file))
+    model = _load_model(args.model_file)
     data, test_images = _model_data(args, model)
     accuracy = integer_accuracy(model, data)
     print(f"{args.model_file}: integer-only test accuracy {accuracy:.2f}% on {len(test_images):,} images")
@@ -341,7 +362,7 @@ def eval_command(args: argparse.Namespace) -> None:
 def verify_command(args: argparse.Namespace) -> None:
     json_target = _json_target(args)
     _at_least("--images", args.images, 1)
-    model = model_file.load(_existing_file(args.model_file))
+    model = _load_model(args.model_file)
     _, test_images = _model_data(args, model)
     pixels = test_images[: checked_count("--images", args.images, len(test_images), "test images")]
     rows = verify(model, pixels, _words(args.executors), args.engine)

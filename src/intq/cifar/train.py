@@ -11,6 +11,7 @@ recipe and training runs with exactly that many threads, whatever the caller's s
 """
 from __future__ import annotations
 
+import logging
 import hashlib
 import zipfile
 import json
@@ -26,6 +27,9 @@ import torch.nn.functional as F
 
 from intq.cifar.data import normalize
 from intq.files import array_sha256, atomic_write
+from intq.progress import progress
+
+_log = logging.getLogger(__name__)  # progress messages; the command line routes them to stderr
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,7 @@ def train(
     labels: torch.Tensor,
     recipe: Recipe,
     seed: int,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = _log.info,
 ) -> list[tuple[int, int, float]]:
     """Train in place with the recipe; returns the (epoch, mini-batch, mean loss) lines it logged.
 
@@ -120,7 +124,7 @@ def _train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe:
         order = torch.randperm(images.shape[0], generator=generator)
         shuffled_images, shuffled_labels = images[order], labels[order]
         running = torch.zeros((), device=images.device)
-        for step in range(steps):
+        for step in progress(range(steps), f"training epoch {epoch}/{recipe.epochs}"):
             batch = slice(step * recipe.batch_size, (step + 1) * recipe.batch_size)
             optimizer.zero_grad()
             loss = F.cross_entropy(model(shuffled_images[batch]), shuffled_labels[batch])
@@ -139,7 +143,8 @@ def _train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe:
 def predict(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """argmax class of every image, in batches; `forward` maps a batch to scores."""
     with torch.no_grad():
-        return torch.cat([forward(images[i : i + batch_size]).argmax(dim=1) for i in range(0, len(images), batch_size)])
+        starts = progress(range(0, len(images), batch_size), "evaluating")
+        return torch.cat([forward(images[i : i + batch_size]).argmax(dim=1) for i in starts])
 
 
 def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
@@ -215,7 +220,7 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe: ClassifierRecipe,
-                     seed: int, log: Callable[[str], None] = print,
+                     seed: int, log: Callable[[str], None] = _log.info,
                      evaluate: Callable[[], float] | None = None) -> list[dict]:
     """Train on uint8 `images` with the recipe; returns per-epoch {epoch, loss, test_accuracy, threads}.
 
@@ -244,7 +249,7 @@ def _train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     for epoch in range(1, recipe.epochs + 1):
         model.train()
         order, total = torch.randperm(len(images), generator=generator), 0.0
-        for step in range(steps_per_epoch):
+        for step in progress(range(steps_per_epoch), f"training epoch {epoch}/{recipe.epochs}"):
             index = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
             optimizer.zero_grad()
             loss = F.cross_entropy(model(augment(normalize(images[index]), generator)), labels[index])

@@ -17,6 +17,7 @@ import torch
 
 from intq.executors.reference import run_integer
 from intq.graph.integer_model import IntegerModel
+from intq.progress import progress
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -32,9 +33,9 @@ class Executor(Protocol):
     def op_steps(self, model: IntegerModel, forward: Forward) -> list[tuple] | None: ...
 
 
-def run(forward: Forward, pixels: torch.Tensor, batch: int = 1000) -> torch.Tensor:
-    """forward over `pixels` in batches, outputs as (N, outputs) int64."""
-    outputs = [forward(pixels[i : i + batch]) for i in range(0, len(pixels), batch)]
+def run(forward: Forward, pixels: torch.Tensor, batch: int = 1000, what: str = "running") -> torch.Tensor:
+    """forward over `pixels` in batches, outputs as (N, outputs) int64; a progress bar labelled `what`."""
+    outputs = [forward(pixels[i : i + batch]) for i in progress(range(0, len(pixels), batch), what)]
     return torch.cat([out.to(torch.int64).reshape(len(out), -1) for out in outputs])
 
 

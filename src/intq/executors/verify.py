@@ -12,6 +12,7 @@ from intq.executors.reference import run_integer
 from intq.executors.registry import EXECUTORS as REGISTRY
 from intq.executors.registry import executor, run
 from intq.graph.integer_model import IntegerModel
+from intq.progress import progress
 
 EXECUTORS = tuple(name for name in REGISTRY if name != "reference")  # what verify checks by default
 
@@ -27,7 +28,7 @@ def run_executor(name: str, model: IntegerModel, pixels: torch.Tensor, engine: s
     chosen = executor(name, engine)
     try:
         forward = chosen.prepare(model)
-        output = run(forward, pixels)
+        output = run(forward, pixels, what=f"verify {name}")
         notes, steps = chosen.notes(model, forward), chosen.op_steps(model, forward)
     except EngineError as err:
         raise VerifyError(str(err)) from None
@@ -73,7 +74,7 @@ def layer_differences(model: IntegerModel, steps: list[tuple], pixels: torch.Ten
     step's own `path`: a kernel, or the exact integers where the engine has none)."""
     totals = {op.name: {"type": type(op).__name__, "path": getattr(step, "path", "engine"),
                         "values": 0, "differing": 0, "max_lsb": 0} for op, step in steps}
-    for start in range(0, len(pixels), batch):
+    for start in progress(range(0, len(pixels), batch), "verify per op"):
         values = {}
         run_integer(model, pixels[start : start + batch], visit=lambda name, q: values.__setitem__(name, q))
         for op, step in steps:
@@ -107,9 +108,9 @@ def verify(model: IntegerModel, pixels: torch.Tensor, executors: tuple[str, ...]
     unknown = [name for name in executors if name not in REGISTRY]
     if unknown:
         raise VerifyError(f"unknown executor {', '.join(map(repr, unknown))}; available: {', '.join(EXECUTORS)}")
-    reference = run(REGISTRY["reference"].prepare(model), pixels)
+    reference = run(REGISTRY["reference"].prepare(model), pixels, what="verify reference")
     results = {}
-    for name in executors:
+    for name in progress(executors, "verify"):
         output, notes, ops = run_executor(name, model, pixels, engine)
         row = compare(reference, output)
         results[name] = {**row, "max_real": row["max_lsb"] * float(model.output_qparams().scale), "notes": notes,

@@ -6,6 +6,7 @@ integer models are IntegerModel .npz. The float -> integer steps are the pipelin
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from intq.executors.reference import run_integer
 from intq.workflows.pipeline import build, calibration_images, quantize_model
 from intq.cifar.train import ClassifierRecipe, accuracy, predict, save_weights, train_classifier
 
+_log = logging.getLogger(__name__)  # progress messages; the command line routes them to stderr
+
 
 def float_accuracy(model: torch.nn.Module, data: Dataset, preprocessing: Preprocessing = STUDY_PREPROCESSING) -> float:
     """Top-1 of the float model on the test images, preprocessed as it expects, 500 at a time."""
@@ -30,7 +33,7 @@ def integer_accuracy(model: IntegerModel, data: Dataset) -> float:
     return accuracy(predict(lambda p: run_integer(model, p), data.test_images, 500), data.test_labels)
 
 
-def train_architecture(arch: str, data: Dataset, recipe: ClassifierRecipe, seed: int, out: Path, log=print) -> dict:
+def train_architecture(arch: str, data: Dataset, recipe: ClassifierRecipe, seed: int, out: Path, log=_log.info) -> dict:
     """Train `arch` from a seeded initialisation, save the checkpoint, return the history."""
     torch.manual_seed(seed)
     model = build(arch)

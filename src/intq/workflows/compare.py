@@ -24,6 +24,7 @@ from intq.graph.integer_model import IntegerModel
 from intq.workflows.pipeline import calibration_images, quantize_model
 from intq.workflows.subject import load_float_model
 from intq.cifar.train import accuracy, predict
+from intq.progress import progress
 
 
 INTQ_ROWS = {"reference": "intq reference (integer)", "torch_quantized": "intq on PyTorch kernels (onednn)",
@@ -58,7 +59,7 @@ def compare(model: torch.nn.Module, integer: IntegerModel, integer_bytes: int, d
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name, (forward, size, notes) in runners.items():
+        for name, (forward, size, notes) in progress(runners.items(), "compare"):
             predicted = predict(forward, data.test_images, PREDICT_BATCH)
             rows.append({"executor": name, "accuracy": accuracy(predicted, data.test_labels), "bytes": size,
                          "top1_agreement_with_intq": accuracy(predicted, reference),

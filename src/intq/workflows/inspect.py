@@ -6,6 +6,7 @@ the observed accumulator against its proven bound and the int32 limit.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from intq.workflows.pipeline import calibration_images, quantize_model
 from intq.workflows.subject import InputOptions, load_data, load_float_model
 from intq.workflows.study import activation_summary, clip_ranges, representable_range
 from intq.workflows.sweep import checked_count
+
+_log = logging.getLogger(__name__)  # progress messages; the command line routes them to stderr
 
 DIAGNOSED_IMAGES = 1000
 
@@ -88,7 +91,7 @@ def layer_rows(graph: Graph, model: IntegerModel, pixels: torch.Tensor) -> list[
     return rows
 
 
-def run_inspect(options: InspectOptions, log=print, render: Callable[[dict, Path], None] | None = None) -> dict:
+def run_inspect(options: InspectOptions, log=_log.info, render: Callable[[dict, Path], None] | None = None) -> dict:
     """Calibrate, convert with options.config, diagnose on test images; write inspect.json, and the
     report through `render(results, folder)` (cli: diagnostics_report.write_inspect_report)."""
     start = time.perf_counter()

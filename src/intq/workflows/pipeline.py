@@ -13,6 +13,7 @@ writes outputs or reports; the weights cache is the only file it touches.
 """
 from __future__ import annotations
 
+import logging
 import hashlib
 import zipfile
 import zlib
@@ -32,7 +33,10 @@ from intq.files import remove_stale_temporaries
 from intq.graph.integer_model import IntegerModel
 from intq.cifar.models import ARCHITECTURES, MODELS
 from intq.calibrate.observers import TensorStats
+from intq.progress import progress
 from intq.cifar.train import Recipe, load_weights, save_weights, train, weights_key
+
+_log = logging.getLogger(__name__)  # progress messages; the command line routes them to stderr
 
 CALIBRATION_BATCH = 1000  # images per float batch of the statistics pass
 
@@ -71,8 +75,8 @@ def data_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
 
 
 def model_log(name: str) -> Callable[[str], None]:
-    """A progress line printer prefixed with the model's name (worker processes interleave lines)."""
-    return lambda line: print(f"[{name}] {line}", flush=True)
+    """A progress message logger prefixed with the model's name (worker processes interleave lines)."""
+    return lambda line: _log.info(f"[{name}] {line}")
 
 
 def weights_path(name: str, recipe: Recipe, seed: int, train_images: torch.Tensor, train_labels: torch.Tensor,
@@ -140,7 +144,8 @@ def capture_graph(model: torch.nn.Module, pixels: torch.Tensor, device: str = "c
 def statistics(graph: Graph, pixels: torch.Tensor, device: str = "cpu") -> dict[str, TensorStats]:
     """One streaming pass over uint8 `pixels`, preprocessed batch by batch with the graph's
     preprocessing (collect_statistics)."""
-    batches = (pixels[start : start + CALIBRATION_BATCH].to(device) for start in range(0, len(pixels), CALIBRATION_BATCH))
+    starts = progress(range(0, len(pixels), CALIBRATION_BATCH), "calibrating")
+    batches = (pixels[start : start + CALIBRATION_BATCH].to(device) for start in starts)
     return collect_statistics(graph, batches)
 
 

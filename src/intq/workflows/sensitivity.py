@@ -8,6 +8,7 @@ not used for calibration); the test set only reports the result.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from intq.workflows.pipeline import Calibrated, calibrated
 from intq.workflows.subject import InputOptions, load_data, load_float_model
 from intq.workflows.sweep import SweepCell, cell_config
 from intq.cifar.train import accuracy, predict
+
+_log = logging.getLogger(__name__)  # progress messages; the command line routes them to stderr
 
 BIT_LADDER = (8, 6, 4, 3, 2)
 VALIDATION_IMAGES = 5000
@@ -80,7 +83,7 @@ def sensitivity_rows(evaluator: Evaluator, bits: int) -> list[dict]:
     return sorted(rows, key=lambda row: row["only_this_layer"])
 
 
-def greedy_mixed_precision(evaluator: Evaluator, floor: float, log=print) -> tuple[dict[str, int], float]:
+def greedy_mixed_precision(evaluator: Evaluator, floor: float, log=_log.info) -> tuple[dict[str, int], float]:
     """Lower one layer one rung of BIT_LADDER at a time, always the move that keeps the most
     validation accuracy (ties: the most bits saved), while accuracy stays >= floor."""
     layer_bits = {name: BIT_LADDER[0] for name in evaluator.layers}
@@ -107,7 +110,7 @@ def split_indices(count: int, calibration: int, seed: int) -> tuple[torch.Tensor
     return order[: min(calibration, count - validation)], order[count - validation :]
 
 
-def run_sensitivity(options: SensitivityOptions, log=print, render: Callable[[dict, Path], None] | None = None) -> dict:
+def run_sensitivity(options: SensitivityOptions, log=_log.info, render: Callable[[dict, Path], None] | None = None) -> dict:
     """Sensitivity table, greedy mixed precision, and the chosen model, written to options.out_dir
     with sensitivity.json; the report through `render(results, folder)` (None: no report)."""
     start = time.perf_counter()

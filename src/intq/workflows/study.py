@@ -7,6 +7,7 @@ the integer models, and the caller's `render` writes the report into the same st
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import time
@@ -36,6 +37,9 @@ from intq.workflows.pipeline import Calibrated, calibrated, calibration_images, 
 from intq.arith.qparams import QParams
 from intq.executors.simulate import fake_quant_weights, layer_agreement
 from intq.cifar.train import Recipe, accuracy, predict
+from intq.progress import start_worker_logging, worker_log_level
+
+_log = logging.getLogger(__name__)  # progress messages; the command line routes them to stderr
 
 PUBLISHED = [  # the study's own figures: original CIFAR-10, on a GPU
     {"model": "Net", "stage": "float", "accuracy": 53.22},
@@ -269,7 +273,8 @@ def run_models(options: StudyOptions, staging: Path) -> dict[str, dict]:
     """Both models at once, one process each (the two trainings share the two cores)."""
     jobs = [ModelJob(name, options.data_dir, str(options.cache_dir), str(staging), options.seed,
                      options.device, options.calib_samples) for name in MODELS]
-    with ProcessPoolExecutor(max_workers=len(jobs), mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=len(jobs), mp_context=get_context("spawn"), initializer=start_worker_logging,
+                             initargs=(worker_log_level(),)) as pool:
         return dict(zip(MODELS, pool.map(run_model, jobs)))
 
 
@@ -282,7 +287,7 @@ def check_options(options: StudyOptions) -> None:
         raise StudyError(f"--calib-samples {options.calib_samples}: must be at least 1")
 
 
-def run_study(options: StudyOptions, log=print, render: Callable[[dict, Path], None] | None = None) -> dict:
+def run_study(options: StudyOptions, log=_log.info, render: Callable[[dict, Path], None] | None = None) -> dict:
     """Run the study; write results.json and the integer models into options.out_dir, and the
     report through `render(results, folder)` (cli passes report.write_report; None: no report).
 

@@ -6,6 +6,7 @@ process per core.
 """
 from __future__ import annotations
 
+import logging
 import itertools
 import os
 import time
@@ -29,6 +30,9 @@ from intq.workflows.checkpoints import float_accuracy as float_model_accuracy
 from intq.workflows.pipeline import Calibrated, calibrated, calibration_images
 from intq.workflows.subject import InputOptions, load_data, load_float_model
 from intq.cifar.train import accuracy, predict
+from intq.progress import progress
+
+_log = logging.getLogger(__name__)  # progress messages; the command line routes them to stderr
 
 METHODS = ("minmax", "nsigma", "percentile", "mse", "entropy")
 WEIGHT_BITS = (8, 6, 4, 3, 2)
@@ -173,20 +177,20 @@ def evaluate_cell(cell: SweepCell) -> dict:
 
 
 def evaluate_cells(cells: list[SweepCell], calibration: Calibrated, pixels: torch.Tensor,
-                   labels: torch.Tensor, layer_bits: tuple = (), log=print) -> list[dict]:
+                   labels: torch.Tensor, layer_bits: tuple = (), log=_log.info) -> list[dict]:
     """Every cell, on one worker process per core; rows come back in cell order."""
     workers = max(1, min(os.cpu_count() or 1, len(cells)))
     rows = []
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_worker,
                              initargs=(calibration, pixels, labels, layer_bits)) as pool:
-        for index, row in enumerate(pool.map(evaluate_cell, cells), 1):
+        for index, row in enumerate(progress(pool.map(evaluate_cell, cells), "sweep", len(cells)), 1):
             shown = "error" if row["accuracy"] is None else f"{row['accuracy']:.2f}%"
             log(f"[{index}/{len(cells)}] {row['method']} {row['granularity']} W{row['wbits']}A{row['abits']}: {shown}")
             rows.append(row)
     return rows
 
 
-def run_sweep(options: SweepOptions, log=print, render: Callable[[dict, Path], None] | None = None) -> dict:
+def run_sweep(options: SweepOptions, log=_log.info, render: Callable[[dict, Path], None] | None = None) -> dict:
     """Run the grid and write sweep.json into options.out_dir, and the report (sweep.html/.md and
     sweep.png from cli's sweep_report.write_sweep_report) through `render(results, folder)`.
 
