@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from intq.workflows.zoo import EXACT_EXECUTORS, ZOO, measure_zoo_model, warm_batchnorm, zoo_images
 
-TEST_C_MAX_WEIGHTS = 12_000_000  # ResNet-18's 11 M are compiled; ResNet-50's and VGG's C run in benchmarks/zoo.py
+TEST_C_MAX_WEIGHTS = 6_000_000  # the MobileNets, EfficientNet-B0, RegNet, ShuffleNet, SqueezeNet, MNASNet; the ResNets' and VGG's C (their ops are tested in C elsewhere) run in benchmarks/zoo.py
 
 
 @pytest.fixture(scope="module")
