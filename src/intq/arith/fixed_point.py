@@ -12,7 +12,6 @@ on CPUs without a 64-bit integer vector multiply and arithmetic shift (AVX2).
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import numpy as np
 import torch
@@ -209,27 +208,3 @@ def requantize_float64_to(products: torch.Tensor, multiplier: torch.Tensor, offs
     if lower < 0:
         raise ValueError(f"truncation is the floor only for non-negative values; lower bound {lower}")
     return torch.addcmul(offset, products, multiplier).clamp_(lower, upper).to(dtype)
-
-
-def non_negative_offset(dtype: torch.dtype, lower: int) -> int | None:
-    """K with lower + K >= 0 whose q + K converts back to q in one cheap step: 0 when lower >= 0; 128
-    for int8 (q + 128 as uint8 is q's int8 bit pattern with the top bit flipped); None otherwise."""
-    if lower >= 0:
-        return 0
-    return 128 if dtype == torch.int8 else None
-
-
-def requantize_in_float64(products: torch.Tensor, constants: Callable[[int], tuple | None], lower: int, upper: int,
-                          dtype: torch.dtype) -> torch.Tensor | None:
-    """clamp(floor(c + p M), lower, upper) as `dtype` (eq. 24) from integer-valued float products, with
-    constants(K) the (M, c) of the output q + K, or None where eq. 24 is not proven for them: on q + K >= 0
-    (K from non_negative_offset) by clamping and truncating (fixed_point.requantize_float64_to), else
-    with an explicit floor; None when neither is proven."""
-    offset = non_negative_offset(dtype, lower)
-    shifted = None if offset is None else constants(offset)
-    if shifted is not None and offset == 0:
-        return requantize_float64_to(products, *shifted, lower, upper, dtype)
-    if shifted is not None:  # q + 128 in 0..255 as uint8 -> q's int8 bits
-        return requantize_float64_to(products, *shifted, lower + offset, upper + offset, torch.uint8).view(torch.int8).bitwise_xor_(-128)
-    unshifted = constants(0)
-    return None if unshifted is None else requantize_float64(products, *unshifted, lower, upper).to(dtype)

@@ -85,19 +85,3 @@ def lookup_table(kind: str, params: dict, input_qp: QParams, output_qp: QParams)
     scale, zero, dtype = float(output_qp.scale), int(output_qp.zero_point), output_qp.dtype
     real_y = real_y.clamp(scale * (dtype.qmin - zero - 1), scale * (dtype.qmax - zero + 1))  # int64-safe, same codes
     return quantize(real_y, output_qp).numpy()
-
-
-def take_in_layout(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """torch.take(table, index) laid out as `index` is: take's result is contiguous, and a channels-last
-    index (a convolution's output) would otherwise cost the next convolution a reorder."""
-    if index.dim() == 4 and not index.is_contiguous() and index.is_contiguous(memory_format=torch.channels_last):
-        return torch.take(table, index.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # NHWC memory, NCHW shape
-    return torch.take(table, index)
-
-
-def code_index(x: torch.Tensor, qmin: int) -> torch.Tensor:
-    """q - qmin as int64, the position of each code in a table of every code. int8 codes of an 8-bit
-    type go through their bit pattern, (q + 128) = uint8 bits with the top bit flipped, before widening."""
-    if x.dtype == torch.int8 and qmin == -128:
-        return x.view(torch.uint8).bitwise_xor(128).to(torch.int64)
-    return x.to(torch.int64).sub_(qmin)

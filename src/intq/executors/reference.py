@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from intq.graph.capture import max_pool
-from intq.arith.fixed_point import (float64_requantizer, multiply_by_quantized_multiplier, requantize,
-                                    requantize_in_float64, requantize_with_bias)
-from intq.arith.lookup import code_index, take_in_layout
+from intq.arith.fixed_point import (float64_requantizer, multiply_by_quantized_multiplier, requantize, requantize_float64,
+                                    requantize_float64_to, requantize_with_bias)
 from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QChannelGather, QConcat, QConv2d, QFlatten,
                                       QLayer, QLinear, QLookup, QMaxPool, QMul, QReLU, product_bound)
 from intq.arith.qparams import torch_dtype
@@ -162,6 +161,30 @@ def _float64_constants(layer: QLayer, state: tuple, device: torch.device, channe
     return tuple(torch.as_tensor(a, dtype=torch.float64, device=device).reshape(shape) for a in constants)
 
 
+def non_negative_offset(dtype: torch.dtype, lower: int) -> int | None:
+    """K with lower + K >= 0 whose q + K converts back to q in one cheap step: 0 when lower >= 0; 128
+    for int8 (q + 128 as uint8 is q's int8 bit pattern with the top bit flipped); None otherwise."""
+    if lower >= 0:
+        return 0
+    return 128 if dtype == torch.int8 else None
+
+
+def requantize_in_float64(products: torch.Tensor, constants: Callable[[int], tuple | None], lower: int, upper: int,
+                          dtype: torch.dtype) -> torch.Tensor | None:
+    """clamp(floor(c + p M), lower, upper) as `dtype` (eq. 24) from integer-valued float products, with
+    constants(K) the (M, c) of the output q + K, or None where eq. 24 is not proven for them: on q + K >= 0
+    (K from non_negative_offset) by clamping and truncating (fixed_point.requantize_float64_to), else
+    with an explicit floor; None when neither is proven."""
+    offset = non_negative_offset(dtype, lower)
+    shifted = None if offset is None else constants(offset)
+    if shifted is not None and offset == 0:
+        return requantize_float64_to(products, *shifted, lower, upper, dtype)
+    if shifted is not None:  # q + 128 in 0..255 as uint8 -> q's int8 bits
+        return requantize_float64_to(products, *shifted, lower + offset, upper + offset, torch.uint8).view(torch.int8).bitwise_xor_(-128)
+    unshifted = constants(0)
+    return None if unshifted is None else requantize_float64(products, *unshifted, lower, upper).to(dtype)
+
+
 def requantize_layer(layer: QLayer, products: torch.Tensor) -> torch.Tensor:
     """q_y = clamp(z_y + round(M[c] (p[c] + q_b[c])), lower, qmax) from the exact products p (integer
     values, any dtype), lower = z_y with a fused ReLU (eq. 10): in float64 where eq. 24 proves it
@@ -227,6 +250,22 @@ def add(op: QAdd, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return add_exact(op, a, b).to(torch_dtype(op.output_qparams.dtype))
     index = code_index(a, types[0].qmin).mul_(types[1].qmax - types[1].qmin + 1).add_(code_index(b, types[1].qmin))
     return take_in_layout(_add_table(op, _state(op), a.device), index)
+
+
+def take_in_layout(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """torch.take(table, index) laid out as `index` is: take's result is contiguous, and a channels-last
+    index (a convolution's output) would otherwise cost the next convolution a reorder."""
+    if index.dim() == 4 and not index.is_contiguous() and index.is_contiguous(memory_format=torch.channels_last):
+        return torch.take(table, index.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # NHWC memory, NCHW shape
+    return torch.take(table, index)
+
+
+def code_index(x: torch.Tensor, qmin: int) -> torch.Tensor:
+    """q - qmin as int64, the position of each code in a table of every code. int8 codes of an 8-bit
+    type go through their bit pattern, (q + 128) = uint8 bits with the top bit flipped, before widening."""
+    if x.dtype == torch.int8 and qmin == -128:
+        return x.view(torch.uint8).bitwise_xor(128).to(torch.int64)
+    return x.to(torch.int64).sub_(qmin)
 
 
 def concat(op: QConcat, *xs: torch.Tensor) -> torch.Tensor:
