@@ -13,8 +13,7 @@ from intq.graph import model_file
 from intq.graph.config import PRESETS
 from intq.graph.convert import convert
 from intq.arith.fixed_point import (float64_requantizer, multiply_by_quantized_multiplier, quantize_multiplier, quantize_multipliers,
-                              requantize, requantize_float64, requantize_float64_to, requantize_with_bias, round_half_away,
-                              rounding_right_shift)
+                              requantize, requantize_float64, requantize_with_bias, round_half_away, rounding_right_shift)
 from intq.cifar.models import Net, NetWithBias
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -215,21 +214,6 @@ def test_requantize_float64_equals_requantize_where_proven(multiplier, bound, bi
     multiplier_t, offset_t = (torch.from_numpy(a) for a in constants)
     got = requantize_float64(p.to(torch.float64), multiplier_t, offset_t, lower, upper)
     assert torch.equal(got.to(torch.int64), expected)
-    offset = -type_range[0]  # q + K >= 0, converted by truncation (the reference's int8 path: K = 128)
-    shifted = float64_requantizer(np.array([mantissa]), np.array([shift]), np.array([bias]), zero_point + offset,
-                                  lower + offset, upper + offset, bound)
-    if shifted is not None:
-        multiplier_t, offset_t = (torch.from_numpy(a) for a in shifted)
-        truncated = requantize_float64_to(p.to(torch.float32 if bound < 2**24 else torch.float64), multiplier_t, offset_t,
-                                          lower + offset, upper + offset, torch.int64)
-        assert torch.equal(truncated - offset, expected)
-
-
-def test_requantize_float64_to_refuses_a_negative_lower_bound():
-    """Truncation toward zero is the floor only of non-negative values: -0.5 would become 0, not -1."""
-    with pytest.raises(ValueError, match="lower bound -128"):
-        requantize_float64_to(torch.tensor([-0.5]), torch.tensor([1.0], dtype=torch.float64),
-                              torch.tensor([0.0], dtype=torch.float64), -128, 127, torch.int8)
 
 
 def test_float64_requantizer_refuses_a_multiplier_with_ties():

@@ -197,14 +197,3 @@ def requantize_float64(products: torch.Tensor, multiplier: torch.Tensor, offset:
     for (M, c) from float64_requantizer. `products` holds integers in float32 or float64; one pass
     computes c + p M in float64 (p M is exact, or rounded only where the clamp hides it)."""
     return torch.addcmul(offset, products, multiplier).floor_().clamp_(lower, upper)
-
-
-def requantize_float64_to(products: torch.Tensor, multiplier: torch.Tensor, offset: torch.Tensor, lower: int, upper: int,
-                          dtype: torch.dtype) -> torch.Tensor:
-    """requantize_float64 converted to `dtype`, for 0 <= lower (eq. 24), one pass fewer: clamp(c + p M,
-    lower, upper), then the conversion, which truncates toward zero. A clamped value is non-negative, so
-    truncation is its floor, and with integer bounds floor(clamp(T)) = clamp(floor(T)).
-    Example: T = 3.7 -> 3; T = -0.4 -> clamp 0 -> 0 = clamp(floor(-0.4) = -1, 0, 255)."""
-    if lower < 0:
-        raise ValueError(f"truncation is the floor only for non-negative values; lower bound {lower}")
-    return torch.addcmul(offset, products, multiplier).clamp_(lower, upper).to(dtype)

@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from intq.graph.capture import max_pool
-from intq.arith.fixed_point import (float64_requantizer, multiply_by_quantized_multiplier, requantize, requantize_float64,
-                                    requantize_float64_to, requantize_with_bias)
+from intq.arith.fixed_point import float64_requantizer, multiply_by_quantized_multiplier, requantize, requantize_float64, requantize_with_bias
 from intq.graph.integer_model import (IntegerModel, QAdd, QAvgPool, QChannelGather, QConcat, QConv2d, QFlatten,
-                                      QLayer, QLinear, QLookup, QMaxPool, QMul, QReLU, product_bound)
+                                      QLayer, QLinear, QLookup, QMaxPool, QMul, QReLU)
 from intq.arith.qparams import torch_dtype
 
 CHUNK = 32  # images per pass: every intermediate of a chunk stays in cache, 1.5-2x faster at batch 256
@@ -61,9 +60,7 @@ def exact_products(layer: QLayer, x: torch.Tensor) -> torch.Tensor:
     """
     dtype = exact_float_dtype(layer.accumulator_bound) if x.device.type == "cpu" else torch.float64
     check_exact_sums(x.device.type, dtype)
-    centred, zero_point = x.to(dtype), int(layer.input_qparams.zero_point)
-    if zero_point:
-        centred = centred.sub_(zero_point)  # |q - z| < 2^17: exact (x.to made a copy: x is an integer tensor)
+    centred = x.to(dtype).sub_(int(layer.input_qparams.zero_point))  # |q - z| < 2^17: exact
     weight = torch.as_tensor(layer.weight, device=x.device).to(dtype)
     return PRODUCTS[type(layer)](centred, weight, layer)
 
@@ -149,60 +146,31 @@ def _state(op) -> tuple:
 
 
 @functools.lru_cache(maxsize=256)
-def _float64_constants(layer: QLayer, state: tuple, device: torch.device, channels_axis_of_4d: bool, offset: int = 0):
-    """The layer's float64 (M, c) shaped for its products (fixed_point.float64_requantizer), or None;
-    with `offset` K, those of the output q + K (zero point z + K, bounds lower + K, upper + K)."""
+def _float64_constants(layer: QLayer, state: tuple, device: torch.device, channels_axis_of_4d: bool):
+    """The layer's float64 (M, c) shaped for its products (fixed_point.float64_requantizer), or None."""
     lower, upper = layer.bounds()
-    constants = float64_requantizer(layer.mantissa, layer.shift, layer.bias, int(layer.output_qparams.zero_point) + offset,
-                                    lower + offset, upper + offset, int(layer.accumulator_bound))
+    constants = float64_requantizer(layer.mantissa, layer.shift, layer.bias, int(layer.output_qparams.zero_point),
+                                    lower, upper, int(layer.accumulator_bound))
     if constants is None:
         return None
     shape = (1, -1, 1, 1) if channels_axis_of_4d else (1, -1)
     return tuple(torch.as_tensor(a, dtype=torch.float64, device=device).reshape(shape) for a in constants)
 
 
-def non_negative_offset(dtype: torch.dtype, lower: int) -> int | None:
-    """K with lower + K >= 0 whose q + K converts back to q in one cheap step: 0 when lower >= 0; 128
-    for int8 (q + 128 as uint8 is q's int8 bit pattern with the top bit flipped); None otherwise."""
-    if lower >= 0:
-        return 0
-    return 128 if dtype == torch.int8 else None
-
-
-def requantize_in_float64(products: torch.Tensor, constants: Callable[[int], tuple | None], lower: int, upper: int,
-                          dtype: torch.dtype) -> torch.Tensor | None:
-    """clamp(floor(c + p M), lower, upper) as `dtype` (eq. 24) from integer-valued float products, with
-    constants(K) the (M, c) of the output q + K, or None where eq. 24 is not proven for them: on q + K >= 0
-    (K from non_negative_offset) by clamping and truncating (fixed_point.requantize_float64_to), else
-    with an explicit floor; None when neither is proven."""
-    offset = non_negative_offset(dtype, lower)
-    shifted = None if offset is None else constants(offset)
-    if shifted is not None and offset == 0:
-        return requantize_float64_to(products, *shifted, lower, upper, dtype)
-    if shifted is not None:  # q + 128 in 0..255 as uint8 -> q's int8 bits
-        return requantize_float64_to(products, *shifted, lower + offset, upper + offset, torch.uint8).view(torch.int8).bitwise_xor_(-128)
-    unshifted = constants(0)
-    return None if unshifted is None else requantize_float64(products, *unshifted, lower, upper).to(dtype)
-
-
 def requantize_layer(layer: QLayer, products: torch.Tensor) -> torch.Tensor:
     """q_y = clamp(z_y + round(M[c] (p[c] + q_b[c])), lower, qmax) from the exact products p (integer
     values, any dtype), lower = z_y with a fused ReLU (eq. 10): in float64 where eq. 24 proves it
-    the same integers (fixed_point.requantize_float64, or requantize_float64_to on q + K >= 0, K from
-    non_negative_offset), else fixed_point.requantize_with_bias."""
+    the same integers (fixed_point.requantize_float64), else fixed_point.requantize_with_bias."""
     out = layer.output_qparams
     lower, upper = layer.bounds()
-    dtype = torch_dtype(out.dtype)
-    if products.is_floating_point():
-        state = _state(layer)
-        y = requantize_in_float64(products, lambda offset: _float64_constants(layer, state, products.device,
-                                                                              products.dim() == 4, offset), lower, upper, dtype)
-        if y is not None:
-            return y
+    constants = (_float64_constants(layer, _state(layer), products.device, products.dim() == 4)
+                 if products.is_floating_point() else None)
+    if constants is not None:
+        return requantize_float64(products, *constants, lower, upper).to(torch_dtype(out.dtype))
     bias = None if layer.bias is None else _per_channel(layer.bias, products)
     y = requantize_with_bias(products, bias, _per_channel(layer.mantissa, products), _per_channel(layer.shift, products),
                              int(out.zero_point), lower, upper)
-    return y.to(dtype)
+    return y.to(torch_dtype(out.dtype))
 
 
 def _multiplier(op, index: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,24 +216,9 @@ def add(op: QAdd, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     types = [qp.dtype for qp in op.input_qparams]
     if max(t.bits for t in types) > 8:
         return add_exact(op, a, b).to(torch_dtype(op.output_qparams.dtype))
-    index = code_index(a, types[0].qmin).mul_(types[1].qmax - types[1].qmin + 1).add_(code_index(b, types[1].qmin))
-    return take_in_layout(_add_table(op, _state(op), a.device), index)
-
-
-def take_in_layout(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """torch.take(table, index) laid out as `index` is: take's result is contiguous, and a channels-last
-    index (a convolution's output) would otherwise cost the next convolution a reorder."""
-    if index.dim() == 4 and not index.is_contiguous() and index.is_contiguous(memory_format=torch.channels_last):
-        return torch.take(table, index.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # NHWC memory, NCHW shape
-    return torch.take(table, index)
-
-
-def code_index(x: torch.Tensor, qmin: int) -> torch.Tensor:
-    """q - qmin as int64, the position of each code in a table of every code. int8 codes of an 8-bit
-    type go through their bit pattern, (q + 128) = uint8 bits with the top bit flipped, before widening."""
-    if x.dtype == torch.int8 and qmin == -128:
-        return x.view(torch.uint8).bitwise_xor(128).to(torch.int64)
-    return x.to(torch.int64).sub_(qmin)
+    index = a.to(torch.int64).sub_(types[0].qmin).mul_(types[1].qmax - types[1].qmin + 1)
+    index.add_(b.to(torch.int64)).sub_(types[1].qmin)
+    return torch.take(_add_table(op, _state(op), a.device), index)
 
 
 def concat(op: QConcat, *xs: torch.Tensor) -> torch.Tensor:
@@ -279,31 +232,12 @@ def concat(op: QConcat, *xs: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=1).to(torch_dtype(op.output_qparams.dtype))  # (N, C_i, H, W) -> (N, sum C_i, H, W)
 
 
-@functools.lru_cache(maxsize=256)
-def _mul_constants(op: QMul, state: tuple, device: torch.device, offset: int):
-    """The product's float64 (M, c) for the output q + offset (fixed_point.float64_requantizer), or None."""
-    lower, upper = op.bounds()
-    constants = float64_requantizer(op.mantissa, op.shift, None, int(op.output_qparams.zero_point) + offset,
-                                    lower + offset, upper + offset, product_bound(op.input_qparams))
-    return None if constants is None else tuple(torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in constants)
-
-
 def mul(op: QMul, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """q_y = clamp(z_y + round(M (q_a - z_a)(q_b - z_b))), M = s_a s_b / s_y (eq. 34); a (N, C, 1, 1)
-    operand broadcasts over (N, C, H, W). The product is an exact float integer (float32 up to 2^24,
-    float64 above), requantized by eq. 24 where proven, else in int64: |product| <= product_bound
-    <= 2^31 - 1 (model_check), times M0 < 2^31 below 2^62."""
-    lower, upper = op.bounds()
-    bound = product_bound(op.input_qparams)
-    if bound <= FLOAT64_EXACT:  # always, under model_check's 2^31 - 1
-        dtype = exact_float_dtype(bound)
-        centred = [x.to(dtype).sub_(int(qp.zero_point)) for x, qp in zip((a, b), op.input_qparams)]
-        state = _state(op)
-        y = requantize_in_float64(centred[0] * centred[1], lambda offset: _mul_constants(op, state, a.device, offset),
-                                  lower, upper, torch_dtype(op.output_qparams.dtype))
-        if y is not None:
-            return y
+    """q_y = clamp(z_y + round(M (q_a - z_a)(q_b - z_b))), M = s_a s_b / s_y (eq. 34), int64 inside; a
+    (N, C, 1, 1) operand broadcasts over (N, C, H, W). Budget: |product| <= product_bound <= 2^31 - 1
+    (model_check), times M0 < 2^31 below 2^62."""
     product = (a.to(torch.int64) - int(op.input_qparams[0].zero_point)) * (b.to(torch.int64) - int(op.input_qparams[1].zero_point))
+    lower, upper = op.bounds()
     y = requantize(product, *_multiplier(op, 0, a.device), int(op.output_qparams.zero_point), lower, upper)
     return y.to(torch_dtype(op.output_qparams.dtype))
 
@@ -322,17 +256,10 @@ def avg_pool(op: QAvgPool, x: torch.Tensor) -> torch.Tensor:
     return y.to(torch_dtype(op.output_qparams.dtype))
 
 
-@functools.lru_cache(maxsize=256)
-def _lookup_table(op: QLookup, state: tuple, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(op.table, device=device).to(torch_dtype(op.output_qparams.dtype))
-
-
 def lookup(op: QLookup, x: torch.Tensor) -> torch.Tensor:
-    """q_y = table[q_x - qmin_x] (eq. 29): one gather of the op's derived table (2^b_x entries), derived
-    once per op and state."""
-    state = (op.kind, repr(sorted(op.params.items())),
-             *((float(qp.scale), int(qp.zero_point), qp.dtype) for qp in (op.input_qparams, op.output_qparams)))
-    return take_in_layout(_lookup_table(op, state, x.device), code_index(x, op.input_qparams.dtype.qmin))
+    """q_y = table[q_x - qmin_x] (eq. 29): one gather of the op's derived table (2^b_x entries)."""
+    table = torch.as_tensor(op.table, device=x.device).to(torch_dtype(op.output_qparams.dtype))
+    return torch.take(table, x.to(torch.int64) - op.input_qparams.dtype.qmin)
 
 
 def _weighted(layer: QLayer, x: torch.Tensor) -> torch.Tensor:
