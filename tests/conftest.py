@@ -1,4 +1,6 @@
 """Shared fixtures: small seeded models and synthetic data, no network, no shared data."""
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ from PIL import Image
 
 from intq.graph.capture import capture
 from intq.graph.convert import collect_statistics
+from intq.graph.model_file import ModelFileError, load, to_arrays
 from intq.cifar.data import CIFAR10_CLASSES
 from intq.cifar.models import Net, NetWithBias
 
@@ -104,3 +107,22 @@ def round_tripped(model, pixels: torch.Tensor, folder: Path):
     assert torch.equal(run_integer(loaded, pixels), run_integer(model, pixels))
     return loaded
 
+
+def edited_file_refusal(tmp_path, model, edit) -> str:
+    """The one-line ModelFileError of `model`'s file after `edit` changed its metadata ({op name: op fields})."""
+    arrays = to_arrays(model)
+    meta = json.loads(arrays["__meta__"].tobytes().decode())
+    edit({op["name"]: op for op in meta["layers"]})
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez_compressed(tmp_path / "edited.npz", **arrays)
+    with pytest.raises(ModelFileError) as error:
+        load(tmp_path / "edited.npz")
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+def with_mantissa_off_by_one(model, op_name: str):
+    """`model` with op `op_name`'s first mantissa one more than its scales give (written as it is)."""
+    op = model.layer(op_name)
+    edited = replace(op, mantissa=op.mantissa + np.int32(1))
+    return replace(model, layers=[edited if layer is op else layer for layer in model.layers])

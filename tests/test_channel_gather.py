@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import make_pixels, round_tripped
+from conftest import edited_file_refusal, make_pixels, round_tripped
 from intq.executors.registry import executor, run
 from intq.executors.reference import run_integer
 from intq.graph.capture import CaptureError, ChannelGather, capture
@@ -19,7 +19,7 @@ from intq.graph.convert import collect_statistics, convert
 from intq.graph.integer_model import QChannelGather
 from intq.graph.model_check import ModelCheckError, check_model
 from intq.graph.model_file import to_arrays
-from test_lookup import _edited, at_bits, converted, exact_and_close, output_steps
+from test_lookup import at_bits, converted, exact_and_close, output_steps
 
 MAX_OUTPUT_STEPS = {8: 4, 4: 3}  # the model output's error from the float model, in its own steps
 
@@ -193,7 +193,7 @@ def test_a_tampered_index_is_refused_in_one_line(tmp_path, shuffle_model, index,
 
 
 def test_a_count_that_differs_from_the_array_is_refused(tmp_path, shuffle_model):
-    message = _edited(tmp_path, shuffle_model[0], lambda ops: ops["view_1"].update(channels=7))
+    message = edited_file_refusal(tmp_path, shuffle_model[0], lambda ops: ops["view_1"].update(channels=7))
     assert re.search(r"array 'view_1.indices'.*shape \(7,\)", message), message
 
 

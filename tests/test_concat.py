@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import make_pixels, round_tripped
+from conftest import edited_file_refusal, make_pixels, round_tripped, with_mantissa_off_by_one
 from intq.arith.fixed_point import quantize_multipliers
 from intq.arith.qparams import dequantize
 from intq.executors.reference import run_integer
@@ -18,7 +18,7 @@ from intq.graph.config import RECOMMENDED
 from intq.graph.integer_model import QConcat, concat_multipliers
 from intq.graph.model_check import ModelCheckError, check_model, same_qparams
 from intq.graph.model_file import to_arrays
-from test_lookup import _edited, at_bits, converted, exact_and_close
+from test_lookup import at_bits, converted, exact_and_close
 
 MAX_OUTPUT_STEPS = {8: 4, 4: 3}  # the model output's error from the float model, in its own steps
 
@@ -158,15 +158,8 @@ def test_the_model_file_round_trips(tmp_path, cat_model):
     assert arrays["cat.mantissa"].shape == arrays["cat.shift"].shape == (2,)
 
 
-def _with_wrong_mantissa(model):
-    """The model with the cat's first mantissa one more than its scales give (written as it is)."""
-    op = model.layer("cat")
-    edited = replace(op, mantissa=op.mantissa + np.int32(1))
-    return replace(model, layers=[edited if layer is op else layer for layer in model.layers])
-
-
 HOSTILE = {
-    "wrong mantissa": (_with_wrong_mantissa, lambda ops: None,
+    "wrong mantissa": (lambda model: with_mantissa_off_by_one(model, "cat"), lambda ops: None,
                        r"op #2 'cat': mantissa/shift of channel 0 are \(\d+, -?\d+\); its scales give"),
     "shapes that do not match": (None, lambda ops: ops["b"]["geometry"].update(stride=[2, 2]),
                                  r"op #2 'cat': inputs of shapes \(4, 32, 32\), \(5, 16, 16\) \(a concatenation along "
@@ -182,7 +175,7 @@ HOSTILE = {
 def test_a_hostile_concat_is_refused_in_one_line(tmp_path, cat_model, case):
     edit_model, edit, message = HOSTILE[case]
     model = edit_model(cat_model[0]) if edit_model else cat_model[0]
-    assert re.search(message, _edited(tmp_path, model, edit))
+    assert re.search(message, edited_file_refusal(tmp_path, model, edit))
 
 
 def test_check_model_refuses_a_concat_of_one_input(cat_model):

@@ -1,6 +1,5 @@
 """Lookup-table activations (QLookup, docs/math.md eq. 29): capture, calibration, the table against an
 independent float64 computation, every executor against the reference, the model file."""
-import json
 import math
 import re
 import shutil
@@ -12,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import make_pixels, round_tripped
+from conftest import edited_file_refusal, make_pixels, round_tripped
 from intq.arith.lookup import ACTIVATIONS
 from intq.arith.qparams import IntType, QParams, dequantize
 from intq.executors.registry import executor, run
@@ -23,7 +22,7 @@ from intq.graph.config import RECOMMENDED, STUDY
 from intq.graph.convert import ConversionError, collect_statistics, convert
 from intq.graph.integer_model import QLookup
 from intq.graph.model_check import ModelCheckError, check_model
-from intq.graph.model_file import ModelFileError, load, to_arrays
+from intq.graph.model_file import to_arrays
 
 # kind -> the module that captures as it
 MODULES = {
@@ -217,18 +216,6 @@ def test_the_model_file_keeps_kind_params_and_qparams_and_no_table(tmp_path, lea
     assert (op.kind, op.params) == ("leaky_relu", {"negative_slope": 0.1})
 
 
-def _edited(tmp_path, model, edit) -> str:
-    arrays = to_arrays(model)
-    meta = json.loads(arrays["__meta__"].tobytes().decode())
-    edit({op["name"]: op for op in meta["layers"]})
-    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-    np.savez_compressed(tmp_path / "edited.npz", **arrays)
-    with pytest.raises(ModelFileError) as error:
-        load(tmp_path / "edited.npz")
-    assert "\n" not in str(error.value)
-    return str(error.value)
-
-
 def _nine_bits(ops):
     for qparams in (ops["conv1"]["output_qparams"], ops["act"]["input_qparams"]):
         qparams["bits"] = 9
@@ -247,7 +234,7 @@ HOSTILE = {
 @pytest.mark.parametrize("case", HOSTILE)
 def test_a_hostile_lookup_is_refused_in_one_line(tmp_path, leaky_model, case):
     edit, message = HOSTILE[case]
-    assert re.search(message, _edited(tmp_path, leaky_model[0], edit))
+    assert re.search(message, edited_file_refusal(tmp_path, leaky_model[0], edit))
 
 
 def test_check_model_recomputes_the_table_of_a_modified_op(leaky_model):

@@ -3,7 +3,6 @@ orders and a same-shape product, capture and its refusals, conversion, every exe
 reference, the overflow budget, the model file and its hostile edits."""
 import re
 import shutil
-from dataclasses import replace
 from fractions import Fraction
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 import torch.nn as nn
 from torchvision.ops import SqueezeExcitation
 
-from conftest import make_pixels, round_tripped
+from conftest import edited_file_refusal, make_pixels, round_tripped, with_mantissa_off_by_one
 from intq.arith.fixed_point import quantize_multipliers
 from intq.arith.qparams import IntType, QParams, dequantize
 from intq.executors.reference import run_integer, run_op
@@ -23,7 +22,7 @@ from intq.graph.convert import ConversionError
 from intq.graph.integer_model import QMul, mul_multiplier, product_bound
 from intq.graph.model_check import ModelCheckError, check_mul
 from intq.graph.model_file import to_arrays
-from test_lookup import _edited, at_bits, converted, exact_and_close
+from test_lookup import at_bits, converted, exact_and_close
 
 MAX_OUTPUT_STEPS = {8: 4, 4: 3}  # the model output's error from the float model, in its own steps
 
@@ -236,13 +235,6 @@ def test_c_runtime_refuses_a_product_whose_operand_shape_does_not_match(tmp_path
     assert result.returncode == 3 and "op 5 of model.h fails the runtime's shape and length check" in result.stdout
 
 
-def _with_wrong_mantissa(model):
-    """The model with the product's mantissa one more than its scales give (written as it is)."""
-    op = model.layer("mul")
-    edited = replace(op, mantissa=op.mantissa + np.int32(1))
-    return replace(model, layers=[edited if layer is op else layer for layer in model.layers])
-
-
 def _gate_of_other_channels(ops):
     """The product reads the first 1x1 conv's 4 channels (its own QParams) as its gate."""
     ops["mul"]["inputs"][0] = "se_fc1"
@@ -250,7 +242,7 @@ def _gate_of_other_channels(ops):
 
 
 HOSTILE = {
-    "wrong mantissa": (_with_wrong_mantissa, lambda ops: None,
+    "wrong mantissa": (lambda model: with_mantissa_off_by_one(model, "mul"), lambda ops: None,
                        r"op #5 'mul': mantissa/shift of channel 0 are \(\d+, -?\d+\); its scales give"),
     "a gate of other channels": (None, _gate_of_other_channels,
                                  r"op #5 'mul': operands of shapes \(4, 1, 1\) and \(8, 15, 15\) \(a product needs "
@@ -266,7 +258,7 @@ HOSTILE = {
 def test_a_hostile_product_is_refused_in_one_line(tmp_path, se_model, case):
     edit_model, edit, message = HOSTILE[case]
     model = edit_model(se_model[0]) if edit_model else se_model[0]
-    assert re.search(message, _edited(tmp_path, model, edit))
+    assert re.search(message, edited_file_refusal(tmp_path, model, edit))
 
 
 def test_check_model_refuses_a_gate_of_other_channels():

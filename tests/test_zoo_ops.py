@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import round_tripped
+from conftest import edited_file_refusal, round_tripped
 from intq.arith.qparams import dequantize
 from intq.executors.reference import run_integer
 from intq.executors.simulate import layer_agreement
@@ -22,7 +22,7 @@ from intq.graph.capture import CaptureError, Conv2d, Identity, Linear, MaxPool2d
 from intq.graph.integer_model import QMaxPool, pool_output_size
 from intq.graph.model_check import ModelCheckError, check_model
 from intq.graph.model_file import ModelFileError, load, to_arrays
-from test_lookup import _edited, at_bits, converted, exact_and_close
+from test_lookup import at_bits, converted, exact_and_close
 
 MAX_OUTPUT_STEPS = 6  # the model output's error from the float model, in its own steps (8 bits)
 
@@ -102,7 +102,7 @@ def test_ceil_mode_round_trips_and_files_without_it_read_floor(tmp_path, ceil_mo
 
 
 def test_a_hostile_ceil_mode_is_refused(tmp_path, ceil_model):
-    message = _edited(tmp_path, ceil_model[1], lambda ops: ops["pool1"].update(ceil_mode="yes"))
+    message = edited_file_refusal(tmp_path, ceil_model[1], lambda ops: ops["pool1"].update(ceil_mode="yes"))
     assert "field 'ceil_mode' must be true or false, got 'yes'" in message
 
 

@@ -132,62 +132,51 @@ def output_bounds(qparams: QParams, relu: bool, relu_max: float | None = None) -
 
 
 @dataclass(eq=False)
-class QAdd(Requantizing):
-    """y = a + b: each operand rescaled to a common fine scale s_i = max(s_a, s_b) / 2^20 with its
-    own fixed-point multiplier, summed exactly, then requantized to (s_y, z_y) (eq. 17)."""
-
-    name: str
-    inputs: tuple[str, ...]
-    input_qparams: tuple[QParams, QParams]
-    output_qparams: QParams
-    mantissa: np.ndarray  # (3,): operand a, operand b, output
-    shift: np.ndarray
-    relu: bool = False
-    relu_max: float | None = None
-    ARITY: ClassVar[int] = 2
-
-    def declared_input_params(self) -> list[QParams]:
-        return list(self.input_qparams)
-
-
-@dataclass(eq=False)
-class QConcat(Requantizing):
-    """y = cat(x_1, ..., x_k) along channels, k >= 2: each input requantized to the output's own
-    (s_y, z_y) with its multiplier M_i = s_i / s_y, q_y = clamp(z_y + round(M_i (q_i - z_i))) (eq. 30);
-    an input that already has the output's QParams has M_i = 1 and passes unchanged."""
+class QJoin(Requantizing):
+    """An op that joins several tensors, each read with its own `input_qparams` (they must be its
+    producers'), requantized to its own `output_qparams` with the multipliers in `mantissa`/`shift`.
+    Its kinds are the subclasses QAdd, QConcat and QMul."""
 
     name: str
     inputs: tuple[str, ...]
     input_qparams: tuple[QParams, ...]
     output_qparams: QParams
-    mantissa: np.ndarray  # (k,): one per input
+    mantissa: np.ndarray
     shift: np.ndarray
     relu: bool = False
     relu_max: float | None = None
-    ARITY: ClassVar[int | None] = None  # any number >= 2, one input_qparams and one multiplier each
 
     def declared_input_params(self) -> list[QParams]:
         return list(self.input_qparams)
 
 
 @dataclass(eq=False)
-class QMul(Requantizing):
-    """y = a * b elementwise (a squeeze-excite gate), of equal shapes or one operand (C, 1, 1) against
-    (C, H, W) in either order: q_y = clamp(z_y + round(M (q_a - z_a)(q_b - z_b))), M = s_a s_b / s_y
-    (eq. 34); the product is exact in int64, at most product_bound(...) <= 2^31 - 1 in magnitude."""
+class QAdd(QJoin):
+    """y = a + b: each operand rescaled to a common fine scale s_i = max(s_a, s_b) / 2^20 with its
+    own fixed-point multiplier, summed exactly, then requantized to (s_y, z_y) (eq. 17); mantissa
+    and shift (3,): operand a, operand b, output."""
 
-    name: str
-    inputs: tuple[str, ...]
-    input_qparams: tuple[QParams, QParams]
-    output_qparams: QParams
-    mantissa: np.ndarray  # (1,): M
-    shift: np.ndarray
-    relu: bool = False
-    relu_max: float | None = None
     ARITY: ClassVar[int] = 2
 
-    def declared_input_params(self) -> list[QParams]:
-        return list(self.input_qparams)
+
+@dataclass(eq=False)
+class QConcat(QJoin):
+    """y = cat(x_1, ..., x_k) along channels, k >= 2: each input requantized to the output's own
+    (s_y, z_y) with its multiplier M_i = s_i / s_y, q_y = clamp(z_y + round(M_i (q_i - z_i))) (eq. 30);
+    an input that already has the output's QParams has M_i = 1 and passes unchanged. mantissa and
+    shift (k,): one per input."""
+
+    ARITY: ClassVar[int | None] = None  # any number >= 2, one input_qparams and one multiplier each
+
+
+@dataclass(eq=False)
+class QMul(QJoin):
+    """y = a * b elementwise (a squeeze-excite gate), of equal shapes or one operand (C, 1, 1) against
+    (C, H, W) in either order: q_y = clamp(z_y + round(M (q_a - z_a)(q_b - z_b))), M = s_a s_b / s_y
+    (eq. 34); the product is exact in int64, at most product_bound(...) <= 2^31 - 1 in magnitude.
+    mantissa and shift (1,): M."""
+
+    ARITY: ClassVar[int] = 2
 
 
 @dataclass(eq=False)
