@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=None, help="first N of a seeded shuffle (default: all)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--channels-last", action="store_true", help="train in channels-last layout (1.6x faster "
+                        "on the MobileNetV3-style example on CPU; other float rounding, so other weights)")
     parser.add_argument("--cache", type=Path, default=Path(".cache/intq"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -38,7 +40,8 @@ def main() -> None:
     preprocessing = Preprocessing(tuple(args.mean), tuple(args.std))
     order = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(0))[: args.train_images]
     images, labels = data.train_images[order], data.train_labels[order]
-    model = load_user_model(args.model).train()
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = load_user_model(args.model).train().to(memory_format=layout)
     steps = args.epochs * ((len(images) + args.batch_size - 1) // args.batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=steps)
@@ -50,7 +53,7 @@ def main() -> None:
             index = permutation[first : first + args.batch_size]
             x = preprocessing.apply(images[index])
             flip = torch.rand(len(x), generator=generator) < 0.5
-            x = torch.where(flip.reshape(-1, 1, 1, 1), x.flip(3), x)
+            x = torch.where(flip.reshape(-1, 1, 1, 1), x.flip(3), x).contiguous(memory_format=layout)
             loss = F.cross_entropy(model(x), labels[index])
             optimizer.zero_grad()
             loss.backward()

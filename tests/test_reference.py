@@ -149,3 +149,21 @@ def test_images_of_another_size_or_type_are_refused_naming_both(seeded_model, pi
         run_integer(model, torch.zeros((2, 3, 64, 64), dtype=torch.uint8))
     with pytest.raises(ExecutionError, match="uint8 pixels of shape"):
         run_integer(model, pixels.float())
+
+
+def test_chunks_run_side_by_side_give_the_integers_of_one_pass(seeded_model, pixels):
+    """run_in_chunks runs T chunks at a time on T worker threads: the logits equal those of every op run
+    on the whole batch in one pass (the visit path, no chunks, no fusion), in order, and the caller's
+    thread count is as it was."""
+    graph, stats = calibrated(seeded_model, pixels)
+    model = convert(graph, stats, RECOMMENDED)
+    batch = torch.cat([pixels, pixels.flip(0)])[:100]  # 4 chunks, the last one short
+    one_pass = run_integer(model, batch, visit=lambda name, value: None)
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert torch.equal(run_integer(model, batch), one_pass), f"{threads} threads"
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(previous)

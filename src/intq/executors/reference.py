@@ -4,13 +4,14 @@ Tensors between layers are integer dtypes (int16 input, int8/uint8 activations).
 convolution the multiply-accumulate runs as a float convolution on integer-valued tensors, which
 is exact when every partial sum is an integer below 2^24 (float32) or 2^53 (float64) and the
 backend sums the products directly: the layer's proven accumulator bound picks the dtype (docs/math.md
-eq. 11), and check_exact_sums proves the backend once per process. The result is then requantized:
+eq. 11), and check_exact_sums proves the backend once per process and thread count. The result is then requantized:
 with integer multiply, add and shift (eq. 20), or, where eq. 24 proves the same integers, as one
 float64 multiply-add and a floor (2.7x faster than eq. 20 without AVX-512).
 """
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -59,7 +60,7 @@ def exact_products(layer: QLayer, x: torch.Tensor) -> torch.Tensor:
     an exactly representable integer (float64 always on CUDA, where TF32 could round float32).
     """
     dtype = exact_float_dtype(layer.accumulator_bound) if x.device.type == "cpu" else torch.float64
-    check_exact_sums(x.device.type, dtype)
+    check_exact_sums(x.device.type, dtype, torch.get_num_threads())
     centred = x.to(dtype).sub_(int(layer.input_qparams.zero_point))  # |q - z| < 2^17: exact
     weight = torch.as_tensor(layer.weight, device=x.device).to(dtype)
     return PRODUCTS[type(layer)](centred, weight, layer)
@@ -87,8 +88,9 @@ SELF_TEST_CONVOLUTIONS = ((64, 3, 1, 1, 1), (32, 1, 1, 0, 1), (16, 5, 1, 2, 1), 
 
 
 @functools.lru_cache(maxsize=None)
-def check_exact_sums(device_type: str, dtype: torch.dtype) -> None:
-    """Once per process, device and dtype: integer_conv2d against int64 arithmetic on seeded integer
+def check_exact_sums(device_type: str, dtype: torch.dtype, threads: int = 1) -> None:
+    """Once per process, device, dtype and intra-op thread count (a backend may pick its algorithm by
+    it; run_in_chunks runs on one thread per chunk): integer_conv2d against int64 arithmetic on seeded integer
     data with partial sums up to ~2^23 (float32) or ~2^31 (float64); ExecutionError naming the
     backend if any value differs (the exactness of exact_products rests on it, docs/math.md eq. 11)."""
     generator = torch.Generator().manual_seed(0)
@@ -104,7 +106,7 @@ def check_exact_sums(device_type: str, dtype: torch.dtype) -> None:
         if not torch.equal(got.to(torch.int64), expected) or not torch.equal(got, got.round()):
             raise ExecutionError(
                 f"PyTorch {torch.__version__}'s {dtype} convolution on {device_type} (oneDNN {torch.backends.mkldnn.is_available()}) "
-                f"does not sum integers exactly ({kernel}x{kernel}, {channels} channels): the reference executor "
+                f"does not sum integers exactly ({kernel}x{kernel}, {channels} channels, {threads} threads): the reference executor "
                 f"cannot be exact with this backend")
 
 
@@ -342,7 +344,7 @@ def run_integer(
     """
     check_pixels(model, pixels)
     if visit is None and len(pixels) > CHUNK:
-        return torch.cat([run_integer(model, chunk) for chunk in pixels.split(CHUNK)])
+        return run_in_chunks(model, pixels.split(CHUNK))
     values = {model.input_name: pixels_to_input(pixels, model)}
     if visit:
         visit(model.input_name, values[model.input_name])
@@ -365,3 +367,27 @@ def run_integer(
                 if remaining[name] == 0 and name != model.output_name:
                     del values[name]
     return values[model.output_name]
+
+
+def _run_chunk_on_one_thread(model: IntegerModel, chunk: torch.Tensor) -> torch.Tensor:
+    """run_integer on one chunk with this (worker) thread's intra-op parallelism set to 1 thread; the
+    setting is per thread (OpenMP's nthreads-var), the caller's own stays as it was."""
+    torch.set_num_threads(1)
+    return run_integer(model, chunk)
+
+
+def run_in_chunks(model: IntegerModel, chunks: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The chunks' integer logits, concatenated in order: with PyTorch's T intra-op threads, T chunks run
+    at a time, each on one thread, instead of one chunk at a time on T threads.
+
+    The same integers either way (no chunk reads another's values; tests/test_reference_chunks.py). The
+    reference runs ~80 small ops per chunk, each a parallel region whose threads meet at a barrier; on a
+    machine whose cores other processes also use, a descheduled thread stalls every barrier, and whole
+    batches took 3-40x longer (benchmarks/bench_mbv3.py). One thread per chunk has no barriers: on the
+    MobileNetV3-style example at batch 256, 2 threads, load ~3, 0.38-0.48 s against 1.0-1.4 s.
+    """
+    workers = min(torch.get_num_threads(), len(chunks))
+    if workers <= 1 or chunks[0].device.type != "cpu":
+        return torch.cat([run_integer(model, chunk) for chunk in chunks])
+    with ThreadPoolExecutor(workers, thread_name_prefix="intq-reference") as pool:
+        return torch.cat(list(pool.map(functools.partial(_run_chunk_on_one_thread, model), chunks)))
