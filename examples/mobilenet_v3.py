@@ -4,11 +4,12 @@ with depthwise convolutions, Hardswish, squeeze-excite (Hardsigmoid gate times t
 (intq quantize --model examples/mobilenet_v3.py:cifar --weights ... --mean ... --std ...).
 
 5.3 M multiply-adds and 187 k parameters per image; every op is one intq captures (BatchNorm folds into
-its conv). Trained with (seed 0, all 50,000 CIFAR-10 training images; README "A trained model with
-these ops" gives the figures):
+its conv). examples/mobilenet_v3.pt was trained with this command (seed 0, all 50,000 CIFAR-10 training
+images, 10 epochs, 1,497 s on one thread of a shared 2-core machine): float 81.57% on the 10,000 test
+images (README "A trained model with these ops" gives the rest):
 
     python examples/train_small_cnn.py --model examples/mobilenet_v3.py:cifar --data DIR \
-        --mean 0.4914 0.4822 0.4465 --std 0.2470 0.2435 0.2616 --epochs 10 --lr 0.1 --channels-last \
+        --mean 0.4914 0.4822 0.4465 --std 0.2470 0.2435 0.2616 --epochs 10 --lr 0.1 --channels-last --threads 1 \
         --out mobilenet_v3.pt
 """
 import torch

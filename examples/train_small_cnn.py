@@ -1,5 +1,5 @@
 """Train a user model on an image folder with its own preprocessing, and save a state_dict (.pt):
-how README's worked examples of `--model`/`--weights` were made. Seeded; 2 threads.
+how README's worked examples of `--model`/`--weights` were made. Seeded; 2 threads unless --threads.
 
     python examples/train_small_cnn.py --model examples/small_cnn.py:gray --data DIR --size 28 \
         --channels 1 --mean 0.479 --std 0.239 --epochs 3 --out gray28.pt
@@ -30,11 +30,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--channels-last", action="store_true", help="train in channels-last layout (1.6x faster "
                         "on the MobileNetV3-style example on CPU; other float rounding, so other weights)")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (1 on a machine other jobs share: "
+                        "no parallel regions to stall)")
     parser.add_argument("--cache", type=Path, default=Path(".cache/intq"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     size = None if args.size is None else (args.size, args.size)
     data = load_data(args.data, args.cache, InputOptions(size, args.channels), progress=print)
     preprocessing = Preprocessing(tuple(args.mean), tuple(args.std))
