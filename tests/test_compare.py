@@ -135,12 +135,15 @@ def test_compare_rows_cover_float_pt2e_and_intq():
     graph, stats = calibrated(model, pixels)
     rows = compare(model, convert(graph, stats, RECOMMENDED), 1000, data, pixels, compile_peer=False)
     assert [row["executor"] for row in rows] == ["PyTorch float32", PT2E_ROW, "intq reference (integer)",
-                                                 "intq on PyTorch kernels (onednn)", "intq on ONNX Runtime"]
+                                                 "intq on PyTorch kernels (onednn)", "intq on ONNX Runtime",
+                                                 "intq QDQ on ONNX Runtime"]
     assert rows[1]["note"] == "eager: quantize/dequantize around float ops (int8 simulated, not int8 speed)"
     assert rows[1]["top1_agreement_with_intq"] >= 90.0
     assert rows[2]["top1_agreement_with_intq"] == 100.0
     assert rows[4]["top1_agreement_with_intq"] >= 98.0
+    assert rows[5]["top1_agreement_with_intq"] >= 98.0 and rows[5]["note"].startswith("QDQ graph: float ops")
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert weights < rows[5]["bytes"] < rows[0]["bytes"] / 3  # the QDQ file: int8 weights, int32 biases, scales
     assert weights < rows[1]["bytes"] < rows[0]["bytes"] / 3  # int8 weights, float32 biases and scales
     assert all(row["throughput_b256"] > 0 and row["latency_ms_b1"] > 0 for row in rows)
 
@@ -185,4 +188,5 @@ def test_compare_command_on_a_user_model(tmp_path):
                       "--cache", tmp_path / "c", "--peer-eager"])
     assert result.code == 0, result.err
     assert PT2E_ROW in result.out and "intq reference" in result.out and "intq on ONNX Runtime" in result.out
+    assert "intq QDQ on ONNX Runtime" in result.out
     assert f"note ({PT2E_ROW}): eager: quantize/dequantize" in result.out

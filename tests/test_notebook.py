@@ -17,12 +17,25 @@ NOTEBOOK = ROOT / "examples" / "study.ipynb"
 # The number each question prints, as "<label> ...: 54.31%": the five questions, then the recommended preset.
 LABELS = ("Q1", "Q2", "Q3", "Q4", "Q5", "Recommended")
 NUMBER = r"^{label}\b[^\n]*?: (\d+\.\d+)%"
+# An absolute path (/a/b..., ~/a, C:\a) where a path starts: outputs must name no machine's directories.
+ABSOLUTE_PATH = re.compile(r"(?:^|[\s'\"(=\[])(?:(?:/[\w.-]+){2,}|~/[\w.-]+|[A-Za-z]:\\\\?[\w.-]+)")
 
 
 def printed_text(notebook) -> str:
     """Everything the code cells wrote to stdout/stderr, in order."""
     return "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
                    for output in cell.outputs if output.output_type == "stream")
+
+
+def output_text(notebook) -> str:
+    """Every text the code cells showed: streams, text/plain and HTML results, error tracebacks (not images)."""
+    texts = []
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            texts.append(output.get("text", ""))
+            texts += [output.get("data", {}).get(kind, "") for kind in ("text/plain", "text/html", "text/markdown")]
+            texts += output.get("traceback", [])
+    return "\n".join(text if isinstance(text, str) else "".join(text) for text in texts)
 
 
 def question_numbers(text: str) -> dict[str, list[float]]:
@@ -60,6 +73,8 @@ def check_outputs(notebook) -> str:
         assert figures[section] >= 1, f"section {section!r} displayed no figure"
     assert figures["## What the recommended preset changes"] >= 1
     assert "reference executor" in text and "(agrees)" in text  # the integer explained, checked against the reference
+    paths = [match.group(0).strip() for match in ABSOLUTE_PATH.finditer(output_text(notebook))]
+    assert paths == [], f"the outputs show absolute paths: {paths}"
     return text
 
 

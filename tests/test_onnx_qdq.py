@@ -15,10 +15,10 @@ from intq.arith.qparams import IntType
 from intq.cifar.models import Net
 from intq.cli import main
 from intq.executors.encoding import EngineError
-from intq.executors.onnx_qdq import QdqModel, container, export_qdq
+from intq.executors.onnx_qdq import FUSED_OPS, QdqModel, container, export_qdq, float_node_units, fusion_note
 from intq.executors.reference import run_integer
 from intq.executors.verify import verify
-from intq.graph.config import STUDY
+from intq.graph.config import STUDY, X86
 from intq.graph.integer_model import QLayer
 from intq.graph.model_file import save
 from test_channel_gather import Shuffled
@@ -118,7 +118,9 @@ def test_the_cli_exports_qdq_and_verify_compares_the_whole_model(tmp_path, capsy
     _, model, pixels = _converted(Net)
     save(model, tmp_path / "net.npz")
     assert main(["export-onnx", str(tmp_path / "net.npz"), "--out", str(tmp_path / "net.onnx"), "--format", "qdq"]) == 0
-    assert "preprocessed x = (p/255 - mean)/std" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "preprocessed x = (p/255 - mean)/std" in out
+    assert "note: 1 of 5 convolutions, linears and adds (conv1) read or write a 16-bit value" in out  # the int9 input
     session = onnxruntime.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["input"] and [o.name for o in session.get_outputs()] == ["logits"]
     assert main(["export-onnx", str(tmp_path / "net.npz"), "--out", str(tmp_path / "x.onnx"), "--format", "qdq", "--exact"]) != 0
@@ -126,3 +128,27 @@ def test_the_cli_exports_qdq_and_verify_compares_the_whole_model(tmp_path, capsy
     assert not (tmp_path / "x.onnx").exists()
     row = verify(model, pixels, ("onnx_qdq",))["onnx_qdq"]
     assert row["max_lsb"] <= MAX_LSB and all("QDQ node unit" in op["path"] for op in row["ops"].values())
+
+
+@pytest.mark.parametrize("config", ["8-bit activations", "x86 preset (7-bit)", "study preset (int8, ReLU at zero point 0)"])
+def test_the_ops_said_to_run_as_float_are_left_unfused_by_onnx_runtime(tmp_path, config):
+    """float_node_units against ONNX Runtime's own optimised graph: none of them becomes a QLinearConv,
+    QGemm or QLinearAdd; with uint8 activations every other conv, linear and add does. With int8
+    activations ORT leaves more unfused than float_node_units names (here `project`, whose input also
+    feeds an unfused conv): the note's count is a lower bound there."""
+    configs = {"8": at_bits(8), "x": X86, "s": STUDY}
+    _, model, pixels = _converted(Residual, configs[config[0]])
+    optimized = tmp_path / "optimized.onnx"
+    QdqModel(model, optimized_path=str(optimized))(pixels[:1])
+    fused = {node.name.split("/")[0] for node in onnx.load(optimized).graph.node
+             if node.op_type in ("QLinearConv", "QGemm", "QLinearAdd")}
+    total = sum(isinstance(op, FUSED_OPS) for op in model.layers)
+    unfused = float_node_units(model)
+    assert fused.isdisjoint(unfused) and fused <= {op.name for op in model.layers}
+    if config.startswith("8"):
+        assert unfused == ["stem"] and len(fused) == total - 1  # stem reads the int9 input (16-bit)
+        assert fusion_note(model).startswith(f"note: 1 of {total} convolutions, linears and adds (stem) read or write")
+    elif config.startswith("x"):
+        assert len(unfused) == total and fused == set()  # every 7-bit clamp is a Clip
+    else:  # a Relu before an int8 QuantizeLinear whose zero point is not -128 stays a float node
+        assert unfused == ["stem", "conv_a", "add"] and fused == {"conv_b", "head"}

@@ -279,7 +279,7 @@ def export_onnx_command(args: argparse.Namespace) -> None:
         raise argparse.ArgumentTypeError("--exact applies to --format qoperator only (a QDQ graph requantizes in float)")
     model = _load_model(args.model_file)
     if qdq:
-        from intq.executors.onnx_qdq import export_qdq, input_note
+        from intq.executors.onnx_qdq import export_qdq, fusion_note, input_note
 
         contents = export_qdq(model)
     else:
@@ -290,6 +290,8 @@ def export_onnx_command(args: argparse.Namespace) -> None:
     channels, height, width = model.input.shape
     described = input_note(model) if qdq else f"input `pixels` uint8 (N, {channels}, {height}, {width})"
     print(f"wrote {args.out} ({len(contents):,} bytes): {described}")
+    if qdq:
+        print(fusion_note(model))
 
 
 def train_command(args: argparse.Namespace) -> None:

@@ -60,20 +60,16 @@ class MomentumSGD:
 
         v <- g (first step),  v <- momentum * v + g (later steps);   p <- p - lr * v
 
-    with the same elementwise operations in the same order, so parameters are bit-identical to
-    torch.optim.SGD's (tested), in three multi-tensor calls (torch._foreach_*) and no per-step
-    bookkeeping: a batch-4 step of Net takes 1.09 ms against 1.20 ms with the public
-    torch.optim.SGD(foreach=True), which is bit-identical, and 1.15 ms with fused=True, which is not
-    (benchmarks/bench_optimizer.py). The _foreach_ calls are private: where this PyTorch lacks them,
-    the public torch.optim.SGD runs instead, giving the same parameters, ~10% slower.
+    with the same elementwise operations in the same order, on PyTorch's public in-place Tensor.mul_
+    and Tensor.add_, one parameter at a time (as torch.optim.SGD(foreach=False) does), so parameters
+    are bit-identical to torch.optim.SGD's (tested), without its per-step bookkeeping: a batch-4 step
+    of Net takes as long as with the three private multi-tensor calls (torch._foreach_*) this class
+    used before, and torch.optim.SGD(foreach=True) is about 10% slower (benchmarks/bench_optimizer.py).
     """
 
     def __init__(self, params: list[torch.Tensor], lr: float, momentum: float) -> None:
         self.params, self.lr, self.momentum = params, lr, momentum
         self.velocity: list[torch.Tensor] | None = None
-        self.public = None
-        if not all(hasattr(torch, name) for name in ("_foreach_mul_", "_foreach_add_")):
-            self.public = torch.optim.SGD(params, lr=lr, momentum=momentum)
 
     def zero_grad(self) -> None:
         for param in self.params:
@@ -81,16 +77,14 @@ class MomentumSGD:
 
     @torch.no_grad()
     def step(self) -> None:
-        if self.public is not None:
-            self.public.step()
-            return
         grads = [param.grad for param in self.params]
         if self.velocity is None:
             self.velocity = [grad.clone() for grad in grads]
         else:
-            torch._foreach_mul_(self.velocity, self.momentum)
-            torch._foreach_add_(self.velocity, grads)
-        torch._foreach_add_(self.params, self.velocity, alpha=-self.lr)
+            for velocity, grad in zip(self.velocity, grads):
+                velocity.mul_(self.momentum).add_(grad)
+        for param, velocity in zip(self.params, self.velocity):
+            param.add_(velocity, alpha=-self.lr)
 
 
 def train(

@@ -55,21 +55,62 @@ def _axis(qparams: QParams, axis: int | None) -> dict:
     return {} if np.asarray(qparams.scale).ndim == 0 else {"axis": axis if axis is not None else qparams.axis}
 
 
+def clamp_node(qparams: QParams, bounds: tuple[int, int] | None) -> str | None:
+    """The float node written before QuantizeLinear to clamp to `bounds` (eq. 10): None where the
+    container's own range is the clamp, "Relu" where the clamp is [z, container max], else "Clip"."""
+    box = container(qparams.dtype)
+    if bounds is None or (bounds[0] <= box.qmin and bounds[1] >= box.qmax):
+        return None
+    return "Relu" if bounds[0] == int(qparams.zero_point) and bounds[1] == box.qmax else "Clip"
+
+
 def quantized(graph: _Graph, value: str, qparams: QParams, bounds: tuple[int, int] | None, name: str) -> str:
     """DQ(Q(clamp(x))): x quantized to `qparams` in its container, q = clamp(round(x/s) + z), the clamp
     to `bounds` (integers, eq. 10) written as a float Relu/Clip before Q where narrower than the container."""
-    box = container(qparams.dtype)
-    if bounds is not None and (bounds[0] > box.qmin or bounds[1] < box.qmax):
+    clamp = clamp_node(qparams, bounds)
+    if clamp == "Relu":
+        value = graph.node("Relu", [value], f"{name}/relu")
+    elif clamp == "Clip":
         scale, zero = float(qparams.scale), int(qparams.zero_point)
-        if bounds[0] == zero and bounds[1] == box.qmax:
-            value = graph.node("Relu", [value], f"{name}/relu")
-        else:
-            low, high = (np.float32(scale * (bound - zero)) for bound in bounds)
-            value = graph.node("Clip", [value, graph.const(f"{name}/clip_min", low), graph.const(f"{name}/clip_max", high)],
-                               f"{name}/clip")
+        low, high = (np.float32(scale * (bound - zero)) for bound in bounds)
+        value = graph.node("Clip", [value, graph.const(f"{name}/clip_min", low), graph.const(f"{name}/clip_max", high)],
+                           f"{name}/clip")
     params = _scale_zero(graph, f"{name}/q", qparams)
     q = graph.node("QuantizeLinear", [value, *params], f"{name}/quantized", **_axis(qparams, None))
     return graph.node("DequantizeLinear", [q, *params], f"{name}/dequantized", **_axis(qparams, None))
+
+
+FUSED_OPS = (QConv2d, QLinear, QAdd)  # the node units ONNX Runtime's CPU optimiser fuses: QLinearConv, QGemm, QLinearAdd
+
+
+def float_node_units(model: IntegerModel) -> list[str]:
+    """The convolutions, linears and adds whose node unit ONNX Runtime's CPU optimiser cannot fuse into
+    its 8-bit QLinear kernels, so that they run as float ops: an input or output in a 16-bit container
+    (the int9 or int11 input, int16 logits), or a clamp node left before the output's QuantizeLinear --
+    a Clip (a range narrower than the 8-bit container: the x86 preset's 7-bit activations) or a Relu
+    whose zero point is not the container's minimum (ORT folds only that one into QuantizeLinear).
+    With uint8 activations ORT fuses every other one (tests/test_onnx_qdq.py); with int8 activations it
+    may leave more unfused (ONNX Runtime 1.32: a conv whose int8 input also feeds an unfused op)."""
+    qparams, names = model.value_qparams(), []
+    for op in (op for op in model.layers if isinstance(op, FUSED_OPS)):
+        output = qparams[op.name]
+        clamp = clamp_node(output, op.bounds())
+        wide = any(container(qparams[name].dtype).bits > 8 for name in (*op.inputs, op.name))
+        if wide or clamp == "Clip" or (clamp == "Relu" and int(output.zero_point) != container(output.dtype).qmin):
+            names.append(op.name)
+    return names
+
+
+def fusion_note(model: IntegerModel) -> str:
+    """One line: which of the model's convolutions, linears and adds ONNX Runtime runs as float ops
+    (float_node_units) and how many it fuses into its 8-bit QLinear kernels."""
+    names, total = float_node_units(model), sum(isinstance(op, FUSED_OPS) for op in model.layers)
+    if not names:
+        return f"ONNX Runtime fuses all {total} convolutions, linears and adds into its 8-bit QLinear kernels"
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    return (f"note: {len(names)} of {total} convolutions, linears and adds ({shown}) read or write a 16-bit value or "
+            f"clamp narrower than their 8-bit container: ONNX Runtime runs them as float ops, the rest in its 8-bit "
+            f"QLinear kernels")
 
 
 def _weights(graph: _Graph, layer, weight: np.ndarray) -> tuple[str, str | None]:

@@ -4,7 +4,8 @@ cannot run: workflows/peer.py) on the same float model and the same calibration 
 
 One table: accuracy, model size, latency at batch 1 and throughput at batch 256, and top-1 agreement
 with the intq reference executor, for PyTorch float, PyTorch's int8 model, and the same intq integers
-on three executors: the reference, PyTorch's quantized kernels, ONNX Runtime.
+on four executors: the reference, PyTorch's quantized kernels, ONNX Runtime's QLinear kernels (the
+QOperator graph) and ONNX Runtime on the QDQ graph (executors/onnx_qdq.py).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from intq.progress import progress
 
 
 INTQ_ROWS = {"reference": "intq reference (integer)", "torch_quantized": "intq on PyTorch kernels (onednn)",
-             "onnx": "intq on ONNX Runtime"}  # the registered executors compare times, and their rows
+             "onnx": "intq on ONNX Runtime", "onnx_qdq": "intq QDQ on ONNX Runtime"}  # the registered executors compare times, and their rows
 
 
 PREDICT_BATCH = 500
