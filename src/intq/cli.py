@@ -1,6 +1,6 @@
 """Command line: `intq run` (the CIFAR-10 study), `intq sweep`, `intq sensitivity`, `intq inspect`,
 `intq explain`, `intq export-c`, `intq export-onnx`, `intq train`, `intq quantize`, `intq eval`,
-`intq verify`, `intq compare`. The only module that reads argv or the environment.
+`intq verify`, `intq compare`, `intq finetune`. The only module that reads argv or the environment.
 
 This module builds the parser (the defaults of --data and --cache come from $INTQ_DATA and
 $INTQ_CACHE), dispatches each command to its body in commands.py (which checks the arguments, calls
@@ -23,6 +23,7 @@ from intq.graph.capture import CaptureError
 from intq.commands import (compare_command, eval_command, explain_command, export_c_command, export_onnx_command,
                            inspect_command, quantize_command, run_command, sensitivity_command, sweep_command,
                            train_command, verify_command)
+from intq.commands_finetune import add_finetune, finetune_command
 from intq.graph.config import PRESETS
 from intq.graph.convert import ConversionError
 from intq.cifar.data import DataError
@@ -313,6 +314,7 @@ def parser() -> argparse.ArgumentParser:
     _add_export_onnx(commands)
     _add_train_quantize_eval(commands)
     _add_compare(commands)
+    add_finetune(commands, _add_model, _add_common, _add_json)
     for command in commands.choices.values():
         _add_verbosity(command, lambda value: argparse.SUPPRESS)
     return root
@@ -321,7 +323,8 @@ def parser() -> argparse.ArgumentParser:
 COMMANDS = {"compare": compare_command, "train": train_command, "quantize": quantize_command,
             "eval": eval_command, "verify": verify_command, "run": run_command,
             "sweep": sweep_command, "sensitivity": sensitivity_command, "inspect": inspect_command,
-            "explain": explain_command, "export-c": export_c_command, "export-onnx": export_onnx_command}
+            "explain": explain_command, "export-c": export_c_command, "export-onnx": export_onnx_command,
+            "finetune": finetune_command}
 
 
 class _Terminated(KeyboardInterrupt):

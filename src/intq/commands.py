@@ -320,6 +320,14 @@ def _save_json(target: Path | None, figures: dict) -> None:
         _log.debug(f"figures written to {target}")
 
 
+def provenance(args: argparse.Namespace, spec: str, name: str, checkpoint: Path | None) -> dict:
+    """An integer model's metadata: the checkpoint and its --arch, a study model's name and seed (explain
+    finds its cached weights), or the user's model file and its --weights."""
+    return ({"model": args.arch, "checkpoint": str(checkpoint)[:1024]} if checkpoint else
+            {"model": name, "seed": args.seed} if spec in MODELS else
+            {"model": spec[:1024], "weights": str(args.weights)[:1024]})
+
+
 def quantize_command(args: argparse.Namespace) -> None:
     json_target = _json_target(args)
     config = _config(args)
@@ -338,9 +346,7 @@ def quantize_command(args: argparse.Namespace) -> None:
                             config.calibration_samples or CALIBRATION_IMAGES)  # the study preset's own 400
     name, model = load_float_model(spec, data, args.cache, seed=args.seed, arch=args.arch, weights=args.weights)
     _log.info(f"{name}: input {data.image_shape} images, {inputs.describe()}; calibrating on {samples:,} images")
-    metadata = ({"model": args.arch, "checkpoint": str(args.checkpoint)[:1024]} if args.checkpoint else
-                {"model": name, "seed": args.seed} if spec in MODELS else  # explain finds its cached weights
-                {"model": spec[:1024], "weights": str(args.weights)[:1024]})
+    metadata = provenance(args, spec, name, args.checkpoint)
     result = quantize_checkpoint(model, data, config, samples, args.seed, out, metadata, inputs.declared)
     if result["integer_accuracy"] is None:
         print(f"{out}: {result['bytes']:,} bytes; no test split in {data.source}, so no accuracy measured")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from intq.calibrate.ranges import MSE, Entropy, MinMax, NSigma, Percentile
-from intq.arith.qparams import Scheme
+from intq.arith.qparams import QParams, Scheme
 
 RangeMethod = MinMax | NSigma | Percentile | MSE | Entropy
 
@@ -20,10 +20,14 @@ class WeightConfig:
     per_channel: bool
     bits: int = 8
     layer_bits: tuple[tuple[str, int], ...] = ()  # mixed precision: (layer name, bits) overrides
+    layer_grids: tuple[tuple[str, QParams], ...] = ()  # learned grids (qat/finetune.py): (layer name, QParams)
+    grid: QParams | None = None  # for_layer's: the layer's learned grid, used instead of `method`'s range
 
     def for_layer(self, name: str) -> "WeightConfig":
-        """This config with the layer's own bit width, when `layer_bits` names it."""
-        return replace(self, bits=dict(self.layer_bits).get(name, self.bits), layer_bits=())
+        """This config with the layer's own bit width, when `layer_bits` names it, and its learned grid,
+        when `layer_grids` names it."""
+        return replace(self, bits=dict(self.layer_bits).get(name, self.bits), layer_bits=(),
+                       grid=dict(self.layer_grids).get(name), layer_grids=())
 
 
 @dataclass(frozen=True)

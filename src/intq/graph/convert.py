@@ -129,8 +129,11 @@ def collect_statistics(graph: Graph, batches: Iterable[torch.Tensor]) -> dict[st
 
 
 def weight_qparams(weight: torch.Tensor, config: WeightConfig) -> QParams:
-    """QParams of a weight tensor: per output channel (axis 0) or per tensor, signed."""
+    """QParams of a weight tensor: per output channel (axis 0) or per tensor, signed; a learned grid
+    (config.grid, set by fine-tuning) when it fits the weight and the bit width."""
     dtype = IntType(config.bits, True)
+    if config.grid is not None:
+        return learned_weight_grid(weight, config.grid, dtype)
     restricted = config.scheme is Scheme.SYMMETRIC
     if not config.per_channel:
         lo, hi = config.method.range(observe(weight), dtype, config.scheme)
@@ -138,6 +141,19 @@ def weight_qparams(weight: torch.Tensor, config: WeightConfig) -> QParams:
     ranges = [config.method.range(observe(channel), dtype, config.scheme) for channel in weight]
     lo, hi = np.array([r[0] for r in ranges]), np.array([r[1] for r in ranges])
     return choose_qparams(lo, hi, dtype, config.scheme, restricted=restricted, axis=0)
+
+
+def learned_weight_grid(weight: torch.Tensor, grid: QParams, dtype: IntType) -> QParams:
+    """`grid` if it is a weight grid of `dtype` for `weight`: per tensor, or one scale per output channel
+    on axis 0, each finite and > 0; ConversionError otherwise."""
+    channels = weight.shape[0]
+    shape_ok = grid.axis is None and grid.scale.shape == () or grid.axis == 0 and grid.scale.shape == (channels,)
+    if grid.dtype != dtype or not shape_ok or grid.zero_point.shape != grid.scale.shape:
+        raise ConversionError(f"learned weight grid {grid.dtype.name} with {grid.scale.shape} scales does not fit a "
+                              f"{dtype.name} weight of {channels} output channels")
+    if not np.all(np.isfinite(grid.scale) & (grid.scale > 0)):
+        raise ConversionError("learned weight grid has a scale that is not a finite number > 0")
+    return grid
 
 
 def activation_qparams(stats: TensorStats, config: ActivationConfig, *, after_relu: bool, is_output: bool) -> QParams:

@@ -1,0 +1,236 @@
+"""Quantization-aware fine-tuning of a captured graph, and its IntegerModel.
+
+`FakeQuantGraph` runs the captured float graph (BatchNorm folded) with fake quantization where the
+integer model has integers: the input on its grid, every weight per channel on the grid of the
+config's bits (eq. 6), every bias on the int32 grid s_x s_w (eq. 15), every requantized tensor at its
+quantization point (convert.observed_tensors) on its activation grid. It starts from the grids of the
+post-training conversion (the `before` IntegerModel) and learns the weights, biases and every step
+size (LSQ, qat/fake_quant.py) with the zero points and integer types fixed; the input's grid stays as
+the preprocessing or calibration made it.
+
+`integer_model` hands the learned grids to convert: weight grids through WeightConfig.layer_grids,
+activation grids as min/max ranges (fake_quant.grid_range) read with MinMax, from which
+choose_qparams makes the same QParams again. So the converted model is the fine-tuned one, and the
+float64 simulation (executors/simulate.py) is its oracle as for any conversion.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from intq.arith.qparams import QParams, dequantize
+from intq.calibrate.observers import TensorStats
+from intq.calibrate.ranges import MinMax
+from intq.cifar.train import MomentumSGD, augment, intra_op_threads
+from intq.executors.reference import pixels_to_input
+from intq.graph.captured_graph import REQUANTIZING, WEIGHTED, Graph, apply_op, run_float
+from intq.graph.config import QConfig
+from intq.graph.convert import convert, is_lookup, observed_tensors
+from intq.graph.integer_model import IntegerModel
+from intq.progress import progress
+from intq.qat.fake_quant import MIN_STEP, fake_quantize, grid_range, round_ste, step_gradient_scale
+
+_log = logging.getLogger(__name__)  # progress messages; the command line routes them to stderr
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """epochs over `images` training images (None: all) in shuffled batches, SGD with momentum and a
+    cosine learning rate from `lr` (weights, biases and step sizes alike, as LSQ trains), random shifts
+    and flips when `augment`, on `threads` intra-op threads (the result depends on them) from `seed`."""
+
+    epochs: int = 1
+    lr: float = 0.01
+    batch_size: int = 64
+    momentum: float = 0.9
+    augment: bool = True
+    images: int | None = None
+    seed: int = 0
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "threads") + (("images",) if self.images is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"fine-tuning {name} must be a whole number of at least 1, got {value!r}")
+        for name, low, high in (("lr", 0.0, math.inf), ("momentum", 0.0, 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and (low < value if name == "lr" else low <= value) and value < high):
+                raise ValueError(f"fine-tuning {name} must be a finite number in "
+                                 f"{'(0, inf)' if name == 'lr' else '[0, 1)'}, got {value!r}")
+
+
+class _Grid(nn.Module):
+    """One learned grid: step s (a parameter unless fixed), zero point z and integer type fixed, gradient scale g."""
+
+    def __init__(self, qp: QParams, elements: int, ndim: int, learned: bool) -> None:
+        super().__init__()
+        shape = qp.broadcast_shape(ndim)
+        step = torch.as_tensor(np.asarray(qp.scale), dtype=torch.float32).reshape(shape)
+        self.step = nn.Parameter(step) if learned else None
+        self.register_buffer("fixed_step", None if learned else step)
+        self.register_buffer("zero_point", torch.as_tensor(np.asarray(qp.zero_point), dtype=torch.float32).reshape(shape))
+        self.qparams, self.g = qp, step_gradient_scale(elements, qp.dtype, qp.zero_point)
+
+    def current_step(self) -> torch.Tensor:
+        return self.step if self.step is not None else self.fixed_step
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(x, self.current_step().to(x.dtype), self.zero_point.to(x.dtype), self.qparams.dtype, self.g)
+
+    def learned_qparams(self) -> QParams:
+        """The grid now: the learned scale (float64, at least MIN_STEP) with the original zero point and type."""
+        scale = self.current_step().detach().to(torch.float64).clamp_min(MIN_STEP).reshape(self.qparams.scale.shape)
+        return replace(self.qparams, scale=scale.numpy().copy())
+
+
+class FakeQuantGraph(nn.Module):
+    """The captured graph with fake quantization on the grids of `start`, the IntegerModel that convert
+    made of it: weights and biases are parameters, and every grid's step size but the input's."""
+
+    def __init__(self, graph: Graph, start: IntegerModel) -> None:
+        super().__init__()
+        self.graph = copy.deepcopy(graph)
+        self.start = start
+        layers = {layer.name: layer for layer in start.layers}
+        self.points = {tensor: label for label, tensor in observed_tensors(graph).items()}
+        shapes = _example_shapes(graph, start.input.shape)
+        self.grids = nn.ModuleDict()  # label -> _Grid; labels are node names and "input"
+        for label, tensor in observed_tensors(graph).items():
+            qp = start.input.qparams if label == "input" else layers[label].output_qparams
+            self.grids[self._key(label)] = _Grid(qp, int(np.prod(shapes[tensor])), len(shapes[tensor]) + 1,
+                                                 label != "input")
+        self.weights, self.biases, self.weight_grids = nn.ParameterDict(), nn.ParameterDict(), nn.ModuleDict()
+        for node in self.graph.weighted():
+            key = self._key(node.name)
+            weight = node.op.weight.detach().clone().float()
+            self.weights[key] = nn.Parameter(weight)
+            if node.op.bias is not None:
+                self.biases[key] = nn.Parameter(node.op.bias.detach().clone().float())
+            qp = layers[node.name].weight_qparams
+            self.weight_grids[key] = _Grid(qp, weight[0].numel() if qp.axis == 0 else weight.numel(), weight.dim(), True)
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return "t_" + name.replace(".", "_")
+
+    def _weighted(self, node, x: torch.Tensor, input_grid: _Grid) -> torch.Tensor:
+        """The layer on its fake-quantized weight and bias: w on its grid, b on s_x s_w (eq. 15, scale detached)."""
+        key = self._key(node.name)
+        grid = self.weight_grids[key]
+        weight = grid(self.weights[key].to(x.dtype))
+        bias = None
+        if key in self.biases:
+            step = (input_grid.current_step().reshape(()) * grid.current_step().reshape(-1)).detach().to(x.dtype)
+            bias = step * round_ste(self.biases[key].to(x.dtype) / step)
+        return apply_op(replace(node.op, weight=weight, bias=bias), x)
+
+    def forward(self, pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Logits (dequantized) of uint8 `pixels` (N, C, H, W), whose input integers are the integer
+        model's (eq. 27), computed in `dtype`."""
+        graph = self.graph
+        values = {graph.input_name: dequantize(pixels_to_input(pixels, self.start), self.start.input.qparams, dtype)}
+        grid_of = {graph.input_name: self.grids[self._key("input")]}
+        for node in graph.nodes:
+            inputs = [values[name] for name in node.inputs]
+            if isinstance(node.op, WEIGHTED):
+                value = self._weighted(node, inputs[0], grid_of[node.inputs[0]])
+            else:
+                value = apply_op(node.op, *inputs)
+            if node.name in self.points:
+                grid_of[node.name] = self.grids[self._key(self.points[node.name])]
+                value = grid_of[node.name](value)
+            elif not (isinstance(node.op, REQUANTIZING) or is_lookup(graph, node)):
+                grid_of[node.name] = grid_of.get(node.inputs[0])  # moves integers: keeps its input's grid
+            values[node.name] = value
+        return values[graph.output_name]
+
+    def learned_graph(self) -> Graph:
+        """A copy of the captured graph with the fine-tuned float weights and biases."""
+        graph = copy.deepcopy(self.graph)
+        for node in graph.weighted():
+            key = self._key(node.name)
+            node.op.weight = self.weights[key].detach().float().clone()
+            node.op.bias = self.biases[key].detach().float().clone() if key in self.biases else None
+        return graph
+
+    def integer_model(self, stats: dict[str, TensorStats], config: QConfig, metadata: dict | None = None) -> IntegerModel:
+        """convert(learned graph) on the learned grids: weight grids as WeightConfig.layer_grids, activation
+        grids as the ranges [lo, hi] (grid_range) that MinMax reads and choose_qparams turns back into them."""
+        layer_grids = tuple((node.name, self.weight_grids[self._key(node.name)].learned_qparams())
+                            for node in self.graph.weighted())
+        learned_stats = dict(stats)
+        for tensor, label in self.points.items():
+            lo, hi = grid_range(self.grids[self._key(label)].learned_qparams(), config.activations.scheme)
+            learned_stats[tensor] = replace(stats[tensor], min=float(lo), max=float(hi))
+        learned = replace(config, weights=replace(config.weights, layer_grids=layer_grids),
+                          activations=replace(config.activations, method=MinMax(), output_method=MinMax()))
+        return convert(self.learned_graph(), learned_stats, learned, metadata)
+
+
+def _example_shapes(graph: Graph, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """One example's shape of every tensor of the graph (the batch dimension dropped), for eq. 43's N."""
+    shapes = {}
+    with torch.no_grad():
+        run_float(graph, torch.zeros((1, *shape)), lambda name, value: shapes.__setitem__(name, tuple(value.shape[1:])))
+    return shapes
+
+
+@dataclass(frozen=True)
+class FineTuned:
+    before: IntegerModel  # the post-training conversion the fine-tuning started from
+    after: IntegerModel  # the fine-tuned model, converted
+    history: list  # per epoch: {epoch, loss}
+    fake_quant: FakeQuantGraph  # the fine-tuned fake-quantized graph that `after` was converted from
+
+
+def finetune(graph: Graph, stats: dict[str, TensorStats], config: QConfig, pixels: torch.Tensor, labels: torch.Tensor,
+             options: FinetuneOptions = FinetuneOptions(), metadata: dict | None = None,
+             log: Callable[[str], None] = _log.info) -> FineTuned:
+    """Convert (the starting point), fine-tune its fake-quantized twin on uint8 `pixels` and `labels`
+    (cross-entropy, options), convert again on the learned grids. Seeded: the same inputs, options and
+    thread count give the same integers."""
+    before = convert(graph, stats, config, metadata)
+    count = len(pixels) if options.images is None else min(options.images, len(pixels))
+    if count < options.batch_size:
+        raise ValueError(f"fine-tuning needs at least one batch of {options.batch_size} images, got {count}")
+    with intra_op_threads(options.threads):
+        torch.manual_seed(options.seed)
+        model = FakeQuantGraph(graph, before)
+        history = _train(model, graph, pixels, labels, count, options, log)
+        after = model.integer_model(stats, config, metadata)
+    return FineTuned(before, after, history, model)
+
+
+def _train(model: FakeQuantGraph, graph: Graph, pixels: torch.Tensor, labels: torch.Tensor, count: int,
+           options: FinetuneOptions, log: Callable[[str], None]) -> list[dict]:
+    """The loop: lr(t) = lr / 2 (1 + cos(pi t / T)) over all T steps; returns the mean loss per epoch."""
+    optimizer = MomentumSGD([p for p in model.parameters() if p.requires_grad], options.lr, options.momentum)
+    generator = torch.Generator().manual_seed(options.seed)
+    steps = count // options.batch_size
+    total, history = options.epochs * steps, []
+    for epoch in range(1, options.epochs + 1):
+        order, running = torch.randperm(len(pixels), generator=generator)[:count], 0.0
+        for step in progress(range(steps), f"fine-tuning epoch {epoch}/{options.epochs}"):
+            index = order[step * options.batch_size : (step + 1) * options.batch_size]
+            images = pixels[index]
+            if options.augment:  # on the pixels (shifts pad with black), so the input integers stay exact
+                images = augment(images.float(), generator).to(torch.uint8)
+            optimizer.lr = options.lr / 2 * (1 + math.cos(math.pi * ((epoch - 1) * steps + step) / total))
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(images), labels[index])
+            loss.backward()
+            optimizer.step()
+            running += float(loss.detach())
+        history.append({"epoch": epoch, "loss": running / steps})
+        log(f"fine-tuning epoch {epoch}/{options.epochs}: loss {running / steps:.4f}")
+    return history

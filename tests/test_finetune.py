@@ -1,0 +1,149 @@
+"""Quantization-aware fine-tuning (qat/): LSQ fake quantization on the integer model's grids, the
+converted model after fine-tuning, determinism, and `intq finetune` on synthetic data."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import Residual, calibrated, make_pixels, write_image_folder
+from intq.arith.qparams import INT8, UINT8, IntType, QParams, Scheme, choose_qparams, dequantize
+from intq.cli import main
+from intq.executors.reference import run_integer
+from intq.executors.simulate import layer_agreement
+from intq.executors.verify import verify
+from intq.graph.integer_model import QLayer
+from intq.qat.fake_quant import fake_quantize, grid_range, step_gradient_scale
+from intq.qat.finetune import FakeQuantGraph, FinetuneOptions, finetune
+from intq.workflows.sweep import SweepCell, cell_config
+
+W4A4 = cell_config(SweepCell("mse", "per-channel", 4, 4))
+OPTIONS = FinetuneOptions(epochs=2, lr=0.01, batch_size=32, augment=False, seed=3)
+
+
+@pytest.fixture(scope="module")
+def task():
+    """A conv-BN / residual / ReLU6 / average-pool model, 384 random images labelled by the float model."""
+    torch.manual_seed(0)
+    model = Residual().eval()
+    pixels = make_pixels(384, seed=1)
+    with torch.no_grad():
+        labels = model((pixels.float() / 255 - 0.5) / 0.5).argmax(dim=1)
+    graph, stats = calibrated(model, pixels[:128])
+    return graph, stats, pixels, labels
+
+
+@pytest.fixture(scope="module")
+def tuned(task):
+    graph, stats, pixels, labels = task
+    return finetune(graph, stats, W4A4, pixels, labels, OPTIONS)
+
+
+def _task_loss(model, pixels, labels) -> float:
+    """Cross-entropy of the integer model's logits (the reference executor's, dequantized)."""
+    logits = dequantize(run_integer(model, pixels), model.output_qparams(), torch.float64)
+    return float(F.cross_entropy(logits, labels))
+
+
+def test_fine_tuning_lowers_the_task_loss_of_the_integer_model(task, tuned):
+    _, _, pixels, labels = task
+    before, after = _task_loss(tuned.before, pixels, labels), _task_loss(tuned.after, pixels, labels)
+    assert after < 0.8 * before, (before, after)
+    assert tuned.history[-1]["loss"] < tuned.history[0]["loss"]
+
+
+def test_fine_tuned_model_simulation_and_reference_agree_exactly(task, tuned):
+    _, _, pixels, _ = task
+    rows = layer_agreement(tuned.after, pixels[:64])
+    assert {row["layer"] for row in rows} >= {"stem", "conv_a", "conv_b", "project", "add", "head"}
+    assert all(row["differing"] == 0 for row in rows), rows
+    row = verify(tuned.after, pixels[:32], ("onnx_exact",))["onnx_exact"]
+    assert row["differing_share"] == 0 and row["max_lsb"] == 0
+
+
+def test_fake_quantized_graph_computes_the_converted_integer_model(task, tuned):
+    """The trained fake-quant graph in float64 gives the integer model's logits (up to a rare 1 LSB tie
+    of the 31-bit multipliers); the untrained one the post-training model's."""
+    _, _, pixels, _ = task
+    for fake, model in ((tuned.fake_quant, tuned.after), (FakeQuantGraph(task[0], tuned.before), tuned.before)):
+        with torch.no_grad():
+            simulated = fake(pixels[:64], torch.float64)
+        codes = torch.round(simulated / torch.as_tensor(float(model.output_qparams().scale), dtype=torch.float64))
+        reference = run_integer(model, pixels[:64]).to(torch.float64) - float(model.output_qparams().zero_point)
+        differing = (codes - reference).abs()
+        assert differing.max() <= 1 and (differing > 0).double().mean() < 0.01
+
+
+def test_learned_grids_become_the_converted_qparams(tuned):
+    """Weight grids go to convert as they are; activation grids through grid_range and choose_qparams,
+    whose round trip keeps the zero point and the scale to a few ulps; fine-tuning moved them."""
+    grids = tuned.fake_quant
+    for layer in tuned.after.quantized_layers():
+        learned = grids.weight_grids[grids._key(layer.name)].learned_qparams()
+        assert np.array_equal(layer.weight_qparams.scale, learned.scale)
+        point = grids.grids[grids._key(layer.name)].learned_qparams()
+        assert np.array_equal(layer.output_qparams.zero_point, point.zero_point)
+        np.testing.assert_allclose(layer.output_qparams.scale, point.scale, rtol=1e-12)
+    moved = [not np.allclose(a.weight_qparams.scale, b.weight_qparams.scale)
+             for a, b in zip(tuned.before.quantized_layers(), tuned.after.quantized_layers())]
+    assert any(moved)
+
+
+@pytest.mark.parametrize("dtype,scheme", [(UINT8, Scheme.ASYMMETRIC), (IntType(4, True), Scheme.ASYMMETRIC),
+                                          (INT8, Scheme.SYMMETRIC), (UINT8, Scheme.SYMMETRIC), (INT8, Scheme.SPAN)])
+def test_grid_range_round_trips_through_choose_qparams(dtype, scheme):
+    qp = choose_qparams(-0.37, 2.9, dtype, scheme)
+    again = choose_qparams(*grid_range(qp, scheme), dtype, scheme)
+    assert np.array_equal(again.zero_point, qp.zero_point)
+    np.testing.assert_allclose(again.scale, qp.scale, rtol=1e-14)
+
+
+def test_fake_quantize_is_the_grid_and_its_step_gradient_is_lsq():
+    """Forward: s (clamp(round(x/s) + z) - z), halves away from zero; d x_hat/d s (eq. 42) times g (eq. 43):
+    round(v) - v inside the range, qmin - z or qmax - z where clipped."""
+    x = torch.tensor([0.25, -0.25, 0.3, 10.0, -10.0], dtype=torch.float64)
+    step = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    dtype = IntType(4, True)
+    out = fake_quantize(x, step, torch.tensor(0.0, dtype=torch.float64), dtype, g=0.5)
+    assert out.tolist() == [0.5, -0.5, 0.5, 3.5, -4.0]
+    out.sum().backward()
+    v = x[:3] / 0.5
+    expected = float((torch.where(v < 0, -torch.floor(-v + 0.5), torch.floor(v + 0.5)) - v).sum()) + 7 - 8
+    assert step.grad.item() == pytest.approx(0.5 * expected)
+    assert step_gradient_scale(100, dtype, np.array(0)) == pytest.approx(1 / np.sqrt(100 * 8))
+
+
+def test_same_seed_same_integers_another_seed_others(task, tuned):
+    graph, stats, pixels, labels = task
+    again = finetune(graph, stats, W4A4, pixels, labels, OPTIONS)
+    other = finetune(graph, stats, W4A4, pixels, labels, FinetuneOptions(epochs=2, lr=0.01, batch_size=32,
+                                                                         augment=False, seed=4))
+    pairs = list(zip(tuned.after.quantized_layers(), again.after.quantized_layers(), other.after.quantized_layers()))
+    assert all(np.array_equal(a.weight, b.weight) and np.array_equal(a.output_qparams.scale, b.output_qparams.scale)
+               for a, b, _ in pairs)
+    assert not all(np.array_equal(a.weight, c.weight) for a, _, c in pairs)
+
+
+@pytest.mark.parametrize("field,value", [("epochs", 0), ("lr", float("nan")), ("lr", 0.0), ("batch_size", 0),
+                                         ("momentum", 1.0), ("images", 0), ("threads", True)])
+def test_bad_options_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        FinetuneOptions(**{field: value})
+
+
+def test_finetune_command_writes_a_model_and_refuses_bad_options_in_one_line(tmp_path, capsys):
+    data = write_image_folder(tmp_path / "data", train_per_class=8, test_per_class=2)
+    common = ["--data", str(data), "--cache", str(tmp_path / "cache")]
+    checkpoint = tmp_path / "net.npz"
+    assert main(["train", "--arch", "Net", "--epochs", "1", "--batch-size", "16", "--out", str(checkpoint), *common]) == 0
+    out = tmp_path / "ft.npz"
+    assert main(["finetune", "--model", str(checkpoint), "--arch", "Net", "--batch-size", "16", "--calib-samples",
+                 "40", "--out", str(out), "--json", str(tmp_path / "ft.json"), *common]) == 0
+    printed = capsys.readouterr().out
+    assert "before fine-tuning" in printed and out.is_file()
+    assert main(["verify", str(out), "--executors", "onnx_exact", "--images", "8", *common]) == 0
+    assert "differing 0.0000%" in capsys.readouterr().out
+    for bad, named in ((["--epochs", "0"], "--epochs"), (["--lr", "nan"], "--lr"), (["--wbits", "9"], "--wbits"),
+                       (["--batch-size", "1000"], "--batch-size"), (["--train-images", "0"], "--train-images")):
+        assert main(["finetune", "-q", "--model", str(checkpoint), "--arch", "Net", *bad, *common]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("intq: error: ") and named in err, err
