@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "intq"
-LAYERS = ["arith", "calibrate", "graph", "executors", "data", "cifar", "qat", "workflows", "report"]  # bottom to top
+LAYERS = ["arith", "calibrate", "graph", "executors", "ptq", "data", "cifar", "qat", "workflows", "report"]  # bottom to top
 BASE, TOP = {"files", "extras", "progress", "__version__"}, {"cli", "commands", "commands_finetune", "__init__"}
 
 

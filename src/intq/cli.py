@@ -161,6 +161,9 @@ def _add_config(command) -> None:
     command.add_argument("--abits", type=int, default=None, help="with --method: activation bits, 2..8 (default: 8)")
     command.add_argument("--granularity", choices=GRANULARITIES, default=None,
                          help="with --method (default: per-channel)")
+    command.add_argument("--equalization", action="store_true", help="cross-layer equalization (eq. 36): "
+                         "balance the channels of layers chained through ReLU; the float function is unchanged")
+    command.add_argument("--bias-correction", action="store_true", help="correct each bias for its weights' rounding (eq. 37)")
 
 
 def _add_inspect(commands) -> None:

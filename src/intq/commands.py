@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -71,20 +72,27 @@ def _cell(args: argparse.Namespace) -> SweepCell | None:
 
 
 def _config(args: argparse.Namespace) -> QConfig:
-    """The preset, or the sweep cell's QConfig when --method is given (options checked first).
+    """The preset, or the sweep cell's QConfig when --method is given (options checked first), with
+    --equalization and --bias-correction switched on when given.
     --wbits, --abits and --granularity describe a cell: with a preset they are refused, not ignored."""
+    switches = {"equalization": args.equalization, "bias_correction": args.bias_correction}
     if args.method is None:
         given = [flag for flag, value in (("--wbits", args.wbits), ("--abits", args.abits),
                                           ("--granularity", args.granularity)) if value is not None]
         if given:
             raise argparse.ArgumentTypeError(f"{', '.join(given)}: only with --method (a sweep cell); "
                                              f"the preset {args.preset} sets its own bits and granularity")
-        return PRESETS[args.preset]
+        return replace(PRESETS[args.preset], **switches)
     cell = _cell(args)
     _range_method("--method", cell.method)
     _bit_width("--wbits", cell.wbits)
     _bit_width("--abits", cell.abits)  # --granularity: argparse's choices
-    return cell_config(cell)
+    return replace(cell_config(cell), **switches)
+
+
+def _switches_label(config: QConfig) -> str:
+    """'-cle-bc' for a config with equalization and bias correction, '' without them: for file names."""
+    return "-cle" * config.equalization + "-bc" * config.bias_correction
 
 
 def _existing_file(path: Path) -> Path:
@@ -338,6 +346,7 @@ def quantize_command(args: argparse.Namespace) -> None:
     inputs = _float_model_inputs(args, spec)
     cell = _cell(args)
     label = args.preset if cell is None else f"{cell.method}-w{cell.wbits}a{cell.abits}-{cell.granularity}"
+    label += _switches_label(config)
     default_out = (args.checkpoint.with_name(f"{args.checkpoint.stem}-{label}-int.npz") if args.checkpoint
                    else Path("runs") / model_name(spec) / f"{model_name(spec)}-{label}-int.npz")
     out = check_writable(args.out or default_out)

@@ -5,7 +5,7 @@ fixed-bin histogram that widens by merging bin pairs. Protocol: `update(x)`, the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ class TensorStats:
     bin_width: float
     zeros: int = 0  # exact 0s of a non-negative tensor (post-ReLU spike): representable, error-free
     shape: tuple[int, ...] = ()  # one sample's shape (the batch dimension dropped)
+    window_means: dict = field(default_factory=dict)  # {Window: mean} of the layers reading it (window_means.py)
 
     @property
     def std(self) -> float:

@@ -82,6 +82,7 @@ class Graph:
     output_name: str
     users: dict[str, list[str]] = field(default_factory=dict)
     preprocessing: Preprocessing = STUDY_PREPROCESSING  # the float input the model expects (eq. 25)
+    equalized: bool = False  # cross-layer equalization rescaled its channels (ptq/equalization.py, eq. 36)
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)

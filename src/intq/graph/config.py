@@ -48,6 +48,14 @@ class QConfig:
     fold_input: bool  # first layer reads 2p - 255 (lossless) instead of a requantized input
     calibration_samples: int | None  # None: every training image
     description: str = ""
+    equalization: bool = False  # cross-layer equalization of the float graph before calibration (eq. 36)
+    bias_correction: bool = False  # each layer's float bias corrected for its weights' rounding (eq. 37)
+
+    def __post_init__(self) -> None:
+        for switch in ("equalization", "bias_correction"):
+            value = getattr(self, switch)
+            if not isinstance(value, bool):
+                raise ValueError(f"QConfig {switch} must be True or False, got {value!r:.60}")
 
 
 STUDY = QConfig(

@@ -5,6 +5,7 @@ fixed-point multiplier per output channel, and a proof that its accumulator fits
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterable
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 
 from intq.graph.capture import (Activation, Add, ChannelGather, Concat, Conv2d, Flatten, Graph, Identity, MaxPool2d,
                                 Mul, Node, REQUANTIZING, ReLU, WEIGHTED, run_float)
+from intq.graph.bias_correction import corrected_bias, input_windows, layer_window
 from intq.graph.config import ActivationConfig, QConfig, WeightConfig
 from intq.arith.fixed_point import quantize_multipliers
 from intq.arith.lookup import MAX_LOOKUP_INPUT_BITS, nonnegative
@@ -22,7 +24,8 @@ from intq.graph.integer_model import (INT32_LIMIT, InputSpec, IntegerModel, QAdd
                                 avg_pool_multiplier, layer_multipliers)
 from intq.graph.model_check import ModelCheckError, check_model
 from intq.calibrate.observers import TensorObserver, TensorStats, observe
-from intq.arith.qparams import IntType, QParams, Scheme, choose_qparams, quantize, round_half_away_from_zero
+from intq.calibrate.window_means import WindowMeanObserver
+from intq.arith.qparams import IntType, QParams, Scheme, choose_qparams, dequantize, quantize, round_half_away_from_zero
 
 
 
@@ -96,12 +99,15 @@ def calibration_batch(batch: object, index: int, preprocessing: Preprocessing) -
 
 def collect_statistics(graph: Graph, batches: Iterable[torch.Tensor]) -> dict[str, TensorStats]:
     """One streaming pass of the float graph over `batches`, observing the input and every layer's
-    quantization point: the statistics `convert` needs.
+    quantization point: the statistics `convert` needs. Each weighted layer's input also gets the mean of
+    the layer's windows (TensorStats.window_means, eq. 37), for bias correction.
 
     A batch is uint8 pixels (preprocessed with the graph's preprocessing) or float32 images that
     must be what that preprocessing makes of pixels (calibration_batch); a batch that is neither, no
     images at all, or a layer producing NaN/Inf raise ConversionError."""
-    observers = {name: TensorObserver() for name in observed_tensors(graph).values()}
+    windows = input_windows(graph)
+    observers = {name: TensorObserver() for name in [*observed_tensors(graph).values(), *windows]}
+    window_observers = {name: WindowMeanObserver(layer_windows) for name, layer_windows in windows.items()}
     index = 0
 
     def visit(name: str, value: torch.Tensor) -> None:
@@ -109,6 +115,8 @@ def collect_statistics(graph: Graph, batches: Iterable[torch.Tensor]) -> dict[st
             return
         try:
             observers[name].update(value)
+            if name in window_observers:
+                window_observers[name].update(value)
         except ValueError as err:  # NaN or Inf from a layer: name it rather than fail deep inside
             raise ConversionError(f"calibration batch {index}: tensor {name!r}: {err}") from None
 
@@ -125,7 +133,8 @@ def collect_statistics(graph: Graph, batches: Iterable[torch.Tensor]) -> dict[st
                                       f"{tuple(batch.shape)} ({reason})") from None
     if observers[graph.input_name].count == 0:
         raise ConversionError("calibration saw no images (every batch was empty, or there were none)")
-    return {name: observer.stats() for name, observer in observers.items()}
+    return {name: replace(observer.stats(), window_means=window_observers[name].means())
+            if name in window_observers else observer.stats() for name, observer in observers.items()}
 
 
 def weight_qparams(weight: torch.Tensor, config: WeightConfig) -> QParams:
@@ -208,15 +217,25 @@ def _storage(q: torch.Tensor, dtype: IntType) -> np.ndarray:
     return q.numpy().astype(np.int8 if dtype.signed and dtype.bits <= 8 else np.uint8 if dtype.bits <= 8 else np.int32)
 
 
-def convert_layer(node: Node, input_qp: QParams, output_qp: QParams, relu: bool, config: QConfig) -> QLayer:
-    """One Conv2d/Linear -> QLayer: integer weights and bias, multipliers, overflow proof."""
+def convert_layer(node: Node, input_qp: QParams, output_qp: QParams, relu: bool, config: QConfig,
+                  input_stats: TensorStats | None = None) -> QLayer:
+    """One Conv2d/Linear -> QLayer: integer weights and bias, multipliers, overflow proof. With
+    `config.bias_correction`, the float bias is corrected first (eq. 37) from `input_stats`' window mean."""
     _check_weight(node)
     op = node.op
     weight = op.weight.detach().cpu()  # conversion is offline; the IntegerModel holds numpy arrays
     weights_config = config.weights.for_layer(node.name)
     weight_qp = weight_qparams(weight, weights_config)
-    weight_q = _storage(quantize(weight, weight_qp), weight_qp.dtype)
+    weight_int = quantize(weight, weight_qp)
+    weight_q = _storage(weight_int, weight_qp.dtype)
     bias = None if op.bias is None else op.bias.detach().cpu()
+    if config.bias_correction:
+        window_mean = input_stats.window_means.get(layer_window(op)) if input_stats is not None else None
+        if window_mean is None:
+            raise ConversionError(f"layer {node.name!r}: bias correction needs the mean of the layer's input windows "
+                                  f"(eq. 37), which these statistics lack: gather them with collect_statistics")
+        bias = corrected_bias(bias, weight, dequantize(weight_int, weight_qp, torch.float64), window_mean,
+                              getattr(op, "groups", 1))
     bias_q = quantized_bias(bias, input_qp, weight_qp, node.name)
     channels = op.weight.shape[0]
     mantissa, shift = quantize_multipliers(layer_multipliers(input_qp, weight_qp, output_qp, channels))
@@ -253,7 +272,7 @@ def convert_requantizing(node: Node, inputs_qp: list[QParams], output_qp: QParam
     fused ReLU (or ReLU6)."""
     relu_max = relu.op.upper if relu else None
     if isinstance(node.op, WEIGHTED):
-        layer = convert_layer(node, inputs_qp[0], output_qp, relu is not None, config)
+        layer = convert_layer(node, inputs_qp[0], output_qp, relu is not None, config, input_stats)
         layer.relu_max = relu_max
         return layer
     if type(node.op) in JOINED:
@@ -303,9 +322,20 @@ def check_layer_names(graph: Graph, config: QConfig) -> None:
         raise ConversionError(f"per-layer bits name unknown layers {', '.join(unknown)}; layers: {', '.join(known)}")
 
 
+def check_equalization(graph: Graph, config: QConfig) -> None:
+    """Equalization (ptq/equalization.py) changes the float graph before its statistics are gathered, so
+    convert cannot apply it: the graph must have been equalized exactly when the config asks for it."""
+    if config.equalization != graph.equalized:
+        done = "was equalized" if graph.equalized else "was not equalized"
+        raise ConversionError(f"config {config.name!r} has equalization={config.equalization} but the graph {done}: "
+                              f"equalize the captured graph before collect_statistics exactly when the config asks "
+                              f"for it (intq.quantize and the commands do)")
+
+
 def convert(graph: Graph, stats: dict[str, TensorStats], config: QConfig, metadata: dict | None = None) -> IntegerModel:
     """Build the IntegerModel; `stats` holds the observed tensors named by `observed_tensors`."""
     check_layer_names(graph, config)
+    check_equalization(graph, config)
     spec = input_spec(stats[graph.input_name], config, graph.preprocessing)
     qparams_of = {graph.input_name: spec.qparams}
     alias = {graph.input_name: graph.input_name}
@@ -333,7 +363,8 @@ def convert(graph: Graph, stats: dict[str, TensorStats], config: QConfig, metada
             qparams_of[node.name] = qparams_of[sources[0]]
         else:
             alias[node.name] = sources[0]
-    metadata = {"preset": config.name, **(metadata or {})}
+    switches = {name: True for name in ("equalization", "bias_correction") if getattr(config, name)}
+    metadata = {"preset": config.name, **switches, **(metadata or {})}
     model = IntegerModel(graph.input_name, spec, layers, alias[graph.output_name], metadata)
     try:
         check_model(model)  # what a model file must pass, the converter's output passes too

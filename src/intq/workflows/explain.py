@@ -10,6 +10,7 @@ from fractions import Fraction
 
 import torch
 
+from intq.ptq.equalization import equalize
 from intq.graph.capture import Graph, capture, run_float
 from intq.graph.convert import fused_relu
 from intq.executors.reference import run_integer
@@ -157,11 +158,13 @@ def describe(e: Explanation, layer: QLayer) -> list[str]:
 
 
 def cached_float_graph(model: IntegerModel, data, cache_dir) -> Graph | None:
-    """The float model the integer model came from, when its trained weights are in the cache."""
+    """The float model the integer model came from, when its trained weights are in the cache (equalized,
+    eq. 36, when the integer model was: its layers then carry the equalized channels' values)."""
     name, seed = model.metadata.get("model"), model.metadata.get("seed")
     if name not in MODELS or seed is None:
         return None
     float_model = MODELS[name]()
     if load_weights(float_model, weights_path(name, Recipe(), seed, data.train_images, data.train_labels, cache_dir)) is None:
         return None
-    return capture(float_model.eval(), data.test_images[:2], model.input.preprocessing)
+    graph = capture(float_model.eval(), data.test_images[:2], model.input.preprocessing)
+    return equalize(graph) if model.metadata.get("equalization") is True else graph

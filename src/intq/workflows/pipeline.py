@@ -34,6 +34,7 @@ from intq.graph.integer_model import IntegerModel
 from intq.cifar.models import ARCHITECTURES, MODELS
 from intq.calibrate.observers import TensorStats
 from intq.progress import progress
+from intq.ptq.equalization import equalize
 from intq.cifar.train import Recipe, load_weights, save_weights, train, weights_key
 
 _log = logging.getLogger(__name__)  # progress messages; the command line routes them to stderr
@@ -150,11 +151,14 @@ def statistics(graph: Graph, pixels: torch.Tensor, device: str = "cpu") -> dict[
 
 
 def calibrated(model: torch.nn.Module, pixels: torch.Tensor, *, device: str = "cpu",
-               example: torch.Tensor | None = None, preprocessing: Preprocessing = STUDY_PREPROCESSING) -> Calibrated:
+               example: torch.Tensor | None = None, preprocessing: Preprocessing = STUDY_PREPROCESSING,
+               equalization: bool = False) -> Calibrated:
     """Capture `model` and observe it on the uint8 calibration `pixels` under `preprocessing` (the
     float input the model expects). The capture is checked on the first two of `example` (default:
-    of `pixels`)."""
+    of `pixels`). With `equalization`, the captured graph is equalized (eq. 36) before it is observed:
+    it then serves the configs with equalization on, and only those."""
     graph = capture_graph(model, pixels if example is None else example, device, preprocessing)
+    graph = equalize(graph) if equalization else graph
     return Calibrated(graph, statistics(graph, pixels, device))
 
 
@@ -162,7 +166,8 @@ def quantize_model(model: torch.nn.Module, pixels: torch.Tensor, config: QConfig
                    metadata: dict | None = None, example: torch.Tensor | None = None,
                    preprocessing: Preprocessing = STUDY_PREPROCESSING) -> Quantized:
     """model -> graph -> statistics on the uint8 calibration `pixels` -> IntegerModel under `config`."""
-    calibration = calibrated(model, pixels, device=device, example=example, preprocessing=preprocessing)
+    calibration = calibrated(model, pixels, device=device, example=example, preprocessing=preprocessing,
+                             equalization=config.equalization)
     return Quantized(calibration.graph, calibration.stats, calibration.integer_model(config, metadata))
 
 

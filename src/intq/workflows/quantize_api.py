@@ -28,6 +28,7 @@ from intq.graph.capture import capture
 from intq.graph.config import PRESETS, QConfig
 from intq.graph.convert import collect_statistics, convert
 from intq.graph.integer_model import IntegerModel
+from intq.ptq.equalization import equalize
 
 CHUNK = 256  # images per calibration batch: larger batches are sliced, Dataset items stacked
 PROGRESS_INTERVAL = 0.1  # seconds between two updates of the progress line
@@ -55,9 +56,10 @@ def quantize(model: nn.Module, data, *, input: Preprocessing | dict | tuple | No
     channel: a Preprocessing, {"mean": ..., "std": ...} or a (mean, std) pair; None declares the
     default, the study's (p/255 - 0.5)/0.5. `data` is any form ACCEPTED names; uint8 pixels are
     preprocessed with `input`, float32 images must be what `input` makes of pixels (else
-    DataInputError). `config` is a QConfig or a preset name (PRESETS). The capture is checked on
-    `example` (default: the first two calibration images). `max_images` stops after the first that
-    many images. `progress` False hides the stderr line "calibrating: 3,000 images", shown only on a
+    DataInputError). `config` is a QConfig or a preset name (PRESETS); its `equalization` equalizes the
+    captured graph before calibration, its `bias_correction` corrects the biases in convert. The capture
+    is checked on `example` (default: the first two calibration images). `max_images` stops after the
+    first that many images. `progress` False hides the stderr line "calibrating: 3,000 images", shown only on a
     terminal. The model's metadata holds {"api": "intq.quantize", "calibration_images": N} and `metadata`.
     Example: quantize(model, torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8)) calibrates
     on 100 images under the default input and the recommended preset."""
@@ -72,6 +74,7 @@ def quantize(model: nn.Module, data, *, input: Preprocessing | dict | tuple | No
             raise DataInputError(f"no images in the data: {describe(data)} holds none")
         example = first[:2] if example is None else _example_tensor(example)
         graph = capture(model, example, preprocessing)
+        graph = equalize(graph) if qconfig.equalization else graph
         stats = collect_statistics(graph, itertools.chain([first], batches))
     finally:
         line.close()

@@ -1,0 +1,1 @@
+"""Post-training methods beyond rounding to nearest: cross-layer equalization of the float graph (equalization)."""
