@@ -4,7 +4,8 @@ on every test image; the table of README's "Equalization and bias correction". R
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_equalization.py --model examples/mobilenet_v2.py:cifar \
         --weights runs/mobilenet_v2.pt --data DIR --mean 0.4914 0.4822 0.4465 --std 0.2470 0.2435 0.2616 \
-        [--methods mse minmax] [--granularity per-tensor per-channel] [--calib-samples 10000]
+        [--methods mse minmax] [--granularity per-tensor per-channel] [--wbits 8 6 4] [--abits 8]
+        [--calib-samples 10000]
 
 One calibration per equalization setting (seed 0, the `intq quantize` default subset) serves every cell and
 both bias-correction settings; each row is what `intq quantize ... --method M --granularity G
@@ -37,7 +38,8 @@ def main() -> None:
     parser.add_argument("--std", type=float, nargs="+", required=True)
     parser.add_argument("--methods", nargs="+", default=["mse"])
     parser.add_argument("--granularity", nargs="+", default=["per-tensor"])
-    parser.add_argument("--bits", type=int, default=8)
+    parser.add_argument("--wbits", type=int, nargs="+", default=[8])
+    parser.add_argument("--abits", type=int, default=8)
     parser.add_argument("--calib-samples", type=int, default=CALIBRATION_IMAGES)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -57,18 +59,18 @@ def main() -> None:
               f"{time.perf_counter() - start:.0f} s", flush=True)
         if equalization:
             print(f"float, equalized graph: {graph_accuracy(calibration.graph, data):.2f}%", flush=True)
-        for method in args.methods:
-            for granularity in args.granularity:
-                for bias_correction in (False, True):
-                    cell = SweepCell(method, granularity, args.bits, args.bits)
-                    config = replace(cell_config(cell), equalization=equalization, bias_correction=bias_correction)
-                    start = time.perf_counter()
-                    integer = calibration.integer_model(config)
-                    converted = time.perf_counter() - start
-                    accuracy = integer_accuracy(integer, data)
-                    rows.append((config.name, equalization, bias_correction, accuracy, converted))
-                    print(f"  {config.name}, equalization {equalization}, bias correction {bias_correction}: "
-                          f"{accuracy:.2f}% (convert {converted:.1f} s)", flush=True)
+        cells = [SweepCell(method, granularity, wbits, args.abits)
+                 for method in args.methods for granularity in args.granularity for wbits in args.wbits]
+        for cell in cells:
+            for bias_correction in (False, True):
+                config = replace(cell_config(cell), equalization=equalization, bias_correction=bias_correction)
+                start = time.perf_counter()
+                integer = calibration.integer_model(config)
+                converted = time.perf_counter() - start
+                accuracy = integer_accuracy(integer, data)
+                rows.append((config.name, equalization, bias_correction, accuracy, converted))
+                print(f"  {config.name}, equalization {equalization}, bias correction {bias_correction}: "
+                      f"{accuracy:.2f}% (convert {converted:.1f} s)", flush=True)
     print(f"\n| cell | equalization | bias correction | integer-only % | vs float (points) | convert s |")
     print("| --- | --- | --- | ---: | ---: | ---: |")
     for name, equalization, bias_correction, accuracy, seconds in sorted(rows, key=lambda row: row[0]):

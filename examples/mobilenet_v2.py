@@ -5,9 +5,14 @@ equalization and bias correction (intq quantize --model examples/mobilenet_v2.py
 Inverted residual blocks (1x1 expansion, 3x3 depthwise, 1x1 linear projection, a residual add where shapes
 allow), BatchNorm after every convolution (folded into it by intq), ReLU rather than MobileNetV2's ReLU6:
 ReLU is positively homogeneous, relu(x / s) = relu(x) / s for s > 0, so equalization through it leaves the
-float function exactly as it was (docs/math.md eq. 35); ReLU6 is not, and intq does not equalize across it.
-Nagel et al. (2019) replace ReLU6 by ReLU for the same reason. About 6 M multiply-adds and 90 k parameters
-per image. Trained with examples/train_small_cnn.py (README, "Equalization and bias correction").
+float function exactly as it was (docs/math.md eq. 36); ReLU6 is not, and intq does not equalize across it.
+Nagel et al. (2019) replace ReLU6 by ReLU for the same reason. 5.4 M multiply-adds and 97 k parameters per
+image. examples/mobilenet_v2.pt: seed 0, 5 epochs on the 50,000 CIFAR-10 training images (73 minutes on a
+loaded 2-core machine), float 75.68% on the 10,000 test images (README, "Equalization and bias correction"):
+
+    python examples/train_small_cnn.py --model examples/mobilenet_v2.py:cifar --data DIR \
+        --mean 0.4914 0.4822 0.4465 --std 0.2470 0.2435 0.2616 --epochs 5 --lr 0.1 --channels-last \
+        --out examples/mobilenet_v2.pt
 """
 import torch.nn as nn
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 from conftest import make_pixels
 from intq.arith.qparams import Scheme, dequantize, quantize
 from intq.calibrate.ranges import MinMax
-from intq.graph.capture import capture, run_float
+from intq.graph.capture import Add, capture, run_float
 from intq.graph.config import RECOMMENDED, WeightConfig
 from intq.graph.convert import ConversionError, collect_statistics, convert, weight_qparams
 from intq.ptq.equalization import (Pair, equalization_pairs, equalization_scales, equalize, input_ranges,
@@ -187,3 +187,26 @@ def test_convert_refuses_a_graph_equalized_otherwise_than_its_config(block):
         convert(equalized, collect_statistics(equalized, [pixels]), RECOMMENDED)
     model = convert(equalized, collect_statistics(equalized, [pixels]), replace(RECOMMENDED, equalization=True))
     assert model.metadata["equalization"] is True and "bias_correction" not in model.metadata
+
+
+def test_the_mobilenet_v2_example_equalizes_through_every_depthwise_conv():
+    """examples/mobilenet_v2.py, loaded as the CLI loads a user's model file: every depthwise conv is the W2
+    of one pair and the W1 of the next; the residual adds end the chains; the function stays."""
+    from pathlib import Path
+    from intq.arith.preprocessing import Preprocessing
+    from intq.workflows.user_model import load_user_model
+    torch.manual_seed(0)
+    model = unbalanced(load_user_model(str(Path(__file__).resolve().parents[1] / "examples" / "mobilenet_v2.py") + ":cifar"))
+    pixels = make_pixels(8)
+    graph = capture(model, pixels[:2], Preprocessing((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
+    pairs = equalization_pairs(graph)
+    depthwise = [node.name for node in graph.weighted() if getattr(node.op, "groups", 1) > 1]
+    assert len(depthwise) == 7 and len(pairs) == 16
+    assert all(name in {p.second for p in pairs} and name in {p.first for p in pairs} for name in depthwise)
+    into_adds = [node.name for node in graph.weighted()
+                 if any(isinstance(graph.node(user).op, Add) for user in graph.users[node.name])]
+    assert len(into_adds) == 6 and not set(into_adds) & {p.first for p in pairs}  # both operands of 3 adds
+    x = graph.preprocessing.apply(pixels)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.allclose(run_float(equalize(graph), x), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))

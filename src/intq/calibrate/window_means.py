@@ -4,7 +4,7 @@ turns it into each output channel's expected shift from weight quantization, for
 
 A `Window` is how a layer reads its input (a convolution's kernel, stride, padding and dilation, or a
 Linear's features); a `WindowMeanObserver` streams batches of one tensor and keeps, for each window,
-float64 sums and the count of windows, so its means do not depend on how the images were batched.
+float64 sums (each batch summed in its own dtype first) and the count of windows.
 """
 from __future__ import annotations
 
@@ -68,8 +68,8 @@ class WindowMeanObserver:
         summed: dict[bool, torch.Tensor] = {}
         for window in self.windows:
             linear = window.kernel is None
-            if linear not in summed:
-                summed[linear] = (x.reshape(-1, x.shape[-1]) if linear else x).sum(0, dtype=torch.float64)
+            if linear not in summed:  # a batch summed in its dtype (float32: ~1e-6), 10x faster than in float64
+                summed[linear] = (x.reshape(-1, x.shape[-1]) if linear else x).sum(0).double()
             sums, per_sample = window_sums(summed[linear], window)
             self.sums[window] = self.sums[window] + sums if window in self.sums else sums
             self.counts[window] += per_sample * (rows if linear else x.shape[0])
