@@ -153,16 +153,13 @@ def _add_sensitivity(commands) -> None:
 
 
 def _add_config(command) -> None:
-    """--preset, or a sweep cell (--method with --wbits, --abits, --granularity)."""
+    """--preset, or a sweep cell (--method with --wbits, --abits, --granularity); with either, the PTQ switches."""
     command.add_argument("--preset", choices=tuple(PRESETS), default="recommended", help="(default: recommended)")
-    command.add_argument("--method", default=None, help="a sweep cell instead of a preset: range method "
-                         "(minmax, nsigma(K), percentile(P), mse, entropy)")
+    command.add_argument("--method", default=None, help="a sweep cell instead of a preset: range method (minmax, nsigma(K), percentile(P), mse, entropy)")
     command.add_argument("--wbits", type=int, default=None, help="with --method: weight bits, 2..8 (default: 8)")
     command.add_argument("--abits", type=int, default=None, help="with --method: activation bits, 2..8 (default: 8)")
-    command.add_argument("--granularity", choices=GRANULARITIES, default=None,
-                         help="with --method (default: per-channel)")
-    command.add_argument("--equalization", action="store_true", help="cross-layer equalization (eq. 36): "
-                         "balance the channels of layers chained through ReLU; the float function is unchanged")
+    command.add_argument("--granularity", choices=GRANULARITIES, default=None, help="with --method (default: per-channel)")
+    command.add_argument("--equalization", action="store_true", help="balance the channels of layers chained through ReLU (eq. 36)")
     command.add_argument("--bias-correction", action="store_true", help="correct each bias for its weights' rounding (eq. 37)")
 
 
