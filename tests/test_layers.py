@@ -1,5 +1,5 @@
 """The folders show the flow and imports run one way, from the arithmetic up to the command line:
-no module imports from a subpackage above its own (issue 11). files.py, extras.py and progress.py are
+no module imports from a subpackage above its own (issue 11). files.py, extras.py, progress.py and threads.py are
 the base every layer may use; cli.py and commands.py sit on top."""
 import ast
 from pathlib import Path
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "intq"
-LAYERS = ["arith", "calibrate", "graph", "executors", "ptq", "data", "cifar", "qat", "workflows", "report"]  # bottom to top
-BASE, TOP = {"files", "extras", "progress", "__version__"}, {"cli", "commands", "commands_finetune", "__init__"}
+LAYERS = ["arith", "calibrate", "graph", "ptq", "executors", "data", "cifar", "qat", "workflows", "report"]  # bottom to top
+BASE, TOP = {"files", "extras", "progress", "threads", "__version__"}, {"cli", "commands", "commands_finetune", "__init__"}
 
 
 def layer_of(module: str) -> int:

@@ -24,7 +24,7 @@ from intq.commands import (compare_command, eval_command, explain_command, expor
                            inspect_command, quantize_command, run_command, sensitivity_command, sweep_command,
                            train_command, verify_command)
 from intq.commands_finetune import add_finetune, finetune_command
-from intq.graph.config import PRESETS
+from intq.graph.config import PRESETS, ROUNDINGS
 from intq.graph.convert import ConversionError
 from intq.cifar.data import DataError
 from intq.executors.encoding import EngineError
@@ -243,8 +243,10 @@ def _add_train_quantize_eval(commands) -> None:
                           help="a checkpoint written by intq train (or use --model)")
     _add_model(quantize, default=None)
     _add_config(quantize)
-    quantize.add_argument("--calib-samples", type=int, default=None,
-                          help="training images to calibrate on, at most all of them (default: 10000, or all when fewer)")
+    quantize.add_argument("--calib-samples", type=int, help="training images to calibrate on (default: 10000 or all)")
+    quantize.add_argument("--layer-bits", metavar="LAYER=B,...", help="weight bits per layer, e.g. conv=8,fc=8")
+    quantize.add_argument("--rounding", choices=ROUNDINGS, default="nearest", help="learned: adaround, brecq (QDrop)")
+    quantize.add_argument("--rounding-iters", type=int, metavar="N", help="learned rounding: steps per layer or block")
     quantize.add_argument("--out", metavar="MODEL.npz", type=Path, default=None, help="(default: beside the checkpoint)")
     _add_common(quantize)
     _add_json(quantize)

@@ -28,7 +28,7 @@ from intq.files import atomic_write, check_writable, write_json
 from intq.cifar.models import MODELS
 from intq.workflows.subject import (InputOptions, check_data_fits, check_model_files, inputs_for, load_data, load_float_model,
                                    model_name)
-from intq.workflows.checkpoints import integer_accuracy, quantize_checkpoint, train_architecture
+from intq.workflows.checkpoints import integer_accuracy, quantize_checkpoint, train_architecture, with_options
 from intq.workflows.sensitivity import SensitivityOptions, run_sensitivity
 from intq.workflows.study import StudyOptions, run_study
 from intq.workflows.sweep import CALIBRATION_IMAGES, SweepCell, SweepOptions, cell_config, checked_count, run_sweep
@@ -93,6 +93,14 @@ def _config(args: argparse.Namespace) -> QConfig:
 def _switches_label(config: QConfig) -> str:
     """'-cle-bc' for a config with equalization and bias correction, '' without them: for file names."""
     return "-cle" * config.equalization + "-bc" * config.bias_correction
+
+
+def _quantize_config(args: argparse.Namespace) -> QConfig:
+    """_config with quantize's --layer-bits, --rounding and --rounding-iters (seeded by --seed)."""
+    try:
+        return with_options(_config(args), _layer_bits(args.layer_bits), args.rounding, args.rounding_iters, args.seed)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _existing_file(path: Path) -> Path:
@@ -338,7 +346,7 @@ def provenance(args: argparse.Namespace, spec: str, name: str, checkpoint: Path 
 
 def quantize_command(args: argparse.Namespace) -> None:
     json_target = _json_target(args)
-    config = _config(args)
+    config = _quantize_config(args)
     _at_least("--calib-samples", args.calib_samples, 1)
     if (args.checkpoint is None) == (args.model is None):
         raise argparse.ArgumentTypeError("quantize takes a CHECKPOINT or --model (one of them)")
@@ -347,6 +355,7 @@ def quantize_command(args: argparse.Namespace) -> None:
     cell = _cell(args)
     label = args.preset if cell is None else f"{cell.method}-w{cell.wbits}a{cell.abits}-{cell.granularity}"
     label += _switches_label(config)
+    label += f"-{args.rounding}" if config.rounding.learned else ""
     default_out = (args.checkpoint.with_name(f"{args.checkpoint.stem}-{label}-int.npz") if args.checkpoint
                    else Path("runs") / model_name(spec) / f"{model_name(spec)}-{label}-int.npz")
     out = check_writable(args.out or default_out)
@@ -363,6 +372,9 @@ def quantize_command(args: argparse.Namespace) -> None:
         print(f"{out}: {result['bytes']:,} bytes; float {result['float_accuracy']:.2f}%, integer-only "
               f"{result['integer_accuracy']:.2f}% (drop {result['float_accuracy'] - result['integer_accuracy']:.2f} "
               f"points) on {result['test_images']:,} test images")
+    if config.rounding.learned:
+        print(f"rounding {args.rounding}: {len(result['rounding']['units'])} layers or blocks x "
+              f"{config.rounding.iterations:,} iterations, {result['rounding']['seconds']:.0f} s")
     _save_json(json_target, {"model": spec, "calibration_images": samples, **result})
 
 

@@ -15,10 +15,9 @@ import logging
 import hashlib
 import zipfile
 import json
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from intq.cifar.data import normalize
 from intq.files import array_sha256, atomic_write
 from intq.progress import progress
+from intq.threads import intra_op_threads  # noqa: F401 (also imported from here)
 
 _log = logging.getLogger(__name__)  # progress messages; the command line routes them to stderr
 
@@ -40,19 +40,6 @@ class Recipe:
     momentum: float = 0.9
     log_every: int = 2000  # mini-batches between loss lines, as the study prints them
     threads: int = 1  # intra-op threads while training: the weights depend on it (module docstring)
-
-
-@contextmanager
-def intra_op_threads(count: int) -> Iterator[None]:
-    """Run the block with exactly `count` PyTorch intra-op threads, then restore the caller's count."""
-    if count < 1:
-        raise ValueError(f"thread count must be at least 1, got {count}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 class MomentumSGD:

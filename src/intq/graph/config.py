@@ -40,6 +40,47 @@ class ActivationConfig:
     output_bits: int | None = None  # the logits' width (default: `bits`); no layer consumes them
 
 
+ROUNDINGS = ("nearest", "adaround", "brecq")
+
+
+@dataclass(frozen=True)
+class RoundingConfig:
+    """How each weight lands on its grid (the scale and zero point stay the range method's).
+
+    "nearest": round(w/s) (eq. 6). "adaround": floor or ceil of w/s chosen per weight by AdaRound, layer
+    by layer (docs/math.md eqs. 36-37); "brecq": the same choice made jointly for a block of layers
+    with activation quantization in the loop, dropped at random with probability `drop` (QDrop, eq. 38).
+    The learned methods read the first `images` calibration images and run `iterations` steps of Adam
+    on batches of `batch_size` per layer or block, seeded by `seed` (the same seed, the same integers).
+    """
+
+    method: str = "nearest"
+    iterations: int = 2000
+    seed: int = 0
+    images: int = 1024
+    batch_size: int = 32
+    regularization: float = 1.0  # lambda of eq. 37 (the error relative to nearest rounding's, the regularizer a mean)
+    drop: float = 0.5  # QDrop's probability of keeping an activation in float (brecq only)
+
+    def __post_init__(self) -> None:
+        if self.method not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.method!r}")
+        for name in ("iterations", "images", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"rounding {name} must be a whole number of at least 1, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"rounding seed must be a whole number, got {self.seed!r}")
+        if not (isinstance(self.regularization, (int, float)) and 0 <= self.regularization < float("inf")):
+            raise ValueError(f"rounding regularization must be a finite number >= 0, got {self.regularization!r}")
+        if not (isinstance(self.drop, (int, float)) and 0 <= self.drop < 1):
+            raise ValueError(f"rounding drop must be a probability in [0, 1), got {self.drop!r}")
+
+    @property
+    def learned(self) -> bool:
+        return self.method != "nearest"
+
+
 @dataclass(frozen=True)
 class QConfig:
     name: str
@@ -50,6 +91,7 @@ class QConfig:
     description: str = ""
     equalization: bool = False  # cross-layer equalization of the float graph before calibration (eq. 36)
     bias_correction: bool = False  # each layer's float bias corrected for its weights' rounding (eq. 37)
+    rounding: RoundingConfig = RoundingConfig()  # nearest, or learned (AdaRound, BRECQ/QDrop)
 
     def __post_init__(self) -> None:
         for switch in ("equalization", "bias_correction"):

@@ -217,16 +217,46 @@ def _storage(q: torch.Tensor, dtype: IntType) -> np.ndarray:
     return q.numpy().astype(np.int8 if dtype.signed and dtype.bits <= 8 else np.uint8 if dtype.bits <= 8 else np.int32)
 
 
+def grid_neighbours(weight: torch.Tensor, qp: QParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) = clamp(floor(w/s) + z), clamp(ceil(w/s) + z) to [qmin, qmax], int64, computed in
+    float64: the two codes a rounding of w may choose (eq. 36); nearest rounding (eq. 6) picks one."""
+    shape = qp.broadcast_shape(weight.dim())
+    scale = torch.as_tensor(qp.scale, dtype=torch.float64).reshape(shape)
+    zero = torch.as_tensor(qp.zero_point, dtype=torch.int64).reshape(shape)
+    ratio = weight.to(torch.float64) / scale
+    bounds = qp.dtype.qmin, qp.dtype.qmax
+    return ((torch.floor(ratio).to(torch.int64) + zero).clamp(*bounds),
+            (torch.ceil(ratio).to(torch.int64) + zero).clamp(*bounds))
+
+
+def chosen_rounding(codes: torch.Tensor, weight: torch.Tensor, qp: QParams, name: str) -> torch.Tensor:
+    """Learned integer weights `codes`, checked: the weight's shape, and each code the floor or the
+    ceiling of w/s on the range method's grid (grid_neighbours), never further; ConversionError naming
+    the layer otherwise."""
+    codes = torch.as_tensor(codes)
+    if tuple(codes.shape) != tuple(weight.shape) or codes.is_floating_point():
+        raise ConversionError(f"layer {name!r}: learned rounding gave {codes.dtype} {tuple(codes.shape)}, the weight is "
+                              f"{tuple(weight.shape)} integers")
+    down, up = grid_neighbours(weight, qp)
+    codes = codes.to(torch.int64)
+    outside = int(((codes != down) & (codes != up)).sum())
+    if outside:
+        raise ConversionError(f"layer {name!r}: {outside} learned weight codes are neither floor nor ceil of w/s")
+    return codes
+
+
 def convert_layer(node: Node, input_qp: QParams, output_qp: QParams, relu: bool, config: QConfig,
-                  input_stats: TensorStats | None = None) -> QLayer:
-    """One Conv2d/Linear -> QLayer: integer weights and bias, multipliers, overflow proof. With
-    `config.bias_correction`, the float bias is corrected first (eq. 37) from `input_stats`' window mean."""
+                  input_stats: TensorStats | None = None, rounded: torch.Tensor | None = None) -> QLayer:
+    """One Conv2d/Linear -> QLayer: integer weights and bias, multipliers, overflow proof. The weight
+    codes are round(w/s) (eq. 6), or `rounded`, a learned choice of floor or ceil of w/s (eq. 38). With
+    `config.bias_correction`, the float bias is corrected first (eq. 37) for those codes' error, from
+    `input_stats`' window mean."""
     _check_weight(node)
     op = node.op
     weight = op.weight.detach().cpu()  # conversion is offline; the IntegerModel holds numpy arrays
     weights_config = config.weights.for_layer(node.name)
     weight_qp = weight_qparams(weight, weights_config)
-    weight_int = quantize(weight, weight_qp)
+    weight_int = quantize(weight, weight_qp) if rounded is None else chosen_rounding(rounded, weight, weight_qp, node.name)
     weight_q = _storage(weight_int, weight_qp.dtype)
     bias = None if op.bias is None else op.bias.detach().cpu()
     if config.bias_correction:
@@ -267,12 +297,12 @@ JOINED = {Add: (QAdd, add_multipliers), Concat: (QConcat, concat_multipliers), M
 
 
 def convert_requantizing(node: Node, inputs_qp: list[QParams], output_qp: QParams, relu: Node | None,
-                         config: QConfig, input_stats: TensorStats | None):
-    """Conv/Linear -> QLayer, Add -> QAdd, Concat -> QConcat, Mul -> QMul, AvgPool2d -> QAvgPool, with a
-    fused ReLU (or ReLU6)."""
+                         config: QConfig, input_stats: TensorStats | None, rounded: torch.Tensor | None = None):
+    """Conv/Linear -> QLayer (its weight codes `rounded` when learned), Add -> QAdd, Concat -> QConcat,
+    Mul -> QMul, AvgPool2d -> QAvgPool, with a fused ReLU (or ReLU6)."""
     relu_max = relu.op.upper if relu else None
     if isinstance(node.op, WEIGHTED):
-        layer = convert_layer(node, inputs_qp[0], output_qp, relu is not None, config, input_stats)
+        layer = convert_layer(node, inputs_qp[0], output_qp, relu is not None, config, input_stats, rounded)
         layer.relu_max = relu_max
         return layer
     if type(node.op) in JOINED:
@@ -332,10 +362,17 @@ def check_equalization(graph: Graph, config: QConfig) -> None:
                               f"for it (intq.quantize and the commands do)")
 
 
-def convert(graph: Graph, stats: dict[str, TensorStats], config: QConfig, metadata: dict | None = None) -> IntegerModel:
-    """Build the IntegerModel; `stats` holds the observed tensors named by `observed_tensors`."""
+def convert(graph: Graph, stats: dict[str, TensorStats], config: QConfig, metadata: dict | None = None,
+            rounded: dict[str, torch.Tensor] | None = None) -> IntegerModel:
+    """Build the IntegerModel; `stats` holds the observed tensors named by `observed_tensors`.
+    `rounded`: {weighted layer: its learned weight codes} (ptq.reconstruction), required by a config
+    whose rounding is learned, since learning needs calibration images that convert does not see."""
     check_layer_names(graph, config)
     check_equalization(graph, config)
+    if config.rounding.learned and rounded is None:
+        raise ConversionError(f"rounding {config.rounding.method!r} learns from calibration images: quantize with "
+                              "intq.quantize or workflows.pipeline.quantize_model (convert alone rounds to nearest)")
+    rounded = rounded or {}
     spec = input_spec(stats[graph.input_name], config, graph.preprocessing)
     qparams_of = {graph.input_name: spec.qparams}
     alias = {graph.input_name: graph.input_name}
@@ -348,7 +385,8 @@ def convert(graph: Graph, stats: dict[str, TensorStats], config: QConfig, metada
         if isinstance(node.op, REQUANTIZING):
             output_qp, relu = requantized_output(graph, node, stats, config)
             inputs_qp = [qparams_of[source] for source in sources]
-            op = convert_requantizing(node, inputs_qp, output_qp, relu, config, stats.get(node.inputs[0]))
+            op = convert_requantizing(node, inputs_qp, output_qp, relu, config, stats.get(node.inputs[0]),
+                                      rounded.get(node.name))
             op.inputs = sources
             layers.append(op)
             if relu:

@@ -1,1 +1,2 @@
-"""Post-training methods beyond rounding to nearest: cross-layer equalization of the float graph (equalization)."""
+"""Post-training methods beyond rounding to nearest: cross-layer equalization of the float graph (equalization),
+learned rounding (adaround per layer, reconstruction per layer or block)."""

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from intq.graph import model_file
-from intq.graph.config import QConfig
+from intq.graph.config import QConfig, RoundingConfig
 from intq.arith.preprocessing import STUDY_PREPROCESSING, Preprocessing
 from intq.cifar.data import Dataset
 from intq.graph.integer_model import IntegerModel
 from intq.executors.reference import run_integer
+from intq.ptq.reconstruction import LearnedRounding
 from intq.workflows.pipeline import build, calibration_images, quantize_model
 from intq.cifar.train import ClassifierRecipe, accuracy, predict, save_weights, train_classifier
 
@@ -45,17 +47,50 @@ def train_architecture(arch: str, data: Dataset, recipe: ClassifierRecipe, seed:
     return {"history": history, "seconds": time.perf_counter() - start, "checkpoint": str(out)}
 
 
+def with_options(config: QConfig, layer_bits: tuple[tuple[str, int], ...], rounding: str, iterations: int | None,
+                 seed: int) -> QConfig:
+    """`config` with per-layer weight bits (quantize's --layer-bits: each 2..8, each layer once; convert
+    checks the names) and a rounding (--rounding, --rounding-iters: only with a learned one; --seed).
+    ValueError naming the option. Example: (("conv", 8),), "brecq", 500, 0 -> conv at 8 bits, BRECQ."""
+    names = [name for name, _ in layer_bits]
+    bad = [f"{name}={bits}" for name, bits in layer_bits if not 2 <= bits <= 8]
+    if bad or len(set(names)) < len(names):
+        raise ValueError(f"--layer-bits: bit widths must be 2..8, each layer named once, got {', '.join(bad or names)}")
+    if layer_bits:
+        config = replace(config, weights=replace(config.weights, layer_bits=layer_bits))
+    if rounding == "nearest" and iterations is not None:
+        raise ValueError("--rounding-iters: only with a learned --rounding (adaround, brecq)")
+    if rounding == "nearest":
+        return config
+    try:
+        options = RoundingConfig(rounding, seed=seed, **({} if iterations is None else {"iterations": iterations}))
+    except ValueError as err:
+        raise ValueError(f"--rounding-iters: {err}") from None
+    return replace(config, rounding=options)
+
+
+def rounding_figures(config: QConfig, learned: LearnedRounding | None) -> dict:
+    """The rounding method and, when learned, its seconds and each unit's reconstruction error (eq. 37)."""
+    figures = {"method": config.rounding.method}
+    if learned is not None:
+        figures.update(iterations=config.rounding.iterations, seed=config.rounding.seed, seconds=learned.seconds,
+                       units=[asdict(unit) for unit in learned.units])
+    return figures
+
+
 def quantize_checkpoint(model: torch.nn.Module, data: Dataset, config: QConfig, calib_samples: int, seed: int,
                         out: Path, metadata: dict, preprocessing: Preprocessing = STUDY_PREPROCESSING) -> dict:
     """Calibrate on training images, convert with `config`, save the IntegerModel, measure both
     accuracies on the test images (None without a test split)."""
     pixels = calibration_images(data.train_images, calib_samples, seed)
-    integer = quantize_model(model, pixels, config, metadata=metadata, example=data.train_images,
-                             preprocessing=preprocessing).integer_model
+    quantized = quantize_model(model, pixels, config, metadata=metadata, example=data.train_images,
+                               preprocessing=preprocessing)
+    integer = quantized.integer_model
     size = model_file.save(integer, out)
     tested = len(data.test_images) > 0
     return {"float_accuracy": float_accuracy(model, data, preprocessing) if tested else None,
             "integer_accuracy": integer_accuracy(integer, data) if tested else None,
             "test_images": len(data.test_images), "bytes": size, "file": str(out), "input": integer.input.shape,
-            "preprocessing": {"mean": list(integer.input.preprocessing.mean), "std": list(integer.input.preprocessing.std)}}
+            "preprocessing": {"mean": list(integer.input.preprocessing.mean), "std": list(integer.input.preprocessing.std)},
+            "rounding": rounding_figures(config, quantized.rounding)}
 

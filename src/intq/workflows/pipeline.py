@@ -35,6 +35,7 @@ from intq.cifar.models import ARCHITECTURES, MODELS
 from intq.calibrate.observers import TensorStats
 from intq.progress import progress
 from intq.ptq.equalization import equalize
+from intq.ptq.reconstruction import LearnedRounding, learned_integer_model
 from intq.cifar.train import Recipe, load_weights, save_weights, train, weights_key
 
 _log = logging.getLogger(__name__)  # progress messages; the command line routes them to stderr
@@ -66,6 +67,7 @@ class Quantized:
     graph: Graph
     stats: dict[str, TensorStats]
     integer_model: IntegerModel
+    rounding: LearnedRounding | None = None  # the learning's record when the config's rounding is learned
 
 
 def data_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
@@ -165,10 +167,15 @@ def calibrated(model: torch.nn.Module, pixels: torch.Tensor, *, device: str = "c
 def quantize_model(model: torch.nn.Module, pixels: torch.Tensor, config: QConfig, *, device: str = "cpu",
                    metadata: dict | None = None, example: torch.Tensor | None = None,
                    preprocessing: Preprocessing = STUDY_PREPROCESSING) -> Quantized:
-    """model -> graph -> statistics on the uint8 calibration `pixels` -> IntegerModel under `config`."""
+    """model -> graph -> statistics on the uint8 calibration `pixels` -> IntegerModel under `config`; a
+    learned rounding (config.rounding) learns on the first images of `pixels` (ptq.reconstruction)."""
     calibration = calibrated(model, pixels, device=device, example=example, preprocessing=preprocessing,
                              equalization=config.equalization)
-    return Quantized(calibration.graph, calibration.stats, calibration.integer_model(config, metadata))
+    if not config.rounding.learned:
+        return Quantized(calibration.graph, calibration.stats, calibration.integer_model(config, metadata))
+    images = calibration.graph.preprocessing.apply(pixels[: config.rounding.images].to(device))
+    integer, learned = learned_integer_model(calibration.graph, calibration.stats, config, images, metadata)
+    return Quantized(calibration.graph, calibration.stats, integer, learned)
 
 
 class CheckpointError(Exception):

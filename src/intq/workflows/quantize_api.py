@@ -26,9 +26,10 @@ from torch.utils.data import Dataset as TorchDataset
 from intq.arith.preprocessing import STUDY_PREPROCESSING, Preprocessing, PreprocessingError
 from intq.graph.capture import capture
 from intq.graph.config import PRESETS, QConfig
-from intq.graph.convert import collect_statistics, convert
+from intq.graph.convert import collect_statistics
 from intq.graph.integer_model import IntegerModel
 from intq.ptq.equalization import equalize
+from intq.ptq.reconstruction import learned_integer_model
 
 CHUNK = 256  # images per calibration batch: larger batches are sliced, Dataset items stacked
 PROGRESS_INTERVAL = 0.1  # seconds between two updates of the progress line
@@ -59,7 +60,8 @@ def quantize(model: nn.Module, data, *, input: Preprocessing | dict | tuple | No
     DataInputError). `config` is a QConfig or a preset name (PRESETS); its `equalization` equalizes the
     captured graph before calibration, its `bias_correction` corrects the biases in convert. The capture
     is checked on `example` (default: the first two calibration images). `max_images` stops after the
-    first that many images. `progress` False hides the stderr line "calibrating: 3,000 images", shown only on a
+    first that many images. A learned rounding (config.rounding) learns on the first config.rounding.images of
+    them (ptq.reconstruction). `progress` False hides the stderr line "calibrating: 3,000 images", shown only on a
     terminal. The model's metadata holds {"api": "intq.quantize", "calibration_images": N} and `metadata`.
     Example: quantize(model, torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8)) calibrates
     on 100 images under the default input and the recommended preset."""
@@ -67,7 +69,8 @@ def quantize(model: nn.Module, data, *, input: Preprocessing | dict | tuple | No
     qconfig = preset(config)
     line = ProgressLine.on_terminal(progress)
     calibration = CalibrationStream(_image_limit(max_images), line)
-    batches = calibration.stream(image_batches(data, preprocessing, input is None, line))
+    kept = KeptImages(qconfig.rounding.images if qconfig.rounding.learned else 0, preprocessing)
+    batches = kept.stream(calibration.stream(image_batches(data, preprocessing, input is None, line)))
     try:
         first = next(batches, None)  # a generator is read once: the first batch is chained back below
         if first is None:
@@ -79,7 +82,7 @@ def quantize(model: nn.Module, data, *, input: Preprocessing | dict | tuple | No
     finally:
         line.close()
     extra = {**(metadata or {}), "api": "intq.quantize", "calibration_images": calibration.images}
-    return convert(graph, stats, qconfig, extra)
+    return learned_integer_model(graph, stats, qconfig, kept.images(), extra)[0]
 
 
 def declared_input(input: Preprocessing | dict | tuple | list | None) -> Preprocessing:
@@ -355,3 +358,25 @@ class CalibrationStream:
             yield batch
             if self.limit is not None and self.images >= self.limit:
                 return
+
+
+@dataclass
+class KeptImages:
+    """Keeps the first `limit` images of the batches it passes on, as the float32 images the model
+    reads (uint8 pixels preprocessed), for a learned rounding; `limit` 0 keeps none."""
+
+    limit: int
+    preprocessing: Preprocessing
+    kept: list = field(default_factory=list)
+    count: int = 0
+
+    def stream(self, batches: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for batch in batches:
+            if self.count < self.limit:
+                part = batch[: self.limit - self.count]
+                self.kept.append(self.preprocessing.apply(part) if part.dtype == torch.uint8 else part.clone())
+                self.count += len(part)
+            yield batch
+
+    def images(self) -> torch.Tensor:
+        return torch.cat(self.kept) if self.kept else torch.empty(0)
