@@ -106,7 +106,7 @@ def integer_values(model, pixels) -> dict[str, torch.Tensor]:
 def layer_errors(graph, model, pixels) -> dict[str, float]:
     """{weighted layer: |f(W_q x~ + b) - f(W x + b)|^2 summed over the calibration images}: each layer's
     own output error, x~ its input in the integer model (the reference executor's, dequantized), x in
-    the float model, f its fused ReLU or none. What AdaRound lowers, layer by layer (eq. 37)."""
+    the float model, f its fused ReLU or none. What AdaRound lowers, layer by layer (eq. 39)."""
     integers, reals, errors = integer_values(model, pixels), float_values(graph, pixels), {}
     for node in graph.weighted():
         layer = model.layer(node.name)
@@ -253,10 +253,9 @@ def test_quantize_command_learns_the_rounding(tmp_path):
 
 def test_intq_quantize_learns_the_rounding_on_its_first_images():
     import intq
-    from intq.graph.config import RECOMMENDED
 
     pixels = smooth_pixels(40, seed=5)
-    config = replace(RECOMMENDED, rounding=RoundingConfig("adaround", iterations=20, images=32))
+    config = replace(intq.RECOMMENDED, rounding=intq.RoundingConfig("adaround", iterations=20, images=32))
     model = intq.quantize(small_model(), (pixels[i : i + 16] for i in range(0, 40, 16)), config=config)
     assert model.metadata["rounding"] == "adaround" and model.metadata["rounding_images"] == 32
     assert model.metadata["calibration_images"] == 40

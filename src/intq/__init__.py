@@ -11,12 +11,16 @@ The four steps it runs, each public:
     model_q = convert(graph, stats, RECOMMENDED)         # IntegerModel: int8/int32 + multipliers
     logits = run_integer(model_q, uint8_pixels)          # exact integer reference executor
     save(model_q, "model.npz"); load("model.npz")        # numpy .npz, no pickle
+
+Learned rounding (AdaRound, BRECQ/QDrop) for weights below 8 bits, in the one call:
+
+    quantize(model, loader, config=dataclasses.replace(RECOMMENDED, rounding=RoundingConfig("brecq")))
 """
 __version__ = "0.2.0"  # before the imports: the model file records it
 
 from intq.arith.preprocessing import Preprocessing
 from intq.graph.capture import capture
-from intq.graph.config import RECOMMENDED, STUDY, QConfig
+from intq.graph.config import RECOMMENDED, STUDY, QConfig, RoundingConfig
 from intq.graph.convert import collect_statistics, convert
 from intq.executors.reference import run_integer
 from intq.graph.integer_model import IntegerModel
@@ -24,4 +28,4 @@ from intq.graph.model_file import load, save
 from intq.workflows.quantize_api import quantize
 
 __all__ = ["quantize", "capture", "collect_statistics", "convert", "run_integer", "save", "load", "IntegerModel",
-           "QConfig", "Preprocessing", "RECOMMENDED", "STUDY"]
+           "QConfig", "RoundingConfig", "Preprocessing", "RECOMMENDED", "STUDY"]

@@ -48,8 +48,8 @@ class RoundingConfig:
     """How each weight lands on its grid (the scale and zero point stay the range method's).
 
     "nearest": round(w/s) (eq. 6). "adaround": floor or ceil of w/s chosen per weight by AdaRound, layer
-    by layer (docs/math.md eqs. 36-37); "brecq": the same choice made jointly for a block of layers
-    with activation quantization in the loop, dropped at random with probability `drop` (QDrop, eq. 38).
+    by layer (docs/math.md eqs. 38-39); "brecq": the same choice made jointly for a block of layers
+    with activation quantization in the loop, dropped at random with probability `drop` (QDrop, eq. 40).
     The learned methods read the first `images` calibration images and run `iterations` steps of Adam
     on batches of `batch_size` per layer or block, seeded by `seed` (the same seed, the same integers).
     """
@@ -59,7 +59,7 @@ class RoundingConfig:
     seed: int = 0
     images: int = 1024
     batch_size: int = 32
-    regularization: float = 1.0  # lambda of eq. 37 (the error relative to nearest rounding's, the regularizer a mean)
+    regularization: float = 1.0  # lambda of eq. 39 (the error relative to nearest rounding's, the regularizer a mean)
     drop: float = 0.5  # QDrop's probability of keeping an activation in float (brecq only)
 
     def __post_init__(self) -> None:

@@ -219,7 +219,7 @@ def _storage(q: torch.Tensor, dtype: IntType) -> np.ndarray:
 
 def grid_neighbours(weight: torch.Tensor, qp: QParams) -> tuple[torch.Tensor, torch.Tensor]:
     """(down, up) = clamp(floor(w/s) + z), clamp(ceil(w/s) + z) to [qmin, qmax], int64, computed in
-    float64: the two codes a rounding of w may choose (eq. 36); nearest rounding (eq. 6) picks one."""
+    float64: the two codes a rounding of w may choose (eq. 38); nearest rounding (eq. 6) picks one."""
     shape = qp.broadcast_shape(weight.dim())
     scale = torch.as_tensor(qp.scale, dtype=torch.float64).reshape(shape)
     zero = torch.as_tensor(qp.zero_point, dtype=torch.int64).reshape(shape)

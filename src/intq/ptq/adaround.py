@@ -1,6 +1,6 @@
 """AdaRound's arithmetic (Nagel et al. 2020, "Up or Down? Adaptive Rounding for Post-Training
 Quantization"): a learnable choice between floor and ceil of w/s for every weight, on the grid that
-the range method chose (docs/math.md eqs. 36-37).
+the range method chose (docs/math.md eqs. 38-39).
 
 Pure functions on tensors and one small holder, `LayerRounding`, of a layer's grid and its logits V;
 reconstruction.py decides what is learned against what.
@@ -14,33 +14,33 @@ import torch
 from intq.arith.qparams import QParams
 from intq.graph.convert import grid_neighbours
 
-ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (eq. 36)
-BETA_START, BETA_END = 20.0, 2.0  # the regularizer's exponent, annealed (eq. 37)
+ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (eq. 38)
+BETA_START, BETA_END = 20.0, 2.0  # the regularizer's exponent, annealed (eq. 39)
 WARM_UP = 0.2  # share of the iterations without the regularizer, the reconstruction alone
 
 
 def rectified_sigmoid(logits: torch.Tensor) -> torch.Tensor:
-    """h(V) = clamp(sigmoid(V) (zeta - gamma) + gamma, 0, 1), zeta = 1.1, gamma = -0.1 (eq. 36): reaches
+    """h(V) = clamp(sigmoid(V) (zeta - gamma) + gamma, 0, 1), zeta = 1.1, gamma = -0.1 (eq. 38): reaches
     exactly 0 and 1 at finite V, so the regularizer can settle every weight on a side.
     Example: h(0) = 0.5; h(-3) = 0 (0.047 * 1.2 - 0.1 < 0)."""
     return (torch.sigmoid(logits) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
 
 def initial_logits(fraction: torch.Tensor) -> torch.Tensor:
-    """V with h(V) = `fraction` (w/s - floor(w/s), in [0, 1)), the inverse of eq. 36 on its open part:
+    """V with h(V) = `fraction` (w/s - floor(w/s), in [0, 1)), the inverse of eq. 38 on its open part:
     V = -log((zeta - gamma) / (fraction - gamma) - 1). Example: fraction 0.5 -> V = 0, so the soft
     weight starts at w itself."""
     return -torch.log((ZETA - GAMMA) / (fraction - GAMMA) - 1.0)
 
 
 def rounding_regularizer(h: torch.Tensor, beta: float) -> torch.Tensor:
-    """sum(1 - |2h - 1|^beta) (eq. 37): 0 when every h is 0 or 1, largest at h = 1/2; a large beta
+    """sum(1 - |2h - 1|^beta) (eq. 39): 0 when every h is 0 or 1, largest at h = 1/2; a large beta
     leaves h free except near 1/2, a small one pushes every h to a side."""
     return (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
 
 
 def annealed_beta(iteration: int, iterations: int) -> float | None:
-    """The regularizer's beta at `iteration` of `iterations` (eq. 37): None during the first WARM_UP
+    """The regularizer's beta at `iteration` of `iterations` (eq. 39): None during the first WARM_UP
     share (no regularizer), then linear from BETA_START = 20 down to BETA_END = 2 at the last one.
     Example: of 1000, iteration 100 -> None, 200 -> 20.0, 1000 -> 2.0."""
     start = int(WARM_UP * iterations)
@@ -52,7 +52,7 @@ def annealed_beta(iteration: int, iterations: int) -> float | None:
 
 @dataclass(eq=False)
 class LayerRounding:
-    """One layer's grid and its rounding logits (eq. 36). `floor` holds floor(w/s) + z as float32 codes,
+    """One layer's grid and its rounding logits (eq. 38). `floor` holds floor(w/s) + z as float32 codes,
     `free` marks the weights whose w/s is not already an integer (only those may go up), `logits` V."""
 
     floor: torch.Tensor
@@ -77,7 +77,7 @@ class LayerRounding:
                    zero.to(torch.float32), qp.dtype.qmin, qp.dtype.qmax)
 
     def soft(self) -> torch.Tensor:
-        """h(V) on the free weights, 0 on the others (the value of the 'up' choice, eq. 36)."""
+        """h(V) on the free weights, 0 on the others (the value of the 'up' choice, eq. 38)."""
         return rectified_sigmoid(self.logits) * self.free
 
     def real(self, up: torch.Tensor) -> torch.Tensor:
@@ -85,7 +85,7 @@ class LayerRounding:
         return self.scale * ((self.floor + up + self.zero).clamp(self.qmin, self.qmax) - self.zero)
 
     def hard_up(self) -> torch.Tensor:
-        """The choice: 1 where h(V) >= 1/2 on a free weight, else 0 (eq. 36)."""
+        """The choice: 1 where h(V) >= 1/2 on a free weight, else 0 (eq. 38)."""
         with torch.no_grad():
             return (self.soft() >= 0.5).to(torch.float32)
 

@@ -1,4 +1,4 @@
-"""Learned rounding: AdaRound layer by layer, or BRECQ/QDrop block by block (docs/math.md eqs. 36-38).
+"""Learned rounding: AdaRound layer by layer, or BRECQ/QDrop block by block (docs/math.md eqs. 38-40).
 
     model = learned_integer_model(graph, stats, config, images)    # config.rounding.method "adaround" | "brecq"
 
@@ -37,7 +37,7 @@ LEARNING_RATE = 1e-2  # Adam on the rounding logits; 1e-3 (the papers', at 10-20
 
 @dataclass(frozen=True)
 class UnitResult:
-    """One unit's reconstruction error (eq. 37's first term, mean over the images) with nearest
+    """One unit's reconstruction error (eq. 39's first term, mean over the images) with nearest
     rounding and with the learned choice, and its seconds. Where learning did not lower the error, the
     unit keeps nearest rounding's codes."""
 
@@ -56,7 +56,7 @@ class LearnedRounding:
 
 
 def reconstruction_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """||f(W~ x~) - f(W x)||^2 summed over channels (dim 1), averaged over images and positions (eq. 37)."""
+    """||f(W~ x~) - f(W x)||^2 summed over channels (dim 1), averaged over images and positions (eq. 39)."""
     return (output - target).pow(2).sum(1).mean()
 
 
@@ -129,14 +129,14 @@ def unit_data(graph: Graph, unit: Unit, images: torch.Tensor, weights: dict[str,
 
 def run_unit(unit: Unit, x: torch.Tensor, weights: dict[str, torch.Tensor], points, drop: float = 0.0,
              generator: torch.Generator | None = None) -> torch.Tensor:
-    """The unit's output on input `x`, its own quantization left out (eq. 37-38)."""
+    """The unit's output on input `x`, its own quantization left out (eq. 39-40)."""
     values = run_nodes(unit.nodes, {unit.input: x}, weights, points, unquantized=unit.output, drop=drop,
                        generator=generator)
     return values[unit.output]
 
 
 def unit_error(unit: Unit, data: UnitData, weights: dict[str, torch.Tensor], points, batch: int = 256) -> float:
-    """The reconstruction error (eq. 37) of the unit with `weights` on all its images, no dropping."""
+    """The reconstruction error (eq. 39) of the unit with `weights` on all its images, no dropping."""
     total, count = 0.0, len(data.quantized)
     with torch.no_grad():
         for start in range(0, count, batch):
@@ -148,11 +148,11 @@ def unit_error(unit: Unit, data: UnitData, weights: dict[str, torch.Tensor], poi
 def fit(unit: Unit, data: UnitData, roundings: dict[str, LayerRounding], points, rounding: RoundingConfig,
         generator: torch.Generator, label: str, nearest_error: float) -> None:
     """`rounding.iterations` Adam steps on the logits of the unit's layers: batches of
-    `rounding.batch_size` images drawn with `generator`; the loss is eq. 37's reconstruction error
+    `rounding.batch_size` images drawn with `generator`; the loss is eq. 39's reconstruction error
     relative to nearest rounding's (`nearest_error`), plus lambda times the mean of its regularizer
     over the weights that may move, after the warm-up; with `points` (BRECQ), activations are
     fake-quantized in the unit and both they and its input are dropped to float with probability
-    `rounding.drop` (eq. 38)."""
+    `rounding.drop` (eq. 40)."""
     optimizer = torch.optim.Adam([layer.logits for layer in roundings.values()], lr=LEARNING_RATE)
     drop = rounding.drop if points is not None else 0.0
     count = len(data.quantized)

@@ -2,10 +2,10 @@
 reconstructs it in.
 
 A `Unit` is a run of captured nodes read from one tensor and judged on one tensor: one weighted layer
-with its fused ReLU (AdaRound, eq. 37), or a block between two points where the graph narrows to one
-quantized tensor, e.g. a residual block from one add+ReLU to the next (BRECQ/QDrop, eq. 38).
+with its fused ReLU (AdaRound, eq. 39), or a block between two points where the graph narrows to one
+quantized tensor, e.g. a residual block from one add+ReLU to the next (BRECQ/QDrop, eq. 40).
 `run_nodes` executes nodes in float32 with the given weights and, at every quantization point, the
-integer model's activation quantization (a straight-through fake quantizer, eq. 38), optionally
+integer model's activation quantization (a straight-through fake quantizer, eq. 40), optionally
 dropped at random (QDrop). The points and their QParams are those of the nearest-rounded
 IntegerModel: learned rounding changes weight codes only.
 """
@@ -48,7 +48,7 @@ def quantization_points(graph: Graph, model: IntegerModel) -> dict[str, QParams]
 
 
 def layer_units(graph: Graph) -> list[Unit]:
-    """One unit per weighted layer, with the ReLU fused into it (AdaRound judges f(W x + b), eq. 37)."""
+    """One unit per weighted layer, with the ReLU fused into it (AdaRound judges f(W x + b), eq. 39)."""
     units = []
     for node in graph.weighted():
         relu = fused_relu(graph, node)
@@ -94,7 +94,7 @@ def _block_name(layers: tuple[str, ...]) -> str:
 def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     """s (clamp(round(x/s) + z, qmin, qmax) - z) (eq. 6) in the forward pass; in the backward pass the
     gradient of clamp(x, s (qmin - z), s (qmax - z)): 1 inside the range, 0 outside (straight-through,
-    eq. 38). Per tensor: activations have one scale and zero point."""
+    eq. 40). Per tensor: activations have one scale and zero point."""
     scale, zero = float(qp.scale), int(qp.zero_point)
     clamped = x.clamp(scale * (qp.dtype.qmin - zero), scale * (qp.dtype.qmax - zero))
     rounded = round_half_away_from_zero(clamped.detach() / scale) * scale
@@ -102,7 +102,7 @@ def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
 
 
 def dropped(x: torch.Tensor, quantized: torch.Tensor, drop: float, generator: torch.Generator | None) -> torch.Tensor:
-    """QDrop (eq. 38): each value kept in float `x` with probability `drop`, else `quantized`."""
+    """QDrop (eq. 40): each value kept in float `x` with probability `drop`, else `quantized`."""
     if not drop:
         return quantized
     keep = torch.rand(x.shape, generator=generator) < drop

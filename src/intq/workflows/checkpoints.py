@@ -70,7 +70,7 @@ def with_options(config: QConfig, layer_bits: tuple[tuple[str, int], ...], round
 
 
 def rounding_figures(config: QConfig, learned: LearnedRounding | None) -> dict:
-    """The rounding method and, when learned, its seconds and each unit's reconstruction error (eq. 37)."""
+    """The rounding method and, when learned, its seconds and each unit's reconstruction error (eq. 39)."""
     figures = {"method": config.rounding.method}
     if learned is not None:
         figures.update(iterations=config.rounding.iterations, seed=config.rounding.seed, seconds=learned.seconds,
