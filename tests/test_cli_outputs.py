@@ -12,7 +12,7 @@ import pytest
 
 from conftest import write_image_folder
 from intq import files
-from intq.cli import interrupted_message
+from intq.command_runtime import interrupted_message
 from intq.files import (OutputError, atomic_write_text, check_writable, recording_writes,
                         remove_stale_temporaries, staged_output)
 

@@ -8,7 +8,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "intq"
 LAYERS = ["arith", "calibrate", "graph", "ptq", "executors", "data", "cifar", "qat", "workflows", "report"]  # bottom to top
-BASE, TOP = {"files", "extras", "progress", "threads", "__version__"}, {"cli", "commands", "commands_finetune", "__init__"}
+BASE, TOP = {"files", "extras", "progress", "threads", "command_runtime", "__version__"}, {"cli", "commands", "command_checks", "commands_finetune", "__init__"}
 
 
 def layer_of(module: str) -> int:

@@ -10,14 +10,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from intq import __version__
+from intq.command_runtime import Terminated, interrupted_message, logging_to_stderr, sigterm_as_interrupt
 from intq.extras import MissingExtraError
 from intq.graph.capture import CaptureError
 from intq.commands import (compare_command, eval_command, explain_command, export_c_command, export_onnx_command,
@@ -329,84 +327,21 @@ COMMANDS = {"compare": compare_command, "train": train_command, "quantize": quan
             "finetune": finetune_command}
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised as an interrupt so that every cleanup written for Ctrl-C runs for it too."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise _Terminated()
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """While the block runs, SIGTERM raises _Terminated (a KeyboardInterrupt); the previous
-    handler is restored after. Outside the main thread signals cannot be handled: no change."""
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def interrupted_message(written: list[Path], cache: Path | None) -> str:
-    """What an interrupted command did and did not write, outputs only (the cache keeps only
-    whole files, and is not the user's output)."""
-    def in_cache(path: Path) -> bool:
-        return cache is not None and Path(os.path.abspath(path)).is_relative_to(os.path.abspath(cache))
-
-    outputs = list(dict.fromkeys(str(path) for path in written if not in_cache(path)))
-    if not outputs:
-        return "interrupted; no output was written"
-    shown = ", ".join(outputs[:3]) + (f" and {len(outputs) - 3} more" if len(outputs) > 3 else "")
-    return f"interrupted; wrote {shown}; nothing else was written"
-
-
-class _MessageFormat(logging.Formatter):
-    """Progress messages as they are; warnings as 'intq: warning: ...'; debug detail as 'debug: ...'."""
-    def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        if record.levelno >= logging.WARNING:
-            return f"intq: warning: {message}"
-        return f"debug: {message}" if record.levelno < logging.INFO else message
-
-
-@contextmanager
-def _logging_to_stderr(args: argparse.Namespace) -> Iterator[None]:
-    """While a command runs, the `intq` logger writes to stderr: INFO (progress messages, and bars
-    on a terminal), DEBUG under -v, WARNING under -q. The previous setup is restored after."""
-    logger = logging.getLogger("intq")
-    level, handlers, propagate = logger.level, logger.handlers[:], logger.propagate
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_MessageFormat())
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
-    logger.propagate = False
-    try:
-        yield
-    finally:
-        logger.setLevel(level)  # setLevel, not .level =: it clears the loggers' cached isEnabledFor answers
-        logger.handlers[:], logger.propagate = handlers, propagate
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit status: 0 done; 2 a user error (one line naming the file, option or
     layer); 130 interrupted by SIGINT, 143 by SIGTERM (both clean up alike and say what was
     written); 1 an internal error (one line; INTQ_DEBUG=1 re-raises it with its traceback)."""
     args, start = parser().parse_args(argv), time.perf_counter()
-    with _logging_to_stderr(args), recording_writes() as written:
+    with logging_to_stderr(args), recording_writes() as written:
         try:
-            with _sigterm_as_interrupt():
+            with sigterm_as_interrupt():
                 COMMANDS[args.command](args)
         except USER_ERRORS as err:
             print(f"intq: error: {err}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as interrupt:
             print(f"intq: {interrupted_message(written, getattr(args, 'cache', None))}", file=sys.stderr)
-            return 143 if isinstance(interrupt, _Terminated) else 130
+            return 143 if isinstance(interrupt, Terminated) else 130
         except Exception as err:  # the last safety net: every error a user can cause has its own message
             if os.environ.get("INTQ_DEBUG") == "1":
                 raise

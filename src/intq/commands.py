@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
+from intq.command_checks import (at_least as _at_least, bit_width as _bit_width, bit_widths as _bit_widths,
+                                  existing_file as _existing_file, layer_bits as _layer_bits, numbers as _numbers,
+                                  range_method as _range_method, words as _words)
 from intq.graph import model_file
-from intq.calibrate.ranges import parse_range_method
 from intq.workflows.compare import run_compare
 from intq.graph.config import PRESETS, QConfig
 from intq.arith.preprocessing import Preprocessing
@@ -38,29 +40,6 @@ from intq.executors.verify import path_summary, verify
 _log = logging.getLogger(__name__)  # progress messages and debug detail; results are printed to stdout
 COMPARE_CALIBRATION_IMAGES = 2000  # compare's default calibration subset
 GOLDEN_IMAGES = 4  # export-c's default golden test images
-
-
-def _words(values: list[str]) -> tuple[str, ...]:
-    """Space- or comma-separated values: ['mse,entropy', 'minmax'] -> ('mse', 'entropy', 'minmax')."""
-    return tuple(word for value in values for word in value.split(",") if word)
-
-
-def _bit_widths(values: list[str]) -> tuple[int, ...]:
-    try:
-        return tuple(int(word) for word in _words(values))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bit widths must be integers, got {' '.join(values)}") from None
-
-
-def _layer_bits(text: str | None) -> tuple[tuple[str, int], ...]:
-    """'conv1=8,fc3=8' -> (('conv1', 8), ('fc3', 8))."""
-    pairs = []
-    for item in _words([text or ""]):
-        name, _, bits = item.partition("=")
-        if not name or not bits.isdigit():
-            raise argparse.ArgumentTypeError(f"--layer-bits: expected LAYER=BITS, got {item!r}")
-        pairs.append((name, int(bits)))
-    return tuple(pairs)
 
 
 def _cell(args: argparse.Namespace) -> SweepCell | None:
@@ -103,33 +82,6 @@ def _quantize_config(args: argparse.Namespace) -> QConfig:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _existing_file(path: Path) -> Path:
-    """`path` if it is a file; the one-line 'no such file' otherwise (before any loader runs)."""
-    if not path.exists():
-        raise argparse.ArgumentTypeError(f"no such file: {path}")
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{path} is not a file")
-    return path
-
-
-def _at_least(option: str, value: int | float | None, low: int | float) -> None:
-    """Refuse `value` below `low` (or NaN/Inf); None means the option was not given."""
-    if value is not None and not (math.isfinite(value) and value >= low):
-        raise argparse.ArgumentTypeError(f"{option} must be at least {low:g}, got {value}")
-
-
-def _bit_width(option: str, value: int) -> None:
-    if not 2 <= value <= 8:
-        raise argparse.ArgumentTypeError(f"{option}: bit widths must be 2..8, got {value}")
-
-
-def _range_method(option: str, text: str) -> None:
-    try:
-        parse_range_method(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{option}: {err}") from None
-
-
 def _dataset(args: argparse.Namespace, inputs: InputOptions = InputOptions()):
     """CIFAR-10 or the user's image folder from --data via --cache, its progress (decoding, a corrupt
     cache rebuilt) logged."""
@@ -137,15 +89,6 @@ def _dataset(args: argparse.Namespace, inputs: InputOptions = InputOptions()):
     data = load_data(args.data, args.cache, inputs, progress=_log.info)
     _log.debug(f"data: {len(data.train_images):,} training and {len(data.test_images):,} test images from {data.source}")
     return data
-
-
-def _numbers(option: str, words: list[str] | None, kind=float) -> tuple | None:
-    if words is None:
-        return None
-    try:
-        return tuple(kind(word) for word in _words(words))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{option} takes numbers, got {' '.join(words)}") from None
 
 
 def _inputs(args: argparse.Namespace) -> InputOptions:
