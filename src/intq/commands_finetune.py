@@ -6,8 +6,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from intq.commands import (_at_least, _bit_width, _dataset, _float_model_inputs, _json_target, _range_method, _save_json,
-                           provenance)
+from dataclasses import replace
+
+from intq.command_checks import at_least, bit_width, layer_bits, range_method
+from intq.commands import _dataset, _float_model_inputs, _json_target, _save_json, provenance
 from intq.files import check_writable
 from intq.qat.finetune import FinetuneOptions
 from intq.workflows.finetune import finetune_checkpoint
@@ -30,6 +32,7 @@ def add_finetune(commands, add_model, add_common, add_json) -> None:
     command.add_argument("--wbits", type=int, default=4, help="weight bits, 2..8 (default: 4)")
     command.add_argument("--abits", type=int, default=4, help="activation bits, 2..8 (default: 4)")
     command.add_argument("--granularity", choices=GRANULARITIES, default="per-channel", help="(default: per-channel)")
+    command.add_argument("--layer-bits", metavar="LAYER=B,...", help="weight bits per layer, e.g. conv=8,fc=8")
     command.add_argument("--epochs", type=int, default=1, help="(default: 1)")
     command.add_argument("--lr", type=float, default=0.01, help="peak learning rate, cosine to 0 (default: 0.01)")
     command.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
@@ -48,10 +51,13 @@ def add_finetune(commands, add_model, add_common, add_json) -> None:
 
 def finetune_command(args: argparse.Namespace) -> None:
     json_target = _json_target(args)
-    _range_method("--method", args.method)
-    _bit_width("--wbits", args.wbits)
-    _bit_width("--abits", args.abits)
-    _at_least("--calib-samples", args.calib_samples, 1)
+    range_method("--method", args.method)
+    bit_width("--wbits", args.wbits)
+    bit_width("--abits", args.abits)
+    at_least("--calib-samples", args.calib_samples, 1)
+    per_layer = layer_bits(args.layer_bits)
+    for _, bits in per_layer:
+        bit_width("--layer-bits", bits)
     try:
         options = FinetuneOptions(args.epochs, args.lr, args.batch_size, augment=not args.no_augment,
                                   images=args.train_images, seed=args.seed, threads=args.threads)
@@ -60,8 +66,9 @@ def finetune_command(args: argparse.Namespace) -> None:
         raise argparse.ArgumentTypeError(f"--{option}: {err}") from None
     cell = SweepCell(args.method, args.granularity, args.wbits, args.abits)
     config = cell_config(cell)
+    config = replace(config, weights=replace(config.weights, layer_bits=per_layer)) if per_layer else config
     inputs = _float_model_inputs(args, args.model)
-    label = f"{cell.method}-w{cell.wbits}a{cell.abits}-{cell.granularity}-ft{args.epochs}"
+    label = f"{cell.method}-w{cell.wbits}a{cell.abits}-{cell.granularity}{'-mixed' * bool(per_layer)}-ft{args.epochs}"
     out = check_writable(args.out or Path("runs") / model_name(args.model) / f"{model_name(args.model)}-{label}-int.npz")
     data = _dataset(args, inputs)
     samples = checked_count("--calib-samples", args.calib_samples, len(data.train_images), "training images",
