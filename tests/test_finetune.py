@@ -12,6 +12,7 @@ from intq.executors.reference import run_integer
 from intq.executors.simulate import layer_agreement
 from intq.executors.verify import verify
 from intq.graph.integer_model import QLayer
+from intq.graph.model_file import load as load_model
 from intq.qat.fake_quant import fake_quantize, grid_range, step_gradient_scale
 from intq.qat.finetune import FakeQuantGraph, FinetuneOptions, finetune
 from intq.workflows.sweep import SweepCell, cell_config
@@ -137,13 +138,16 @@ def test_finetune_command_writes_a_model_and_refuses_bad_options_in_one_line(tmp
     assert main(["train", "--arch", "Net", "--epochs", "1", "--batch-size", "16", "--out", str(checkpoint), *common]) == 0
     out = tmp_path / "ft.npz"
     assert main(["finetune", "--model", str(checkpoint), "--arch", "Net", "--batch-size", "16", "--calib-samples",
-                 "40", "--out", str(out), "--json", str(tmp_path / "ft.json"), *common]) == 0
+                 "40", "--layer-bits", "conv1=8,fc3=8", "--out", str(out), "--json", str(tmp_path / "ft.json"), *common]) == 0
     printed = capsys.readouterr().out
     assert "before fine-tuning" in printed and out.is_file()
+    bits = {layer.name: layer.weight_qparams.dtype.bits for layer in load_model(out).quantized_layers()}
+    assert bits == {"conv1": 8, "conv2": 4, "fc1": 4, "fc2": 4, "fc3": 8}
     assert main(["verify", str(out), "--executors", "onnx_exact", "--images", "8", *common]) == 0
     assert "differing 0.0000%" in capsys.readouterr().out
     for bad, named in ((["--epochs", "0"], "--epochs"), (["--lr", "nan"], "--lr"), (["--wbits", "9"], "--wbits"),
-                       (["--batch-size", "1000"], "--batch-size"), (["--train-images", "0"], "--train-images")):
+                       (["--batch-size", "1000"], "--batch-size"), (["--train-images", "0"], "--train-images"),
+                       (["--layer-bits", "conv1=9"], "--layer-bits"), (["--layer-bits", "nosuch=8"], "nosuch")):
         assert main(["finetune", "-q", "--model", str(checkpoint), "--arch", "Net", *bad, *common]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("intq: error: ") and named in err, err
