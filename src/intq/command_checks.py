@@ -60,10 +60,11 @@ def range_method(option: str, text: str) -> None:
         raise argparse.ArgumentTypeError(f"{option}: {err}") from None
 
 
-def numbers(option: str, words: list[str] | None, kind=float) -> tuple | None:
-    if words is None:
+def numbers(option: str, values: list[str] | None, kind=float) -> tuple | None:
+    """Space- or comma-separated numbers of type `kind`; None when the option was not given."""
+    if values is None:
         return None
     try:
-        return tuple(kind(word) for word in words(words))
+        return tuple(kind(word) for word in words(values))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{option} takes numbers, got {' '.join(words)}") from None
+        raise argparse.ArgumentTypeError(f"{option} takes numbers, got {' '.join(values)}") from None
