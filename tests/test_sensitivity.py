@@ -8,17 +8,28 @@ import torch
 
 from conftest import write_image_folder
 from intq.cli import main
+from intq.graph import model_file
 from intq.workflows.sensitivity import BIT_LADDER, greedy_mixed_precision, split_indices
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    data = write_image_folder(tmp_path_factory.mktemp("data"), train_per_class=12, test_per_class=4)
-    out = tmp_path_factory.mktemp("sens")
-    argv = ["sensitivity", "--data", str(data), "--out", str(out), "--cache", str(tmp_path_factory.mktemp("c")),
-            "--bits", "2", "--max-drop", "5"]
+def folders(tmp_path_factory):
+    """A tiny image folder and a weights cache that the module's runs share (Net trained once)."""
+    return (write_image_folder(tmp_path_factory.mktemp("data"), train_per_class=12, test_per_class=4),
+            tmp_path_factory.mktemp("c"))
+
+
+def _sensitivity(folders, out, *flags):
+    data, cache = folders
+    argv = ["sensitivity", "--data", str(data), "--out", str(out), "--cache", str(cache), "--bits", "2",
+            "--max-drop", "5", *flags]
     assert main(argv) == 0
     return out, json.loads((out / "sensitivity.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def results(folders, tmp_path_factory):
+    return _sensitivity(folders, tmp_path_factory.mktemp("sens"))
 
 
 def test_rows_rank_every_layer(results):
@@ -93,3 +104,21 @@ def test_greedy_search_lowers_every_layer_to_the_last_rung_when_nothing_costs():
     evaluator.COSTS = {layer: dict.fromkeys(BIT_LADDER, 0) for layer in evaluator.layers}
     chosen, accuracy = greedy_mixed_precision(evaluator, 80, lambda line: None)
     assert chosen == dict.fromkeys(evaluator.layers, BIT_LADDER[-1]) and accuracy == 80
+
+
+def test_the_methods_apply_to_every_evaluated_model_and_the_chosen_mix_learns_its_rounding(folders, results, tmp_path):
+    out, res = _sensitivity(folders, tmp_path / "learned", "--bias-correction", "--equalization", "--rounding",
+                            "adaround", "--rounding-iters", "5")
+    assert (res["rounding"], res["bias_correction"], res["equalization"]) == ("adaround", True, True)
+    assert res["rows"] != results[1]["rows"]  # the search's models are corrected and equalized
+    learned = res["mixed"]["learned"]
+    assert learned["rounding"] == "adaround" and 0 <= learned["validation_accuracy"] <= 100
+    assert set(res["test_accuracy"]) == {"float", "8-bit", "mixed", "mixed, adaround", "all 2-bit"}
+    saved = model_file.load(out / "Net-mixed.npz")
+    assert saved.metadata["rounding"] == "adaround" and saved.metadata["rounding_iterations"] == 5
+    assert "adaround rounding was then learned on the chosen mix" in (out / "sensitivity.md").read_text()
+
+
+def test_rounding_iters_without_a_learned_rounding_is_refused(tmp_path, capsys):
+    assert main(["sensitivity", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--rounding-iters", "5"]) == 2
+    assert "--rounding-iters: only with a learned --rounding" in capsys.readouterr().err

@@ -115,7 +115,7 @@ def _add_model(command, default: str | None = "Net") -> None:
 
 def _add_sweep(commands) -> None:
     sweep = commands.add_parser(
-        "sweep", help="evaluate every range method x granularity x weight bits x activation bits",
+        "sweep", help="evaluate every range method x granularity x weight bits x activation bits x PTQ method",
         description="Train (or load from the cache) one of the study's models, calibrate it once, then "
         "convert and evaluate every combination integer-only on the test set. Writes sweep.json, "
         "sweep.html/sweep.md and sweep.png. Lists take spaces or commas.")
@@ -132,6 +132,14 @@ def _add_sweep(commands) -> None:
     sweep.add_argument("--calib-samples", type=int, metavar="N", default=None,
                        help="training images in the one calibration pass, at most all of them "
                        "(default: 10000, or all when there are fewer)")
+    sweep.add_argument("--rounding", nargs="+", default=["nearest"], metavar="R",
+                       help="weight rounding: nearest adaround brecq (default: nearest)")
+    sweep.add_argument("--rounding-iters", type=int, metavar="N", help="learned rounding: steps per layer or block")
+    sweep.add_argument("--bias-correction", nargs="+", default=["off"], metavar="off|on", help="(default: off)")
+    sweep.add_argument("--equalization", nargs="+", default=["off"], metavar="off|on", help="(default: off)")
+    sweep.add_argument("--finetune-epochs", nargs="+", default=["0"], metavar="N",
+                       help="epochs of quantization-aware fine-tuning per cell, 0: none (default: 0)")
+    sweep.add_argument("--finetune-lr", type=float, metavar="LR", help="fine-tuning's peak learning rate (default: 0.01)")
 
 
 def _add_sensitivity(commands) -> None:
@@ -148,6 +156,11 @@ def _add_sensitivity(commands) -> None:
     command.add_argument("--method", default="mse", help="range method (default: mse)")
     command.add_argument("--max-drop", type=float, default=1.0,
                          help="greedy search: largest validation accuracy loss vs 8-bit, in points (default: 1.0)")
+    command.add_argument("--rounding", choices=ROUNDINGS, default="nearest",
+                         help="learned (adaround, brecq): the search rounds to nearest, the chosen mix is then learned")
+    command.add_argument("--rounding-iters", type=int, metavar="N", help="learned rounding: steps per layer or block")
+    command.add_argument("--equalization", action="store_true", help="every evaluated model equalized (eq. 36)")
+    command.add_argument("--bias-correction", action="store_true", help="every evaluated model bias-corrected (eq. 37)")
 
 
 def _add_config(command) -> None:

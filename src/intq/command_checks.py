@@ -22,6 +22,15 @@ def bit_widths(values: list[str]) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"bit widths must be integers, got {' '.join(values)}") from None
 
 
+def switches(option: str, values: list[str]) -> tuple[bool, ...]:
+    """'off,on' -> (False, True); any other word refused naming the option."""
+    chosen = {"off": False, "on": True}
+    bad = [word for word in words(values) if word not in chosen]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{option} {bad[0]}: choose off or on")
+    return tuple(chosen[word] for word in words(values))
+
+
 def layer_bits(text: str | None) -> tuple[tuple[str, int], ...]:
     """'conv1=8,fc3=8' -> (('conv1', 8), ('fc3', 8))."""
     pairs = []

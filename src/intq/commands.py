@@ -16,7 +16,7 @@ import torch
 
 from intq.command_checks import (at_least as _at_least, bit_width as _bit_width, bit_widths as _bit_widths,
                                   existing_file as _existing_file, layer_bits as _layer_bits, numbers as _numbers,
-                                  range_method as _range_method, words as _words)
+                                  range_method as _range_method, switches as _switches, words as _words)
 from intq.graph import model_file
 from intq.workflows.compare import run_compare
 from intq.graph.config import PRESETS, QConfig
@@ -153,7 +153,11 @@ def sweep_command(args: argparse.Namespace) -> None:
     inputs = _float_model_inputs(args, args.model)
     options = SweepOptions(args.model, args.data, args.out, args.cache, args.seed, args.calib_samples,
                            _words(args.methods), _bit_widths(args.wbits), _bit_widths(args.abits),
-                           _words(args.granularity), _layer_bits(args.layer_bits), args.arch, args.weights, inputs)
+                           _words(args.granularity), _layer_bits(args.layer_bits), args.arch, args.weights, inputs,
+                           _words(args.rounding), _switches("--bias-correction", args.bias_correction),
+                           _switches("--equalization", args.equalization),
+                           _numbers("--finetune-epochs", args.finetune_epochs, int), args.rounding_iters,
+                           args.finetune_lr)
     results = run_sweep(options, render=write_sweep_report)
     print(f"\n{len(results['rows'])} cells written to {args.out}/ (sweep.json, sweep.html, sweep.md, sweep.png); "
           f"float {results['float_accuracy']:.2f}%")
@@ -167,10 +171,16 @@ def sensitivity_command(args: argparse.Namespace) -> None:
     _bit_width("--abits", args.abits)
     _range_method("--method", args.method)
     _at_least("--max-drop", args.max_drop, 0)
+    try:
+        with_options(PRESETS["recommended"], (), args.rounding, args.rounding_iters, args.seed)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     inputs = _float_model_inputs(args, args.model)
     check_writable(args.out, folder=True)
     options = SensitivityOptions(args.model, args.data, args.out, args.cache, args.seed, args.bits, args.abits,
-                                 args.method, args.max_drop, arch=args.arch, weights=args.weights, inputs=inputs)
+                                 args.method, args.max_drop, arch=args.arch, weights=args.weights, inputs=inputs,
+                                 rounding=args.rounding, rounding_iters=args.rounding_iters,
+                                 bias_correction=args.bias_correction, equalization=args.equalization)
     results = run_sensitivity(options, render=write_sensitivity_report)
     mixed = results["mixed"]
     print(f"\nmixed precision {mixed['layer_bits']}: {mixed['weight_bytes'] / 1000:.1f} KB of weights; "

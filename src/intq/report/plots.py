@@ -175,12 +175,14 @@ def loss_figure(training: Mapping[str, Mapping[str, Any]]) -> Figure | None:
 
 
 def sweep_figure(float_accuracy: float, panels: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]]) -> Figure:
-    """Accuracy against weight bits, one panel per activation width, one line per method."""
+    """Accuracy against weight bits, one panel per activation width, one line per method (a range method
+    and granularity with its rounding, bias correction, equalization and fine-tuning)."""
     fig, axes = _panels(len(panels), "integer-only test accuracy against weight bits")
     for ax, (title, lines) in zip(axes, panels.items()):
         for index, (label, points) in enumerate(lines.items()):
             xs, ys = zip(*sorted(points)) if points else ((), ())
-            ax.plot(xs, ys, marker="o", markersize=4, color=preset_color(index), label=plain(label))
+            style = ("-", "--", ":", "-.")[index // len(_PRESET_COLORS) % 4]  # colours repeat: the style differs
+            ax.plot(xs, ys, marker="o", markersize=4, color=preset_color(index), linestyle=style, label=plain(label))
         ax.axhline(float_accuracy, color="black", linewidth=0.8, linestyle="--", label="float")
         ax.set_title(plain(title), fontsize=10)
         ax.set_xlabel("weight bits")

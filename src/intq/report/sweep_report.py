@@ -1,7 +1,8 @@
 """Render sweep results (sweep.json) as sweep.html / sweep.md with an accuracy-against-bits plot.
 
 Reads numbers only: the best cell per bit-width pair and its margin are looked up, not computed
-from models.
+from models. Rows of a sweep before the PTQ-method axes (rounding, bias correction, equalization,
+fine-tuning) lack those fields: absent reads as nearest, off, off, 0 epochs.
 """
 from __future__ import annotations
 
@@ -12,8 +13,47 @@ from intq.report import plots
 from intq.report.document import Heading, Image, Paragraph, Table, delta, pct, write_document
 
 
+AXES = (("rounding", "nearest"), ("bias_correction", False), ("equalization", False), ("finetune_epochs", 0))
+
+
+def _axes(row: Mapping[str, Any]) -> tuple:
+    """The row's PTQ-method combination (rounding, bias correction, equalization, fine-tuning epochs)."""
+    return tuple(row.get(name, default) for name, default in AXES)
+
+
+def _methods(row: Mapping[str, Any]) -> str:
+    """'adaround + bias correction + equalization + 1 epoch fine-tuned'; nearest rounding unnamed but
+    in the plain cell, 'nearest'."""
+    rounding, corrected, equalized, epochs = _axes(row)
+    parts = ["" if rounding == "nearest" else rounding, "bias correction" * corrected, "equalization" * equalized,
+             f"{epochs} epoch{'s' * (epochs != 1)} fine-tuned" if epochs else ""]
+    return " + ".join(filter(None, parts)) or "nearest"
+
+
 def _label(row: Mapping[str, Any]) -> str:
-    return f"{row['method']} ({row['granularity']})"
+    """'mse (per-channel)', with its methods when the row has any beyond nearest rounding."""
+    plain = _axes(row) == tuple(default for _, default in AXES)
+    return f"{row['method']} ({row['granularity']})" + ("" if plain else f" {_methods(row)}")
+
+
+def _methods_table(rows: Sequence[Mapping[str, Any]]) -> Table:
+    """One row per cell, the axes as columns; Δ plain: accuracy minus that of the same range method,
+    granularity and widths with nearest rounding and nothing else (— when not swept)."""
+    plain = {(r["method"], r["granularity"], r["wbits"], r["abits"]): r["accuracy"] for r in rows
+             if _axes(r) == tuple(default for _, default in AXES)}
+    order = {pair: index for index, pair in enumerate(_bit_pairs(rows))}
+    body = []
+    for row in sorted(rows, key=lambda r: order[(r["wbits"], r["abits"])]):
+        rounding, corrected, equalized, epochs = _axes(row)
+        base = plain.get((row["method"], row["granularity"], row["wbits"], row["abits"]))
+        gain = None if row["accuracy"] is None or base is None else row["accuracy"] - base
+        seconds = row.get("method_seconds")
+        body.append((f"W{row['wbits']}A{row['abits']}", f"{row['method']} ({row['granularity']})", rounding,
+                     "on" if corrected else "off", "on" if equalized else "off", str(epochs), pct(row["accuracy"]),
+                     delta(None if row.get("drop") is None else -row["drop"]), delta(gain),
+                     "—" if seconds is None else f"{seconds:.1f}"))
+    return Table(("bits", "range method", "rounding", "bias correction", "equalization", "fine-tuning epochs",
+                  "accuracy", "Δ float", "Δ plain", "seconds"), tuple(body), labels=6)
 
 
 def _bit_pairs(rows: Sequence[Mapping[str, Any]]) -> list[tuple[int, int]]:
@@ -87,6 +127,12 @@ def write_sweep_report(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         Heading("Every cell", level=3),
         _grid_table(rows),
     ]
+    if len({_axes(r) for r in rows}) > 1:
+        blocks += [Heading("What each method buys", level=3),
+                   Paragraph("Each cell with its rounding, bias correction, equalization and fine-tuning; Δ plain is "
+                             "the gain over the same range method and widths with nearest rounding alone; seconds: "
+                             "making the integer model (conversion, learned rounding or fine-tuning), not its test."),
+                   _methods_table(rows)]
     if failed:
         blocks.append(Paragraph("Not convertible: " + "; ".join(f"{_label(r)} W{r['wbits']}A{r['abits']}: {r['error']}"
                                                                for r in failed)))

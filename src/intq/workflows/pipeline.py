@@ -61,6 +61,16 @@ class Calibrated:
         """The IntegerModel under `config` (convert); the same calibration serves any config."""
         return convert(self.graph, self.stats, config, metadata)
 
+    def rounded_model(self, config: QConfig, pixels: torch.Tensor, metadata: dict | None = None,
+                      device: str = "cpu") -> tuple[IntegerModel, LearnedRounding | None]:
+        """(the IntegerModel under `config`, the learning's record or None): `integer_model` with nearest
+        rounding; a learned rounding (config.rounding) learns on the first config.rounding.images of the
+        uint8 calibration `pixels`, preprocessed as the graph's input (ptq.reconstruction)."""
+        if not config.rounding.learned:
+            return self.integer_model(config, metadata), None
+        images = self.graph.preprocessing.apply(pixels[: config.rounding.images].to(device))
+        return learned_integer_model(self.graph, self.stats, config, images, metadata)
+
 
 @dataclass(frozen=True)
 class Quantized:
@@ -171,10 +181,7 @@ def quantize_model(model: torch.nn.Module, pixels: torch.Tensor, config: QConfig
     learned rounding (config.rounding) learns on the first images of `pixels` (ptq.reconstruction)."""
     calibration = calibrated(model, pixels, device=device, example=example, preprocessing=preprocessing,
                              equalization=config.equalization)
-    if not config.rounding.learned:
-        return Quantized(calibration.graph, calibration.stats, calibration.integer_model(config, metadata))
-    images = calibration.graph.preprocessing.apply(pixels[: config.rounding.images].to(device))
-    integer, learned = learned_integer_model(calibration.graph, calibration.stats, config, images, metadata)
+    integer, learned = calibration.rounded_model(config, pixels, metadata, device)
     return Quantized(calibration.graph, calibration.stats, integer, learned)
 
 

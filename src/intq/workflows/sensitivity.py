@@ -5,6 +5,16 @@ Everything is integer-only (reference executor, per-channel weights, uint8 post-
 "Only layer L at b bits" keeps the other layers at 8 bits, "all but L" keeps L at 8 bits: 8-bit is
 the integer model's stand-in for float. Choices are made on validation images (training images
 not used for calibration); the test set only reports the result.
+
+Under --bias-correction and --equalization every model the search evaluates has them (one
+calibration of the equalized graph; bias correction costs a conversion's time). A learned rounding
+(--rounding adaround|brecq) would cost minutes per candidate, and the search evaluates about
+layers x rungs x layers of them, so the search runs with nearest rounding and the rounding is learned
+once, on the precision mix it chose; that mix is saved and its validation and test accuracy
+reported beside the nearest-rounded mix's. Learned rounding keeps nearest rounding's codes wherever it
+does not lower a unit's reconstruction error (ptq.reconstruction), so the mix is expected to keep or
+gain accuracy (the report shows both); layers the search kept at more bits than learned rounding
+would need are the price of not learning per candidate.
 """
 from __future__ import annotations
 
@@ -20,6 +30,7 @@ from intq.graph import model_file
 from intq.graph.capture import Graph
 from intq.executors.reference import run_integer
 from intq.files import check_writable, staged_output, write_json
+from intq.graph.integer_model import IntegerModel
 from intq.workflows.checkpoints import float_accuracy as float_model_accuracy
 from intq.workflows.pipeline import Calibrated, calibrated
 from intq.workflows.subject import InputOptions, load_data, load_float_model
@@ -47,22 +58,44 @@ class SensitivityOptions:
     arch: str = "Net"  # the architecture of `model` when it is a checkpoint file
     weights: Path | None = None  # a user model's weights (model = FILE.py:factory or module:attr)
     inputs: InputOptions = InputOptions()  # --size, --channels, --mean/--std
+    rounding: str = "nearest"  # learned (adaround, brecq): learned once, on the chosen mix
+    rounding_iters: int | None = None  # learned rounding's steps per layer or block (None: RoundingConfig's)
+    bias_correction: bool = False  # in every evaluated model
+    equalization: bool = False  # in every evaluated model (the calibration is of the equalized graph)
 
 
 class Evaluator:
-    """Integer-only accuracy of one model under per-layer weight bits, on a fixed image set."""
+    """Integer-only accuracy of one model under per-layer weight bits, on a fixed image set; every model
+    with `bias_correction` and, when `calibration` is of the equalized graph, `equalization`."""
 
-    def __init__(self, calibration: Calibrated, method: str, abits: int, pixels: torch.Tensor, labels: torch.Tensor):
-        self.calibration, self.graph, self.method, self.abits = calibration, calibration.graph, method, abits
+    def __init__(self, calibration: Calibrated, method: str, abits: int, pixels: torch.Tensor, labels: torch.Tensor,
+                 bias_correction: bool = False, equalization: bool = False):
+        self.calibration, self.graph = calibration, calibration.graph
+        self.cell = SweepCell(method, "per-channel", 8, abits, bias_correction=bias_correction,
+                              equalization=equalization)
         self.pixels, self.labels = pixels, labels
         self.layers = [node.name for node in self.graph.weighted()]
 
-    def model(self, layer_bits: dict[str, int]):
-        cell = SweepCell(self.method, "per-channel", 8, self.abits)
-        return self.calibration.integer_model(cell_config(cell, tuple(layer_bits.items())))
+    def model(self, layer_bits: dict[str, int]) -> IntegerModel:
+        """The nearest-rounded model under `layer_bits` (the search's)."""
+        return self.calibration.integer_model(cell_config(self.cell, tuple(layer_bits.items())))
+
+    def learned_model(self, layer_bits: dict[str, int], rounding: str, iterations: int | None, seed: int,
+                      calibration_pixels: torch.Tensor) -> tuple[IntegerModel, float]:
+        """(the model under `layer_bits` with the learned `rounding`, learned on the first uint8
+        `calibration_pixels` as `intq quantize --rounding` learns; its seconds)."""
+        cell = SweepCell(self.cell.method, "per-channel", 8, self.cell.abits, rounding, self.cell.bias_correction,
+                         self.cell.equalization)
+        start = time.perf_counter()
+        model, _ = self.calibration.rounded_model(cell_config(cell, tuple(layer_bits.items()), iterations, seed),
+                                                  calibration_pixels)
+        return model, time.perf_counter() - start
 
     def accuracy(self, layer_bits: dict[str, int], pixels: torch.Tensor | None = None, labels=None) -> float:
-        model = self.model(layer_bits)
+        return self.measure(self.model(layer_bits), pixels, labels)
+
+    def measure(self, model: IntegerModel, pixels: torch.Tensor | None = None, labels=None) -> float:
+        """Top-1 of `model` on `pixels` and `labels` (default: the validation images)."""
         pixels = self.pixels if pixels is None else pixels
         return accuracy(predict(lambda p: run_integer(model, p), pixels), self.labels if labels is None else labels)
 
@@ -120,8 +153,9 @@ def run_sensitivity(options: SensitivityOptions, log=_log.info, render: Callable
                                    weights=options.weights)
     calibration, validation = split_indices(len(data.train_images), options.calib_samples, options.seed)
     evaluator = Evaluator(calibrated(model, data.train_images[calibration], example=data.train_images,
-                                     preprocessing=options.inputs.declared),
-                          options.method, options.abits, data.train_images[validation], data.train_labels[validation])
+                                     preprocessing=options.inputs.declared, equalization=options.equalization),
+                          options.method, options.abits, data.train_images[validation], data.train_labels[validation],
+                          options.bias_correction, options.equalization)
     eight_bit = {layer: 8 for layer in evaluator.layers}
     reference = evaluator.accuracy(eight_bit)
     log(f"{name}: W8A{options.abits} validation accuracy {reference:.2f}%; per-layer sensitivity at {options.bits} bits")
@@ -131,14 +165,25 @@ def run_sensitivity(options: SensitivityOptions, log=_log.info, render: Callable
     test = {label: evaluator.accuracy(bits, data.test_images, data.test_labels)
             for label, bits in (("8-bit", eight_bit), ("mixed", chosen),
                                 (f"all {options.bits}-bit", {layer: options.bits for layer in evaluator.layers}))}
+    final, learned = evaluator.model(chosen), None
+    if options.rounding != "nearest":
+        log(f"learning {options.rounding} rounding of the chosen mix")
+        final, seconds = evaluator.learned_model(chosen, options.rounding, options.rounding_iters, options.seed,
+                                                 data.train_images[calibration])
+        learned = {"rounding": options.rounding, "seconds": seconds,
+                   "validation_accuracy": evaluator.measure(final)}
+        test[f"mixed, {options.rounding}"] = evaluator.measure(final, data.test_images, data.test_labels)
     float_accuracy = float_model_accuracy(model, data, options.inputs.declared)
     with staged_output(out_dir) as staging:
-        model_bytes = model_file.save(evaluator.model(chosen), staging / f"{name}-mixed.npz")
+        model_bytes = model_file.save(final, staging / f"{name}-mixed.npz")
         results = {"model": name, "bits": options.bits, "abits": options.abits, "method": options.method,
+                   "rounding": options.rounding, "bias_correction": options.bias_correction,
+                   "equalization": options.equalization,
                    "validation_images": len(validation), "calibration_images": len(calibration),
                    "validation_8bit": reference, "rows": rows, "max_drop": options.max_drop,
                    "mixed": {"layer_bits": chosen, "validation_accuracy": validation_accuracy,
-                             "weight_bytes": weight_bits_total(evaluator.graph, chosen) / 8, "file_bytes": model_bytes},
+                             "weight_bytes": weight_bits_total(evaluator.graph, chosen) / 8, "file_bytes": model_bytes,
+                             "learned": learned},
                    "test_accuracy": {"float": float_accuracy, **test},
                    "timings_s": {"total": time.perf_counter() - start}}
         if render is not None:

@@ -1,8 +1,14 @@
-"""`intq sweep`: every range method x granularity x weight bits x activation bits, integer-only.
+"""`intq sweep`: every range method x granularity x weight bits x activation bits x rounding x bias
+correction x equalization x fine-tuning epochs, integer-only.
 
-One streaming calibration pass feeds every range method (each reads the same observers); each cell
-is converted and evaluated on the test set by the reference executor, cells spread over one
-process per core.
+One streaming calibration pass per equalization value feeds every other axis (each range method reads
+the same observers; bias correction reads its window means; learned rounding learns on the first
+calibration images; the equalized graph needs its own statistics). Each cell is made (convert, learned
+rounding or fine-tuning, timed) and evaluated on the test set by the reference executor, cells spread
+over one process per core. A fine-tuned cell learns its weights and biases itself (qat.finetune): it
+takes nearest rounding and no bias correction, whatever those axes list, so the grid holds each such
+cell once. Learned rounding and fine-tuning are seeded with --seed, as `intq quantize` and `intq
+finetune` seed them: the same command gives the same integers.
 """
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import itertools
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
@@ -20,13 +26,14 @@ import torch
 
 from intq.calibrate.ranges import MSE, Entropy, MinMax, parse_range_method
 from intq.graph.capture import trace
-from intq.graph.config import ActivationConfig, QConfig, WeightConfig
+from intq.graph.config import ROUNDINGS, ActivationConfig, QConfig, RoundingConfig, WeightConfig
 from intq.graph.convert import ConversionError, check_layer_names
 from intq.executors.reference import run_integer
 from intq.files import check_writable, staged_output, write_json
 from intq.arith.qparams import Scheme
 from intq.cifar.models import ARCHITECTURES, MODELS
-from intq.workflows.checkpoints import float_accuracy as float_model_accuracy
+from intq.qat.finetune import FinetuneOptions, finetune
+from intq.workflows.checkpoints import float_accuracy as float_model_accuracy, with_options
 from intq.workflows.pipeline import Calibrated, calibrated, calibration_images
 from intq.workflows.subject import InputOptions, load_data, load_float_model
 from intq.cifar.train import accuracy, predict
@@ -47,6 +54,10 @@ class SweepCell:
     granularity: str
     wbits: int
     abits: int
+    rounding: str = "nearest"  # or a learned rounding, ROUNDINGS
+    bias_correction: bool = False
+    equalization: bool = False
+    finetune_epochs: int = 0  # 0: not fine-tuned
 
 
 @dataclass(frozen=True)
@@ -65,14 +76,23 @@ class SweepOptions:
     arch: str = "Net"  # the architecture of `model` when it is a checkpoint file
     weights: Path | None = None  # a user model's weights (model = FILE.py:factory or module:attr)
     inputs: InputOptions = InputOptions()  # --size, --channels, --mean/--std
+    roundings: tuple[str, ...] = ("nearest",)
+    bias_corrections: tuple[bool, ...] = (False,)
+    equalizations: tuple[bool, ...] = (False,)
+    finetune_epochs: tuple[int, ...] = (0,)
+    rounding_iters: int | None = None  # learned rounding's steps per layer or block (None: RoundingConfig's)
+    finetune_lr: float | None = None  # fine-tuning's peak learning rate (None: FinetuneOptions')
 
 
 class SweepError(Exception):
     """A sweep option that cannot work (names the option)."""
 
 
-def cell_config(cell: SweepCell, layer_bits: tuple[tuple[str, int], ...] = ()) -> QConfig:
-    """The QConfig of one cell: the method ranges weights and activations alike.
+def cell_config(cell: SweepCell, layer_bits: tuple[tuple[str, int], ...] = (), rounding_iters: int | None = None,
+                seed: int = 0) -> QConfig:
+    """The QConfig of one cell: the method ranges weights and activations alike; the cell's bias
+    correction, equalization and rounding (learned: `rounding_iters` steps, seeded by `seed`, as
+    `intq quantize --rounding R --rounding-iters N --seed S` sets them).
 
     Weights are symmetric (per channel or per tensor), post-ReLU activations uint, the logits int16
     (no layer consumes them), normalisation folded into the first layer. Entropy ranges the
@@ -82,11 +102,22 @@ def cell_config(cell: SweepCell, layer_bits: tuple[tuple[str, int], ...] = ()) -
     method = parse_range_method(cell.method)
     weight_method = MSE() if isinstance(method, Entropy) else method
     # `layer_bits` (mixed precision) overrides cell.wbits for the layers it names.
-    weights = WeightConfig(weight_method, Scheme.SYMMETRIC, cell.granularity == "per-channel", cell.wbits, layer_bits)
+    weights = WeightConfig(weight_method, Scheme.SYMMETRIC, cell.granularity == "per-channel", cell.wbits)
     activations = ActivationConfig(method, Scheme.ASYMMETRIC, cell.abits, unsigned_after_relu=True,
                                    output_method=MinMax(), output_bits=16)
-    name = f"{cell.method} {cell.granularity} W{cell.wbits}A{cell.abits}"
-    return QConfig(name, weights, activations, fold_input=True, calibration_samples=None)
+    config = QConfig(describe_cell(asdict(cell)), weights, activations, fold_input=True, calibration_samples=None,
+                     equalization=cell.equalization, bias_correction=cell.bias_correction)
+    learned = cell.rounding != "nearest"
+    return with_options(config, layer_bits, cell.rounding, rounding_iters if learned else None, seed)
+
+
+def describe_cell(row) -> str:
+    """'mse per-channel W4A8', then ' +adaround', ' +bc', ' +cle', ' +ft1' for the methods the cell (or
+    its results row; absent fields are nearest, off, off, 0) adds."""
+    extras = [f"+{row['rounding']}" if row.get("rounding", "nearest") != "nearest" else "",
+              "+bc" * bool(row.get("bias_correction")), "+cle" * bool(row.get("equalization")),
+              f"+ft{row['finetune_epochs']}" if row.get("finetune_epochs") else ""]
+    return " ".join([f"{row['method']} {row['granularity']} W{row['wbits']}A{row['abits']}", *filter(None, extras)])
 
 
 def check_options(options: SweepOptions) -> list[SweepCell]:
@@ -112,8 +143,52 @@ def check_options(options: SweepOptions) -> list[SweepCell]:
     bad = [g for g in options.granularities if g not in GRANULARITIES]
     if bad or not options.granularities:
         raise SweepError(f"--granularity: choose from {', '.join(GRANULARITIES)}, got {list(options.granularities)}")
-    return [SweepCell(*combo) for combo in itertools.product(options.methods, options.granularities,
-                                                             options.wbits, options.abits)]
+    check_method_axes(options)
+    combos = itertools.product(options.methods, options.granularities, options.wbits, options.abits, options.roundings,
+                               options.bias_corrections, options.equalizations, options.finetune_epochs)
+    cells = list(dict.fromkeys(fine_tuned_alone(SweepCell(*combo)) for combo in combos))
+    for flag, field, values, word in (("--rounding", "rounding", options.roundings, str),
+                                      ("--bias-correction", "bias_correction", options.bias_corrections,
+                                       lambda on: "on" if on else "off")):
+        unused = [value for value in values if all(getattr(cell, field) != value for cell in cells)]
+        if unused:
+            raise SweepError(f"{flag} {word(unused[0])}: no cell uses it, since a fine-tuned cell takes nearest "
+                             "rounding and no bias correction; add 0 to --finetune-epochs")
+    return cells
+
+
+def check_method_axes(options: SweepOptions) -> None:
+    """--rounding, --bias-correction, --equalization and --finetune-epochs each list at least one value;
+    each rounding is one of ROUNDINGS, each epoch count 0 or more; --rounding-iters only with a learned
+    rounding and --finetune-lr only with fine-tuning, each valid. SweepError naming the option."""
+    for flag, values in (("--rounding", options.roundings), ("--bias-correction", options.bias_corrections),
+                         ("--equalization", options.equalizations), ("--finetune-epochs", options.finetune_epochs)):
+        if not values:
+            raise SweepError(f"{flag}: give at least one value")
+    bad = [r for r in options.roundings if r not in ROUNDINGS]
+    if bad:
+        raise SweepError(f"--rounding {bad[0]}: choose from {', '.join(ROUNDINGS)}")
+    bad = [e for e in options.finetune_epochs if isinstance(e, bool) or not isinstance(e, int) or e < 0]
+    if bad:
+        raise SweepError(f"--finetune-epochs {bad[0]}: epochs must be whole numbers, 0 (not fine-tuned) or more")
+    if options.rounding_iters is not None:
+        if all(r == "nearest" for r in options.roundings):
+            raise SweepError("--rounding-iters: only with a learned --rounding (adaround, brecq)")
+        if isinstance(options.rounding_iters, bool) or options.rounding_iters < 1:
+            raise SweepError(f"--rounding-iters must be at least 1, got {options.rounding_iters}")
+    if options.finetune_lr is not None:
+        if not any(options.finetune_epochs):
+            raise SweepError("--finetune-lr: only with --finetune-epochs above 0")
+        try:
+            FinetuneOptions(lr=options.finetune_lr)
+        except ValueError as err:
+            raise SweepError(f"--finetune-lr: {err}") from None
+
+
+def fine_tuned_alone(cell: SweepCell) -> SweepCell:
+    """A fine-tuned cell with nearest rounding and no bias correction: fine-tuning learns the weights and
+    biases on the fake-quantized grids, so rounding is its own and its biases already answer for it."""
+    return replace(cell, rounding="nearest", bias_correction=False) if cell.finetune_epochs else cell
 
 
 def checked_count(option: str, requested: int | None, available: int, what: str, default: int | None = None) -> int:
@@ -148,46 +223,101 @@ def failed_cells(rows: list[dict]) -> str | None:
     failed = [row for row in rows if row.get("error")]
     if not failed:
         return None
-    first = failed[0]
-    return (f"{len(failed)} of {len(rows)} cells failed; first {first['method']} {first['granularity']} "
-            f"W{first['wbits']}A{first['abits']}: {first['error']}")
+    return f"{len(failed)} of {len(rows)} cells failed; first {describe_cell(failed[0])}: {failed[0]['error']}"
+
+
+@dataclass(frozen=True)
+class CellInputs:
+    """What making and evaluating a cell reads, handed once to each worker process."""
+
+    calibrations: dict[bool, Calibrated]  # by equalization: the graph (equalized or not) and its statistics
+    test_pixels: torch.Tensor
+    test_labels: torch.Tensor
+    layer_bits: tuple[tuple[str, int], ...] = ()
+    calibration_pixels: torch.Tensor | None = None  # uint8, the first calibration images: learned rounding's
+    train_pixels: torch.Tensor | None = None  # uint8 training images and labels: fine-tuning's
+    train_labels: torch.Tensor | None = None
+    rounding_iters: int | None = None
+    seed: int = 0
+    finetune_lr: float | None = None
+
+
+def cell_model(cell: SweepCell, inputs: CellInputs):
+    """(the cell's IntegerModel, the seconds its method took): convert; learned rounding on the first
+    calibration images (Calibrated.rounded_model, as `intq quantize --rounding`); or fine-tuning
+    `cell.finetune_epochs` epochs on the training images from that conversion (qat.finetune, as `intq
+    finetune`), FinetuneOptions' defaults but --finetune-lr, seeded, one thread. ConversionError if
+    the cell cannot be converted."""
+    config = cell_config(cell, inputs.layer_bits, inputs.rounding_iters, inputs.seed)
+    calibration = inputs.calibrations[cell.equalization]
+    start = time.perf_counter()
+    if cell.finetune_epochs:
+        lr = {} if inputs.finetune_lr is None else {"lr": inputs.finetune_lr}
+        options = FinetuneOptions(cell.finetune_epochs, seed=inputs.seed, threads=1, **lr)
+        model = finetune(calibration.graph, calibration.stats, config, inputs.train_pixels, inputs.train_labels,
+                         options, log=_log.debug).after
+    else:
+        model, _ = calibration.rounded_model(config, inputs.calibration_pixels)
+    return model, time.perf_counter() - start
 
 
 _WORKER: dict = {}
 
 
-def _start_worker(calibration: Calibrated, pixels: torch.Tensor, labels: torch.Tensor,
-                  layer_bits: tuple[tuple[str, int], ...]) -> None:
+def _start_worker(inputs: CellInputs) -> None:
     torch.set_num_threads(1)
-    _WORKER.update(calibration=calibration, pixels=pixels, labels=labels, layer_bits=layer_bits)
+    _WORKER["inputs"] = inputs
 
 
-def evaluate_cell(cell: SweepCell) -> dict:
-    """Convert with the cell's config and measure integer-only top-1 accuracy on the test set."""
+def evaluate_cell(cell: SweepCell, inputs: CellInputs | None = None) -> dict:
+    """Make the cell's model (cell_model) and measure integer-only top-1 accuracy on the test set."""
+    inputs = inputs or _WORKER["inputs"]
     row = asdict(cell)
     try:
-        model = _WORKER["calibration"].integer_model(cell_config(cell, _WORKER["layer_bits"]))
+        model, seconds = cell_model(cell, inputs)
     except ConversionError as err:
         return {**row, "accuracy": None, "error": str(err)}
-    predicted = predict(lambda p: run_integer(model, p), _WORKER["pixels"])
+    predicted = predict(lambda p: run_integer(model, p), inputs.test_pixels)
     layers = model.quantized_layers()
-    return {**row, "accuracy": accuracy(predicted, _WORKER["labels"]),
+    return {**row, "accuracy": accuracy(predicted, inputs.test_labels), "method_seconds": round(seconds, 3),
             "weight_bytes": sum(layer.weight.size * layer.weight_qparams.dtype.bits for layer in layers) / 8,
             "worst_accumulator": max(layer.accumulator_bound for layer in layers)}
 
 
-def evaluate_cells(cells: list[SweepCell], calibration: Calibrated, pixels: torch.Tensor,
-                   labels: torch.Tensor, layer_bits: tuple = (), log=_log.info) -> list[dict]:
+def evaluate_cells(cells: list[SweepCell], inputs: CellInputs, log=_log.info) -> list[dict]:
     """Every cell, on one worker process per core; rows come back in cell order."""
     workers = max(1, min(os.cpu_count() or 1, len(cells)))
     rows = []
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_worker,
-                             initargs=(calibration, pixels, labels, layer_bits)) as pool:
+                             initargs=(inputs,)) as pool:
         for index, row in enumerate(progress(pool.map(evaluate_cell, cells), "sweep", len(cells)), 1):
-            shown = "error" if row["accuracy"] is None else f"{row['accuracy']:.2f}%"
-            log(f"[{index}/{len(cells)}] {row['method']} {row['granularity']} W{row['wbits']}A{row['abits']}: {shown}")
+            shown = "error" if row["accuracy"] is None else f"{row['accuracy']:.2f}% ({row['method_seconds']:.1f} s)"
+            log(f"[{index}/{len(cells)}] {describe_cell(row)}: {shown}")
             rows.append(row)
     return rows
+
+
+def cell_inputs(options: SweepOptions, cells: list[SweepCell], model: torch.nn.Module, data, subset: torch.Tensor,
+                log=_log.info) -> CellInputs:
+    """One calibration per equalization value the cells use, on the uint8 `subset`; the first
+    calibration images when a cell learns its rounding; the training images when a cell fine-tunes
+    (at least one batch of them, else SweepError naming --finetune-epochs)."""
+    calibrations = {}
+    for equalization in sorted({cell.equalization for cell in cells}):
+        log(f"calibrating on {len(subset)} training images{' (equalized graph)' * equalization}; input "
+            f"{options.inputs.describe()}")
+        calibrations[equalization] = calibrated(model, subset, example=data.train_images,
+                                                preprocessing=options.inputs.declared, equalization=equalization)
+    learned = any(cell.rounding != "nearest" for cell in cells)
+    tuned = any(cell.finetune_epochs for cell in cells)
+    batch = FinetuneOptions().batch_size
+    if tuned and len(data.train_images) < batch:
+        raise SweepError(f"--finetune-epochs: fine-tuning needs at least one batch of {batch} training images, "
+                         f"there are {len(data.train_images)}")
+    return CellInputs(calibrations, data.test_images, data.test_labels, options.layer_bits,
+                      subset[: RoundingConfig().images] if learned else None,
+                      data.train_images if tuned else None, data.train_labels if tuned else None,
+                      options.rounding_iters, options.seed, options.finetune_lr)
 
 
 def run_sweep(options: SweepOptions, log=_log.info, render: Callable[[dict, Path], None] | None = None) -> dict:
@@ -207,18 +337,21 @@ def run_sweep(options: SweepOptions, log=_log.info, render: Callable[[dict, Path
     name, model = load_float_model(options.model, data, options.cache_dir, seed=options.seed, arch=options.arch,
                                    weights=options.weights)
     subset = calibration_images(data.train_images, samples, options.seed)
-    log(f"calibrating {name} on {len(subset)} training images (one pass for every method); input "
-        f"{options.inputs.describe()}")
-    calibration = calibrated(model, subset, example=data.train_images, preprocessing=options.inputs.declared)
+    log(f"{name}: {len(cells)} cells")
+    inputs = cell_inputs(options, cells, model, data, subset, log)
     float_accuracy = float_model_accuracy(model, data, options.inputs.declared)
-    rows = evaluate_cells(cells, calibration, data.test_images, data.test_labels, options.layer_bits, log)
+    rows = evaluate_cells(cells, inputs, log)
     for row in rows:
         row["drop"] = None if row["accuracy"] is None else round(float_accuracy - row["accuracy"], 6)
+    learned = any(cell.rounding != "nearest" for cell in cells)
     results = {"model": name, "float_accuracy": float_accuracy, "rows": rows,
                "config": {"seed": options.seed, "calibration_images": len(subset), "data_source": data.source,
                           "test_images": len(data.test_images), "logits": "int16", "weights": "symmetric",
                           "activations": "uint after ReLU, asymmetric otherwise",
-                          "layer_bits": dict(options.layer_bits)},
+                          "layer_bits": dict(options.layer_bits),
+                          "rounding_iterations": (options.rounding_iters or RoundingConfig().iterations)
+                          if learned else None,
+                          "finetune_lr": options.finetune_lr or FinetuneOptions().lr},
                "timings_s": {"total": time.perf_counter() - start}}
     with staged_output(out_dir) as staging:
         if render is not None:
