@@ -151,3 +151,28 @@ def test_finetune_command_writes_a_model_and_refuses_bad_options_in_one_line(tmp
         assert main(["finetune", "-q", "--model", str(checkpoint), "--arch", "Net", *bad, *common]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("intq: error: ") and named in err, err
+
+
+def test_a_step_pushed_below_its_floor_is_projected_back_onto_it(task, tuned):
+    graph, _, _, _ = task
+    model = FakeQuantGraph(graph, tuned.before)
+    grids = [*model.grids.values(), *model.weight_grids.values()]
+    learned = [grid for grid in grids if grid.step is not None]
+    starts = [grid.step.detach().clone() for grid in learned]
+    with torch.no_grad():
+        for grid in learned:
+            grid.step.neg_()  # an overshooting update: lr x gradient larger than the step itself
+    model.hold_floors_()
+    assert all(torch.equal(grid.step, start * 2.0 ** -8) for grid, start in zip(learned, starts))
+    fixed = model.grids["t_input"]
+    assert fixed.step is None and fixed.floor is None  # the input's grid is the model's own: never learned
+
+
+def test_a_learning_rate_that_overshoots_still_gives_a_convertible_model(task):
+    graph, stats, pixels, labels = task
+    wild = finetune(graph, stats, W4A4, pixels, labels, FinetuneOptions(epochs=1, lr=20.0, batch_size=32,
+                                                                        augment=False, seed=3))
+    for before, after in zip(wild.before.quantized_layers(), wild.after.quantized_layers()):
+        assert np.all(np.asarray(after.weight_qparams.scale) >= np.asarray(before.weight_qparams.scale) * 2.0 ** -8 * (1 - 1e-6))
+    rows = layer_agreement(wild.after, pixels[:32])
+    assert all(row["differing"] == 0 for row in rows), rows

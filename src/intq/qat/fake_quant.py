@@ -15,6 +15,7 @@ import torch
 from intq.arith.qparams import IntType, QParams, Scheme, round_half_away_from_zero
 
 MIN_STEP = 1e-12  # a step size pushed to 0 or below by a gradient step is held here (the grid stays defined)
+STEP_FLOOR = 2.0 ** -8  # after every update a learned step is held at >= this fraction of its start (eq. 44)
 
 
 def round_ste(v: torch.Tensor) -> torch.Tensor:
@@ -43,6 +44,13 @@ def fake_quantize(x: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor,
     s = scaled_gradient(step.clamp_min(MIN_STEP), g)
     q = (round_ste(x / s) + zero_point).clamp(dtype.qmin, dtype.qmax)
     return s * (q - zero_point)
+
+
+def step_floor(start: torch.Tensor) -> torch.Tensor:
+    """The least value a learned step may take, s_min = 2^-8 s_0 (eq. 44): an update that would push s below it
+    (a step can even turn negative when lr x gradient exceeds s) is projected back to it, so that no grid
+    collapses and the int32 bias b / (s_x s_w) (eq. 15) stays within 2^16 times its starting magnitude."""
+    return start.detach().abs() * STEP_FLOOR
 
 
 def grid_range(qp: QParams, scheme: Scheme) -> tuple[np.ndarray, np.ndarray]:

@@ -36,7 +36,7 @@ from intq.graph.config import QConfig
 from intq.graph.convert import convert, is_lookup, observed_tensors
 from intq.graph.integer_model import IntegerModel
 from intq.progress import progress
-from intq.qat.fake_quant import MIN_STEP, fake_quantize, grid_range, round_ste, step_gradient_scale
+from intq.qat.fake_quant import MIN_STEP, fake_quantize, grid_range, round_ste, step_floor, step_gradient_scale
 
 _log = logging.getLogger(__name__)  # progress messages; the command line routes them to stderr
 
@@ -78,11 +78,18 @@ class _Grid(nn.Module):
         step = torch.as_tensor(np.asarray(qp.scale), dtype=torch.float32).reshape(shape)
         self.step = nn.Parameter(step) if learned else None
         self.register_buffer("fixed_step", None if learned else step)
+        self.register_buffer("floor", step_floor(step) if learned else None)
         self.register_buffer("zero_point", torch.as_tensor(np.asarray(qp.zero_point), dtype=torch.float32).reshape(shape))
         self.qparams, self.g = qp, step_gradient_scale(elements, qp.dtype, qp.zero_point)
 
     def current_step(self) -> torch.Tensor:
         return self.step if self.step is not None else self.fixed_step
+
+    def hold_floor_(self) -> None:
+        """Project a learned step back onto s >= s_min after an update (eq. 44); a fixed step is left alone."""
+        if self.step is not None:
+            with torch.no_grad():
+                torch.maximum(self.step, self.floor, out=self.step)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quantize(x, self.current_step().to(x.dtype), self.zero_point.to(x.dtype), self.qparams.dtype, self.g)
@@ -118,6 +125,11 @@ class FakeQuantGraph(nn.Module):
                 self.biases[key] = nn.Parameter(node.op.bias.detach().clone().float())
             qp = layers[node.name].weight_qparams
             self.weight_grids[key] = _Grid(qp, weight[0].numel() if qp.axis == 0 else weight.numel(), weight.dim(), True)
+
+    def hold_floors_(self) -> None:
+        """Every learned step, of activations and weights, projected onto s >= 2^-8 s_0 (eq. 44)."""
+        for grid in [*self.grids.values(), *self.weight_grids.values()]:
+            grid.hold_floor_()
 
     @staticmethod
     def _key(name: str) -> str:
@@ -230,6 +242,7 @@ def _train(model: FakeQuantGraph, graph: Graph, pixels: torch.Tensor, labels: to
             loss = F.cross_entropy(model(images), labels[index])
             loss.backward()
             optimizer.step()
+            model.hold_floors_()
             running += float(loss.detach())
         history.append({"epoch": epoch, "loss": running / steps})
         log(f"fine-tuning epoch {epoch}/{options.epochs}: loss {running / steps:.4f}")
