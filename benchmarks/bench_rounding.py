@@ -6,7 +6,8 @@ Run by hand:
     PYTHONPATH=src .venv/bin/python benchmarks/bench_rounding.py --model runs/resnet20/resnet20.npz \
         --arch resnet20 --data DIR --cells 4,4 3,8 2,8 --layer-bits conv=8,fc=8 --calib-samples 1000 \
         [--roundings nearest adaround brecq] [--bias-correction off on] [--json rows.json]
-    PYTHONPATH=src .venv/bin/python benchmarks/bench_rounding.py --table rows-a.json rows-b.json
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_rounding.py --table rows-a.json rows-b.json \
+        [--extra finetuned-rows.json] [--plot docs/images/rounding.png]
 
 --model is a study model name (Net, NetWithBias), a checkpoint from `intq train` with --arch, or a model file
 with --weights (and its --mean/--std). One calibration (seed 0, the `intq quantize` subset of
@@ -52,9 +53,16 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=None, help="learned rounding steps (default 2,000)")
     parser.add_argument("--json", type=Path, help="append each row to this file (JSON lines)")
     parser.add_argument("--table", type=Path, nargs="+", help="print the rows of these files as one table")
+    parser.add_argument("--extra", type=Path, nargs="*", default=[],
+                        help="with --table: JSON files of further rows (e.g. intq finetune --json results, as rows)")
+    parser.add_argument("--plot", type=Path, help="with --table: also draw the rows as a PNG (needs matplotlib)")
     args = parser.parse_args()
     if args.table:
-        print_table([json.loads(line) for path in args.table for line in path.read_text().splitlines() if line])
+        rows = [json.loads(line) for path in args.table for line in path.read_text().splitlines() if line]
+        rows += [row for path in args.extra for row in json.loads(path.read_text())]
+        print_table(rows)
+        if args.plot:
+            plot(rows, args.plot)
         return
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -97,7 +105,7 @@ def main() -> None:
 
 def print_table(rows: list[dict]) -> None:
     """One Markdown row per cell, one column per (rounding, bias correction): accuracy (drop), seconds."""
-    columns = list(dict.fromkeys((row["rounding"], row["bias_correction"]) for row in rows))
+    columns = sorted(dict.fromkeys((row["rounding"], row["bias_correction"]) for row in rows), key=method_rank)
     cells = list(dict.fromkeys((row["model"], row["cell"]) for row in rows))
     found = {(row["model"], row["cell"], row["rounding"], row["bias_correction"]): row for row in rows}
     names = [rounding + (" + bias correction" if correction else "") for rounding, correction in columns]
@@ -109,7 +117,44 @@ def print_table(rows: list[dict]) -> None:
             row = found.get((model, cell, rounding, correction))
             entries.append("" if row is None else
                            f"{row['accuracy']:.2f} ({row['accuracy'] - row['float']:+.2f}), {row['seconds']:.0f} s")
-        print(f"| {model} | {cell} | " + " | ".join(entries) + " |")
+        print(f"| {Path(model).stem} | {cell} | " + " | ".join(entries) + " |")
+
+
+def method_rank(method: tuple[str, bool]) -> tuple[int, bool]:
+    """Columns from the cheapest method to the dearest: nearest, adaround, brecq, then anything else (fine-tuning)."""
+    order = ("nearest", "adaround", "brecq")
+    return (order.index(method[0]) if method[0] in order else len(order), method[1])
+
+
+def label(row: dict) -> str:
+    return row["rounding"] + (" + bias correction" if row["bias_correction"] else "")
+
+
+def plot(rows: list[dict], target: Path) -> None:
+    """One panel per model: integer-only accuracy of each cell (x) for each method (bars), float as a line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    methods = [label({"rounding": r, "bias_correction": b}) for r, b in
+               sorted(dict.fromkeys((row["rounding"], row["bias_correction"]) for row in rows), key=method_rank)]
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4), layout="constrained", squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [row for row in rows if row["model"] == model]
+        cells = list(dict.fromkeys(row["cell"] for row in mine))
+        width = 0.8 / len(methods)
+        for k, method in enumerate(methods):
+            found = {row["cell"]: row["accuracy"] for row in mine if label(row) == method}
+            xs = [i + (k - (len(methods) - 1) / 2) * width for i, cell in enumerate(cells) if cell in found]
+            ax.bar(xs, [found[cell] for cell in cells if cell in found], width, label=method)
+        ax.axhline(mine[0]["float"], color="black", linestyle="--", linewidth=1, label="float")
+        ax.set_xticks(range(len(cells)), cells)
+        ax.set(title=Path(model).stem, ylabel="integer-only top-1 % (10,000 test images)")
+        low = min(row["accuracy"] for row in mine)
+        ax.set_ylim(max(0, low - 5), mine[0]["float"] + 3)
+    axes[0][-1].legend(loc="lower left", fontsize=8)
+    fig.savefig(target, dpi=110)
 
 
 if __name__ == "__main__":
