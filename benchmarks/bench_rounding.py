@@ -139,7 +139,8 @@ def plot(rows: list[dict], target: Path) -> None:
     models = list(dict.fromkeys(row["model"] for row in rows))
     methods = [label({"rounding": r, "bias_correction": b}) for r, b in
                sorted(dict.fromkeys((row["rounding"], row["bias_correction"]) for row in rows), key=method_rank)]
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4), layout="constrained", squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.6), layout="constrained", squeeze=False)
+    legend: set[str] = set()
     for ax, model in zip(axes[0], models):
         mine = [row for row in rows if row["model"] == model]
         cells = list(dict.fromkeys(row["cell"] for row in mine))
@@ -147,13 +148,17 @@ def plot(rows: list[dict], target: Path) -> None:
         for k, method in enumerate(methods):
             found = {row["cell"]: row["accuracy"] for row in mine if label(row) == method}
             xs = [i + (k - (len(methods) - 1) / 2) * width for i, cell in enumerate(cells) if cell in found]
-            ax.bar(xs, [found[cell] for cell in cells if cell in found], width, label=method)
-        ax.axhline(mine[0]["float"], color="black", linestyle="--", linewidth=1, label="float")
+            if xs:  # one colour per method in every panel
+                ax.bar(xs, [found[cell] for cell in cells if cell in found], width, color=f"C{k}",
+                       label=method if method not in legend else None)
+                legend.add(method)
+        ax.axhline(mine[0]["float"], color="black", linestyle="--", linewidth=1,
+                   label="float" if model == models[0] else None)
         ax.set_xticks(range(len(cells)), cells)
         ax.set(title=Path(model).stem, ylabel="integer-only top-1 % (10,000 test images)")
         low = min(row["accuracy"] for row in mine)
         ax.set_ylim(max(0, low - 5), mine[0]["float"] + 3)
-    axes[0][-1].legend(loc="lower left", fontsize=8)
+    fig.legend(loc="outside lower center", ncols=4, fontsize=8)
     fig.savefig(target, dpi=110)
 
 
