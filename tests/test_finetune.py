@@ -1,5 +1,7 @@
 """Quantization-aware fine-tuning (qat/): LSQ fake quantization on the integer model's grids, the
 converted model after fine-tuning, determinism, and `intq finetune` on synthetic data."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,8 @@ from intq.graph.integer_model import QLayer
 from intq.graph.model_file import load as load_model
 from intq.qat.fake_quant import fake_quantize, grid_range, step_gradient_scale
 from intq.qat.finetune import FakeQuantGraph, FinetuneOptions, finetune
+from intq.graph.config import RoundingConfig
+from intq.ptq.reconstruction import learned_integer_model
 from intq.workflows.sweep import SweepCell, cell_config
 
 W4A4 = cell_config(SweepCell("mse", "per-channel", 4, 4))
@@ -176,3 +180,19 @@ def test_a_learning_rate_that_overshoots_still_gives_a_convertible_model(task):
         assert np.all(np.asarray(after.weight_qparams.scale) >= np.asarray(before.weight_qparams.scale) * 2.0 ** -8 * (1 - 1e-6))
     rows = layer_agreement(wild.after, pixels[:32])
     assert all(row["differing"] == 0 for row in rows), rows
+
+
+def test_fine_tuning_can_start_from_the_learned_rounding(task):
+    graph, stats, pixels, labels = task
+    config = replace(W4A4, rounding=RoundingConfig("adaround", iterations=30, images=64, seed=0))
+    images = graph.preprocessing.apply(pixels[:64])
+    start = finetune(graph, stats, config, pixels, labels, OPTIONS, rounding_images=images)
+    learned, _ = learned_integer_model(graph, stats, config, images)
+    nearest = finetune(graph, stats, W4A4, pixels, labels, OPTIONS)
+    assert all(np.array_equal(a.weight, b.weight) for a, b in zip(start.before.quantized_layers(), learned.quantized_layers()))
+    assert not all(np.array_equal(a.weight, b.weight) for a, b in zip(start.before.quantized_layers(),
+                                                                        nearest.before.quantized_layers()))
+    rows = layer_agreement(start.after, pixels[:32])
+    assert all(row["differing"] == 0 for row in rows), rows
+    with pytest.raises(ValueError, match="rounding_images"):
+        finetune(graph, stats, config, pixels, labels, OPTIONS)

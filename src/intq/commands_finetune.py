@@ -11,6 +11,7 @@ from dataclasses import replace
 from intq.command_checks import at_least, bit_width, layer_bits, range_method
 from intq.commands import _dataset, _float_model_inputs, _json_target, _save_json, provenance
 from intq.files import check_writable
+from intq.graph.config import ROUNDINGS, RoundingConfig
 from intq.qat.finetune import FinetuneOptions
 from intq.workflows.finetune import finetune_checkpoint
 from intq.workflows.subject import load_float_model, model_name
@@ -33,6 +34,8 @@ def add_finetune(commands, add_model, add_common, add_json) -> None:
     command.add_argument("--abits", type=int, default=4, help="activation bits, 2..8 (default: 4)")
     command.add_argument("--granularity", choices=GRANULARITIES, default="per-channel", help="(default: per-channel)")
     command.add_argument("--layer-bits", metavar="LAYER=B,...", help="weight bits per layer, e.g. conv=8,fc=8")
+    command.add_argument("--rounding", choices=ROUNDINGS, default="nearest",
+                         help="start from this rounding: nearest, or learned (adaround, brecq) on the calibration images")
     command.add_argument("--epochs", type=int, default=1, help="(default: 1)")
     command.add_argument("--lr", type=float, default=0.01, help="peak learning rate, cosine to 0 (default: 0.01)")
     command.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
@@ -67,8 +70,10 @@ def finetune_command(args: argparse.Namespace) -> None:
     cell = SweepCell(args.method, args.granularity, args.wbits, args.abits)
     config = cell_config(cell)
     config = replace(config, weights=replace(config.weights, layer_bits=per_layer)) if per_layer else config
+    config = replace(config, rounding=RoundingConfig(args.rounding, seed=args.seed)) if args.rounding != "nearest" else config
     inputs = _float_model_inputs(args, args.model)
-    label = f"{cell.method}-w{cell.wbits}a{cell.abits}-{cell.granularity}{'-mixed' * bool(per_layer)}-ft{args.epochs}"
+    start = "" if args.rounding == "nearest" else f"-{args.rounding}"
+    label = f"{cell.method}-w{cell.wbits}a{cell.abits}-{cell.granularity}{'-mixed' * bool(per_layer)}{start}-ft{args.epochs}"
     out = check_writable(args.out or Path("runs") / model_name(args.model) / f"{model_name(args.model)}-{label}-int.npz")
     data = _dataset(args, inputs)
     samples = checked_count("--calib-samples", args.calib_samples, len(data.train_images), "training images",

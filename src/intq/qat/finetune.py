@@ -32,10 +32,11 @@ from intq.calibrate.ranges import MinMax
 from intq.cifar.train import MomentumSGD, augment, intra_op_threads
 from intq.executors.reference import pixels_to_input
 from intq.graph.captured_graph import REQUANTIZING, WEIGHTED, Graph, apply_op, run_float
-from intq.graph.config import QConfig
+from intq.graph.config import QConfig, RoundingConfig
 from intq.graph.convert import convert, is_lookup, observed_tensors
 from intq.graph.integer_model import IntegerModel
 from intq.progress import progress
+from intq.ptq.reconstruction import learned_integer_model, real_weights
 from intq.qat.fake_quant import MIN_STEP, fake_quantize, grid_range, round_ste, step_floor, step_gradient_scale
 
 _log = logging.getLogger(__name__)  # progress messages; the command line routes them to stderr
@@ -197,6 +198,16 @@ def _example_shapes(graph: Graph, shape: tuple[int, ...]) -> dict[str, tuple[int
     return shapes
 
 
+def _on_chosen_weights(graph: Graph, model: IntegerModel) -> Graph:
+    """A copy of `graph` whose weights are those `model` computes with, s (q_w - z_w) (eq. 1): their nearest
+    rounding on the same grids gives back q_w, so fine-tuning starts from the learned rounding's choice."""
+    chosen = real_weights(model)
+    graph = copy.deepcopy(graph)
+    for node in graph.weighted():
+        node.op.weight = chosen[node.name].to(node.op.weight.dtype).reshape(node.op.weight.shape)
+    return graph
+
+
 @dataclass(frozen=True)
 class FineTuned:
     before: IntegerModel  # the post-training conversion the fine-tuning started from
@@ -207,11 +218,21 @@ class FineTuned:
 
 def finetune(graph: Graph, stats: dict[str, TensorStats], config: QConfig, pixels: torch.Tensor, labels: torch.Tensor,
              options: FinetuneOptions = FinetuneOptions(), metadata: dict | None = None,
-             log: Callable[[str], None] = _log.info) -> FineTuned:
+             log: Callable[[str], None] = _log.info, rounding_images: torch.Tensor | None = None) -> FineTuned:
     """Convert (the starting point), fine-tune its fake-quantized twin on uint8 `pixels` and `labels`
     (cross-entropy, options), convert again on the learned grids. Seeded: the same inputs, options and
-    thread count give the same integers."""
-    before = convert(graph, stats, config, metadata)
+    thread count give the same integers. With a learned `config.rounding`, the starting point is the
+    learned rounding on the float preprocessed calibration `rounding_images` (ptq.reconstruction), and the
+    fine-tuning starts from the weights it chose, s (q_w - z_w); the result is converted by rounding the
+    fine-tuned weights to nearest on their learned grids."""
+    if config.rounding.learned:
+        if rounding_images is None:
+            raise ValueError(f"rounding {config.rounding.method!r} learns from calibration images: pass rounding_images")
+        before, _ = learned_integer_model(graph, stats, config, rounding_images, metadata)
+        graph = _on_chosen_weights(graph, before)
+        config = replace(config, rounding=RoundingConfig())
+    else:
+        before = convert(graph, stats, config, metadata)
     count = len(pixels) if options.images is None else min(options.images, len(pixels))
     if count < options.batch_size:
         raise ValueError(f"fine-tuning needs at least one batch of {options.batch_size} images, got {count}")

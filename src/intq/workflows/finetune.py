@@ -33,8 +33,10 @@ def finetune_model(model: torch.nn.Module, data: Dataset, config: QConfig, calib
     training images (options.images of them per epoch) from that conversion (qat.finetune.finetune)."""
     pixels = calibration_images(data.train_images, calib_samples, seed)
     calibration = calibrated(model, pixels, example=data.train_images, preprocessing=preprocessing)
+    rounding_images = (calibration.graph.preprocessing.apply(pixels[: config.rounding.images])
+                       if config.rounding.learned else None)
     return finetune(calibration.graph, calibration.stats, config, data.train_images, data.train_labels, options,
-                    finetune_metadata(metadata or {}, options), log=_log.info)
+                    finetune_metadata(metadata or {}, options), log=_log.info, rounding_images=rounding_images)
 
 
 def finetune_checkpoint(model: torch.nn.Module, data: Dataset, config: QConfig, calib_samples: int, seed: int,
