@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from intq.arith.preprocessing import STUDY_PREPROCESSING, Preprocessing
+from intq.command_checks import layer_bits
 from intq.ptq.reconstruction import learned_integer_model
 from intq.workflows.checkpoints import float_accuracy, integer_accuracy, with_options
 from intq.workflows.pipeline import calibrated, calibration_images
@@ -75,15 +76,14 @@ def main() -> None:
     calibration = calibrated(model, pixels, example=data.train_images, preprocessing=preprocessing)
     print(f"{args.model}: float {reference:.2f}% on {len(data.test_images):,} test images; calibration on "
           f"{len(pixels):,} images {time.perf_counter() - start:.0f} s", flush=True)
-    layer_bits = tuple((name, int(bits)) for name, _, bits in (item.partition("=") for item in
-                                                                args.layer_bits.split(",") if item))
+    per_layer = layer_bits(args.layer_bits)
     rows = []
     for text in args.cells:
         wbits, abits = (int(word) for word in text.split(","))
         cell = SweepCell(args.method, args.granularity, wbits, abits)
         for rounding in args.roundings:
             for bias_correction in args.bias_correction:
-                config = with_options(cell_config(cell), layer_bits, rounding,
+                config = with_options(cell_config(cell), per_layer, rounding,
                                       None if rounding == "nearest" else args.iterations, 0)
                 config = replace(config, bias_correction=bias_correction == "on")
                 images = calibration.graph.preprocessing.apply(pixels[: config.rounding.images])

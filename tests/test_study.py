@@ -105,7 +105,7 @@ def test_sweep_and_run_train_identical_weights_whatever_the_thread_count(tmp_pat
 
     from intq.cifar.data import CIFAR10_CLASSES, Dataset
     from intq.workflows.pipeline import float_model, trained_model
-    from intq.cifar.train import intra_op_threads
+    from intq.threads import intra_op_threads
 
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8, generator=generator)

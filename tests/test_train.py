@@ -4,8 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from intq.cifar.models import Net
-from intq.cifar.train import (ClassifierRecipe, MomentumSGD, Recipe, accuracy, intra_op_threads, load_weights, save_weights,
-                        train, train_classifier, weights_key)
+from intq.threads import intra_op_threads
+from intq.cifar.train import (ClassifierRecipe, MomentumSGD, Recipe, accuracy, load_weights, save_weights,
+                              train, train_classifier, weights_key)
 
 
 @pytest.mark.parametrize("foreach", [True, False], ids=["SGD-foreach", "SGD-for-loop"])

@@ -12,11 +12,9 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 
-from intq.command_checks import (at_least as _at_least, bit_width as _bit_width, bit_widths as _bit_widths,
-                                  existing_file as _existing_file, layer_bits as _layer_bits, numbers as _numbers,
-                                  range_method as _range_method, switches as _switches, words as _words)
+from intq.command_checks import (at_least, bit_width, bit_widths, existing_file, layer_bits, numbers, range_method,
+                                  switches, words)
 from intq.graph import model_file
 from intq.workflows.compare import run_compare
 from intq.graph.config import PRESETS, QConfig
@@ -63,9 +61,9 @@ def _config(args: argparse.Namespace) -> QConfig:
                                              f"the preset {args.preset} sets its own bits and granularity")
         return replace(PRESETS[args.preset], **switches)
     cell = _cell(args)
-    _range_method("--method", cell.method)
-    _bit_width("--wbits", cell.wbits)
-    _bit_width("--abits", cell.abits)  # --granularity: argparse's choices
+    range_method("--method", cell.method)
+    bit_width("--wbits", cell.wbits)
+    bit_width("--abits", cell.abits)  # --granularity: argparse's choices
     return replace(cell_config(cell), **switches)
 
 
@@ -77,7 +75,7 @@ def _switches_label(config: QConfig) -> str:
 def _quantize_config(args: argparse.Namespace) -> QConfig:
     """_config with quantize's --layer-bits, --rounding and --rounding-iters (seeded by --seed)."""
     try:
-        return with_options(_config(args), _layer_bits(args.layer_bits), args.rounding, args.rounding_iters, args.seed)
+        return with_options(_config(args), layer_bits(args.layer_bits), args.rounding, args.rounding_iters, args.seed)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -93,10 +91,10 @@ def _dataset(args: argparse.Namespace, inputs: InputOptions = InputOptions()):
 
 def _inputs(args: argparse.Namespace) -> InputOptions:
     """--size (H [W], 1..4096), --channels and --mean/--std (given together) as InputOptions."""
-    size = _numbers("--size", args.size, int)
+    size = numbers("--size", args.size, int)
     if size is not None and (len(size) not in (1, 2) or not all(1 <= side <= 4096 for side in size)):
         raise argparse.ArgumentTypeError(f"--size takes H or H W, each 1..4096, got {' '.join(args.size)}")
-    mean, std = _numbers("--mean", args.mean), _numbers("--std", args.std)
+    mean, std = numbers("--mean", args.mean), numbers("--std", args.std)
     if (mean is None) != (std is None):
         raise argparse.ArgumentTypeError("--mean and --std go together (the model's x = (p/255 - mean)/std)")
     preprocessing = None if mean is None else Preprocessing(mean, std)
@@ -127,13 +125,13 @@ def _model_data(args: argparse.Namespace, model: IntegerModel, split: str = "tes
 
 def _load_model(path: Path) -> IntegerModel:
     """The integer model in `path` ('no such file' when there is none)."""
-    model = model_file.load(_existing_file(path))
+    model = model_file.load(existing_file(path))
     _log.debug(f"integer model {path}: {len(model.layers)} ops, input {model.input.shape}")
     return model
 
 
 def run_command(args: argparse.Namespace) -> None:
-    _at_least("--calib-samples", args.calib_samples, 1)
+    at_least("--calib-samples", args.calib_samples, 1)
     require("matplotlib", "writing the report")
     from intq.report.study_report import write_report  # reports load matplotlib: only the commands that write one
 
@@ -152,11 +150,11 @@ def sweep_command(args: argparse.Namespace) -> None:
 
     inputs = _float_model_inputs(args, args.model)
     options = SweepOptions(args.model, args.data, args.out, args.cache, args.seed, args.calib_samples,
-                           _words(args.methods), _bit_widths(args.wbits), _bit_widths(args.abits),
-                           _words(args.granularity), _layer_bits(args.layer_bits), args.arch, args.weights, inputs,
-                           _words(args.rounding), _switches("--bias-correction", args.bias_correction),
-                           _switches("--equalization", args.equalization),
-                           _numbers("--finetune-epochs", args.finetune_epochs, int), args.rounding_iters,
+                           words(args.methods), bit_widths(args.wbits), bit_widths(args.abits),
+                           words(args.granularity), layer_bits(args.layer_bits), args.arch, args.weights, inputs,
+                           words(args.rounding), switches("--bias-correction", args.bias_correction),
+                           switches("--equalization", args.equalization),
+                           numbers("--finetune-epochs", args.finetune_epochs, int), args.rounding_iters,
                            args.finetune_lr)
     results = run_sweep(options, render=write_sweep_report)
     print(f"\n{len(results['rows'])} cells written to {args.out}/ (sweep.json, sweep.html, sweep.md, sweep.png); "
@@ -167,10 +165,10 @@ def sensitivity_command(args: argparse.Namespace) -> None:
     require("matplotlib", "writing the report")
     from intq.report.sensitivity_report import write_sensitivity_report
 
-    _bit_width("--bits", args.bits)
-    _bit_width("--abits", args.abits)
-    _range_method("--method", args.method)
-    _at_least("--max-drop", args.max_drop, 0)
+    bit_width("--bits", args.bits)
+    bit_width("--abits", args.abits)
+    range_method("--method", args.method)
+    at_least("--max-drop", args.max_drop, 0)
     try:
         with_options(PRESETS["recommended"], (), args.rounding, args.rounding_iters, args.seed)
     except ValueError as err:
@@ -192,7 +190,7 @@ def inspect_command(args: argparse.Namespace) -> None:
     from intq.report.inspect_report import write_inspect_report
 
     config = _config(args)
-    _at_least("--images", args.images, 1)
+    at_least("--images", args.images, 1)
     inputs = _float_model_inputs(args, args.model)
     check_writable(args.out, folder=True)
     options = InspectOptions(args.model, args.data, args.out, args.cache, config, args.seed, args.images,
@@ -227,8 +225,8 @@ def explain_command(args: argparse.Namespace) -> None:
 
 
 def export_c_command(args: argparse.Namespace) -> None:
-    _at_least("--images", args.images, 1)
-    _existing_file(args.model_file)
+    at_least("--images", args.images, 1)
+    existing_file(args.model_file)
     check_writable(args.out, folder=True)
     model = _load_model(args.model_file)
     _, test_images = _model_data(args, model)
@@ -241,7 +239,7 @@ def export_c_command(args: argparse.Namespace) -> None:
 def export_onnx_command(args: argparse.Namespace) -> None:
     from intq.executors.onnx_export import export_onnx
 
-    _existing_file(args.model_file)
+    existing_file(args.model_file)
     check_writable(args.out)
     qdq = getattr(args, "format", "qoperator") == "qdq"
     if qdq and args.exact:
@@ -264,8 +262,8 @@ def export_onnx_command(args: argparse.Namespace) -> None:
 
 
 def train_command(args: argparse.Namespace) -> None:
-    _at_least("--epochs", args.epochs, 1)
-    _at_least("--batch-size", args.batch_size, 1)
+    at_least("--epochs", args.epochs, 1)
+    at_least("--batch-size", args.batch_size, 1)
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise argparse.ArgumentTypeError(f"--lr must be a finite number above 0, got {args.lr}")
     out = check_writable(args.out or Path("runs") / args.arch / f"{args.arch}.npz")  # before an hour of training
@@ -300,7 +298,7 @@ def provenance(args: argparse.Namespace, spec: str, name: str, checkpoint: Path 
 def quantize_command(args: argparse.Namespace) -> None:
     json_target = _json_target(args)
     config = _quantize_config(args)
-    _at_least("--calib-samples", args.calib_samples, 1)
+    at_least("--calib-samples", args.calib_samples, 1)
     if (args.checkpoint is None) == (args.model is None):
         raise argparse.ArgumentTypeError("quantize takes a CHECKPOINT or --model (one of them)")
     spec = args.model or str(args.checkpoint)
@@ -343,11 +341,11 @@ def eval_command(args: argparse.Namespace) -> None:
 
 def verify_command(args: argparse.Namespace) -> None:
     json_target = _json_target(args)
-    _at_least("--images", args.images, 1)
+    at_least("--images", args.images, 1)
     model = _load_model(args.model_file)
     _, test_images = _model_data(args, model)
     pixels = test_images[: checked_count("--images", args.images, len(test_images), "test images")]
-    rows = verify(model, pixels, _words(args.executors), args.engine)
+    rows = verify(model, pixels, words(args.executors), args.engine)
     for name, row in rows.items():
         print(f"{name}: {row['values']:,} output values on {len(pixels):,} images; differing {100 * row['differing_share']:.4f}%, "
               f"max {row['max_lsb']} LSB ({row['max_real']:.4g} in real units); "
@@ -362,7 +360,7 @@ def verify_command(args: argparse.Namespace) -> None:
 def compare_command(args: argparse.Namespace) -> None:
     json_target = _json_target(args)
     config = _config(args)
-    _at_least("--calib-samples", args.calib_samples, 1)
+    at_least("--calib-samples", args.calib_samples, 1)
     inputs = _float_model_inputs(args, args.model)
     data = _dataset(args, inputs)
     samples = checked_count("--calib-samples", args.calib_samples, len(data.train_images), "training images",

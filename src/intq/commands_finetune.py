@@ -6,12 +6,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from dataclasses import replace
-
 from intq.command_checks import at_least, bit_width, layer_bits, range_method
 from intq.commands import _dataset, _float_model_inputs, _json_target, _save_json, provenance
 from intq.files import check_writable
-from intq.graph.config import ROUNDINGS, RoundingConfig
+from intq.graph.config import ROUNDINGS
 from intq.qat.finetune import FinetuneOptions
 from intq.workflows.finetune import finetune_checkpoint
 from intq.workflows.subject import load_float_model, model_name
@@ -58,19 +56,18 @@ def finetune_command(args: argparse.Namespace) -> None:
     bit_width("--wbits", args.wbits)
     bit_width("--abits", args.abits)
     at_least("--calib-samples", args.calib_samples, 1)
-    per_layer = layer_bits(args.layer_bits)
-    for _, bits in per_layer:
-        bit_width("--layer-bits", bits)
     try:
         options = FinetuneOptions(args.epochs, args.lr, args.batch_size, augment=not args.no_augment,
                                   images=args.train_images, seed=args.seed, threads=args.threads)
     except ValueError as err:
         option = {"images": "train-images", "batch_size": "batch-size"}.get(str(err).split()[1], str(err).split()[1])
         raise argparse.ArgumentTypeError(f"--{option}: {err}") from None
-    cell = SweepCell(args.method, args.granularity, args.wbits, args.abits)
-    config = cell_config(cell)
-    config = replace(config, weights=replace(config.weights, layer_bits=per_layer)) if per_layer else config
-    config = replace(config, rounding=RoundingConfig(args.rounding, seed=args.seed)) if args.rounding != "nearest" else config
+    cell = SweepCell(args.method, args.granularity, args.wbits, args.abits, rounding=args.rounding)
+    per_layer = layer_bits(args.layer_bits)
+    try:  # the sweep cell's config: --layer-bits checked, a learned --rounding seeded by --seed
+        config = cell_config(cell, per_layer, seed=args.seed)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     inputs = _float_model_inputs(args, args.model)
     start = "" if args.rounding == "nearest" else f"-{args.rounding}"
     label = f"{cell.method}-w{cell.wbits}a{cell.abits}-{cell.granularity}{'-mixed' * bool(per_layer)}{start}-ft{args.epochs}"

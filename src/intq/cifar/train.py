@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from intq.cifar.data import normalize
 from intq.files import array_sha256, atomic_write
 from intq.progress import progress
-from intq.threads import intra_op_threads  # noqa: F401 (also imported from here)
+from intq.threads import intra_op_threads
 
 _log = logging.getLogger(__name__)  # progress messages; the command line routes them to stderr
 

@@ -29,13 +29,14 @@ import torch.nn.functional as F
 from intq.arith.qparams import QParams, dequantize
 from intq.calibrate.observers import TensorStats
 from intq.calibrate.ranges import MinMax
-from intq.cifar.train import MomentumSGD, augment, intra_op_threads
+from intq.cifar.train import MomentumSGD, augment
 from intq.executors.reference import pixels_to_input
 from intq.graph.captured_graph import REQUANTIZING, WEIGHTED, Graph, apply_op, run_float
 from intq.graph.config import QConfig, RoundingConfig
 from intq.graph.convert import convert, is_lookup, observed_tensors
 from intq.graph.integer_model import IntegerModel
 from intq.progress import progress
+from intq.threads import intra_op_threads
 from intq.ptq.reconstruction import learned_integer_model, real_weights
 from intq.qat.fake_quant import MIN_STEP, fake_quantize, grid_range, round_ste, step_floor, step_gradient_scale
 
