@@ -11,12 +11,14 @@ from conftest import Residual, calibrated, make_pixels, write_image_folder
 from intq.arith.qparams import INT8, UINT8, IntType, QParams, Scheme, choose_qparams, dequantize
 from intq.cli import main
 from intq.executors.reference import run_integer
+from intq.graph.captured_graph import run_float
 from intq.executors.simulate import layer_agreement
 from intq.executors.verify import verify
 from intq.graph.integer_model import QLayer
 from intq.graph.model_file import load as load_model
 from intq.qat.fake_quant import fake_quantize, grid_range, step_gradient_scale
-from intq.qat.finetune import FakeQuantGraph, FinetuneOptions, finetune
+from intq.qat.finetune import (FakeQuantGraph, FinetuneOptions, augment_pixels, distillation_loss, finetune,
+                               padding_pixels)
 from intq.graph.config import RoundingConfig
 from intq.ptq.reconstruction import learned_integer_model
 from intq.workflows.sweep import SweepCell, cell_config
@@ -129,7 +131,8 @@ def test_same_seed_same_integers_another_seed_others(task, tuned):
 
 
 @pytest.mark.parametrize("field,value", [("epochs", 0), ("lr", float("nan")), ("lr", 0.0), ("batch_size", 0),
-                                         ("momentum", 1.0), ("images", 0), ("threads", True)])
+                                         ("momentum", 1.0), ("images", 0), ("threads", True),
+                                         ("distill", 1.5), ("distill", -0.1), ("distill", float("nan"))])
 def test_bad_options_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         FinetuneOptions(**{field: value})
@@ -151,7 +154,7 @@ def test_finetune_command_writes_a_model_and_refuses_bad_options_in_one_line(tmp
     assert "differing 0.0000%" in capsys.readouterr().out
     for bad, named in ((["--epochs", "0"], "--epochs"), (["--lr", "nan"], "--lr"), (["--wbits", "9"], "--wbits"),
                        (["--batch-size", "1000"], "--batch-size"), (["--train-images", "0"], "--train-images"),
-                       (["--layer-bits", "conv1=9"], "--layer-bits"), (["--layer-bits", "nosuch=8"], "nosuch")):
+                       (["--layer-bits", "conv1=9"], "--layer-bits"), (["--distill", "2"], "--distill"), (["--layer-bits", "nosuch=8"], "nosuch")):
         assert main(["finetune", "-q", "--model", str(checkpoint), "--arch", "Net", *bad, *common]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("intq: error: ") and named in err, err
@@ -196,3 +199,55 @@ def test_fine_tuning_can_start_from_the_learned_rounding(task):
     assert all(row["differing"] == 0 for row in rows), rows
     with pytest.raises(ValueError, match="rounding_images"):
         finetune(graph, stats, config, pixels, labels, OPTIONS)
+
+
+def _float_logits(graph, pixels):
+    with torch.no_grad():
+        return run_float(graph, graph.preprocessing.apply(pixels))
+
+
+def _divergence(graph, model, pixels) -> float:
+    """KL(float || integer model) over `pixels`: how far the integer model's predictions are from the float's."""
+    logits = dequantize(run_integer(model, pixels), model.output_qparams(), torch.float32)
+    return float(distillation_loss(logits, _float_logits(graph, pixels), torch.zeros(len(pixels), dtype=torch.long), 1.0))
+
+
+def test_distillation_follows_the_float_model_where_the_labels_are_noise(task):
+    graph, stats, pixels, _ = task
+    noise = torch.randint(0, 10, (len(pixels),), generator=torch.Generator().manual_seed(7))
+    taught = finetune(graph, stats, W4A4, pixels, noise, replace(OPTIONS, distill=1.0))
+    labelled = finetune(graph, stats, W4A4, pixels, noise, OPTIONS)
+    start = _divergence(graph, taught.before, pixels)
+    after, noisy = _divergence(graph, taught.after, pixels), _divergence(graph, labelled.after, pixels)
+    assert after < 0.8 * start and noisy > 2 * start, (start, after, noisy)
+    rows = layer_agreement(taught.after, pixels[:32])
+    assert all(row["differing"] == 0 for row in rows), rows
+
+
+def test_distillation_loss_blends_cross_entropy_and_the_teachers_divergence():
+    generator = torch.Generator().manual_seed(0)
+    logits, teacher = torch.randn(8, 10, generator=generator), torch.randn(8, 10, generator=generator)
+    labels = torch.randint(0, 10, (8,), generator=generator)
+    cross, kl = F.cross_entropy(logits, labels), (F.softmax(teacher, 1) * (F.log_softmax(teacher, 1)
+                                                                           - F.log_softmax(logits, 1))).sum(1).mean()
+    assert torch.allclose(distillation_loss(logits, teacher, labels, 0.0), cross)
+    assert torch.allclose(distillation_loss(logits, teacher, labels, 1.0), kl)
+    assert torch.allclose(distillation_loss(logits, teacher, labels, 0.25), 0.75 * cross + 0.25 * kl)
+    assert float(distillation_loss(teacher, teacher, labels, 1.0)) == pytest.approx(0.0, abs=1e-6)
+    teacher.requires_grad_(True)
+    distillation_loss(logits.requires_grad_(True), teacher, labels, 1.0).backward()
+    assert teacher.grad is None and logits.grad.abs().sum() > 0
+
+
+def test_shifted_in_borders_take_the_pixel_that_preprocesses_to_zero(task):
+    graph, _, pixels, _ = task
+    fill = padding_pixels(graph, 3)
+    assert fill.flatten().tolist() == [128.0, 128.0, 128.0]  # (p/255 - 0.5)/0.5 = 0 at p = 127.5
+    images = pixels[:64]
+    shifted = [augment_pixels(images, torch.Generator().manual_seed(seed), fill) for seed in range(6)]
+    assert all(out.dtype == torch.uint8 and out.shape == images.shape for out in shifted)
+    borders = [out for out in shifted if not any(torch.equal(out, v) for v in (images, images.flip(3)))]
+    assert borders, "no seed shifted the batch"
+    for out in borders:  # a shifted batch has at least one full row or column of the fill pixel in every image
+        full = (out == 128).all(dim=1)
+        assert bool((full.all(dim=1).any(dim=1) | full.all(dim=2).any(dim=1)).all())

@@ -40,6 +40,9 @@ def add_finetune(commands, add_model, add_common, add_json) -> None:
     command.add_argument("--train-images", type=int, default=None,
                          help="training images per epoch, a seeded random subset each epoch (default: all)")
     command.add_argument("--no-augment", action="store_true", help="no random shifts and flips")
+    command.add_argument("--distill", type=float, default=0.0, metavar="A",
+                         help="weight in [0, 1] of the float model's own predictions in the loss, the rest "
+                         "cross-entropy with the labels (knowledge distillation; default: 0)")
     command.add_argument("--threads", type=int, default=1,
                          help="intra-op threads; the result depends on them (default: 1)")
     command.add_argument("--calib-samples", type=int, default=None,
@@ -58,7 +61,8 @@ def finetune_command(args: argparse.Namespace) -> None:
     at_least("--calib-samples", args.calib_samples, 1)
     try:
         options = FinetuneOptions(args.epochs, args.lr, args.batch_size, augment=not args.no_augment,
-                                  images=args.train_images, seed=args.seed, threads=args.threads)
+                                  images=args.train_images, seed=args.seed, threads=args.threads,
+                                  distill=args.distill)
     except ValueError as err:
         option = {"images": "train-images", "batch_size": "batch-size"}.get(str(err).split()[1], str(err).split()[1])
         raise argparse.ArgumentTypeError(f"--{option}: {err}") from None

@@ -47,7 +47,9 @@ _log = logging.getLogger(__name__)  # progress messages; the command line routes
 class FinetuneOptions:
     """epochs over `images` training images (None: all) in shuffled batches, SGD with momentum and a
     cosine learning rate from `lr` (weights, biases and step sizes alike, as LSQ trains), random shifts
-    and flips when `augment`, on `threads` intra-op threads (the result depends on them) from `seed`."""
+    and flips when `augment`, on `threads` intra-op threads (the result depends on them) from `seed`.
+    The loss is cross-entropy with the labels, blended with weight `distill` in [0, 1] with the float
+    model's own predictions on the same images (eq. 45; 1: the float model alone is the teacher)."""
 
     epochs: int = 1
     lr: float = 0.01
@@ -57,18 +59,20 @@ class FinetuneOptions:
     images: int | None = None
     seed: int = 0
     threads: int = 1
+    distill: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "threads") + (("images",) if self.images is not None else ()):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"fine-tuning {name} must be a whole number of at least 1, got {value!r}")
-        for name, low, high in (("lr", 0.0, math.inf), ("momentum", 0.0, 1.0)):
+        for name, low, high, interval in (("lr", 0.0, math.inf, "(0, inf)"), ("momentum", 0.0, 1.0, "[0, 1)"),
+                                          ("distill", 0.0, 1.0, "[0, 1]")):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                    math.isfinite(value) and (low < value if name == "lr" else low <= value) and value < high):
-                raise ValueError(f"fine-tuning {name} must be a finite number in "
-                                 f"{'(0, inf)' if name == 'lr' else '[0, 1)'}, got {value!r}")
+            inside = (low < value if name == "lr" else low <= value) and (value <= high if name == "distill"
+                                                                           else value < high)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and inside):
+                raise ValueError(f"fine-tuning {name} must be a finite number in {interval}, got {value!r}")
 
 
 class _Grid(nn.Module):
@@ -226,6 +230,7 @@ def finetune(graph: Graph, stats: dict[str, TensorStats], config: QConfig, pixel
     learned rounding on the float preprocessed calibration `rounding_images` (ptq.reconstruction), and the
     fine-tuning starts from the weights it chose, s (q_w - z_w); the result is converted by rounding the
     fine-tuned weights to nearest on their learned grids."""
+    teacher = graph  # the float model, whose predictions eq. 45 blends in when options.distill > 0
     if config.rounding.learned:
         if rounding_images is None:
             raise ValueError(f"rounding {config.rounding.method!r} learns from calibration images: pass rounding_images")
@@ -240,16 +245,43 @@ def finetune(graph: Graph, stats: dict[str, TensorStats], config: QConfig, pixel
     with intra_op_threads(options.threads):
         torch.manual_seed(options.seed)
         model = FakeQuantGraph(graph, before)
-        history = _train(model, graph, pixels, labels, count, options, log)
+        history = _train(model, teacher, pixels, labels, count, options, log)
         after = model.integer_model(stats, config, metadata)
     return FineTuned(before, after, history, model)
 
 
-def _train(model: FakeQuantGraph, graph: Graph, pixels: torch.Tensor, labels: torch.Tensor, count: int,
+def padding_pixels(graph: Graph, channels: int) -> torch.Tensor:
+    """Per channel, the pixel whose preprocessed value is nearest 0: p = clamp(round(255 mean[c]), 0, 255)
+    (eq. 25 solved for x = 0), shape (1, C, 1, 1). Shifted-in borders take it, as training pads with 0."""
+    mean = torch.as_tensor(graph.preprocessing.for_channels(channels).mean, dtype=torch.float64)
+    return (mean * 255).round().clamp(0, 255).expand(channels).reshape(1, -1, 1, 1).to(torch.float32)
+
+
+def augment_pixels(pixels: torch.Tensor, generator: torch.Generator, fill: torch.Tensor) -> torch.Tensor:
+    """cifar.train.augment on uint8 pixels, the shifted-in border at `fill` (padding_pixels): still
+    uint8 pixels, so the input integers stay the integer model's exact ones."""
+    return (augment(pixels.float() - fill, generator) + fill).to(torch.uint8)
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      weight: float) -> torch.Tensor:
+    """L = (1 - a) CE(logits, labels) + a KL(softmax(t) || softmax(logits)) (eq. 45), a = `weight`,
+    both averaged over the batch; the teacher's logits t carry no gradient."""
+    loss = F.cross_entropy(logits, labels) if weight < 1 else logits.new_zeros(())
+    if weight > 0:
+        kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(teacher_logits.detach(), 1), reduction="batchmean",
+                      log_target=True)
+        loss = (1 - weight) * loss + weight * kl
+    return loss
+
+
+def _train(model: FakeQuantGraph, teacher: Graph, pixels: torch.Tensor, labels: torch.Tensor, count: int,
            options: FinetuneOptions, log: Callable[[str], None]) -> list[dict]:
-    """The loop: lr(t) = lr / 2 (1 + cos(pi t / T)) over all T steps; returns the mean loss per epoch."""
+    """The loop: lr(t) = lr / 2 (1 + cos(pi t / T)) over all T steps, loss eq. 45 with the float
+    `teacher`'s logits when options.distill > 0; returns the mean loss per epoch."""
     optimizer = MomentumSGD([p for p in model.parameters() if p.requires_grad], options.lr, options.momentum)
     generator = torch.Generator().manual_seed(options.seed)
+    fill = padding_pixels(teacher, pixels.shape[1])
     steps = count // options.batch_size
     total, history = options.epochs * steps, []
     for epoch in range(1, options.epochs + 1):
@@ -257,11 +289,17 @@ def _train(model: FakeQuantGraph, graph: Graph, pixels: torch.Tensor, labels: to
         for step in progress(range(steps), f"fine-tuning epoch {epoch}/{options.epochs}"):
             index = order[step * options.batch_size : (step + 1) * options.batch_size]
             images = pixels[index]
-            if options.augment:  # on the pixels (shifts pad with black), so the input integers stay exact
-                images = augment(images.float(), generator).to(torch.uint8)
+            if options.augment:
+                images = augment_pixels(images, generator, fill)
             optimizer.lr = options.lr / 2 * (1 + math.cos(math.pi * ((epoch - 1) * steps + step) / total))
             optimizer.zero_grad()
-            loss = F.cross_entropy(model(images), labels[index])
+            teacher_logits = None
+            if options.distill > 0:
+                with torch.no_grad():
+                    teacher_logits = run_float(teacher, teacher.preprocessing.apply(images))
+            logits = model(images)
+            loss = distillation_loss(logits, teacher_logits if teacher_logits is not None else logits,
+                                     labels[index], options.distill)
             loss.backward()
             optimizer.step()
             model.hold_floors_()
