@@ -1,5 +1,6 @@
 """Quantization-aware fine-tuning (qat/): LSQ fake quantization on the integer model's grids, the
 converted model after fine-tuning, determinism, and `intq finetune` on synthetic data."""
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -18,6 +19,7 @@ from intq.graph.integer_model import QLayer
 from intq.graph.model_file import load as load_model
 from intq.qat.fake_quant import fake_quantize, grid_range, step_gradient_scale
 from intq.qat.finetune import (FakeQuantGraph, FinetuneOptions, augment_pixels, distillation_loss, finetune,
+                               finetune_float,
                                padding_pixels)
 from intq.graph.config import RoundingConfig
 from intq.ptq.reconstruction import learned_integer_model
@@ -145,9 +147,12 @@ def test_finetune_command_writes_a_model_and_refuses_bad_options_in_one_line(tmp
     assert main(["train", "--arch", "Net", "--epochs", "1", "--batch-size", "16", "--out", str(checkpoint), *common]) == 0
     out = tmp_path / "ft.npz"
     assert main(["finetune", "--model", str(checkpoint), "--arch", "Net", "--batch-size", "16", "--calib-samples",
-                 "40", "--layer-bits", "conv1=8,fc3=8", "--out", str(out), "--json", str(tmp_path / "ft.json"), *common]) == 0
+                 "40", "--layer-bits", "conv1=8,fc3=8", "--float-control", "--distill", "0.5", "--out", str(out),
+                 "--json", str(tmp_path / "ft.json"), *common]) == 0
     printed = capsys.readouterr().out
-    assert "before fine-tuning" in printed and out.is_file()
+    assert "before fine-tuning" in printed and "unquantized" in printed and out.is_file()
+    figures = json.loads((tmp_path / "ft.json").read_text())
+    assert 0 <= figures["float_control_accuracy"] <= 100 and figures["options"]["distill"] == 0.5
     bits = {layer.name: layer.weight_qparams.dtype.bits for layer in load_model(out).quantized_layers()}
     assert bits == {"conv1": 8, "conv2": 4, "fc1": 4, "fc2": 4, "fc3": 8}
     assert main(["verify", str(out), "--executors", "onnx_exact", "--images", "8", *common]) == 0
@@ -251,3 +256,14 @@ def test_shifted_in_borders_take_the_pixel_that_preprocesses_to_zero(task):
     for out in borders:  # a shifted batch has at least one full row or column of the fill pixel in every image
         full = (out == 128).all(dim=1)
         assert bool((full.all(dim=1).any(dim=1) | full.all(dim=2).any(dim=1)).all())
+
+
+def test_the_float_control_trains_the_same_loop_with_nothing_quantized(task, tuned):
+    graph, stats, pixels, labels = task
+    trained, history = finetune_float(graph, stats, W4A4, pixels, labels, OPTIONS)
+    assert len(history) == OPTIONS.epochs and history[-1]["loss"] < history[0]["loss"]
+    start = float(F.cross_entropy(_float_logits(graph, pixels), labels))
+    assert float(F.cross_entropy(_float_logits(trained, pixels), labels)) < 0.8 * start
+    assert all(not torch.equal(a.op.weight, b.op.weight) for a, b in zip(graph.weighted(), trained.weighted()))
+    again, _ = finetune_float(graph, stats, W4A4, pixels, labels, OPTIONS)
+    assert all(torch.equal(a.op.weight, b.op.weight) for a, b in zip(again.weighted(), trained.weighted()))

@@ -43,6 +43,9 @@ def add_finetune(commands, add_model, add_common, add_json) -> None:
     command.add_argument("--distill", type=float, default=0.0, metavar="A",
                          help="weight in [0, 1] of the float model's own predictions in the loss, the rest "
                          "cross-entropy with the labels (knowledge distillation; default: 0)")
+    command.add_argument("--float-control", action="store_true",
+                         help="also fine-tune the float model the same way with nothing quantized and print its "
+                         "test accuracy: what the extra training alone buys")
     command.add_argument("--threads", type=int, default=1,
                          help="intra-op threads; the result depends on them (default: 1)")
     command.add_argument("--calib-samples", type=int, default=None,
@@ -87,10 +90,13 @@ def finetune_command(args: argparse.Namespace) -> None:
     _log.info(f"{name}: {config.name}; calibrating on {samples:,} images, fine-tuning {args.epochs} epoch(s) on "
               f"{per_epoch:,} training images")
     metadata = provenance(args, args.model, name, Path(args.model) if args.model.endswith(".npz") else None)
-    result = finetune_checkpoint(model, data, config, samples, args.seed, options, out, metadata, inputs.declared)
+    result = finetune_checkpoint(model, data, config, samples, args.seed, options, out, metadata, inputs.declared,
+                                 control=args.float_control)
     measured = (f"no test split in {data.source}, so no accuracy measured" if result["after_accuracy"] is None else
                 f"{config.name}, integer-only on {result['test_images']:,} test images: float "
                 f"{result['float_accuracy']:.2f}%, before fine-tuning {result['before_accuracy']:.2f}%, after "
-                f"{result['after_accuracy']:.2f}% ({result['finetune_seconds']:.0f} s)")
+                f"{result['after_accuracy']:.2f}% ({result['finetune_seconds']:.0f} s)"
+                + ("" if result["float_control_accuracy"] is None else
+                   f"; float after the same fine-tuning, unquantized: {result['float_control_accuracy']:.2f}%"))
     print(f"{out}: {result['bytes']:,} bytes; {measured}")
     _save_json(json_target, {"model": args.model, "config": config.name, "calibration_images": samples, **result})

@@ -110,10 +110,10 @@ class FakeQuantGraph(nn.Module):
     """The captured graph with fake quantization on the grids of `start`, the IntegerModel that convert
     made of it: weights and biases are parameters, and every grid's step size but the input's."""
 
-    def __init__(self, graph: Graph, start: IntegerModel) -> None:
+    def __init__(self, graph: Graph, start: IntegerModel, quantized: bool = True) -> None:
         super().__init__()
         self.graph = copy.deepcopy(graph)
-        self.start = start
+        self.start, self.quantized = start, quantized  # not quantized: the float control (finetune_float)
         layers = {layer.name: layer for layer in start.layers}
         self.points = {tensor: label for label, tensor in observed_tensors(graph).items()}
         shapes = _example_shapes(graph, start.input.shape)
@@ -131,6 +131,12 @@ class FakeQuantGraph(nn.Module):
                 self.biases[key] = nn.Parameter(node.op.bias.detach().clone().float())
             qp = layers[node.name].weight_qparams
             self.weight_grids[key] = _Grid(qp, weight[0].numel() if qp.axis == 0 else weight.numel(), weight.dim(), True)
+
+    def trainable(self) -> list[nn.Parameter]:
+        """What the loop learns: weights, biases and learned steps; only weights and biases unquantized."""
+        if not self.quantized:
+            return [*self.weights.values(), *self.biases.values()]
+        return [p for p in self.parameters() if p.requires_grad]
 
     def hold_floors_(self) -> None:
         """Every learned step, of activations and weights, projected onto s >= 2^-8 s_0 (eq. 44)."""
@@ -156,6 +162,8 @@ class FakeQuantGraph(nn.Module):
         """Logits (dequantized) of uint8 `pixels` (N, C, H, W), whose input integers are the integer
         model's (eq. 27), computed in `dtype`."""
         graph = self.graph
+        if not self.quantized:
+            return self._float(graph.preprocessing.apply(pixels).to(dtype))
         values = {graph.input_name: dequantize(pixels_to_input(pixels, self.start), self.start.input.qparams, dtype)}
         grid_of = {graph.input_name: self.grids[self._key("input")]}
         for node in graph.nodes:
@@ -171,6 +179,18 @@ class FakeQuantGraph(nn.Module):
                 grid_of[node.name] = grid_of.get(node.inputs[0])  # moves integers: keeps its input's grid
             values[node.name] = value
         return values[graph.output_name]
+
+    def _float(self, x: torch.Tensor) -> torch.Tensor:
+        """The graph in float on the learned weights and biases, nothing quantized (the control)."""
+        values = {self.graph.input_name: x}
+        for node in self.graph.nodes:
+            op = node.op
+            if isinstance(op, WEIGHTED):
+                key = self._key(node.name)
+                op = replace(op, weight=self.weights[key].to(x.dtype),
+                             bias=self.biases[key].to(x.dtype) if key in self.biases else None)
+            values[node.name] = apply_op(op, *(values[name] for name in node.inputs))
+        return values[self.graph.output_name]
 
     def learned_graph(self) -> Graph:
         """A copy of the captured graph with the fine-tuned float weights and biases."""
@@ -239,9 +259,7 @@ def finetune(graph: Graph, stats: dict[str, TensorStats], config: QConfig, pixel
         config = replace(config, rounding=RoundingConfig())
     else:
         before = convert(graph, stats, config, metadata)
-    count = len(pixels) if options.images is None else min(options.images, len(pixels))
-    if count < options.batch_size:
-        raise ValueError(f"fine-tuning needs at least one batch of {options.batch_size} images, got {count}")
+    count = _images_per_epoch(pixels, options)
     with intra_op_threads(options.threads):
         torch.manual_seed(options.seed)
         model = FakeQuantGraph(graph, before)
@@ -275,11 +293,33 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     return loss
 
 
+def _images_per_epoch(pixels: torch.Tensor, options: FinetuneOptions) -> int:
+    """options.images of `pixels` (all when None or more), checked to fill at least one batch."""
+    count = len(pixels) if options.images is None else min(options.images, len(pixels))
+    if count < options.batch_size:
+        raise ValueError(f"fine-tuning needs at least one batch of {options.batch_size} images, got {count}")
+    return count
+
+
+def finetune_float(graph: Graph, stats: dict[str, TensorStats], config: QConfig, pixels: torch.Tensor,
+                   labels: torch.Tensor, options: FinetuneOptions = FinetuneOptions(),
+                   log: Callable[[str], None] = _log.info) -> tuple[Graph, list[dict]]:
+    """The control for `finetune`: the same loop (options, loss, augmentation, seed, threads) on the float
+    graph with nothing quantized, so that a fine-tuned model's accuracy can be told apart from what the
+    extra training alone buys. Returns the trained float graph and the per-epoch losses."""
+    count = _images_per_epoch(pixels, options)
+    with intra_op_threads(options.threads):
+        torch.manual_seed(options.seed)
+        model = FakeQuantGraph(graph, convert(graph, stats, config), quantized=False)
+        history = _train(model, graph, pixels, labels, count, options, log)
+    return model.learned_graph(), history
+
+
 def _train(model: FakeQuantGraph, teacher: Graph, pixels: torch.Tensor, labels: torch.Tensor, count: int,
            options: FinetuneOptions, log: Callable[[str], None]) -> list[dict]:
     """The loop: lr(t) = lr / 2 (1 + cos(pi t / T)) over all T steps, loss eq. 45 with the float
     `teacher`'s logits when options.distill > 0; returns the mean loss per epoch."""
-    optimizer = MomentumSGD([p for p in model.parameters() if p.requires_grad], options.lr, options.momentum)
+    optimizer = MomentumSGD(model.trainable(), options.lr, options.momentum)
     generator = torch.Generator().manual_seed(options.seed)
     fill = padding_pixels(teacher, pixels.shape[1])
     steps = count // options.batch_size

@@ -14,7 +14,9 @@ from intq.arith.preprocessing import STUDY_PREPROCESSING, Preprocessing
 from intq.cifar.data import Dataset
 from intq.graph import model_file
 from intq.graph.config import QConfig
-from intq.qat.finetune import FineTuned, FinetuneOptions, finetune
+from intq.cifar.train import accuracy, predict
+from intq.graph.captured_graph import run_float
+from intq.qat.finetune import FineTuned, FinetuneOptions, finetune, finetune_float
 from intq.workflows.checkpoints import float_accuracy, integer_accuracy
 from intq.workflows.pipeline import calibrated, calibration_images
 
@@ -39,18 +41,34 @@ def finetune_model(model: torch.nn.Module, data: Dataset, config: QConfig, calib
                     finetune_metadata(metadata or {}, options), log=_log.info, rounding_images=rounding_images)
 
 
+def float_control_accuracy(model: torch.nn.Module, data: Dataset, config: QConfig, calib_samples: int, seed: int,
+                           options: FinetuneOptions, preprocessing: Preprocessing = STUDY_PREPROCESSING) -> float:
+    """Test top-1 of the float model after the same fine-tuning with nothing quantized (qat.finetune_float):
+    what the extra training alone buys, the yardstick for a fine-tuned model that ends above float."""
+    calibration = calibrated(model, calibration_images(data.train_images, calib_samples, seed),
+                             example=data.train_images, preprocessing=preprocessing)
+    trained, _ = finetune_float(calibration.graph, calibration.stats, config, data.train_images, data.train_labels,
+                                options, log=_log.info)
+    forward = lambda p: run_float(trained, trained.preprocessing.apply(p))  # noqa: E731
+    return accuracy(predict(forward, data.test_images, 500), data.test_labels)
+
+
 def finetune_checkpoint(model: torch.nn.Module, data: Dataset, config: QConfig, calib_samples: int, seed: int,
                         options: FinetuneOptions, out: Path, metadata: dict,
-                        preprocessing: Preprocessing = STUDY_PREPROCESSING) -> dict:
+                        preprocessing: Preprocessing = STUDY_PREPROCESSING, control: bool = False) -> dict:
     """finetune_model, the fine-tuned integer model saved to `out`, and the accuracies on the test images
-    (None without a test split): float, before (the post-training conversion) and after fine-tuning."""
+    (None without a test split): float, before (the post-training conversion) and after fine-tuning, and
+    with `control` the float model after the same fine-tuning unquantized (float_control_accuracy)."""
     start = time.perf_counter()
     result = finetune_model(model, data, config, calib_samples, seed, options, metadata, preprocessing)
     seconds = time.perf_counter() - start
     out.parent.mkdir(parents=True, exist_ok=True)
     size = model_file.save(result.after, out)
     tested = len(data.test_images) > 0
+    controlled = control and tested
     return {"float_accuracy": float_accuracy(model, data, preprocessing) if tested else None,
+            "float_control_accuracy": (float_control_accuracy(model, data, config, calib_samples, seed, options,
+                                                              preprocessing) if controlled else None),
             "before_accuracy": integer_accuracy(result.before, data) if tested else None,
             "after_accuracy": integer_accuracy(result.after, data) if tested else None,
             "test_images": len(data.test_images), "history": result.history, "finetune_seconds": seconds,
