@@ -9,18 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from conftest import Residual, calibrated, make_pixels, write_image_folder
-from intq.arith.qparams import INT8, UINT8, IntType, QParams, Scheme, choose_qparams, dequantize
+from intq.arith.qparams import INT8, UINT8, IntType, Scheme, choose_qparams, dequantize
 from intq.cli import main
 from intq.executors.reference import run_integer
 from intq.graph.captured_graph import run_float
 from intq.executors.simulate import layer_agreement
 from intq.executors.verify import verify
-from intq.graph.integer_model import QLayer
 from intq.graph.model_file import load as load_model
 from intq.qat.fake_quant import fake_quantize, grid_range, step_gradient_scale
 from intq.qat.finetune import (FakeQuantGraph, FinetuneOptions, augment_pixels, distillation_loss, finetune,
-                               finetune_float,
-                               padding_pixels)
+                               finetune_float, padding_pixels)
 from intq.graph.config import RoundingConfig
 from intq.ptq.reconstruction import learned_integer_model
 from intq.workflows.sweep import SweepCell, cell_config

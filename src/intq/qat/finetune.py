@@ -36,9 +36,9 @@ from intq.graph.config import QConfig, RoundingConfig
 from intq.graph.convert import convert, is_lookup, observed_tensors
 from intq.graph.integer_model import IntegerModel
 from intq.progress import progress
-from intq.threads import intra_op_threads
 from intq.ptq.reconstruction import learned_integer_model, real_weights
 from intq.qat.fake_quant import MIN_STEP, fake_quantize, grid_range, round_ste, step_floor, step_gradient_scale
+from intq.threads import intra_op_threads
 
 _log = logging.getLogger(__name__)  # progress messages; the command line routes them to stderr
 

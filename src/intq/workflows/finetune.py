@@ -12,10 +12,10 @@ import torch
 
 from intq.arith.preprocessing import STUDY_PREPROCESSING, Preprocessing
 from intq.cifar.data import Dataset
-from intq.graph import model_file
-from intq.graph.config import QConfig
 from intq.cifar.train import accuracy, predict
+from intq.graph import model_file
 from intq.graph.captured_graph import run_float
+from intq.graph.config import QConfig
 from intq.qat.finetune import FineTuned, FinetuneOptions, finetune, finetune_float
 from intq.workflows.checkpoints import float_accuracy, integer_accuracy
 from intq.workflows.pipeline import calibrated, calibration_images
@@ -49,7 +49,8 @@ def float_control_accuracy(model: torch.nn.Module, data: Dataset, config: QConfi
                              example=data.train_images, preprocessing=preprocessing)
     trained, _ = finetune_float(calibration.graph, calibration.stats, config, data.train_images, data.train_labels,
                                 options, log=_log.info)
-    forward = lambda p: run_float(trained, trained.preprocessing.apply(p))  # noqa: E731
+    def forward(pixels: torch.Tensor) -> torch.Tensor:
+        return run_float(trained, trained.preprocessing.apply(pixels))
     return accuracy(predict(forward, data.test_images, 500), data.test_labels)
 
 
