@@ -258,10 +258,10 @@ def test_shifted_in_borders_take_the_pixel_that_preprocesses_to_zero(task):
 
 def test_the_float_control_trains_the_same_loop_with_nothing_quantized(task, tuned):
     graph, stats, pixels, labels = task
-    trained, history = finetune_float(graph, stats, W4A4, pixels, labels, OPTIONS)
+    trained, history = finetune_float(graph, pixels, labels, OPTIONS)
     assert len(history) == OPTIONS.epochs and history[-1]["loss"] < history[0]["loss"]
     start = float(F.cross_entropy(_float_logits(graph, pixels), labels))
     assert float(F.cross_entropy(_float_logits(trained, pixels), labels)) < 0.8 * start
     assert all(not torch.equal(a.op.weight, b.op.weight) for a, b in zip(graph.weighted(), trained.weighted()))
-    again, _ = finetune_float(graph, stats, W4A4, pixels, labels, OPTIONS)
+    again, _ = finetune_float(graph, pixels, labels, OPTIONS)
     assert all(torch.equal(a.op.weight, b.op.weight) for a, b in zip(again.weighted(), trained.weighted()))

@@ -66,13 +66,14 @@ class FinetuneOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"fine-tuning {name} must be a whole number of at least 1, got {value!r}")
-        for name, low, high, interval in (("lr", 0.0, math.inf, "(0, inf)"), ("momentum", 0.0, 1.0, "[0, 1)"),
-                                          ("distill", 0.0, 1.0, "[0, 1]")):
+        for name, low, high in (("lr", 0.0, math.inf), ("momentum", 0.0, 1.0)):
             value = getattr(self, name)
-            inside = (low < value if name == "lr" else low <= value) and (value <= high if name == "distill"
-                                                                           else value < high)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and inside):
-                raise ValueError(f"fine-tuning {name} must be a finite number in {interval}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and (low < value if name == "lr" else low <= value) and value < high):
+                raise ValueError(f"fine-tuning {name} must be a finite number in "
+                                 f"{'(0, inf)' if name == 'lr' else '[0, 1)'}, got {value!r}")
+        if isinstance(self.distill, bool) or not isinstance(self.distill, (int, float)) or not 0 <= self.distill <= 1:
+            raise ValueError(f"fine-tuning distill must be a number in [0, 1], got {self.distill!r}")
 
 
 class _Grid(nn.Module):
@@ -106,14 +107,61 @@ class _Grid(nn.Module):
         return replace(self.qparams, scale=scale.numpy().copy())
 
 
-class FakeQuantGraph(nn.Module):
+class FloatGraph(nn.Module):
+    """The captured graph in float with its weights and biases as parameters, nothing quantized: the
+    float control of fine-tuning (finetune_float), and the learned weights of FakeQuantGraph."""
+
+    def __init__(self, graph: Graph) -> None:
+        super().__init__()
+        self.graph = copy.deepcopy(graph)
+        self.weights, self.biases = nn.ParameterDict(), nn.ParameterDict()
+        for node in self.graph.weighted():
+            key = self._key(node.name)
+            self.weights[key] = nn.Parameter(node.op.weight.detach().clone().float())
+            if node.op.bias is not None:
+                self.biases[key] = nn.Parameter(node.op.bias.detach().clone().float())
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return "t_" + name.replace(".", "_")
+
+    def trainable(self) -> list[nn.Parameter]:
+        """What the loop learns: every parameter with a gradient (here the weights and biases)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def hold_floors_(self) -> None:
+        """Nothing to hold: no step sizes in float."""
+
+    def forward(self, pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Logits of uint8 `pixels` (N, C, H, W), preprocessed as the graph expects, on the learned weights."""
+        x = self.graph.preprocessing.apply(pixels).to(dtype)
+        values = {self.graph.input_name: x}
+        for node in self.graph.nodes:
+            op = node.op
+            if isinstance(op, WEIGHTED):
+                key = self._key(node.name)
+                op = replace(op, weight=self.weights[key].to(dtype),
+                             bias=self.biases[key].to(dtype) if key in self.biases else None)
+            values[node.name] = apply_op(op, *(values[name] for name in node.inputs))
+        return values[self.graph.output_name]
+
+    def learned_graph(self) -> Graph:
+        """A copy of the captured graph with the fine-tuned float weights and biases."""
+        graph = copy.deepcopy(self.graph)
+        for node in graph.weighted():
+            key = self._key(node.name)
+            node.op.weight = self.weights[key].detach().float().clone()
+            node.op.bias = self.biases[key].detach().float().clone() if key in self.biases else None
+        return graph
+
+
+class FakeQuantGraph(FloatGraph):
     """The captured graph with fake quantization on the grids of `start`, the IntegerModel that convert
     made of it: weights and biases are parameters, and every grid's step size but the input's."""
 
-    def __init__(self, graph: Graph, start: IntegerModel, quantized: bool = True) -> None:
-        super().__init__()
-        self.graph = copy.deepcopy(graph)
-        self.start, self.quantized = start, quantized  # not quantized: the float control (finetune_float)
+    def __init__(self, graph: Graph, start: IntegerModel) -> None:
+        super().__init__(graph)
+        self.start = start
         layers = {layer.name: layer for layer in start.layers}
         self.points = {tensor: label for label, tensor in observed_tensors(graph).items()}
         shapes = _example_shapes(graph, start.input.shape)
@@ -122,30 +170,16 @@ class FakeQuantGraph(nn.Module):
             qp = start.input.qparams if label == "input" else layers[label].output_qparams
             self.grids[self._key(label)] = _Grid(qp, int(np.prod(shapes[tensor])), len(shapes[tensor]) + 1,
                                                  label != "input")
-        self.weights, self.biases, self.weight_grids = nn.ParameterDict(), nn.ParameterDict(), nn.ModuleDict()
+        self.weight_grids = nn.ModuleDict()
         for node in self.graph.weighted():
             key = self._key(node.name)
-            weight = node.op.weight.detach().clone().float()
-            self.weights[key] = nn.Parameter(weight)
-            if node.op.bias is not None:
-                self.biases[key] = nn.Parameter(node.op.bias.detach().clone().float())
-            qp = layers[node.name].weight_qparams
+            weight, qp = self.weights[key], layers[node.name].weight_qparams
             self.weight_grids[key] = _Grid(qp, weight[0].numel() if qp.axis == 0 else weight.numel(), weight.dim(), True)
-
-    def trainable(self) -> list[nn.Parameter]:
-        """What the loop learns: weights, biases and learned steps; only weights and biases unquantized."""
-        if not self.quantized:
-            return [*self.weights.values(), *self.biases.values()]
-        return [p for p in self.parameters() if p.requires_grad]
 
     def hold_floors_(self) -> None:
         """Every learned step, of activations and weights, projected onto s >= 2^-8 s_0 (eq. 44)."""
         for grid in [*self.grids.values(), *self.weight_grids.values()]:
             grid.hold_floor_()
-
-    @staticmethod
-    def _key(name: str) -> str:
-        return "t_" + name.replace(".", "_")
 
     def _weighted(self, node, x: torch.Tensor, input_grid: _Grid) -> torch.Tensor:
         """The layer on its fake-quantized weight and bias: w on its grid, b on s_x s_w (eq. 15, scale detached)."""
@@ -162,8 +196,6 @@ class FakeQuantGraph(nn.Module):
         """Logits (dequantized) of uint8 `pixels` (N, C, H, W), whose input integers are the integer
         model's (eq. 27), computed in `dtype`."""
         graph = self.graph
-        if not self.quantized:
-            return self._float(graph.preprocessing.apply(pixels).to(dtype))
         values = {graph.input_name: dequantize(pixels_to_input(pixels, self.start), self.start.input.qparams, dtype)}
         grid_of = {graph.input_name: self.grids[self._key("input")]}
         for node in graph.nodes:
@@ -179,27 +211,6 @@ class FakeQuantGraph(nn.Module):
                 grid_of[node.name] = grid_of.get(node.inputs[0])  # moves integers: keeps its input's grid
             values[node.name] = value
         return values[graph.output_name]
-
-    def _float(self, x: torch.Tensor) -> torch.Tensor:
-        """The graph in float on the learned weights and biases, nothing quantized (the control)."""
-        values = {self.graph.input_name: x}
-        for node in self.graph.nodes:
-            op = node.op
-            if isinstance(op, WEIGHTED):
-                key = self._key(node.name)
-                op = replace(op, weight=self.weights[key].to(x.dtype),
-                             bias=self.biases[key].to(x.dtype) if key in self.biases else None)
-            values[node.name] = apply_op(op, *(values[name] for name in node.inputs))
-        return values[self.graph.output_name]
-
-    def learned_graph(self) -> Graph:
-        """A copy of the captured graph with the fine-tuned float weights and biases."""
-        graph = copy.deepcopy(self.graph)
-        for node in graph.weighted():
-            key = self._key(node.name)
-            node.op.weight = self.weights[key].detach().float().clone()
-            node.op.bias = self.biases[key].detach().float().clone() if key in self.biases else None
-        return graph
 
     def integer_model(self, stats: dict[str, TensorStats], config: QConfig, metadata: dict | None = None) -> IntegerModel:
         """convert(learned graph) on the learned grids: weight grids as WeightConfig.layer_grids, activation
@@ -281,10 +292,10 @@ def augment_pixels(pixels: torch.Tensor, generator: torch.Generator, fill: torch
     return (augment(pixels.float() - fill, generator) + fill).to(torch.uint8)
 
 
-def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
                       weight: float) -> torch.Tensor:
     """L = (1 - a) CE(logits, labels) + a KL(softmax(t) || softmax(logits)) (eq. 45), a = `weight`,
-    both averaged over the batch; the teacher's logits t carry no gradient."""
+    both averaged over the batch; the teacher's logits t carry no gradient (None when a = 0)."""
     loss = F.cross_entropy(logits, labels) if weight < 1 else logits.new_zeros(())
     if weight > 0:
         kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(teacher_logits.detach(), 1), reduction="batchmean",
@@ -301,8 +312,7 @@ def _images_per_epoch(pixels: torch.Tensor, options: FinetuneOptions) -> int:
     return count
 
 
-def finetune_float(graph: Graph, stats: dict[str, TensorStats], config: QConfig, pixels: torch.Tensor,
-                   labels: torch.Tensor, options: FinetuneOptions = FinetuneOptions(),
+def finetune_float(graph: Graph, pixels: torch.Tensor, labels: torch.Tensor, options: FinetuneOptions = FinetuneOptions(),
                    log: Callable[[str], None] = _log.info) -> tuple[Graph, list[dict]]:
     """The control for `finetune`: the same loop (options, loss, augmentation, seed, threads) on the float
     graph with nothing quantized, so that a fine-tuned model's accuracy can be told apart from what the
@@ -310,12 +320,12 @@ def finetune_float(graph: Graph, stats: dict[str, TensorStats], config: QConfig,
     count = _images_per_epoch(pixels, options)
     with intra_op_threads(options.threads):
         torch.manual_seed(options.seed)
-        model = FakeQuantGraph(graph, convert(graph, stats, config), quantized=False)
+        model = FloatGraph(graph)
         history = _train(model, graph, pixels, labels, count, options, log)
     return model.learned_graph(), history
 
 
-def _train(model: FakeQuantGraph, teacher: Graph, pixels: torch.Tensor, labels: torch.Tensor, count: int,
+def _train(model: FloatGraph, teacher: Graph, pixels: torch.Tensor, labels: torch.Tensor, count: int,
            options: FinetuneOptions, log: Callable[[str], None]) -> list[dict]:
     """The loop: lr(t) = lr / 2 (1 + cos(pi t / T)) over all T steps, loss eq. 45 with the float
     `teacher`'s logits when options.distill > 0; returns the mean loss per epoch."""
@@ -337,9 +347,7 @@ def _train(model: FakeQuantGraph, teacher: Graph, pixels: torch.Tensor, labels: 
             if options.distill > 0:
                 with torch.no_grad():
                     teacher_logits = run_float(teacher, teacher.preprocessing.apply(images))
-            logits = model(images)
-            loss = distillation_loss(logits, teacher_logits if teacher_logits is not None else logits,
-                                     labels[index], options.distill)
+            loss = distillation_loss(model(images), teacher_logits, labels[index], options.distill)
             loss.backward()
             optimizer.step()
             model.hold_floors_()

@@ -18,7 +18,7 @@ from intq.graph.captured_graph import run_float
 from intq.graph.config import QConfig
 from intq.qat.finetune import FineTuned, FinetuneOptions, finetune, finetune_float
 from intq.workflows.checkpoints import float_accuracy, integer_accuracy
-from intq.workflows.pipeline import calibrated, calibration_images
+from intq.workflows.pipeline import calibrated, calibration_images, capture_graph
 
 _log = logging.getLogger(__name__)  # progress messages; the command line routes them to stderr
 
@@ -41,14 +41,12 @@ def finetune_model(model: torch.nn.Module, data: Dataset, config: QConfig, calib
                     finetune_metadata(metadata or {}, options), log=_log.info, rounding_images=rounding_images)
 
 
-def float_control_accuracy(model: torch.nn.Module, data: Dataset, config: QConfig, calib_samples: int, seed: int,
-                           options: FinetuneOptions, preprocessing: Preprocessing = STUDY_PREPROCESSING) -> float:
+def float_control_accuracy(model: torch.nn.Module, data: Dataset, options: FinetuneOptions,
+                           preprocessing: Preprocessing = STUDY_PREPROCESSING) -> float:
     """Test top-1 of the float model after the same fine-tuning with nothing quantized (qat.finetune_float):
     what the extra training alone buys, the yardstick for a fine-tuned model that ends above float."""
-    calibration = calibrated(model, calibration_images(data.train_images, calib_samples, seed),
-                             example=data.train_images, preprocessing=preprocessing)
-    trained, _ = finetune_float(calibration.graph, calibration.stats, config, data.train_images, data.train_labels,
-                                options, log=_log.info)
+    graph = capture_graph(model, data.train_images[:1], preprocessing=preprocessing)
+    trained, _ = finetune_float(graph, data.train_images, data.train_labels, options, log=_log.info)
     def forward(pixels: torch.Tensor) -> torch.Tensor:
         return run_float(trained, trained.preprocessing.apply(pixels))
     return accuracy(predict(forward, data.test_images, 500), data.test_labels)
@@ -68,8 +66,8 @@ def finetune_checkpoint(model: torch.nn.Module, data: Dataset, config: QConfig, 
     tested = len(data.test_images) > 0
     controlled = control and tested
     return {"float_accuracy": float_accuracy(model, data, preprocessing) if tested else None,
-            "float_control_accuracy": (float_control_accuracy(model, data, config, calib_samples, seed, options,
-                                                              preprocessing) if controlled else None),
+            "float_control_accuracy": (float_control_accuracy(model, data, options, preprocessing)
+                                       if controlled else None),
             "before_accuracy": integer_accuracy(result.before, data) if tested else None,
             "after_accuracy": integer_accuracy(result.after, data) if tested else None,
             "test_images": len(data.test_images), "history": result.history, "finetune_seconds": seconds,
