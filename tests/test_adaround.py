@@ -228,6 +228,8 @@ def test_convert_refuses_a_learned_rounding_without_codes_and_codes_off_the_grid
     (["--rounding", "adaround", "--rounding-iters", "0"], "rounding iterations must be a whole number of at least 1"),
     (["--layer-bits", "conv1=9"], "--layer-bits: bit widths must be 2..8, each layer named once, got conv1=9"),
     (["--layer-bits", "nowhere=4", "--method", "mse"], "per-layer bits name unknown layers nowhere"),
+    (["--layer-abits", "conv1=8,conv1=4"], "--layer-abits: bit widths must be 2..8, each layer named once, got conv1"),
+    (["--layer-abits", "view=8", "--method", "mse"], "per-layer activation bits name unknown layers view"),
 ])
 def test_quantize_refuses_bad_rounding_options_in_one_line(tmp_path, argv, message):
     save_weights(ARCHITECTURES["Net"]().eval(), [(1, 0, 1.0)], tmp_path / "net.npz")

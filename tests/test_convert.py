@@ -247,3 +247,28 @@ def test_a_layer_overflowing_to_inf_during_calibration_is_named(pixels):
             node.op.weight.mul_(1e20)  # finite weights; the second conv's sums overflow float32
     with pytest.raises(ConversionError, match="calibration batch 1: tensor '.*': tensor contains NaN or Inf"):
         collect_statistics(graph, [normalize(pixels[:4])])
+
+
+def test_named_outputs_take_their_own_activation_width(pixels):
+    """--layer-abits: conv1's output (what conv2 reads) and fc2's (what fc3 reads) at 8 bits in a W4A4
+    model, every other activation at 4; the executors agree on the mixed widths; unknown nodes named."""
+    from dataclasses import replace
+
+    from intq.workflows.sweep import SweepCell, cell_config
+    from test_lookup import exact_and_close
+
+    graph, stats = calibrated(NetWithBias().eval(), pixels)
+    config = cell_config(SweepCell("mse", "per-channel", 4, 4), layer_abits=(("conv1", 8), ("fc2", 8)))
+    model = convert(graph, stats, config)
+    bits = {layer.name: layer.output_qparams.dtype.bits for layer in model.quantized_layers()}
+    assert bits == {"conv1": 8, "conv2": 4, "fc1": 4, "fc2": 8, "fc3": 16}
+    assert model.layer("conv2").input_qparams == model.layer("conv1").output_qparams
+    assert model.layer("fc3").input_qparams.dtype.bits == 8
+    uniform = convert(graph, stats, cell_config(SweepCell("mse", "per-channel", 4, 4)))
+    assert model.layer("conv1").output_qparams.scale < uniform.layer("conv1").output_qparams.scale / 8
+    exact_and_close(model, pixels[:16])
+    bad = replace(config, activations=replace(config.activations, layer_bits=(("view", 8), ("nosuch", 8))))
+    with pytest.raises(ConversionError, match="per-layer activation bits name unknown layers view, nosuch; layers: conv1"):
+        convert(graph, stats, bad)
+    with pytest.raises(ValueError, match="--layer-abits: bit widths must be 2..8, each layer named once, got conv1=9"):
+        cell_config(SweepCell("mse", "per-channel", 4, 4), layer_abits=(("conv1", 9),))

@@ -145,7 +145,7 @@ def test_finetune_command_writes_a_model_and_refuses_bad_options_in_one_line(tmp
     assert main(["train", "--arch", "Net", "--epochs", "1", "--batch-size", "16", "--out", str(checkpoint), *common]) == 0
     out = tmp_path / "ft.npz"
     assert main(["finetune", "--model", str(checkpoint), "--arch", "Net", "--batch-size", "16", "--calib-samples",
-                 "40", "--layer-bits", "conv1=8,fc3=8", "--float-control", "--distill", "0.5", "--out", str(out),
+                 "40", "--layer-bits", "conv1=8,fc3=8", "--layer-abits", "fc2=8", "--float-control", "--distill", "0.5", "--out", str(out),
                  "--json", str(tmp_path / "ft.json"), *common]) == 0
     printed = capsys.readouterr().out
     assert "before fine-tuning" in printed and "unquantized" in printed and out.is_file()
@@ -153,11 +153,14 @@ def test_finetune_command_writes_a_model_and_refuses_bad_options_in_one_line(tmp
     assert 0 <= figures["float_control_accuracy"] <= 100 and figures["options"]["distill"] == 0.5
     bits = {layer.name: layer.weight_qparams.dtype.bits for layer in load_model(out).quantized_layers()}
     assert bits == {"conv1": 8, "conv2": 4, "fc1": 4, "fc2": 4, "fc3": 8}
+    abits = {layer.name: layer.output_qparams.dtype.bits for layer in load_model(out).quantized_layers()}
+    assert abits == {"conv1": 4, "conv2": 4, "fc1": 4, "fc2": 8, "fc3": 16}
     assert main(["verify", str(out), "--executors", "onnx_exact", "--images", "8", *common]) == 0
     assert "differing 0.0000%" in capsys.readouterr().out
     for bad, named in ((["--epochs", "0"], "--epochs"), (["--lr", "nan"], "--lr"), (["--wbits", "9"], "--wbits"),
                        (["--batch-size", "1000"], "--batch-size"), (["--train-images", "0"], "--train-images"),
-                       (["--layer-bits", "conv1=9"], "--layer-bits"), (["--distill", "2"], "--distill"), (["--layer-bits", "nosuch=8"], "nosuch")):
+                       (["--layer-bits", "conv1=9"], "--layer-bits"), (["--distill", "2"], "--distill"), (["--layer-bits", "nosuch=8"], "nosuch"),
+                       (["--layer-abits", "fc2=1"], "--layer-abits"), (["--layer-abits", "nosuch=8"], "nosuch")):
         assert main(["finetune", "-q", "--model", str(checkpoint), "--arch", "Net", *bad, *common]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("intq: error: ") and named in err, err

@@ -117,6 +117,11 @@ def test_fine_tuned_cell_is_intq_finetune_of_the_cell(swept, tmp_path):
     (["--rounding", "brecq", "--finetune-epochs", "2"], "--rounding brecq: no cell uses it"),
     (["--bias-correction", "off,on", "--finetune-epochs", "1"], "--bias-correction on: no cell uses it"),
     (["--finetune-epochs", "1", "--finetune-lr", "-1"], "--finetune-lr: fine-tuning lr must be"),
+    (["--finetune-distill", "0.5"], "--finetune-distill: only with --finetune-epochs above 0"),
+    (["--finetune-epochs", "1", "--finetune-distill", "2"], "--finetune-distill: fine-tuning distill must be"),
+    (["--layer-abits", "conv1=9"], "--layer-abits: bit widths must be 2..8, got conv1=9"),
+    (["--layer-abits", "fc2=8,fc2=4"], "--layer-abits: layer fc2 named more than once"),
+    (["--layer-abits", "view=8"], "--layer-abits: per-layer activation bits name unknown layers view"),
 ])
 def test_bad_axis_values_are_refused_in_one_line(tmp_path, capsys, flags, named):
     assert main(["sweep", "--data", str(tmp_path), "--out", str(tmp_path / "o"), *flags]) == 2

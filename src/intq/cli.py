@@ -21,6 +21,7 @@ from intq.graph.capture import CaptureError
 from intq.commands import (compare_command, eval_command, explain_command, export_c_command, export_onnx_command,
                            inspect_command, quantize_command, run_command, sensitivity_command, sweep_command,
                            train_command, verify_command)
+from intq.command_checks import ABITS_HELP
 from intq.commands_finetune import add_finetune, finetune_command
 from intq.graph.config import PRESETS, ROUNDINGS
 from intq.graph.convert import ConversionError
@@ -129,6 +130,7 @@ def _add_sweep(commands) -> None:
                        help="weight granularity: per-channel per-tensor (default: per-channel)")
     sweep.add_argument("--layer-bits", metavar="LAYER=B,...", default=None,
                        help="mixed precision: weight bits per layer that override --wbits, e.g. conv1=8,fc3=8")
+    sweep.add_argument("--layer-abits", metavar="NODE=B,...", default=None, help=ABITS_HELP)
     sweep.add_argument("--calib-samples", type=int, metavar="N", default=None,
                        help="training images in the one calibration pass, at most all of them "
                        "(default: 10000, or all when there are fewer)")
@@ -140,6 +142,8 @@ def _add_sweep(commands) -> None:
     sweep.add_argument("--finetune-epochs", nargs="+", default=["0"], metavar="N",
                        help="epochs of quantization-aware fine-tuning per cell, 0: none (default: 0)")
     sweep.add_argument("--finetune-lr", type=float, metavar="LR", help="fine-tuning's peak learning rate (default: 0.01)")
+    sweep.add_argument("--finetune-distill", type=float, metavar="A",
+                       help="fine-tuning's weight of the float model's predictions in the loss, in [0, 1] (default: 0)")
 
 
 def _add_sensitivity(commands) -> None:
@@ -256,6 +260,7 @@ def _add_train_quantize_eval(commands) -> None:
     _add_config(quantize)
     quantize.add_argument("--calib-samples", type=int, help="training images to calibrate on (default: 10000 or all)")
     quantize.add_argument("--layer-bits", metavar="LAYER=B,...", help="weight bits per layer, e.g. conv=8,fc=8")
+    quantize.add_argument("--layer-abits", metavar="NODE=B,...", help=ABITS_HELP)
     quantize.add_argument("--rounding", choices=ROUNDINGS, default="nearest", help="learned: adaround, brecq (QDrop)")
     quantize.add_argument("--rounding-iters", type=int, metavar="N", help="learned rounding: steps per layer or block")
     quantize.add_argument("--out", metavar="MODEL.npz", type=Path, default=None, help="(default: beside the checkpoint)")

@@ -31,13 +31,17 @@ def switches(option: str, values: list[str]) -> tuple[bool, ...]:
     return tuple(chosen[word] for word in words(values))
 
 
-def layer_bits(text: str | None) -> tuple[tuple[str, int], ...]:
-    """'conv1=8,fc3=8' -> (('conv1', 8), ('fc3', 8))."""
+ABITS_HELP = ("activation bits of the named nodes' outputs, 2..8, e.g. conv=8,pool=8 in ResNet-20: the first "
+              "layer's output and the last layer's input, as BRECQ and QDrop keep them")
+
+
+def layer_bits(text: str | None, option: str = "--layer-bits") -> tuple[tuple[str, int], ...]:
+    """'conv1=8,fc3=8' -> (('conv1', 8), ('fc3', 8)); `option` names the flag in the error."""
     pairs = []
     for item in words([text or ""]):
         name, _, bits = item.partition("=")
         if not name or not bits.isdigit():
-            raise argparse.ArgumentTypeError(f"--layer-bits: expected LAYER=BITS, got {item!r}")
+            raise argparse.ArgumentTypeError(f"{option}: expected LAYER=BITS, got {item!r}")
         pairs.append((name, int(bits)))
     return tuple(pairs)
 

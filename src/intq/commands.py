@@ -73,9 +73,10 @@ def _switches_label(config: QConfig) -> str:
 
 
 def _quantize_config(args: argparse.Namespace) -> QConfig:
-    """_config with quantize's --layer-bits, --rounding and --rounding-iters (seeded by --seed)."""
+    """_config with quantize's --layer-bits, --layer-abits, --rounding and --rounding-iters (seeded by --seed)."""
     try:
-        return with_options(_config(args), layer_bits(args.layer_bits), args.rounding, args.rounding_iters, args.seed)
+        return with_options(_config(args), layer_bits(args.layer_bits), args.rounding, args.rounding_iters, args.seed,
+                            layer_bits(args.layer_abits, "--layer-abits"))
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -155,7 +156,7 @@ def sweep_command(args: argparse.Namespace) -> None:
                            words(args.rounding), switches("--bias-correction", args.bias_correction),
                            switches("--equalization", args.equalization),
                            numbers("--finetune-epochs", args.finetune_epochs, int), args.rounding_iters,
-                           args.finetune_lr)
+                           args.finetune_lr, layer_bits(args.layer_abits, "--layer-abits"), args.finetune_distill)
     results = run_sweep(options, render=write_sweep_report)
     print(f"\n{len(results['rows'])} cells written to {args.out}/ (sweep.json, sweep.html, sweep.md, sweep.png); "
           f"float {results['float_accuracy']:.2f}%")

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from intq.command_checks import at_least, bit_width, layer_bits, range_method
+from intq.command_checks import ABITS_HELP, at_least, bit_width, layer_bits, range_method
 from intq.commands import _dataset, _float_model_inputs, _json_target, _save_json, provenance
 from intq.files import check_writable
 from intq.graph.config import ROUNDINGS
@@ -32,6 +32,7 @@ def add_finetune(commands, add_model, add_common, add_json) -> None:
     command.add_argument("--abits", type=int, default=4, help="activation bits, 2..8 (default: 4)")
     command.add_argument("--granularity", choices=GRANULARITIES, default="per-channel", help="(default: per-channel)")
     command.add_argument("--layer-bits", metavar="LAYER=B,...", help="weight bits per layer, e.g. conv=8,fc=8")
+    command.add_argument("--layer-abits", metavar="NODE=B,...", help=ABITS_HELP)
     command.add_argument("--rounding", choices=ROUNDINGS, default="nearest",
                          help="start from this rounding: nearest, or learned (adaround, brecq) on the calibration images")
     command.add_argument("--epochs", type=int, default=1, help="(default: 1)")
@@ -70,14 +71,14 @@ def finetune_command(args: argparse.Namespace) -> None:
         option = {"images": "train-images", "batch_size": "batch-size"}.get(str(err).split()[1], str(err).split()[1])
         raise argparse.ArgumentTypeError(f"--{option}: {err}") from None
     cell = SweepCell(args.method, args.granularity, args.wbits, args.abits, rounding=args.rounding)
-    per_layer = layer_bits(args.layer_bits)
-    try:  # the sweep cell's config: --layer-bits checked, a learned --rounding seeded by --seed
-        config = cell_config(cell, per_layer, seed=args.seed)
+    per_layer, per_node = layer_bits(args.layer_bits), layer_bits(args.layer_abits, "--layer-abits")
+    try:  # the sweep cell's config: --layer-bits, --layer-abits checked, a learned --rounding seeded by --seed
+        config = cell_config(cell, per_layer, seed=args.seed, layer_abits=per_node)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     inputs = _float_model_inputs(args, args.model)
     start = "" if args.rounding == "nearest" else f"-{args.rounding}"
-    label = f"{cell.method}-w{cell.wbits}a{cell.abits}-{cell.granularity}{'-mixed' * bool(per_layer)}{start}-ft{args.epochs}"
+    label = f"{cell.method}-w{cell.wbits}a{cell.abits}-{cell.granularity}{'-mixed' * bool(per_layer or per_node)}{start}-ft{args.epochs}"
     out = check_writable(args.out or Path("runs") / model_name(args.model) / f"{model_name(args.model)}-{label}-int.npz")
     data = _dataset(args, inputs)
     samples = checked_count("--calib-samples", args.calib_samples, len(data.train_images), "training images",

@@ -38,6 +38,7 @@ class ActivationConfig:
     unsigned_after_relu: bool = True  # post-ReLU tensors use uint, all 2^b codes on values >= 0
     output_method: RangeMethod | None = None  # the logits' range method (default: `method`)
     output_bits: int | None = None  # the logits' width (default: `bits`); no layer consumes them
+    layer_bits: tuple[tuple[str, int], ...] = ()  # (node, bits): that node's output at its own width
 
 
 ROUNDINGS = ("nearest", "adaround", "brecq")

@@ -165,10 +165,12 @@ def learned_weight_grid(weight: torch.Tensor, grid: QParams, dtype: IntType) -> 
     return grid
 
 
-def activation_qparams(stats: TensorStats, config: ActivationConfig, *, after_relu: bool, is_output: bool) -> QParams:
-    """QParams of an activation: unsigned after a ReLU when configured, else signed."""
+def activation_qparams(stats: TensorStats, config: ActivationConfig, *, after_relu: bool, is_output: bool,
+                       name: str | None = None) -> QParams:
+    """QParams of an activation, the output of node `name`: unsigned after a ReLU when configured, else
+    signed; its width config.layer_bits' for that node, else the logits' or the activations'."""
     unsigned = after_relu and config.unsigned_after_relu
-    bits = config.output_bits if is_output and config.output_bits else config.bits
+    bits = dict(config.layer_bits).get(name) or (config.output_bits if is_output and config.output_bits else config.bits)
     dtype = IntType(bits, not unsigned)
     method = config.output_method if is_output and config.output_method else config.method
     lo, hi = method.range(stats, dtype, config.scheme)
@@ -286,7 +288,7 @@ def requantized_output(graph: Graph, node: Node, stats: dict[str, TensorStats], 
     relu = fused_relu(graph, node)
     point = quant_point(graph, relu.name if relu else node.name)
     output_qp = activation_qparams(stats[point], config.activations, after_relu=relu is not None,
-                                   is_output=point == graph.output_name)
+                                   is_output=point == graph.output_name, name=node.name)
     return output_qp, relu
 
 
@@ -340,16 +342,20 @@ def convert_lookup(graph: Graph, node: Node, sources: tuple[str, ...], input_qp:
                               f"its input {sources[0]!r} is {input_qp.dtype.name}")
     point = quant_point(graph, node.name)
     output_qp = activation_qparams(stats[point], config.activations, after_relu=nonnegative(kind, params),
-                                   is_output=point == graph.output_name)
+                                   is_output=point == graph.output_name, name=node.name)
     return QLookup(node.name, sources, kind, params, input_qp, output_qp)
 
 
 def check_layer_names(graph: Graph, config: QConfig) -> None:
-    """Every layer named in a per-layer bit width must be a weighted layer of the graph."""
-    known = [node.name for node in graph.weighted()]
-    unknown = [name for name, _ in config.weights.layer_bits if name not in known]
-    if unknown:
-        raise ConversionError(f"per-layer bits name unknown layers {', '.join(unknown)}; layers: {', '.join(known)}")
+    """Every layer named in a per-layer weight width must be a weighted layer of the graph, every node
+    named in a per-node activation width one whose output is requantized (or a lookup's)."""
+    for kind, named, known in (
+            ("bits", config.weights.layer_bits, [node.name for node in graph.weighted()]),
+            ("activation bits", config.activations.layer_bits, [node.name for node in graph.nodes if isinstance(
+                node.op, REQUANTIZING) or is_lookup(graph, node)])):
+        unknown = [name for name, _ in named if name not in known]
+        if unknown:
+            raise ConversionError(f"per-layer {kind} name unknown layers {', '.join(unknown)}; layers: {', '.join(known)}")
 
 
 def check_equalization(graph: Graph, config: QConfig) -> None:

@@ -48,16 +48,21 @@ def train_architecture(arch: str, data: Dataset, recipe: ClassifierRecipe, seed:
 
 
 def with_options(config: QConfig, layer_bits: tuple[tuple[str, int], ...], rounding: str, iterations: int | None,
-                 seed: int) -> QConfig:
+                 seed: int, layer_abits: tuple[tuple[str, int], ...] = ()) -> QConfig:
     """`config` with per-layer weight bits (quantize's --layer-bits: each 2..8, each layer once; convert
-    checks the names) and a rounding (--rounding, --rounding-iters: only with a learned one; --seed).
-    ValueError naming the option. Example: (("conv", 8),), "brecq", 500, 0 -> conv at 8 bits, BRECQ."""
-    names = [name for name, _ in layer_bits]
-    bad = [f"{name}={bits}" for name, bits in layer_bits if not 2 <= bits <= 8]
-    if bad or len(set(names)) < len(names):
-        raise ValueError(f"--layer-bits: bit widths must be 2..8, each layer named once, got {', '.join(bad or names)}")
+    checks the names), per-node activation bits (--layer-abits: the named nodes' outputs, alike) and a
+    rounding (--rounding, --rounding-iters: only with a learned one; --seed). ValueError naming the
+    option. Example: (("conv", 8),), "brecq", 500, 0, (("pool", 8),) -> conv's weights and pool's
+    output at 8 bits, BRECQ."""
+    for option, pairs in (("--layer-bits", layer_bits), ("--layer-abits", layer_abits)):
+        names = [name for name, _ in pairs]
+        bad = [f"{name}={bits}" for name, bits in pairs if not 2 <= bits <= 8]
+        if bad or len(set(names)) < len(names):
+            raise ValueError(f"{option}: bit widths must be 2..8, each layer named once, got {', '.join(bad or names)}")
     if layer_bits:
         config = replace(config, weights=replace(config.weights, layer_bits=layer_bits))
+    if layer_abits:
+        config = replace(config, activations=replace(config.activations, layer_bits=layer_abits))
     if rounding == "nearest" and iterations is not None:
         raise ValueError("--rounding-iters: only with a learned --rounding (adaround, brecq)")
     if rounding == "nearest":

@@ -82,6 +82,8 @@ class SweepOptions:
     finetune_epochs: tuple[int, ...] = (0,)
     rounding_iters: int | None = None  # learned rounding's steps per layer or block (None: RoundingConfig's)
     finetune_lr: float | None = None  # fine-tuning's peak learning rate (None: FinetuneOptions')
+    layer_abits: tuple[tuple[str, int], ...] = ()  # per-node activation bits that override --abits
+    finetune_distill: float | None = None  # fine-tuning's distillation weight (None: FinetuneOptions')
 
 
 class SweepError(Exception):
@@ -89,7 +91,7 @@ class SweepError(Exception):
 
 
 def cell_config(cell: SweepCell, layer_bits: tuple[tuple[str, int], ...] = (), rounding_iters: int | None = None,
-                seed: int = 0) -> QConfig:
+                seed: int = 0, layer_abits: tuple[tuple[str, int], ...] = ()) -> QConfig:
     """The QConfig of one cell: the method ranges weights and activations alike; the cell's bias
     correction, equalization and rounding (learned: `rounding_iters` steps, seeded by `seed`, as
     `intq quantize --rounding R --rounding-iters N --seed S` sets them).
@@ -101,14 +103,15 @@ def cell_config(cell: SweepCell, layer_bits: tuple[tuple[str, int], ...] = (), r
     """
     method = parse_range_method(cell.method)
     weight_method = MSE() if isinstance(method, Entropy) else method
-    # `layer_bits` (mixed precision) overrides cell.wbits for the layers it names.
+    # `layer_bits` (mixed precision) overrides cell.wbits for the layers it names, `layer_abits` cell.abits
+    # for the outputs of the nodes it names (e.g. the first layer's output and the last layer's input).
     weights = WeightConfig(weight_method, Scheme.SYMMETRIC, cell.granularity == "per-channel", cell.wbits)
     activations = ActivationConfig(method, Scheme.ASYMMETRIC, cell.abits, unsigned_after_relu=True,
                                    output_method=MinMax(), output_bits=16)
     config = QConfig(describe_cell(asdict(cell)), weights, activations, fold_input=True, calibration_samples=None,
                      equalization=cell.equalization, bias_correction=cell.bias_correction)
     learned = cell.rounding != "nearest"
-    return with_options(config, layer_bits, cell.rounding, rounding_iters if learned else None, seed)
+    return with_options(config, layer_bits, cell.rounding, rounding_iters if learned else None, seed, layer_abits)
 
 
 def describe_cell(row) -> str:
@@ -131,13 +134,14 @@ def check_options(options: SweepOptions) -> list[SweepCell]:
         bad = [b for b in values if not 2 <= b <= 8]
         if bad or not values:
             raise SweepError(f"{flag}: bit widths must be 2..8, got {list(values)}")
-    bad = [f"{name}={bits}" for name, bits in options.layer_bits if not 2 <= bits <= 8]
-    if bad:
-        raise SweepError(f"--layer-bits: bit widths must be 2..8, got {', '.join(bad)}")
-    names = [name for name, _ in options.layer_bits]
-    twice = sorted({name for name in names if names.count(name) > 1})
-    if twice:
-        raise SweepError(f"--layer-bits: layer {', '.join(twice)} named more than once")
+    for flag, pairs in (("--layer-bits", options.layer_bits), ("--layer-abits", options.layer_abits)):
+        bad = [f"{name}={bits}" for name, bits in pairs if not 2 <= bits <= 8]
+        if bad:
+            raise SweepError(f"{flag}: bit widths must be 2..8, got {', '.join(bad)}")
+        names = [name for name, _ in pairs]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise SweepError(f"{flag}: layer {', '.join(twice)} named more than once")
     if options.calib_samples is not None and options.calib_samples < 1:
         raise SweepError(f"--calib-samples must be at least 1, got {options.calib_samples}")
     bad = [g for g in options.granularities if g not in GRANULARITIES]
@@ -160,7 +164,8 @@ def check_options(options: SweepOptions) -> list[SweepCell]:
 def check_method_axes(options: SweepOptions) -> None:
     """--rounding, --bias-correction, --equalization and --finetune-epochs each list at least one value;
     each rounding is one of ROUNDINGS, each epoch count 0 or more; --rounding-iters only with a learned
-    rounding and --finetune-lr only with fine-tuning, each valid. SweepError naming the option."""
+    rounding and --finetune-lr, --finetune-distill only with fine-tuning, each valid. SweepError naming
+    the option."""
     for flag, values in (("--rounding", options.roundings), ("--bias-correction", options.bias_corrections),
                          ("--equalization", options.equalizations), ("--finetune-epochs", options.finetune_epochs)):
         if not values:
@@ -176,13 +181,16 @@ def check_method_axes(options: SweepOptions) -> None:
             raise SweepError("--rounding-iters: only with a learned --rounding (adaround, brecq)")
         if isinstance(options.rounding_iters, bool) or options.rounding_iters < 1:
             raise SweepError(f"--rounding-iters must be at least 1, got {options.rounding_iters}")
-    if options.finetune_lr is not None:
+    for flag, field, value in (("--finetune-lr", "lr", options.finetune_lr),
+                               ("--finetune-distill", "distill", options.finetune_distill)):
+        if value is None:
+            continue
         if not any(options.finetune_epochs):
-            raise SweepError("--finetune-lr: only with --finetune-epochs above 0")
+            raise SweepError(f"{flag}: only with --finetune-epochs above 0")
         try:
-            FinetuneOptions(lr=options.finetune_lr)
+            FinetuneOptions(**{field: value})
         except ValueError as err:
-            raise SweepError(f"--finetune-lr: {err}") from None
+            raise SweepError(f"{flag}: {err}") from None
 
 
 def fine_tuned_alone(cell: SweepCell) -> SweepCell:
@@ -207,15 +215,16 @@ def checked_count(option: str, requested: int | None, available: int, what: str,
 
 
 def check_layer_bits(options: SweepOptions, cell: SweepCell) -> None:
-    """Every layer --layer-bits names must be a conv/linear layer of the model, checked on an
-    untrained copy of its architecture (names do not depend on weights), so before any training."""
-    if not options.layer_bits:
-        return
+    """Every layer --layer-bits names must be a conv/linear layer of the model, every node --layer-abits
+    names one whose output is requantized, checked on an untrained copy of its architecture (names do
+    not depend on weights), so before any training."""
     architecture = ARCHITECTURES[options.model if options.model in MODELS else options.arch]
-    try:
-        check_layer_names(trace(architecture().eval()), cell_config(cell, options.layer_bits))
-    except ConversionError as err:
-        raise SweepError(f"--layer-bits: {err}") from None
+    for flag, weights, activations in (("--layer-bits", options.layer_bits, ()), ("--layer-abits", (), options.layer_abits)):
+        if weights or activations:
+            try:
+                check_layer_names(trace(architecture().eval()), cell_config(cell, weights, layer_abits=activations))
+            except ConversionError as err:
+                raise SweepError(f"{flag}: {err}") from None
 
 
 def failed_cells(rows: list[dict]) -> str | None:
@@ -240,20 +249,23 @@ class CellInputs:
     rounding_iters: int | None = None
     seed: int = 0
     finetune_lr: float | None = None
+    layer_abits: tuple[tuple[str, int], ...] = ()
+    finetune_distill: float | None = None
 
 
 def cell_model(cell: SweepCell, inputs: CellInputs):
     """(the cell's IntegerModel, the seconds its method took): convert; learned rounding on the first
     calibration images (Calibrated.rounded_model, as `intq quantize --rounding`); or fine-tuning
     `cell.finetune_epochs` epochs on the training images from that conversion (qat.finetune, as `intq
-    finetune`), FinetuneOptions' defaults but --finetune-lr, seeded, one thread. ConversionError if
-    the cell cannot be converted."""
-    config = cell_config(cell, inputs.layer_bits, inputs.rounding_iters, inputs.seed)
+    finetune`), FinetuneOptions' defaults but --finetune-lr and --finetune-distill, seeded, one thread.
+    ConversionError if the cell cannot be converted."""
+    config = cell_config(cell, inputs.layer_bits, inputs.rounding_iters, inputs.seed, inputs.layer_abits)
     calibration = inputs.calibrations[cell.equalization]
     start = time.perf_counter()
     if cell.finetune_epochs:
-        lr = {} if inputs.finetune_lr is None else {"lr": inputs.finetune_lr}
-        options = FinetuneOptions(cell.finetune_epochs, seed=inputs.seed, threads=1, **lr)
+        given = {"lr": inputs.finetune_lr, "distill": inputs.finetune_distill}
+        options = FinetuneOptions(cell.finetune_epochs, seed=inputs.seed, threads=1,
+                                  **{name: value for name, value in given.items() if value is not None})
         model = finetune(calibration.graph, calibration.stats, config, inputs.train_pixels, inputs.train_labels,
                          options, log=_log.debug).after
     else:
@@ -317,7 +329,8 @@ def cell_inputs(options: SweepOptions, cells: list[SweepCell], model: torch.nn.M
     return CellInputs(calibrations, data.test_images, data.test_labels, options.layer_bits,
                       subset[: RoundingConfig().images] if learned else None,
                       data.train_images if tuned else None, data.train_labels if tuned else None,
-                      options.rounding_iters, options.seed, options.finetune_lr)
+                      options.rounding_iters, options.seed, options.finetune_lr, options.layer_abits,
+                      options.finetune_distill)
 
 
 def run_sweep(options: SweepOptions, log=_log.info, render: Callable[[dict, Path], None] | None = None) -> dict:
@@ -348,10 +361,11 @@ def run_sweep(options: SweepOptions, log=_log.info, render: Callable[[dict, Path
                "config": {"seed": options.seed, "calibration_images": len(subset), "data_source": data.source,
                           "test_images": len(data.test_images), "logits": "int16", "weights": "symmetric",
                           "activations": "uint after ReLU, asymmetric otherwise",
-                          "layer_bits": dict(options.layer_bits),
+                          "layer_bits": dict(options.layer_bits), "layer_abits": dict(options.layer_abits),
                           "rounding_iterations": (options.rounding_iters or RoundingConfig().iterations)
                           if learned else None,
-                          "finetune_lr": options.finetune_lr or FinetuneOptions().lr},
+                          "finetune_lr": options.finetune_lr or FinetuneOptions().lr,
+                          "finetune_distill": options.finetune_distill or FinetuneOptions().distill},
                "timings_s": {"total": time.perf_counter() - start}}
     with staged_output(out_dir) as staging:
         if render is not None:
