@@ -130,9 +130,26 @@ def test_same_seed_same_integers_another_seed_others(task, tuned):
     assert not all(np.array_equal(a.weight, c.weight) for a, _, c in pairs)
 
 
+def test_step_lr_sets_the_rate_of_the_step_sizes_alone(task, tuned):
+    """step_lr = lr is the default's trajectory exactly; a 30x faster step rate moves the activation
+    grids further from calibration's, the weights still learning at lr."""
+    graph, stats, pixels, labels = task
+    same = finetune(graph, stats, W4A4, pixels, labels, replace(OPTIONS, step_lr=OPTIONS.lr))
+    faster = finetune(graph, stats, W4A4, pixels, labels, replace(OPTIONS, step_lr=30 * OPTIONS.lr))
+
+    def moved(result) -> float:  # mean relative change of the activation steps
+        return float(np.mean([abs(float(a.output_qparams.scale) / float(b.output_qparams.scale) - 1)
+                              for a, b in zip(result.after.quantized_layers(), result.before.quantized_layers())]))
+
+    assert all(np.array_equal(a.weight, b.weight) and np.array_equal(a.output_qparams.scale, b.output_qparams.scale)
+               for a, b in zip(same.after.quantized_layers(), tuned.after.quantized_layers()))
+    assert moved(faster) > 3 * moved(tuned) > 0, (moved(faster), moved(tuned))
+
+
 @pytest.mark.parametrize("field,value", [("epochs", 0), ("lr", float("nan")), ("lr", 0.0), ("batch_size", 0),
                                          ("momentum", 1.0), ("images", 0), ("threads", True),
-                                         ("distill", 1.5), ("distill", -0.1), ("distill", float("nan"))])
+                                         ("distill", 1.5), ("distill", -0.1), ("distill", float("nan")),
+                                         ("step_lr", 0.0), ("step_lr", float("inf"))])
 def test_bad_options_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         FinetuneOptions(**{field: value})
@@ -160,7 +177,7 @@ def test_finetune_command_writes_a_model_and_refuses_bad_options_in_one_line(tmp
     for bad, named in ((["--epochs", "0"], "--epochs"), (["--lr", "nan"], "--lr"), (["--wbits", "9"], "--wbits"),
                        (["--batch-size", "1000"], "--batch-size"), (["--train-images", "0"], "--train-images"),
                        (["--layer-bits", "conv1=9"], "--layer-bits"), (["--distill", "2"], "--distill"), (["--layer-bits", "nosuch=8"], "nosuch"),
-                       (["--layer-abits", "fc2=1"], "--layer-abits"), (["--layer-abits", "nosuch=8"], "nosuch")):
+                       (["--layer-abits", "fc2=1"], "--layer-abits"), (["--step-lr", "0"], "--step-lr"), (["--layer-abits", "nosuch=8"], "nosuch")):
         assert main(["finetune", "-q", "--model", str(checkpoint), "--arch", "Net", *bad, *common]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("intq: error: ") and named in err, err

@@ -37,6 +37,8 @@ def add_finetune(commands, add_model, add_common, add_json) -> None:
                          help="start from this rounding: nearest, or learned (adaround, brecq) on the calibration images")
     command.add_argument("--epochs", type=int, default=1, help="(default: 1)")
     command.add_argument("--lr", type=float, default=0.01, help="peak learning rate, cosine to 0 (default: 0.01)")
+    command.add_argument("--step-lr", type=float, default=None, metavar="LR",
+                         help="peak learning rate of the step sizes, cosine to 0 (default: --lr, as LSQ)")
     command.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
     command.add_argument("--train-images", type=int, default=None,
                          help="training images per epoch, a seeded random subset each epoch (default: all)")
@@ -66,9 +68,9 @@ def finetune_command(args: argparse.Namespace) -> None:
     try:
         options = FinetuneOptions(args.epochs, args.lr, args.batch_size, augment=not args.no_augment,
                                   images=args.train_images, seed=args.seed, threads=args.threads,
-                                  distill=args.distill)
+                                  distill=args.distill, step_lr=args.step_lr)
     except ValueError as err:
-        option = {"images": "train-images", "batch_size": "batch-size"}.get(str(err).split()[1], str(err).split()[1])
+        option = {"images": "train-images", "batch_size": "batch-size", "step_lr": "step-lr"}.get(str(err).split()[1], str(err).split()[1])
         raise argparse.ArgumentTypeError(f"--{option}: {err}") from None
     cell = SweepCell(args.method, args.granularity, args.wbits, args.abits, rounding=args.rounding)
     per_layer, per_node = layer_bits(args.layer_bits), layer_bits(args.layer_abits, "--layer-abits")

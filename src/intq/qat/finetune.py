@@ -46,8 +46,8 @@ _log = logging.getLogger(__name__)  # progress messages; the command line routes
 @dataclass(frozen=True)
 class FinetuneOptions:
     """epochs over `images` training images (None: all) in shuffled batches, SGD with momentum and a
-    cosine learning rate from `lr` (weights, biases and step sizes alike, as LSQ trains), random shifts
-    and flips when `augment`, on `threads` intra-op threads (the result depends on them) from `seed`.
+    cosine learning rate from `lr` for the weights and biases and from `step_lr` for the step sizes
+    (None: `lr`, as LSQ trains them alike), random shifts and flips when `augment`, on `threads` intra-op threads (the result depends on them) from `seed`.
     The loss is cross-entropy with the labels, blended with weight `distill` in [0, 1] with the float
     model's own predictions on the same images (eq. 45; 1: the float model alone is the teacher)."""
 
@@ -60,6 +60,7 @@ class FinetuneOptions:
     seed: int = 0
     threads: int = 1
     distill: float = 0.0
+    step_lr: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "threads") + (("images",) if self.images is not None else ()):
@@ -72,6 +73,9 @@ class FinetuneOptions:
                     math.isfinite(value) and (low < value if name == "lr" else low <= value) and value < high):
                 raise ValueError(f"fine-tuning {name} must be a finite number in "
                                  f"{'(0, inf)' if name == 'lr' else '[0, 1)'}, got {value!r}")
+        if self.step_lr is not None and (isinstance(self.step_lr, bool) or not isinstance(self.step_lr, (int, float))
+                                         or not (math.isfinite(self.step_lr) and self.step_lr > 0)):
+            raise ValueError(f"fine-tuning step_lr must be a finite number in (0, inf), got {self.step_lr!r}")
         if isinstance(self.distill, bool) or not isinstance(self.distill, (int, float)) or not 0 <= self.distill <= 1:
             raise ValueError(f"fine-tuning distill must be a number in [0, 1], got {self.distill!r}")
 
@@ -125,9 +129,9 @@ class FloatGraph(nn.Module):
     def _key(name: str) -> str:
         return "t_" + name.replace(".", "_")
 
-    def trainable(self) -> list[nn.Parameter]:
-        """What the loop learns: every parameter with a gradient (here the weights and biases)."""
-        return [p for p in self.parameters() if p.requires_grad]
+    def trainable(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """What the loop learns: (the weights and biases, the step sizes; none in float)."""
+        return [*self.weights.values(), *self.biases.values()], []
 
     def hold_floors_(self) -> None:
         """Nothing to hold: no step sizes in float."""
@@ -175,6 +179,11 @@ class FakeQuantGraph(FloatGraph):
             key = self._key(node.name)
             weight, qp = self.weights[key], layers[node.name].weight_qparams
             self.weight_grids[key] = _Grid(qp, weight[0].numel() if qp.axis == 0 else weight.numel(), weight.dim(), True)
+
+    def trainable(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(the weights and biases, every learned step size: the activations' but the input's, the weights')."""
+        steps = [grid.step for grid in [*self.grids.values(), *self.weight_grids.values()] if grid.step is not None]
+        return super().trainable()[0], steps
 
     def hold_floors_(self) -> None:
         """Every learned step, of activations and weights, projected onto s >= 2^-8 s_0 (eq. 44)."""
@@ -327,9 +336,11 @@ def finetune_float(graph: Graph, pixels: torch.Tensor, labels: torch.Tensor, opt
 
 def _train(model: FloatGraph, teacher: Graph, pixels: torch.Tensor, labels: torch.Tensor, count: int,
            options: FinetuneOptions, log: Callable[[str], None]) -> list[dict]:
-    """The loop: lr(t) = lr / 2 (1 + cos(pi t / T)) over all T steps, loss eq. 45 with the float
-    `teacher`'s logits when options.distill > 0; returns the mean loss per epoch."""
-    optimizer = MomentumSGD(model.trainable(), options.lr, options.momentum)
+    """The loop: lr(t) = lr / 2 (1 + cos(pi t / T)) over all T steps (the step sizes' from step_lr), loss
+    eq. 45 with the float `teacher`'s logits when options.distill > 0; returns the mean loss per epoch."""
+    weights, step_sizes = model.trainable()
+    peaks = (options.lr, options.lr if options.step_lr is None else options.step_lr)
+    optimizers = [MomentumSGD(params, peak, options.momentum) for params, peak in zip((weights, step_sizes), peaks)]
     generator = torch.Generator().manual_seed(options.seed)
     fill = padding_pixels(teacher, pixels.shape[1])
     steps = count // options.batch_size
@@ -341,15 +352,17 @@ def _train(model: FloatGraph, teacher: Graph, pixels: torch.Tensor, labels: torc
             images = pixels[index]
             if options.augment:
                 images = augment_pixels(images, generator, fill)
-            optimizer.lr = options.lr / 2 * (1 + math.cos(math.pi * ((epoch - 1) * steps + step) / total))
-            optimizer.zero_grad()
+            for optimizer, peak in zip(optimizers, peaks):
+                optimizer.lr = peak / 2 * (1 + math.cos(math.pi * ((epoch - 1) * steps + step) / total))
+                optimizer.zero_grad()
             teacher_logits = None
             if options.distill > 0:
                 with torch.no_grad():
                     teacher_logits = run_float(teacher, teacher.preprocessing.apply(images))
             loss = distillation_loss(model(images), teacher_logits, labels[index], options.distill)
             loss.backward()
-            optimizer.step()
+            for optimizer in optimizers:
+                optimizer.step()
             model.hold_floors_()
             running += float(loss.detach())
         history.append({"epoch": epoch, "loss": running / steps})
