@@ -148,3 +148,23 @@ def test_results_written_before_the_axes_still_render(swept, tmp_path):
     write_sweep_report(old, tmp_path)
     report = (tmp_path / "sweep.md").read_text()
     assert "mse (per-channel)" in report and "W3A8" in report and "What each method buys" not in report
+
+
+def test_layer_abits_and_distill_reach_the_fine_tuned_cell_as_in_intq_finetune(swept, tmp_path):
+    """sweep --layer-abits fc2=4 --finetune-distill 0.5 (an A8 cell): the cell's model is intq finetune's with
+    the same flags (fc3 reads 4-bit integers, fc2 8-bit ones), and another than the cell without them."""
+    data_dir, cache, out, _ = swept
+    model_out = tmp_path / "ft.npz"
+    assert main(["finetune", "--model", "Net", "--data", str(data_dir), "--cache", str(cache), "--out", str(model_out),
+                 *CELL, "--epochs", "1", "--layer-abits", "fc2=4", "--distill", "0.5"]) == 0
+    options = SweepOptions("Net", str(data_dir), out, cache, calib_samples=60, layer_abits=(("fc2", 4),),
+                           finetune_distill=0.5)
+    data = load_data(str(data_dir), cache)
+    _, model = load_float_model("Net", data, cache)
+    cell = SweepCell("mse", "per-channel", 3, 8, finetune_epochs=1)
+    inputs = cell_inputs(options, [cell], model, data, calibration_images(data.train_images, 60, 0))
+    tuned = cell_model(cell, inputs)[0]
+    assert _same_integers(tuned, model_file.load(model_out))
+    assert tuned.layer("fc3").input_qparams.dtype.bits == 4 and tuned.layer("fc2").input_qparams.dtype.bits == 8
+    plain = _cell_models(swept, cell)[0]
+    assert not _same_integers(tuned, plain)
