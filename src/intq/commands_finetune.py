@@ -70,7 +70,8 @@ def finetune_command(args: argparse.Namespace) -> None:
                                   images=args.train_images, seed=args.seed, threads=args.threads,
                                   distill=args.distill, step_lr=args.step_lr)
     except ValueError as err:
-        option = {"images": "train-images", "batch_size": "batch-size", "step_lr": "step-lr"}.get(str(err).split()[1], str(err).split()[1])
+        field = str(err).split()[1]  # "fine-tuning <field> must ..."
+        option = "train-images" if field == "images" else field.replace("_", "-")
         raise argparse.ArgumentTypeError(f"--{option}: {err}") from None
     cell = SweepCell(args.method, args.granularity, args.wbits, args.abits, rounding=args.rounding)
     per_layer, per_node = layer_bits(args.layer_bits), layer_bits(args.layer_abits, "--layer-abits")

@@ -47,7 +47,8 @@ _log = logging.getLogger(__name__)  # progress messages; the command line routes
 class FinetuneOptions:
     """epochs over `images` training images (None: all) in shuffled batches, SGD with momentum and a
     cosine learning rate from `lr` for the weights and biases and from `step_lr` for the step sizes
-    (None: `lr`, as LSQ trains them alike), random shifts and flips when `augment`, on `threads` intra-op threads (the result depends on them) from `seed`.
+    (None: `lr`, as LSQ trains them alike), random shifts and flips when `augment`, on `threads`
+    intra-op threads (the result depends on them) from `seed`.
     The loss is cross-entropy with the labels, blended with weight `distill` in [0, 1] with the float
     model's own predictions on the same images (eq. 45; 1: the float model alone is the teacher)."""
 
@@ -67,15 +68,13 @@ class FinetuneOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"fine-tuning {name} must be a whole number of at least 1, got {value!r}")
-        for name, low, high in (("lr", 0.0, math.inf), ("momentum", 0.0, 1.0)):
-            value = getattr(self, name)
+        rates = ("lr",) + (("step_lr",) if self.step_lr is not None else ())
+        for name in (*rates, "momentum"):
+            value, rate = getattr(self, name), name in rates
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                    math.isfinite(value) and (low < value if name == "lr" else low <= value) and value < high):
+                    math.isfinite(value) and (0 < value if rate else 0 <= value < 1)):
                 raise ValueError(f"fine-tuning {name} must be a finite number in "
-                                 f"{'(0, inf)' if name == 'lr' else '[0, 1)'}, got {value!r}")
-        if self.step_lr is not None and (isinstance(self.step_lr, bool) or not isinstance(self.step_lr, (int, float))
-                                         or not (math.isfinite(self.step_lr) and self.step_lr > 0)):
-            raise ValueError(f"fine-tuning step_lr must be a finite number in (0, inf), got {self.step_lr!r}")
+                                 f"{'(0, inf)' if rate else '[0, 1)'}, got {value!r}")
         if isinstance(self.distill, bool) or not isinstance(self.distill, (int, float)) or not 0 <= self.distill <= 1:
             raise ValueError(f"fine-tuning distill must be a number in [0, 1], got {self.distill!r}")
 

@@ -218,13 +218,14 @@ def check_layer_bits(options: SweepOptions, cell: SweepCell) -> None:
     """Every layer --layer-bits names must be a conv/linear layer of the model, every node --layer-abits
     names one whose output is requantized, checked on an untrained copy of its architecture (names do
     not depend on weights), so before any training."""
-    architecture = ARCHITECTURES[options.model if options.model in MODELS else options.arch]
+    if not (options.layer_bits or options.layer_abits):
+        return
+    graph = trace(ARCHITECTURES[options.model if options.model in MODELS else options.arch]().eval())
     for flag, weights, activations in (("--layer-bits", options.layer_bits, ()), ("--layer-abits", (), options.layer_abits)):
-        if weights or activations:
-            try:
-                check_layer_names(trace(architecture().eval()), cell_config(cell, weights, layer_abits=activations))
-            except ConversionError as err:
-                raise SweepError(f"{flag}: {err}") from None
+        try:
+            check_layer_names(graph, cell_config(cell, weights, layer_abits=activations))
+        except ConversionError as err:
+            raise SweepError(f"{flag}: {err}") from None
 
 
 def failed_cells(rows: list[dict]) -> str | None:
