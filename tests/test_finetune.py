@@ -149,10 +149,51 @@ def test_step_lr_sets_the_rate_of_the_step_sizes_alone(task, tuned):
 @pytest.mark.parametrize("field,value", [("epochs", 0), ("lr", float("nan")), ("lr", 0.0), ("batch_size", 0),
                                          ("momentum", 1.0), ("images", 0), ("threads", True),
                                          ("distill", 1.5), ("distill", -0.1), ("distill", float("nan")),
-                                         ("step_lr", 0.0), ("step_lr", float("inf"))])
+                                         ("step_lr", 0.0), ("step_lr", float("inf")), ("optimizer", "rmsprop"),
+                                         ("optimizer", None)])
 def test_bad_options_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         FinetuneOptions(**{field: value})
+
+
+def test_the_learning_rate_defaults_to_the_optimizers_own():
+    assert FinetuneOptions().lr == 0.01 and FinetuneOptions(optimizer="adam").lr == 0.0001
+    assert FinetuneOptions(lr=0.003, optimizer="adam").lr == 0.003
+
+
+def _weight_moves(graph, result) -> tuple[torch.Tensor, torch.Tensor]:
+    """|w_after - w_before| of every weight of the fine-tuned float weights, and of every learned step."""
+    fake = result.fake_quant
+    weights = torch.cat([(fake.weights[fake._key(node.name)].detach() - node.op.weight.float()).abs().flatten()
+                         for node in graph.weighted()])
+    start = FakeQuantGraph(graph, result.before)
+    steps = torch.cat([(a.step.detach() - b.step.detach()).abs().flatten()
+                       for a, b in zip([*fake.grids.values(), *fake.weight_grids.values()],
+                                       [*start.grids.values(), *start.weight_grids.values()]) if a.step is not None])
+    return weights, steps
+
+
+def test_adams_first_step_moves_every_parameter_by_the_rate_whatever_its_gradient(task):
+    """One batch, one step at the peak rate: Adam moves each weight and each step size by lr sign(g) (eq. 46),
+    the same amount for every channel; SGD moves them by lr g, spread over orders of magnitude."""
+    graph, stats, pixels, labels = task
+    one_step = replace(OPTIONS, epochs=1, images=OPTIONS.batch_size, lr=1e-3)
+    adam = finetune(graph, stats, W4A4, pixels, labels, replace(one_step, optimizer="adam"))
+    for moves in _weight_moves(graph, adam):
+        moved = moves[moves > 0]
+        assert len(moved) > 0.5 * len(moves)
+        torch.testing.assert_close(moved, torch.full_like(moved, 1e-3), rtol=2e-3, atol=0)
+    sgd_weights, _ = _weight_moves(graph, finetune(graph, stats, W4A4, pixels, labels, one_step))
+    moved = sgd_weights[sgd_weights > 0]
+    assert moved.max() > 100 * moved.median() or moved.median() > 100 * moved.min()
+
+
+def test_adam_fine_tuning_lowers_the_loss_and_its_model_is_simulated_exactly(task):
+    graph, stats, pixels, labels = task
+    tuned = finetune(graph, stats, W4A4, pixels, labels, replace(OPTIONS, optimizer="adam", lr=3e-3))
+    before, after = _task_loss(tuned.before, pixels, labels), _task_loss(tuned.after, pixels, labels)
+    assert after < 0.8 * before, (before, after)
+    assert all(row["differing"] == 0 for row in layer_agreement(tuned.after, pixels[:64]))
 
 
 def test_finetune_command_writes_a_model_and_refuses_bad_options_in_one_line(tmp_path, capsys):
@@ -162,12 +203,13 @@ def test_finetune_command_writes_a_model_and_refuses_bad_options_in_one_line(tmp
     assert main(["train", "--arch", "Net", "--epochs", "1", "--batch-size", "16", "--out", str(checkpoint), *common]) == 0
     out = tmp_path / "ft.npz"
     assert main(["finetune", "--model", str(checkpoint), "--arch", "Net", "--batch-size", "16", "--calib-samples",
-                 "40", "--layer-bits", "conv1=8,fc3=8", "--layer-abits", "fc2=8", "--float-control", "--distill", "0.5", "--out", str(out),
+                 "40", "--layer-bits", "conv1=8,fc3=8", "--layer-abits", "fc2=8", "--float-control", "--distill", "0.5", "--optimizer", "adam", "--out", str(out),
                  "--json", str(tmp_path / "ft.json"), *common]) == 0
     printed = capsys.readouterr().out
     assert "before fine-tuning" in printed and "unquantized" in printed and out.is_file()
     figures = json.loads((tmp_path / "ft.json").read_text())
     assert 0 <= figures["float_control_accuracy"] <= 100 and figures["options"]["distill"] == 0.5
+    assert figures["options"]["optimizer"] == "adam" and figures["options"]["lr"] == 0.0001
     bits = {layer.name: layer.weight_qparams.dtype.bits for layer in load_model(out).quantized_layers()}
     assert bits == {"conv1": 8, "conv2": 4, "fc1": 4, "fc2": 4, "fc3": 8}
     abits = {layer.name: layer.output_qparams.dtype.bits for layer in load_model(out).quantized_layers()}
@@ -177,7 +219,8 @@ def test_finetune_command_writes_a_model_and_refuses_bad_options_in_one_line(tmp
     for bad, named in ((["--epochs", "0"], "--epochs"), (["--lr", "nan"], "--lr"), (["--wbits", "9"], "--wbits"),
                        (["--batch-size", "1000"], "--batch-size"), (["--train-images", "0"], "--train-images"),
                        (["--layer-bits", "conv1=9"], "--layer-bits"), (["--distill", "2"], "--distill"), (["--layer-bits", "nosuch=8"], "nosuch"),
-                       (["--layer-abits", "fc2=1"], "--layer-abits"), (["--step-lr", "0"], "--step-lr"), (["--layer-abits", "nosuch=8"], "nosuch")):
+                       (["--layer-abits", "fc2=1"], "--layer-abits"), (["--step-lr", "0"], "--step-lr"), (["--layer-abits", "nosuch=8"], "nosuch"),
+                       (["--optimizer", "rmsprop"], "--optimizer")):
         assert main(["finetune", "-q", "--model", str(checkpoint), "--arch", "Net", *bad, *common]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("intq: error: ") and named in err, err

@@ -119,6 +119,8 @@ def test_fine_tuned_cell_is_intq_finetune_of_the_cell(swept, tmp_path):
     (["--finetune-epochs", "1", "--finetune-lr", "-1"], "--finetune-lr: fine-tuning lr must be"),
     (["--finetune-distill", "0.5"], "--finetune-distill: only with --finetune-epochs above 0"),
     (["--finetune-epochs", "1", "--finetune-distill", "2"], "--finetune-distill: fine-tuning distill must be"),
+    (["--finetune-optimizer", "adam"], "--finetune-optimizer: only with --finetune-epochs above 0"),
+    (["--finetune-epochs", "1", "--finetune-optimizer", "rmsprop"], "--finetune-optimizer: fine-tuning optimizer must be one of sgd, adam, got 'rmsprop'"),
     (["--layer-abits", "conv1=9"], "--layer-abits: bit widths must be 2..8, got conv1=9"),
     (["--layer-abits", "fc2=8,fc2=4"], "--layer-abits: layer fc2 named more than once"),
     (["--layer-abits", "view=8"], "--layer-abits: per-layer activation bits name unknown layers view"),
@@ -150,15 +152,16 @@ def test_results_written_before_the_axes_still_render(swept, tmp_path):
     assert "mse (per-channel)" in report and "W3A8" in report and "What each method buys" not in report
 
 
-def test_layer_abits_and_distill_reach_the_fine_tuned_cell_as_in_intq_finetune(swept, tmp_path):
-    """sweep --layer-abits fc2=4 --finetune-distill 0.5 (an A8 cell): the cell's model is intq finetune's with
-    the same flags (fc3 reads 4-bit integers, fc2 8-bit ones), and another than the cell without them."""
+def test_layer_abits_distill_and_optimizer_reach_the_fine_tuned_cell_as_in_intq_finetune(swept, tmp_path):
+    """sweep --layer-abits fc2=4 --finetune-distill 0.5 --finetune-optimizer adam (an A8 cell): the cell's
+    model is intq finetune's with the same flags (fc3 reads 4-bit integers, fc2 8-bit ones), and another
+    than the cell without them."""
     data_dir, cache, out, _ = swept
     model_out = tmp_path / "ft.npz"
     assert main(["finetune", "--model", "Net", "--data", str(data_dir), "--cache", str(cache), "--out", str(model_out),
-                 *CELL, "--epochs", "1", "--layer-abits", "fc2=4", "--distill", "0.5"]) == 0
+                 *CELL, "--epochs", "1", "--layer-abits", "fc2=4", "--distill", "0.5", "--optimizer", "adam"]) == 0
     options = SweepOptions("Net", str(data_dir), out, cache, calib_samples=60, layer_abits=(("fc2", 4),),
-                           finetune_distill=0.5)
+                           finetune_distill=0.5, finetune_optimizer="adam")
     data = load_data(str(data_dir), cache)
     _, model = load_float_model("Net", data, cache)
     cell = SweepCell("mse", "per-channel", 3, 8, finetune_epochs=1)

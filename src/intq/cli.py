@@ -24,6 +24,7 @@ from intq.commands import (compare_command, eval_command, explain_command, expor
 from intq.command_checks import ABITS_HELP
 from intq.commands_finetune import add_finetune, finetune_command
 from intq.graph.config import PRESETS, ROUNDINGS
+from intq.qat.optimizers import OPTIMIZERS
 from intq.graph.convert import ConversionError
 from intq.cifar.data import DataError
 from intq.executors.encoding import EngineError
@@ -141,7 +142,9 @@ def _add_sweep(commands) -> None:
     sweep.add_argument("--equalization", nargs="+", default=["off"], metavar="off|on", help="(default: off)")
     sweep.add_argument("--finetune-epochs", nargs="+", default=["0"], metavar="N",
                        help="epochs of quantization-aware fine-tuning per cell, 0: none (default: 0)")
-    sweep.add_argument("--finetune-lr", type=float, metavar="LR", help="fine-tuning's peak learning rate (default: 0.01)")
+    sweep.add_argument("--finetune-optimizer", metavar="|".join(OPTIMIZERS), help="fine-tuning's optimizer (default: sgd)")
+    sweep.add_argument("--finetune-lr", type=float, metavar="LR",
+                       help="fine-tuning's peak learning rate (default: 0.01 with sgd, 0.0001 with adam)")
     sweep.add_argument("--finetune-distill", type=float, metavar="A",
                        help="fine-tuning's weight of the float model's predictions in the loss, in [0, 1] (default: 0)")
 

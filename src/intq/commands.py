@@ -156,7 +156,8 @@ def sweep_command(args: argparse.Namespace) -> None:
                            words(args.rounding), switches("--bias-correction", args.bias_correction),
                            switches("--equalization", args.equalization),
                            numbers("--finetune-epochs", args.finetune_epochs, int), args.rounding_iters,
-                           args.finetune_lr, layer_bits(args.layer_abits, "--layer-abits"), args.finetune_distill)
+                           args.finetune_lr, layer_bits(args.layer_abits, "--layer-abits"), args.finetune_distill,
+                           args.finetune_optimizer)
     results = run_sweep(options, render=write_sweep_report)
     print(f"\n{len(results['rows'])} cells written to {args.out}/ (sweep.json, sweep.html, sweep.md, sweep.png); "
           f"float {results['float_accuracy']:.2f}%")

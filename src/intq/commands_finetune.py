@@ -11,6 +11,7 @@ from intq.commands import _dataset, _float_model_inputs, _json_target, _save_jso
 from intq.files import check_writable
 from intq.graph.config import ROUNDINGS
 from intq.qat.finetune import FinetuneOptions
+from intq.qat.optimizers import OPTIMIZERS
 from intq.workflows.finetune import finetune_checkpoint
 from intq.workflows.subject import load_float_model, model_name
 from intq.workflows.sweep import CALIBRATION_IMAGES, GRANULARITIES, SweepCell, cell_config, checked_count
@@ -36,7 +37,10 @@ def add_finetune(commands, add_model, add_common, add_json) -> None:
     command.add_argument("--rounding", choices=ROUNDINGS, default="nearest",
                          help="start from this rounding: nearest, or learned (adaround, brecq) on the calibration images")
     command.add_argument("--epochs", type=int, default=1, help="(default: 1)")
-    command.add_argument("--lr", type=float, default=0.01, help="peak learning rate, cosine to 0 (default: 0.01)")
+    command.add_argument("--optimizer", default="sgd", metavar="|".join(OPTIMIZERS),
+                         help="sgd (with momentum 0.9) or adam (per-element steps; suits folded BatchNorm) (default: sgd)")
+    command.add_argument("--lr", type=float, default=None,
+                         help="peak learning rate, cosine to 0 (default: 0.01 with sgd, 0.0001 with adam)")
     command.add_argument("--step-lr", type=float, default=None, metavar="LR",
                          help="peak learning rate of the step sizes, cosine to 0 (default: --lr, as LSQ)")
     command.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
@@ -68,7 +72,7 @@ def finetune_command(args: argparse.Namespace) -> None:
     try:
         options = FinetuneOptions(args.epochs, args.lr, args.batch_size, augment=not args.no_augment,
                                   images=args.train_images, seed=args.seed, threads=args.threads,
-                                  distill=args.distill, step_lr=args.step_lr)
+                                  distill=args.distill, step_lr=args.step_lr, optimizer=args.optimizer)
     except ValueError as err:
         field = str(err).split()[1]  # "fine-tuning <field> must ..."
         option = "train-images" if field == "images" else field.replace("_", "-")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from intq.arith.qparams import QParams, dequantize
 from intq.calibrate.observers import TensorStats
 from intq.calibrate.ranges import MinMax
-from intq.cifar.train import MomentumSGD, augment
+from intq.cifar.train import augment
 from intq.executors.reference import pixels_to_input
 from intq.graph.captured_graph import REQUANTIZING, WEIGHTED, Graph, apply_op, run_float
 from intq.graph.config import QConfig, RoundingConfig
@@ -37,6 +37,7 @@ from intq.graph.convert import convert, is_lookup, observed_tensors
 from intq.graph.integer_model import IntegerModel
 from intq.progress import progress
 from intq.ptq.reconstruction import learned_integer_model, real_weights
+from intq.qat.optimizers import DEFAULT_LR, OPTIMIZERS, make_optimizer
 from intq.qat.fake_quant import MIN_STEP, fake_quantize, grid_range, round_ste, step_floor, step_gradient_scale
 from intq.threads import intra_op_threads
 
@@ -45,15 +46,16 @@ _log = logging.getLogger(__name__)  # progress messages; the command line routes
 
 @dataclass(frozen=True)
 class FinetuneOptions:
-    """epochs over `images` training images (None: all) in shuffled batches, SGD with momentum and a
-    cosine learning rate from `lr` for the weights and biases and from `step_lr` for the step sizes
-    (None: `lr`, as LSQ trains them alike), random shifts and flips when `augment`, on `threads`
-    intra-op threads (the result depends on them) from `seed`.
+    """epochs over `images` training images (None: all) in shuffled batches, `optimizer` ("sgd": SGD with
+    momentum; "adam": Adam, eq. 46, β1 = momentum) and a cosine learning rate from `lr` for the weights
+    and biases (None: the optimizer's DEFAULT_LR, 0.01 for sgd, 0.0001 for adam) and from `step_lr` for
+    the step sizes (None: `lr`, as LSQ trains them alike), random shifts and flips when `augment`, on
+    `threads` intra-op threads (the result depends on them) from `seed`.
     The loss is cross-entropy with the labels, blended with weight `distill` in [0, 1] with the float
     model's own predictions on the same images (eq. 45; 1: the float model alone is the teacher)."""
 
     epochs: int = 1
-    lr: float = 0.01
+    lr: float | None = None
     batch_size: int = 64
     momentum: float = 0.9
     augment: bool = True
@@ -62,8 +64,13 @@ class FinetuneOptions:
     threads: int = 1
     distill: float = 0.0
     step_lr: float | None = None
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"fine-tuning optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.lr is None:
+            object.__setattr__(self, "lr", DEFAULT_LR[self.optimizer])
         for name in ("epochs", "batch_size", "threads") + (("images",) if self.images is not None else ()):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -335,11 +342,12 @@ def finetune_float(graph: Graph, pixels: torch.Tensor, labels: torch.Tensor, opt
 
 def _train(model: FloatGraph, teacher: Graph, pixels: torch.Tensor, labels: torch.Tensor, count: int,
            options: FinetuneOptions, log: Callable[[str], None]) -> list[dict]:
-    """The loop: lr(t) = lr / 2 (1 + cos(pi t / T)) over all T steps (the step sizes' from step_lr), loss
+    """The loop: options.optimizer at lr(t) = lr / 2 (1 + cos(pi t / T)) over all T steps (the step sizes' from step_lr), loss
     eq. 45 with the float `teacher`'s logits when options.distill > 0; returns the mean loss per epoch."""
     weights, step_sizes = model.trainable()
     peaks = (options.lr, options.lr if options.step_lr is None else options.step_lr)
-    optimizers = [MomentumSGD(params, peak, options.momentum) for params, peak in zip((weights, step_sizes), peaks)]
+    optimizers = [make_optimizer(options.optimizer, params, peak, options.momentum)
+                  for params, peak in zip((weights, step_sizes), peaks)]
     generator = torch.Generator().manual_seed(options.seed)
     fill = padding_pixels(teacher, pixels.shape[1])
     steps = count // options.batch_size

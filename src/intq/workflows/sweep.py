@@ -84,6 +84,7 @@ class SweepOptions:
     finetune_lr: float | None = None  # fine-tuning's peak learning rate (None: FinetuneOptions')
     layer_abits: tuple[tuple[str, int], ...] = ()  # per-node activation bits that override --abits
     finetune_distill: float | None = None  # fine-tuning's distillation weight (None: FinetuneOptions')
+    finetune_optimizer: str | None = None  # fine-tuning's optimizer (None: FinetuneOptions')
 
 
 class SweepError(Exception):
@@ -164,7 +165,7 @@ def check_options(options: SweepOptions) -> list[SweepCell]:
 def check_method_axes(options: SweepOptions) -> None:
     """--rounding, --bias-correction, --equalization and --finetune-epochs each list at least one value;
     each rounding is one of ROUNDINGS, each epoch count 0 or more; --rounding-iters only with a learned
-    rounding and --finetune-lr, --finetune-distill only with fine-tuning, each valid. SweepError naming
+    rounding and --finetune-lr, --finetune-distill, --finetune-optimizer only with fine-tuning, each valid. SweepError naming
     the option."""
     for flag, values in (("--rounding", options.roundings), ("--bias-correction", options.bias_corrections),
                          ("--equalization", options.equalizations), ("--finetune-epochs", options.finetune_epochs)):
@@ -182,7 +183,8 @@ def check_method_axes(options: SweepOptions) -> None:
         if isinstance(options.rounding_iters, bool) or options.rounding_iters < 1:
             raise SweepError(f"--rounding-iters must be at least 1, got {options.rounding_iters}")
     for flag, field, value in (("--finetune-lr", "lr", options.finetune_lr),
-                               ("--finetune-distill", "distill", options.finetune_distill)):
+                               ("--finetune-distill", "distill", options.finetune_distill),
+                               ("--finetune-optimizer", "optimizer", options.finetune_optimizer)):
         if value is None:
             continue
         if not any(options.finetune_epochs):
@@ -252,19 +254,20 @@ class CellInputs:
     finetune_lr: float | None = None
     layer_abits: tuple[tuple[str, int], ...] = ()
     finetune_distill: float | None = None
+    finetune_optimizer: str | None = None
 
 
 def cell_model(cell: SweepCell, inputs: CellInputs):
     """(the cell's IntegerModel, the seconds its method took): convert; learned rounding on the first
     calibration images (Calibrated.rounded_model, as `intq quantize --rounding`); or fine-tuning
     `cell.finetune_epochs` epochs on the training images from that conversion (qat.finetune, as `intq
-    finetune`), FinetuneOptions' defaults but --finetune-lr and --finetune-distill, seeded, one thread.
+    finetune`), FinetuneOptions' defaults but --finetune-lr, --finetune-distill and --finetune-optimizer, seeded, one thread.
     ConversionError if the cell cannot be converted."""
     config = cell_config(cell, inputs.layer_bits, inputs.rounding_iters, inputs.seed, inputs.layer_abits)
     calibration = inputs.calibrations[cell.equalization]
     start = time.perf_counter()
     if cell.finetune_epochs:
-        given = {"lr": inputs.finetune_lr, "distill": inputs.finetune_distill}
+        given = {"lr": inputs.finetune_lr, "distill": inputs.finetune_distill, "optimizer": inputs.finetune_optimizer}
         options = FinetuneOptions(cell.finetune_epochs, seed=inputs.seed, threads=1,
                                   **{name: value for name, value in given.items() if value is not None})
         model = finetune(calibration.graph, calibration.stats, config, inputs.train_pixels, inputs.train_labels,
@@ -331,7 +334,7 @@ def cell_inputs(options: SweepOptions, cells: list[SweepCell], model: torch.nn.M
                       subset[: RoundingConfig().images] if learned else None,
                       data.train_images if tuned else None, data.train_labels if tuned else None,
                       options.rounding_iters, options.seed, options.finetune_lr, options.layer_abits,
-                      options.finetune_distill)
+                      options.finetune_distill, options.finetune_optimizer)
 
 
 def run_sweep(options: SweepOptions, log=_log.info, render: Callable[[dict, Path], None] | None = None) -> dict:
@@ -358,6 +361,8 @@ def run_sweep(options: SweepOptions, log=_log.info, render: Callable[[dict, Path
     for row in rows:
         row["drop"] = None if row["accuracy"] is None else round(float_accuracy - row["accuracy"], 6)
     learned = any(cell.rounding != "nearest" for cell in cells)
+    given = (("lr", options.finetune_lr), ("distill", options.finetune_distill), ("optimizer", options.finetune_optimizer))
+    tuning = FinetuneOptions(**{key: value for key, value in given if value is not None})  # what the cells ran
     results = {"model": name, "float_accuracy": float_accuracy, "rows": rows,
                "config": {"seed": options.seed, "calibration_images": len(subset), "data_source": data.source,
                           "test_images": len(data.test_images), "logits": "int16", "weights": "symmetric",
@@ -365,8 +370,7 @@ def run_sweep(options: SweepOptions, log=_log.info, render: Callable[[dict, Path
                           "layer_bits": dict(options.layer_bits), "layer_abits": dict(options.layer_abits),
                           "rounding_iterations": (options.rounding_iters or RoundingConfig().iterations)
                           if learned else None,
-                          "finetune_lr": options.finetune_lr or FinetuneOptions().lr,
-                          "finetune_distill": options.finetune_distill or FinetuneOptions().distill},
+                          **{f"finetune_{key}": getattr(tuning, key) for key in ("optimizer", "lr", "distill")}},
                "timings_s": {"total": time.perf_counter() - start}}
     with staged_output(out_dir) as staging:
         if render is not None:
