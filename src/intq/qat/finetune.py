@@ -342,8 +342,9 @@ def finetune_float(graph: Graph, pixels: torch.Tensor, labels: torch.Tensor, opt
 
 def _train(model: FloatGraph, teacher: Graph, pixels: torch.Tensor, labels: torch.Tensor, count: int,
            options: FinetuneOptions, log: Callable[[str], None]) -> list[dict]:
-    """The loop: options.optimizer at lr(t) = lr / 2 (1 + cos(pi t / T)) over all T steps (the step sizes' from step_lr), loss
-    eq. 45 with the float `teacher`'s logits when options.distill > 0; returns the mean loss per epoch."""
+    """The loop: options.optimizer at lr(t) = lr / 2 (1 + cos(pi t / T)) over all T steps (the step sizes'
+    from step_lr), loss eq. 45 with the float `teacher`'s logits when options.distill > 0; returns the mean
+    loss per epoch."""
     weights, step_sizes = model.trainable()
     peaks = (options.lr, options.lr if options.step_lr is None else options.step_lr)
     optimizers = [make_optimizer(options.optimizer, params, peak, options.momentum)

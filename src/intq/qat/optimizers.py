@@ -1,7 +1,7 @@
 """The fine-tuning loop's optimizers behind one interface: `lr` (set by the loop before every step),
 `zero_grad()`, `step()`. "sgd" is SGD with momentum (cifar.train.MomentumSGD, torch.optim.SGD's
-arithmetic); "adam" is torch.optim.Adam (eq. 46), whose per-element normalisation suits a graph with
-BatchNorm folded into its weights (docs/math.md, after eq. 46)."""
+arithmetic); "adam" is torch.optim.Adam, whose per-element normalisation suits a graph with BatchNorm
+folded into its weights (docs/math.md eq. 46 says why)."""
 from __future__ import annotations
 
 import torch

@@ -165,8 +165,8 @@ def check_options(options: SweepOptions) -> list[SweepCell]:
 def check_method_axes(options: SweepOptions) -> None:
     """--rounding, --bias-correction, --equalization and --finetune-epochs each list at least one value;
     each rounding is one of ROUNDINGS, each epoch count 0 or more; --rounding-iters only with a learned
-    rounding and --finetune-lr, --finetune-distill, --finetune-optimizer only with fine-tuning, each valid. SweepError naming
-    the option."""
+    rounding and --finetune-lr, --finetune-distill, --finetune-optimizer only with fine-tuning, each
+    valid. SweepError naming the option."""
     for flag, values in (("--rounding", options.roundings), ("--bias-correction", options.bias_corrections),
                          ("--equalization", options.equalizations), ("--finetune-epochs", options.finetune_epochs)):
         if not values:
@@ -182,17 +182,24 @@ def check_method_axes(options: SweepOptions) -> None:
             raise SweepError("--rounding-iters: only with a learned --rounding (adaround, brecq)")
         if isinstance(options.rounding_iters, bool) or options.rounding_iters < 1:
             raise SweepError(f"--rounding-iters must be at least 1, got {options.rounding_iters}")
-    for flag, field, value in (("--finetune-lr", "lr", options.finetune_lr),
-                               ("--finetune-distill", "distill", options.finetune_distill),
-                               ("--finetune-optimizer", "optimizer", options.finetune_optimizer)):
-        if value is None:
-            continue
+    for field, value in finetune_given(options).items():
+        flag = f"--finetune-{field}"
         if not any(options.finetune_epochs):
             raise SweepError(f"{flag}: only with --finetune-epochs above 0")
         try:
             FinetuneOptions(**{field: value})
         except ValueError as err:
             raise SweepError(f"{flag}: {err}") from None
+
+
+FINETUNE_FIELDS = ("lr", "distill", "optimizer")  # --finetune-F sets FinetuneOptions.F
+
+
+def finetune_given(source: SweepOptions | CellInputs) -> dict:
+    """The FinetuneOptions fields that --finetune-lr, --finetune-distill, --finetune-optimizer set on
+    `source` (its finetune_F attributes); those not given are left to FinetuneOptions' defaults."""
+    values = {field: getattr(source, f"finetune_{field}") for field in FINETUNE_FIELDS}
+    return {field: value for field, value in values.items() if value is not None}
 
 
 def fine_tuned_alone(cell: SweepCell) -> SweepCell:
@@ -261,15 +268,13 @@ def cell_model(cell: SweepCell, inputs: CellInputs):
     """(the cell's IntegerModel, the seconds its method took): convert; learned rounding on the first
     calibration images (Calibrated.rounded_model, as `intq quantize --rounding`); or fine-tuning
     `cell.finetune_epochs` epochs on the training images from that conversion (qat.finetune, as `intq
-    finetune`), FinetuneOptions' defaults but --finetune-lr, --finetune-distill and --finetune-optimizer, seeded, one thread.
+    finetune`), FinetuneOptions' defaults but those finetune_given sets, seeded, one thread.
     ConversionError if the cell cannot be converted."""
     config = cell_config(cell, inputs.layer_bits, inputs.rounding_iters, inputs.seed, inputs.layer_abits)
     calibration = inputs.calibrations[cell.equalization]
     start = time.perf_counter()
     if cell.finetune_epochs:
-        given = {"lr": inputs.finetune_lr, "distill": inputs.finetune_distill, "optimizer": inputs.finetune_optimizer}
-        options = FinetuneOptions(cell.finetune_epochs, seed=inputs.seed, threads=1,
-                                  **{name: value for name, value in given.items() if value is not None})
+        options = FinetuneOptions(cell.finetune_epochs, seed=inputs.seed, threads=1, **finetune_given(inputs))
         model = finetune(calibration.graph, calibration.stats, config, inputs.train_pixels, inputs.train_labels,
                          options, log=_log.debug).after
     else:
@@ -361,8 +366,7 @@ def run_sweep(options: SweepOptions, log=_log.info, render: Callable[[dict, Path
     for row in rows:
         row["drop"] = None if row["accuracy"] is None else round(float_accuracy - row["accuracy"], 6)
     learned = any(cell.rounding != "nearest" for cell in cells)
-    given = (("lr", options.finetune_lr), ("distill", options.finetune_distill), ("optimizer", options.finetune_optimizer))
-    tuning = FinetuneOptions(**{key: value for key, value in given if value is not None})  # what the cells ran
+    tuning = FinetuneOptions(**finetune_given(options))  # what the fine-tuned cells ran
     results = {"model": name, "float_accuracy": float_accuracy, "rows": rows,
                "config": {"seed": options.seed, "calibration_images": len(subset), "data_source": data.source,
                           "test_images": len(data.test_images), "logits": "int16", "weights": "symmetric",
@@ -370,7 +374,7 @@ def run_sweep(options: SweepOptions, log=_log.info, render: Callable[[dict, Path
                           "layer_bits": dict(options.layer_bits), "layer_abits": dict(options.layer_abits),
                           "rounding_iterations": (options.rounding_iters or RoundingConfig().iterations)
                           if learned else None,
-                          **{f"finetune_{key}": getattr(tuning, key) for key in ("optimizer", "lr", "distill")}},
+                          **{f"finetune_{field}": getattr(tuning, field) for field in FINETUNE_FIELDS}},
                "timings_s": {"total": time.perf_counter() - start}}
     with staged_output(out_dir) as staging:
         if render is not None:
